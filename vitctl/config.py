@@ -1,0 +1,279 @@
+"""ViTConfig: the one description of a model, shared by the JAX and PyTorch halves.
+
+Stdlib only: importing this module loads neither jax nor torch (nor numpy).
+
+Every numerics-relevant choice is an explicit, serialized field, never a framework
+default (see shared/PARITY.md): norm type and epsilon, GELU form, softmax dtype,
+QK-norm, each bias, pooling, position embedding, head init, preprocessing.
+
+Shape letters used across vitctl: B batch, T tokens, D width, N heads, K head_dim,
+F mlp_dim, L layers (depth), P patch, C channels.
+
+Presets (`ViTConfig.from_variant(name)`):
+- "vit-22b": ViT-22B/14, arXiv:2302.05442 Table 1 (D=6144, L=48, F=24576, N=48):
+  parallel block, QK-norm, no QKV/norm biases, RMS-style norms, MAP head.
+- "vit22b-{v}/{p}": the same block at smaller sizes, v in VARIANTS or "1B".
+- "{v}/{p}": the classic big_vision ViT (sequential block, biases, LayerNorm eps 1e-6,
+  tanh GELU as flax's default, class token), so that real big_vision checkpoints load.
+- "vit-G/14", "vit-e/14": the classic ViT-G/14 (arXiv:2106.04560) and ViT-e/14
+  (arXiv:2209.06794) with a MAP head, the paper's comparison points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from vitctl.errors import ConfigError
+
+# (D, L, F, N). Reference: big_vision models/vit.py `decode_variant`; So400m from
+# arXiv:2305.13035; G from Table 2 of arXiv:2106.04560; e from arXiv:2209.06794.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+}
+# Sizes that only exist with the paper's block. 22B: arXiv:2302.05442 Table 1,
+# 48 * (4*D^2 + 2*D*F) = 21,743,271,936 block-matmul parameters. 1B: a ~1.2B
+# model of the same shape family (head_dim 128), for single-accelerator checks.
+PAPER_VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "1B": (2048, 24, 8192, 16),
+    "22B": (6144, 48, 24576, 48),
+}
+PATCH_SIZES = (8, 14, 16, 32)
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "block": ("parallel", "sequential"),
+    "norm": ("rmsnorm", "layernorm"),
+    "pool": ("map", "gap", "tok", "none"),
+    "posemb": ("learn", "sincos2d"),
+    "softmax_dtype": ("float32", "compute"),
+    "dtype": ("float32", "bfloat16"),
+    "param_dtype": ("float32", "bfloat16"),
+    "resize": ("bilinear", "bicubic", "nearest"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How images become model input: resize, then map pixel values.
+
+    Exactly one of `value_range` (big_vision: uint8 [0, 255] -> [lo, hi]) or
+    `mean`/`std` (torchvision style, on [0, 1] values) is set.
+    """
+
+    resize: str = "bilinear"
+    antialias: bool = False  # big_vision's tf.image.resize default
+    value_range: tuple[float, float] | None = (-1.0, 1.0)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        _check_choice("preprocess.resize", self.resize, CHOICES["resize"])
+        has_range = self.value_range is not None
+        has_stats = self.mean is not None or self.std is not None
+        if has_range == has_stats:
+            raise ConfigError(
+                "preprocess: set exactly one of value_range or mean/std",
+                hint='use e.g. "value_range": [-1, 1] or "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]',
+            )
+        if has_stats and (self.mean is None or self.std is None or len(self.mean) != len(self.std)):
+            raise ConfigError("preprocess: mean and std must both be set, with one value per channel")
+        if has_stats and any(s <= 0 for s in self.std):
+            raise ConfigError("preprocess.std: every value must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    # Size.
+    width: int = 768  # D
+    depth: int = 12  # L
+    mlp_dim: int = 3072  # F
+    num_heads: int = 12  # N; head_dim K = D // N
+    patch_size: int = 16  # P
+    image_size: int = 224
+    channels: int = 3  # C
+    num_classes: int = 1000  # 0: no classifier, logits are the pre-logits
+    # Architecture.
+    block: str = "parallel"  # arXiv:2302.05442 sec. 2: y = x + Attn(N(x)) + MLP(N(x))
+    qk_norm: bool = True  # arXiv:2302.05442 sec. 2: norm over K on q and k
+    qkv_bias: bool = False
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    norm: str = "rmsnorm"  # rmsnorm: no centering; layernorm: centered
+    norm_bias: bool = False
+    norm_eps: float = 1e-6  # set explicitly: flax defaults to 1e-6, torch to 1e-5
+    gelu_approximate: bool = False  # set explicitly: jax.nn.gelu defaults to tanh, torch to erf
+    pool: str = "map"  # big_vision MAPHead; final norm always comes before pooling
+    posemb: str = "learn"
+    # Numerics.
+    softmax_dtype: str = "float32"  # "compute": softmax in the compute dtype
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    head_zero_init: bool = True  # big_vision default; logits are 0 at init
+    # Forward-pass options that do not change the function.
+    fused: bool = True  # parallel block: QKV+MLP-in and attn-out+MLP-out as one matmul each
+    scan_layers: bool = True  # JAX: lax.scan over the stacked blocks (compile time flat in L)
+    remat: bool = False  # JAX: recompute block activations in the backward pass
+    preprocess: Preprocess = dataclasses.field(default_factory=Preprocess)
+
+    def __post_init__(self):
+        if isinstance(self.preprocess, dict):  # from JSON
+            object.__setattr__(self, "preprocess", _preprocess_from_dict(self.preprocess))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+            if f.name in CHOICES:
+                _check_choice(f.name, value, CHOICES[f.name])
+        for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "channels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.width % self.num_heads:
+            raise ConfigError(
+                f"width {self.width} is not divisible by num_heads {self.num_heads}",
+                hint="pick num_heads so that head_dim = width / num_heads is an integer",
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}",
+                hint=f"use an image_size that is a multiple of {self.patch_size}",
+            )
+        if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
+            raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        if self.posemb == "sincos2d" and self.width % 4:
+            raise ConfigError(f"posemb sincos2d needs width divisible by 4, got {self.width}")
+
+    # Derived sizes.
+    @property
+    def head_dim(self) -> int:  # K
+        return self.width // self.num_heads
+
+    @property
+    def grid(self) -> int:  # patches per side
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def seq_len(self) -> int:  # T: patches, plus the class token for pool="tok"
+        return self.num_patches + (self.pool == "tok")
+
+    # Constructors and I/O.
+    @classmethod
+    def from_variant(cls, name: str, **overrides: Any) -> ViTConfig:
+        """A preset by name ("vit-22b", "vit22b-B/16", "B/16", "vit-G/14"), with overrides."""
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, list(PRESETS), n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(
+                f"unknown model preset '{name}'",
+                hint=(hint + " " if hint else "") + "run `vitctl models` to list the presets",
+            )
+        return dataclasses.replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config field(s): {', '.join(unknown)}",
+                hint=f"known fields: {', '.join(sorted(known))}",
+            )
+        try:
+            return cls(**d)
+        except TypeError as e:  # a field of the wrong kind, e.g. a list for an int
+            raise ConfigError(f"invalid config: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> ViTConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"unknown {field} '{value}'",
+            hint=f"{field} must be one of: {', '.join(choices)}",
+        )
+
+
+def _preprocess_from_dict(d: dict[str, Any]) -> Preprocess:
+    known = {f.name for f in dataclasses.fields(Preprocess)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown preprocess field(s): {', '.join(unknown)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return Preprocess(**d)
+
+
+def _make_presets() -> dict[str, ViTConfig]:
+    classic = dict(
+        block="sequential", qk_norm=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
+        norm="layernorm", norm_bias=True, norm_eps=1e-6, gelu_approximate=True,  # flax nn.gelu
+        pool="tok",
+    )  # fmt: skip
+    paper = dict(block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm", norm_bias=False, pool="map")
+    presets = {}
+    for v, (d, l, f, n) in VARIANTS.items():
+        for p in PATCH_SIZES:
+            size = dict(width=d, depth=l, mlp_dim=f, num_heads=n, patch_size=p)
+            presets[f"{v}/{p}"] = ViTConfig(**size, **classic)
+            if v in ("mu", "Ti", "S", "B", "L", "H") and p in (14, 16):
+                presets[f"vit22b-{v}/{p}"] = ViTConfig(**size, **paper)
+    for v, (d, l, f, n) in PAPER_VARIANTS.items():
+        presets[f"vit22b-{v}/14"] = ViTConfig(width=d, depth=l, mlp_dim=f, num_heads=n, patch_size=14, **paper)
+    presets["vit-22b"] = presets["vit22b-22B/14"]
+    presets["vit-G/14"] = dataclasses.replace(presets["G/14"], pool="map")
+    presets["vit-e/14"] = dataclasses.replace(presets["e/14"], pool="map")
+    return presets
+
+
+PRESETS: dict[str, ViTConfig] = _make_presets()
+
+
+def load_config(path: str | Path) -> ViTConfig:
+    """Reads a config.json (a checkpoint directory's, or a bare file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"no config.json at {path}",
+            hint="a checkpoint directory holds config.json beside its weights; create one with `vitctl init`",
+        )
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}", hint="config.json must be a JSON object") from None
+    return ViTConfig.from_dict(d.get("model", d) if isinstance(d, dict) else d)

@@ -1,0 +1,262 @@
+"""ViT-22B-style Vision Transformer in Flax NNX (arXiv:2302.05442).
+
+Line for line the twin of vitctl/model_torch/model.py: same classes, same order, same
+attribute names, so parameter paths differ only by separator and leaf
+(`blocks/q/kernel` <-> `blocks.3.q.weight`; see vitctl/convert/mapping.py).
+
+- Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
+  cfg.fused the forward runs the paper's fusion: QKV and MLP-in as one matmul,
+  attention-out and MLP-out as one (parameters stay separate).
+- Sequential block (classic big_vision ViT) with its second norm `mlp_norm`.
+- QK-norm over head_dim on queries and keys; optional biases everywhere (cfg).
+- Norms computed in float32 by one formula on both sides (centered for layernorm).
+- Attention: jax.nn.dot_product_attention (logits and softmax in float32).
+- Blocks are stored stacked (leading L axis, logical axis "layers"); cfg.scan_layers
+  runs them with nnx.scan (compile time flat in depth), else a Python loop.
+- Every parameter carries logical axis names (`out_sharding`), resolved to mesh axes
+  by vitctl/model_jax/sharding.py.
+
+Input images are NHWC (big_vision). Shapes: B batch, T tokens, D width, N heads,
+K head_dim, F mlp_dim, L depth, P patch, C channels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vitctl.config import ViTConfig
+from vitctl.posemb import posemb_sincos_2d
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+INIT = nnx.initializers
+
+
+class Dense(nnx.Module):
+    """kernel: in_shape + out_shape, contracted over the in_shape axes; bias: out_shape."""
+
+    def __init__(self, cfg, in_shape, out_shape, in_axes, out_axes, *, bias, init=None, rngs):
+        n_in, dtype = len(in_shape), DTYPES[cfg.param_dtype]
+        # Fans over the flattened in/out axes, so (D, N, K) initialises like (D, N*K).
+        init = init or INIT.xavier_uniform(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+        self.kernel = nnx.Param(init(rngs.params(), (*in_shape, *out_shape), dtype), out_sharding=(*in_axes, *out_axes))
+        self.bias = nnx.Param(jnp.zeros(out_shape, dtype), out_sharding=out_axes) if bias else None
+        self.n_in = n_in
+
+    def __call__(self, x):
+        y = jnp.tensordot(x, self.kernel[...].astype(x.dtype), axes=self.n_in)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+    def __init__(self, cfg, dim, axis_name, *, rngs):
+        dtype = DTYPES[cfg.param_dtype]
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), out_sharding=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), out_sharding=(axis_name,)) if cfg.norm_bias else None
+        self.center, self.eps = cfg.norm == "layernorm", cfg.norm_eps
+
+    def __call__(self, x):
+        y = x.astype(jnp.float32)
+        if self.center:
+            y = y - y.mean(-1, keepdims=True)
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def attention(q, k, v, cfg):
+    """q: [B, S, N, K], k/v: [B, T, N, K] -> [B, S, N, K]; softmax per cfg.softmax_dtype."""
+    if cfg.softmax_dtype == "float32" or q.dtype == jnp.float32:
+        return jax.nn.dot_product_attention(q, k, v)
+    logits = jnp.einsum("BSNK,BTNK->BNST", q, k) * (q.shape[-1] ** -0.5)  # softmax in bf16
+    return jnp.einsum("BNST,BTNK->BSNK", jax.nn.softmax(logits, axis=-1), v)
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping P x P patches -> D, as a reshape and one matmul (same as a stride-P conv)."""
+
+    def __init__(self, cfg, *, rngs):
+        P, C, D = cfg.patch_size, cfg.channels, cfg.width
+        fan_in = tuple(range(3))
+        init = INIT.lecun_normal(in_axis=fan_in, out_axis=3)
+        self.proj = Dense(cfg, (P, P, C), (D,), ("patch", "patch", "channels"), ("embed",), bias=True, init=init, rngs=rngs)
+        self.patch_size = P
+
+    def __call__(self, images):  # [B, H, W, C] -> [B, T, D]
+        B, H, W, C = images.shape
+        P = self.patch_size
+        x = images.reshape(B, H // P, P, W // P, P, C).transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, P, P, C)
+        return self.proj(x.reshape(B, -1, P, P, C))
+
+
+class Block(nnx.Module):
+    """Parallel (ViT-22B) or sequential (classic ViT) transformer block."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs):
+        D, N, K, F = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        self.norm = Norm(cfg, D, "norm", rngs=rngs)
+        self.q = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
+        self.k = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
+        self.v = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
+        self.q_norm = Norm(cfg, K, "head_dim", rngs=rngs) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, K, "head_dim", rngs=rngs) if cfg.qk_norm else None
+        self.attn_out = Dense(cfg, (N, K), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.attn_out_bias, rngs=rngs)
+        self.mlp_norm = Norm(cfg, D, "norm", rngs=rngs) if cfg.block == "sequential" else None
+        self.mlp_in = Dense(cfg, (D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, rngs=rngs)
+        self.mlp_out = Dense(cfg, (F,), (D,), ("mlp",), ("embed",), bias=cfg.mlp_bias, rngs=rngs)
+        self.cfg = cfg
+
+    def attend(self, q, k, v):  # [B, T, N, K] each -> [B, T, N, K]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return attention(q, k, v, self.cfg)
+
+    def gelu(self, h):
+        return jax.nn.gelu(h, approximate=self.cfg.gelu_approximate)
+
+    def __call__(self, x):  # [B, T, D] -> [B, T, D]
+        cfg = self.cfg
+        if cfg.block == "sequential":
+            h = self.norm(x)
+            x = x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h)))
+            return x + self.mlp_out(self.gelu(self.mlp_in(self.mlp_norm(x))))
+        h = self.norm(x)
+        if not cfg.fused:
+            return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(self.gelu(self.mlp_in(h)))
+        # The paper's fusion: one (D, 3NK+F) matmul in, one (NK+F, D) matmul out.
+        B, T, D = x.shape
+        N, K, F = cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        dt = x.dtype
+        w_in = jnp.concatenate([m.kernel[...].reshape(D, -1) for m in (self.q, self.k, self.v, self.mlp_in)], 1)
+        y = h @ w_in.astype(dt)  # (B, T, 3NK + F)
+        q, k, v, u = jnp.split(y, [N * K, 2 * N * K, 3 * N * K], axis=-1)
+        q, k, v = (t if m.bias is None else t + m.bias[...].reshape(-1).astype(dt) for t, m in ((q, self.q), (k, self.k), (v, self.v)))
+        u = u if self.mlp_in.bias is None else u + self.mlp_in.bias[...].astype(dt)
+        a = self.attend(*(t.reshape(B, T, N, K) for t in (q, k, v)))
+        w_out = jnp.concatenate([self.attn_out.kernel[...].reshape(N * K, D), self.mlp_out.kernel[...]], 0)
+        y = jnp.concatenate([a.reshape(B, T, N * K), self.gelu(u)], -1) @ w_out.astype(dt)  # (B, T, D)
+        for m in (self.attn_out, self.mlp_out):
+            y = y if m.bias is None else y + m.bias[...].astype(dt)
+        return x + y
+
+
+class MAPHead(nnx.Module):
+    """Multihead attention pooling (big_vision MAPHead): a learned probe attends over tokens."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs):
+        D, N, K, F = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        dtype = DTYPES[cfg.param_dtype]
+        self.probe = nnx.Param(INIT.xavier_uniform()(rngs.params(), (1, 1, D), dtype), out_sharding=(None, None, "embed"))
+        self.q = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
+        self.k = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
+        self.v = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
+        self.attn_out = Dense(cfg, (N, K), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.attn_out_bias, rngs=rngs)
+        self.norm = Norm(cfg, D, "norm", rngs=rngs)
+        self.mlp_in = Dense(cfg, (D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, rngs=rngs)
+        self.mlp_out = Dense(cfg, (F,), (D,), ("mlp",), ("embed",), bias=cfg.mlp_bias, rngs=rngs)
+        self.cfg = cfg
+
+    def __call__(self, x):  # [B, T, D] -> [B, D]
+        probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
+        x = self.attn_out(attention(self.q(probe), self.k(x), self.v(x), self.cfg))  # (B, 1, D)
+        x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm(x)), approximate=self.cfg.gelu_approximate))
+        return x[:, 0]
+
+
+class ViT(nnx.Module):
+    """Returns (logits, out); out holds named intermediates for verify."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        D, dtype = cfg.width, DTYPES[cfg.param_dtype]
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        if cfg.posemb == "learn":
+            pos = INIT.normal(stddev=D**-0.5)(rngs.params(), (1, cfg.num_patches, D), dtype)
+            self.pos_embed = nnx.Param(pos, out_sharding=(None, None, "embed"))
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, D), dtype), out_sharding=(None, None, "embed")) if cfg.pool == "tok" else None
+
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)  # every parameter stacked: (L, ...)
+        self.norm = Norm(cfg, D, "norm", rngs=rngs)
+        self.map_head = MAPHead(cfg, rngs=rngs) if cfg.pool == "map" else None
+        head_init = INIT.zeros if cfg.head_zero_init else INIT.lecun_normal()
+        self.head = Dense(cfg, (D,), (cfg.num_classes,), ("embed",), ("classes",), bias=True, init=head_init, rngs=rngs) if cfg.num_classes else None
+        self.cfg = cfg
+
+    def run_blocks(self, x):  # [B, T, D] -> [B, T, D], [L, B, T, D]
+        cfg = self.cfg
+
+        def step(block, x):
+            y = block(x)
+            return y, y
+
+        if cfg.remat:
+            step = nnx.remat(step)
+        if cfg.scan_layers:
+            return nnx.scan(step, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(self.blocks, x)
+        graphdef, state = nnx.split(self.blocks)
+        ys = []
+        for i in range(cfg.depth):
+            x, _ = step(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)), x)
+            ys.append(x)
+        return x, jnp.stack(ys)
+
+    def __call__(self, images):  # [B, H, W, C]
+        cfg, out = self.cfg, {}
+        x = out["patch_embed"] = self.patch_embed(images.astype(DTYPES[cfg.dtype]))
+        pos = self.pos_embed[...] if cfg.posemb == "learn" else posemb_sincos_2d(cfg.grid, cfg.grid, cfg.width)
+        x = x + pos.astype(x.dtype)
+        if self.cls_token is not None:  # big_vision: the class token gets no position embedding
+            x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
+        out["embed"] = x
+        x, per_block = self.run_blocks(x)
+        for i in range(cfg.depth):
+            out[f"block{i:02d}"] = per_block[i]
+        x = out["encoded"] = self.norm(x)  # big_vision: the final norm comes before pooling
+        if cfg.pool == "map":
+            x = self.map_head(x)
+        elif cfg.pool == "gap":
+            x = x.mean(1)
+        elif cfg.pool == "tok":
+            x = x[:, 0]
+        out["pre_logits"] = x
+        logits = out["logits"] = self.head(x) if self.head is not None else x
+        return logits, out
+
+
+def init_model(cfg: ViTConfig, seed: int = 0) -> ViT:
+    """A freshly initialised model; sharding annotations are metadata only (no mesh needed)."""
+    with nnx.use_eager_sharding(False):
+        return ViT(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ViTConfig) -> ViT:
+    """The model's shapes and dtypes, with no memory allocated (jax.eval_shape)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+
+
+def flat_params(model: ViT) -> dict[str, jax.Array]:
+    """{"blocks/q/kernel": array, ...}: the parameters by "/"-joined path."""
+    return {"/".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def load_flat_params(model: ViT, flat: dict) -> None:
+    """Sets every parameter from `flat` (as from flat_params); shapes and names must match exactly."""
+    from vitctl.convert.mapping import check_coverage
+
+    current = flat_params(model)
+    check_coverage({n: tuple(w.shape) for n, w in flat.items()}, {n: tuple(w.shape) for n, w in current.items()}, "the JAX parameters")
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        name = "/".join(map(str, path))
+        var.set_value(jnp.asarray(flat[name], dtype=current[name].dtype))
+    nnx.update(model, state)

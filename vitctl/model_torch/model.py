@@ -1,0 +1,223 @@
+"""ViT-22B-style Vision Transformer in PyTorch (arXiv:2302.05442).
+
+Line for line the twin of vitctl/model_jax/model.py: same classes, same order, same
+attribute names, so state_dict keys differ from JAX paths only by separator and leaf
+(`blocks.3.q.weight` <-> `blocks/q/kernel`; see vitctl/convert/mapping.py).
+
+- Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
+  cfg.fused the forward runs the paper's fusion: QKV and MLP-in as one matmul,
+  attention-out and MLP-out as one (parameters stay separate).
+- Sequential block (classic big_vision ViT) with its second norm `mlp_norm`.
+- QK-norm over head_dim on queries and keys; optional biases everywhere (cfg).
+- Norms computed in float32 by one formula on both sides (centered for layernorm).
+- Attention: F.scaled_dot_product_attention (softmax accumulates in float32).
+- Blocks are an nn.ModuleList (JAX stores them stacked; the mapping unstacks).
+
+Input images are NCHW (torchvision). Shapes: B batch, T tokens, D width, N heads,
+K head_dim, F mlp_dim, L depth, P patch, C channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitctl.config import ViTConfig
+from vitctl.posemb import posemb_sincos_2d
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def Dense(cfg, d_in, d_out, *, bias):
+    """nn.Linear: weight (d_out, d_in), the transpose of JAX's flattened kernel."""
+    return nn.Linear(d_in, d_out, bias=bias, dtype=DTYPES[cfg.param_dtype])
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+    def __init__(self, cfg, dim):
+        super().__init__()
+        dtype = DTYPES[cfg.param_dtype]
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype)) if cfg.norm_bias else None
+        self.center, self.eps = cfg.norm == "layernorm", cfg.norm_eps
+
+    def forward(self, x):
+        y = x.float()
+        if self.center:
+            y = y - y.mean(-1, keepdim=True)
+        y = y * torch.rsqrt(torch.mean(y * y, -1, keepdim=True) + self.eps)
+        y = y * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+def attention(q, k, v, cfg):
+    """q: [B, S, N, K], k/v: [B, T, N, K] -> [B, S, N, K]; softmax per cfg.softmax_dtype."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, T, K)
+    if cfg.softmax_dtype == "float32" or q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    logits = torch.einsum("bnsk,bntk->bnst", q, k) * (q.shape[-1] ** -0.5)  # softmax in bf16
+    return torch.einsum("bnst,bntk->bnsk", logits.softmax(-1), v).transpose(1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping P x P patches -> D, as a reshape and one matmul (same as a stride-P conv)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        P, C, D = cfg.patch_size, cfg.channels, cfg.width
+        self.proj = nn.Conv2d(C, D, P, stride=P, dtype=DTYPES[cfg.param_dtype])  # weight (D, C, P, P)
+        self.patch_size = P
+
+    def forward(self, images):  # [B, C, H, W] -> [B, T, D]
+        B, C, H, W = images.shape
+        P = self.patch_size
+        x = images.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, P, P)
+        w = self.proj.weight.reshape(self.proj.out_channels, -1).to(x.dtype)  # (D, C*P*P)
+        return F.linear(x.reshape(B, -1, C * P * P), w, self.proj.bias.to(x.dtype))
+
+
+class Block(nn.Module):
+    """Parallel (ViT-22B) or sequential (classic ViT) transformer block."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        D, N, K, F_ = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        self.norm = Norm(cfg, D)
+        self.q = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
+        self.k = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
+        self.v = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
+        self.q_norm = Norm(cfg, K) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, K) if cfg.qk_norm else None
+        self.attn_out = Dense(cfg, N * K, D, bias=cfg.attn_out_bias)
+        self.mlp_norm = Norm(cfg, D) if cfg.block == "sequential" else None
+        self.mlp_in = Dense(cfg, D, F_, bias=cfg.mlp_bias)
+        self.mlp_out = Dense(cfg, F_, D, bias=cfg.mlp_bias)
+        self.cfg = cfg
+
+    def attend(self, q, k, v):  # [B, T, N*K] each -> [B, T, N*K]
+        B, T, _ = q.shape
+        q, k, v = (t.view(B, T, self.cfg.num_heads, self.cfg.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return attention(q, k, v, self.cfg).reshape(B, T, -1)
+
+    def gelu(self, h):
+        return F.gelu(h, approximate="tanh" if self.cfg.gelu_approximate else "none")
+
+    def forward(self, x):  # [B, T, D] -> [B, T, D]
+        cfg = self.cfg
+        if cfg.block == "sequential":
+            h = self.norm(x)
+            x = x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h)))
+            return x + self.mlp_out(self.gelu(self.mlp_in(self.mlp_norm(x))))
+        h = self.norm(x)
+        if not cfg.fused:
+            return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(self.gelu(self.mlp_in(h)))
+        # The paper's fusion: one (3NK+F, D) matmul in, one (D, NK+F) matmul out.
+        NK = cfg.num_heads * cfg.head_dim
+        dt = x.dtype
+        w_in = torch.cat([m.weight for m in (self.q, self.k, self.v, self.mlp_in)], 0).to(dt)
+        y = F.linear(h, w_in)  # (B, T, 3NK + F)
+        q, k, v, u = torch.split(y, [NK, NK, NK, cfg.mlp_dim], dim=-1)
+        q, k, v = (t if m.bias is None else t + m.bias.to(dt) for t, m in ((q, self.q), (k, self.k), (v, self.v)))
+        u = u if self.mlp_in.bias is None else u + self.mlp_in.bias.to(dt)
+        a = self.attend(q, k, v)
+        w_out = torch.cat([self.attn_out.weight, self.mlp_out.weight], 1).to(dt)
+        y = F.linear(torch.cat([a, self.gelu(u)], -1), w_out)  # (B, T, D)
+        for m in (self.attn_out, self.mlp_out):
+            y = y if m.bias is None else y + m.bias.to(dt)
+        return x + y
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision MAPHead): a learned probe attends over tokens."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        D, N, K, F_ = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        self.probe = nn.Parameter(torch.zeros(1, 1, D, dtype=DTYPES[cfg.param_dtype]))
+        self.q = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
+        self.k = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
+        self.v = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
+        self.attn_out = Dense(cfg, N * K, D, bias=cfg.attn_out_bias)
+        self.norm = Norm(cfg, D)
+        self.mlp_in = Dense(cfg, D, F_, bias=cfg.mlp_bias)
+        self.mlp_out = Dense(cfg, F_, D, bias=cfg.mlp_bias)
+        self.cfg = cfg
+
+    def forward(self, x):  # [B, T, D] -> [B, D]
+        B, T, D = x.shape
+        N, K = self.cfg.num_heads, self.cfg.head_dim
+        probe = self.probe.to(x.dtype).expand(B, 1, D)
+        a = attention(self.q(probe).view(B, 1, N, K), self.k(x).view(B, T, N, K), self.v(x).view(B, T, N, K), self.cfg)
+        x = self.attn_out(a.reshape(B, 1, N * K))  # (B, 1, D)
+        x = x + self.mlp_out(F.gelu(self.mlp_in(self.norm(x)), approximate="tanh" if self.cfg.gelu_approximate else "none"))
+        return x[:, 0]
+
+
+class ViT(nn.Module):
+    """Returns (logits, out); out holds named intermediates for verify."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        D, dtype = cfg.width, DTYPES[cfg.param_dtype]
+        self.patch_embed = PatchEmbed(cfg)
+        if cfg.posemb == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, D, dtype=dtype))
+        else:
+            pos = torch.from_numpy(posemb_sincos_2d(cfg.grid, cfg.grid, D))
+            self.register_buffer("pos_embed", pos, persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D, dtype=dtype)) if cfg.pool == "tok" else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = Norm(cfg, D)
+        self.map_head = MAPHead(cfg) if cfg.pool == "map" else None
+        self.head = Dense(cfg, D, cfg.num_classes, bias=True) if cfg.num_classes else None
+        self.cfg = cfg
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """big_vision's initialisers: xavier-uniform dense kernels, lecun-normal patch
+        embedding, normal(1/sqrt(D)) position embedding, zero biases and head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        proj = self.patch_embed.proj
+        std = 1.0 / math.sqrt(proj.weight[0].numel()) / 0.87962566  # flax lecun_normal: truncated at 2 std
+        nn.init.trunc_normal_(proj.weight, std=std, a=-2.0 * std, b=2.0 * std)
+        nn.init.zeros_(proj.bias)
+        if self.cfg.posemb == "learn":
+            nn.init.normal_(self.pos_embed, std=self.cfg.width**-0.5)
+        if self.map_head is not None:
+            nn.init.xavier_uniform_(self.map_head.probe.view(1, -1))
+        if self.head is not None and self.cfg.head_zero_init:
+            nn.init.zeros_(self.head.weight)
+
+    def forward(self, images):  # [B, C, H, W]
+        cfg, out = self.cfg, {}
+        x = out["patch_embed"] = self.patch_embed(images.to(DTYPES[cfg.dtype]))
+        x = x + self.pos_embed.to(x.dtype)
+        if self.cls_token is not None:  # big_vision: the class token gets no position embedding
+            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, cfg.width), x], 1)
+        out["embed"] = x
+        for i, block in enumerate(self.blocks):
+            x = out[f"block{i:02d}"] = block(x)
+        x = out["encoded"] = self.norm(x)  # big_vision: the final norm comes before pooling
+        if cfg.pool == "map":
+            x = self.map_head(x)
+        elif cfg.pool == "gap":
+            x = x.mean(1)
+        elif cfg.pool == "tok":
+            x = x[:, 0]
+        out["pre_logits"] = x
+        logits = out["logits"] = self.head(x) if self.head is not None else x
+        return logits, out
