@@ -246,7 +246,7 @@ def abstract_model(cfg: ViTConfig) -> ViT:
 
 def flat_params(model: ViT) -> dict[str, jax.Array]:
     """{"blocks/q/kernel": array, ...}: the parameters by "/"-joined path."""
-    return {"/".join(map(str, path)): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {"/".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def load_flat_params(model: ViT, flat: dict) -> None:

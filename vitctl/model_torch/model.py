@@ -31,9 +31,15 @@ from vitctl.posemb import posemb_sincos_2d
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def Dense(cfg, d_in, d_out, *, bias):
-    """nn.Linear: weight (d_out, d_in), the transpose of JAX's flattened kernel."""
-    return nn.Linear(d_in, d_out, bias=bias, dtype=DTYPES[cfg.param_dtype])
+class Dense(nn.Linear):
+    """nn.Linear (weight (d_out, d_in), the transpose of JAX's flattened kernel) that
+    computes in the input's dtype, so fp32 parameters serve bf16 compute."""
+
+    def __init__(self, cfg, d_in, d_out, *, bias):
+        super().__init__(d_in, d_out, bias=bias, dtype=DTYPES[cfg.param_dtype])
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Norm(nn.Module):

@@ -1,0 +1,92 @@
+"""Shared fixtures. Sets up 8 simulated CPU devices before anything imports jax."""
+
+import os
+
+# Must precede the first `import jax` anywhere in the test session (Flax GSPMD guide).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("VITCTL_TEST", "1")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vitctl.config import ViTConfig  # noqa: E402
+
+# Every dimension differs (D=48, N=3, K=16, F=80, L=2, P=4, T=16, classes=10), so a
+# wrong transpose or reshape fails loudly instead of passing by accident.
+TINY = ViTConfig(width=48, depth=2, mlp_dim=80, num_heads=3, patch_size=4, image_size=16, num_classes=10, head_zero_init=False)
+
+
+@pytest.fixture
+def tiny_cfg() -> ViTConfig:
+    return TINY
+
+
+def tiny(**overrides) -> ViTConfig:
+    return dataclasses.replace(TINY, **overrides)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_exact():
+    """Parity runs in true fp32: highest matmul precision in JAX, no TF32 in torch."""
+    try:
+        import jax
+    except ImportError:
+        jax = None
+    if jax is not None:
+        jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    except ImportError:
+        pass
+    yield
+
+
+def random_params(cfg: ViTConfig, seed: int = 0):
+    """JAX-named (stacked) float32 numpy parameters where every tensor holds distinct,
+    non-trivial values: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1), biases
+    ~ N(0, 0.1). Fast (no XLA compile) and the same on every backend."""
+    import numpy as np
+
+    from vitctl.convert.mapping import jax_param_shapes
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in jax_param_shapes(cfg).items():
+        per_layer = shape[1:] if name.startswith("blocks/") else shape
+        if name.endswith("/kernel"):
+            fan_in = per_layer[0] if name.split("/")[-2] in ("q", "k", "v") else int(np.prod(per_layer[:-1]))
+            w = rng.normal(0, fan_in**-0.5, shape)
+        elif name.endswith("/scale"):
+            w = 1 + rng.normal(0, 0.1, shape)
+        else:  # biases, position embedding, class token, MAP probe
+            w = rng.normal(0, 0.1 if name.endswith("/bias") else 0.5, shape)
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def jax_model(cfg: ViTConfig, params):
+    from vitctl.model_jax.model import abstract_model, load_flat_params
+
+    model = abstract_model(cfg)
+    load_flat_params(model, params)
+    return model
+
+
+def torch_model(cfg: ViTConfig, params):
+    """The PyTorch model holding `params` (JAX-named), converted by the mapping table and
+    loaded strictly."""
+    import numpy as np
+    import torch
+
+    from vitctl.convert.mapping import jax_to_torch
+    from vitctl.model_torch.model import ViT
+
+    model = ViT(cfg).eval()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in jax_to_torch(params, cfg).items()}
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model

@@ -1,0 +1,86 @@
+"""ViTConfig: presets, validation errors that name the field, JSON round trip."""
+
+import dataclasses
+import json
+
+import pytest
+
+from vitctl.config import PRESETS, Preprocess, ViTConfig, load_config
+from vitctl.errors import ConfigError
+
+
+def test_presets_cover_the_paper_and_big_vision():
+    c = ViTConfig.from_variant("vit-22b")
+    assert (c.width, c.depth, c.mlp_dim, c.num_heads, c.patch_size, c.image_size) == (6144, 48, 24576, 48, 14, 224)
+    assert (c.block, c.qk_norm, c.qkv_bias, c.norm, c.norm_bias, c.pool) == ("parallel", True, False, "rmsnorm", False, "map")
+    assert c.head_dim == 128 and c.seq_len == 256
+    g, e = ViTConfig.from_variant("vit-G/14"), ViTConfig.from_variant("vit-e/14")
+    assert (g.width, g.depth, g.mlp_dim, g.num_heads) == (1664, 48, 8192, 16)
+    assert (e.width, e.depth, e.mlp_dim, e.num_heads) == (1792, 56, 15360, 16)
+    b = ViTConfig.from_variant("B/16")
+    assert (b.block, b.qkv_bias, b.norm, b.norm_eps, b.gelu_approximate, b.pool) == ("sequential", True, "layernorm", 1e-6, True, "tok")
+    for v in ("mu", "Ti", "S", "M", "B", "L", "H", "g", "G", "e"):
+        for p in (8, 14, 16, 32):
+            assert f"{v}/{p}" in PRESETS
+    assert "vit22b-mu/16" in PRESETS and "vit22b-B/16" in PRESETS and "vit22b-1B/14" in PRESETS
+
+
+def test_overrides_and_json_round_trip():
+    c = ViTConfig.from_variant("B/16", num_classes=0, preprocess=Preprocess(value_range=None, mean=(0.5,) * 3, std=(0.5,) * 3))
+    assert ViTConfig.from_json(c.to_json()) == c
+    assert json.loads(c.to_json())["preprocess"]["mean"] == [0.5, 0.5, 0.5]
+    for name, cfg in PRESETS.items():
+        assert ViTConfig.from_dict(json.loads(cfg.to_json())) == cfg, name
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(width=50, num_heads=3), "width 50 is not divisible by num_heads 3"),
+        (dict(image_size=30, patch_size=4), "image_size 30 is not divisible by patch_size 4"),
+        (dict(pool="cls"), "unknown pool 'cls'"),
+        (dict(norm="batchnorm"), "unknown norm 'batchnorm'"),
+        (dict(block="moe"), "unknown block 'moe'"),
+        (dict(posemb="rope"), "unknown posemb 'rope'"),
+        (dict(dtype="float16"), "unknown dtype 'float16'"),
+        (dict(depth=0), "depth must be positive"),
+        (dict(depth=2.5), "depth must be an integer"),
+        (dict(qk_norm="yes"), "qk_norm must be true or false"),
+        (dict(norm_eps=0), "norm_eps must be in"),
+        (dict(num_classes=-1), "num_classes must be >= 0"),
+    ],
+)
+def test_invalid_values_name_the_field(kw, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        dataclasses.replace(ViTConfig(), **kw)
+    assert e.value.exit_code == 2
+
+
+def test_choice_errors_list_the_choices():
+    with pytest.raises(ConfigError) as e:
+        ViTConfig(pool="cls")
+    assert "map, gap, tok, none" in e.value.hint
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(ConfigError, match="unknown model preset 'vit-22B'") as e:
+        ViTConfig.from_variant("vit-22B")
+    assert "'vit-22b'" in e.value.hint and "vitctl models" in e.value.hint
+
+
+def test_unknown_json_fields_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config field.*: mlp_ratio"):
+        ViTConfig.from_dict({**ViTConfig().to_dict(), "mlp_ratio": 4})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ViTConfig.from_json("{")
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model": ViTConfig().to_dict(), "provenance": {}}))
+    assert load_config(tmp_path) == ViTConfig()
+
+
+def test_preprocess_needs_exactly_one_normalisation():
+    with pytest.raises(ConfigError, match="exactly one of value_range or mean/std"):
+        Preprocess(value_range=(-1, 1), mean=(0.5,), std=(0.5,))
+    with pytest.raises(ConfigError, match="std: every value must be positive"):
+        Preprocess(value_range=None, mean=(0.5,), std=(0.0,))
