@@ -1,0 +1,6 @@
+"""`python -m vitctl` runs the command line."""
+
+from vitctl.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared command-line parameters (Annotated aliases) and output helpers.
+
+Results go to stdout (`out`, or `print_json` for --json); progress, hints and errors
+go to stderr (`err`). Importing this module loads neither jax nor torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft_wrap: one message, one line
+
+
+class Backend(str, enum.Enum):
+    jax = "jax"
+    torch = "torch"
+
+
+class ParamDtype(str, enum.Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL_OR_CKPT",
+        help="A preset name (see `vitctl models`), a checkpoint directory, or a config.json.",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to create.", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing checkpoint (only once the new one is complete).")]
+BackendOpt = Annotated[Backend, typer.Option("--backend", help="jax: params/ (Orbax); torch: model.safetensors.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed of the initialisation.")]
+
+
+def print_json(obj: Any) -> None:
+    """The whole stdout of a --json command: one JSON object."""
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    sys.stdout.flush()
