@@ -1,0 +1,183 @@
+"""timm as an export target: the create_model spec, the tensor table, streaming, and parity.
+
+Parity: random params -> vitctl torch model and -> timm state_dict; timm's own VisionTransformer
+built from the JSON spec loads it with strict=True; logits and pre-logits agree to 1e-5 in fp32.
+"""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tests.conftest import random_params, tiny
+from vitctl.config import PRESETS, ViTConfig
+from vitctl.convert import mapping
+from vitctl.convert import timm as vt
+from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
+
+CLASSIC = dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", norm_bias=True, gelu_approximate=True)
+FAMILIES = {
+    # like vit_base_patch16_224, tiny: D=48, L=2, N=3, F=80, P=4, 16 px, 10 classes
+    "classic-tok": tiny(**CLASSIC, pool="tok"),
+    "classic-gap": tiny(**CLASSIC, pool="gap"),
+    "classic-map": tiny(**CLASSIC, pool="map"),
+    # ViT-22B style: vitctl's defaults (parallel, QK-norm, rmsnorm, no QKV bias, MAP head, exact GELU)
+    "parallel-22b": tiny(),
+    "parallel-layernorm-qkvbias-gap": tiny(norm="layernorm", qkv_bias=True, pool="gap"),
+    "parallel-nobias-layernorm-tok": tiny(norm="layernorm", norm_bias=False, attn_out_bias=False, mlp_bias=False, pool="tok"),
+    "sequential-qknorm-rms-sincos-none": tiny(block="sequential", posemb="sincos2d", pool="none", mlp_bias=False),
+    "parallel-sincos-map-noclasses": tiny(posemb="sincos2d", qkv_bias=True, num_classes=0, attn_out_bias=False),
+}
+
+
+def timm_model(cfg: ViTConfig):
+    timm = pytest.importorskip("timm")
+    spec = json.loads(json.dumps(vt.timm_spec(cfg)))  # what config.json / --json carries
+    return timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"]).eval()
+
+
+def load(model, state):
+    import torch
+
+    result = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return model
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_timm_model_computes_the_same_function(name):
+    torch = pytest.importorskip("torch")
+    from tests.conftest import torch_model
+
+    cfg = FAMILIES[name]
+    params = random_params(cfg)
+    ours = torch_model(cfg, params)
+    theirs = load(timm_model(cfg), vt.to_timm_state_dict(mapping.jax_to_torch(params, cfg), cfg))
+    images = torch.from_numpy(np.random.default_rng(1).normal(size=(3, cfg.channels, cfg.image_size, cfg.image_size)).astype(np.float32))
+    with torch.no_grad():
+        logits, out = ours(images)
+        pre_logits = theirs.forward_head(theirs.forward_features(images), pre_logits=True)
+        timm_logits = theirs(images)
+    assert timm_logits.shape == logits.shape and pre_logits.shape == out["pre_logits"].shape
+    assert (pre_logits - out["pre_logits"]).abs().max().item() < 1e-5
+    assert (timm_logits - logits).abs().max().item() < 1e-5
+    assert logits.abs().max().item() > 0.1  # not trivially zero
+
+
+def test_plan_matches_timm_state_dict_and_block_type():
+    cfg = FAMILIES["parallel-22b"]
+    model = timm_model(cfg)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == vt.timm_param_shapes(cfg)
+    assert list(model.state_dict()) == [t.name for t in vt.timm_tensor_plan(cfg)]  # timm's own order
+    assert type(model.blocks[0]).__name__ == "ParallelScalingBlock"
+    assert type(timm_model(FAMILIES["classic-tok"]).blocks[0]).__name__ == "Block"
+
+
+def test_fused_layouts():
+    """in_proj is [mlp_in; q; k; v] (timm splits the MLP first), attn.qkv [q; k; v], kv [k; v]."""
+    cfg = tiny(qkv_bias=True)
+    state = mapping.jax_to_torch(random_params(cfg), cfg)
+    sd = vt.to_timm_state_dict(state, cfg)
+    b = "blocks.1."
+    np.testing.assert_array_equal(sd[b + "in_proj.weight"], np.concatenate([state[b + n + ".weight"] for n in ("mlp_in", "q", "k", "v")]))
+    np.testing.assert_array_equal(sd[b + "in_proj.bias"][: cfg.mlp_dim], state[b + "mlp_in.bias"])
+    np.testing.assert_array_equal(sd["attn_pool.kv.weight"], np.concatenate([state["map_head.k.weight"], state["map_head.v.weight"]]))
+    seq = tiny(**CLASSIC)
+    state = mapping.jax_to_torch(random_params(seq), seq)
+    qkv = vt.to_timm_state_dict(state, seq)[b + "attn.qkv.weight"]
+    np.testing.assert_array_equal(qkv, np.concatenate([state[b + n + ".weight"] for n in "qkv"]))
+
+
+def test_streaming_holds_one_group_and_keeps_dtype():
+    cfg = tiny(qkv_bias=False, posemb="sincos2d")  # zero biases and the sin-cos table are filled
+    state = {k: v.astype(ml_dtypes.bfloat16) for k, v in mapping.jax_to_torch(random_params(cfg), cfg).items()}
+    plan = vt.timm_tensor_plan(cfg)
+    order = [s for t in plan for s in t.sources]  # the read order a driver gets from the plan
+    emitted, held = set(), []
+
+    def feed():
+        for i, name in enumerate(order):
+            held.append(len(set(order[:i]) - emitted))  # read but not yet part of a yielded tensor
+            yield name, state[name]
+
+    out = {}
+    for name, w in vt.iter_timm_tensors(feed(), cfg):
+        out[name] = w
+        emitted.update(next(t for t in plan if t.name == name).sources)
+    assert max(held) == 3  # the parts of one in_proj (mlp_in, q, k) wait for v; nothing else is kept
+    assert set(out) == {t.name for t in plan}
+    assert all(w.dtype == ml_dtypes.bfloat16 for w in out.values())
+    assert not out["attn_pool.q.bias"].any() and out["pos_embed"].any()
+    # Any order works; the result does not depend on it.
+    shuffled = dict(vt.iter_timm_tensors(reversed(list(state.items())), cfg))
+    assert all(np.array_equal(shuffled[k], out[k]) for k in out)
+
+
+def test_streaming_errors():
+    cfg = tiny()
+    state = mapping.jax_to_torch(random_params(cfg), cfg)
+    items = list(state.items())
+    with pytest.raises(UnmappedParamError, match="not a parameter"):
+        list(vt.iter_timm_tensors(items + [("blocks.0.q.bias", np.zeros(48, np.float32))], cfg))
+    with pytest.raises(UnmappedParamError, match="twice"):
+        list(vt.iter_timm_tensors(items + items[:1], cfg))
+    with pytest.raises(UnmappedParamError, match="missing 1 .*head.bias"):
+        list(vt.iter_timm_tensors([(k, v) for k, v in items if k != "head.bias"], cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        list(vt.iter_timm_tensors([("norm.weight", np.zeros(47, np.float32))], cfg))
+
+
+def test_spec_round_trips_through_json():
+    for cfg in [*FAMILIES.values(), PRESETS["vit-22b"], PRESETS["B/16"]]:
+        spec = vt.timm_spec(cfg)
+        assert json.loads(json.dumps(spec)) == spec
+        assert json.loads(json.dumps(vt.timm_hub_config(cfg)))["model_args"]["mlp_ratio"] == spec["kwargs"]["mlp_ratio"]
+    spec = vt.timm_spec(PRESETS["vit-22b"])
+    assert spec["model_name"] == "vit_base_patch16_xp_224"
+    expected = dict(embed_dim=6144, depth=48, num_heads=48, mlp_ratio=4.0, patch_size=14, global_pool="map", norm_layer="rmsnormfp32")
+    assert {k: spec["kwargs"][k] for k in expected} == expected
+
+
+def test_mlp_ratio_gives_mlp_dim_exactly():
+    for cfg in [*PRESETS.values(), tiny(mlp_dim=4304, width=1152, num_heads=16)]:
+        r = json.loads(json.dumps(vt.mlp_ratio(cfg)))
+        assert int(cfg.width * r) == int(r * cfg.width) == cfg.mlp_dim
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        (dict(norm_eps=1e-5), "norm_eps"),
+        (dict(norm="rmsnorm", norm_bias=True), "RmsNorm has no bias"),
+        (dict(softmax_dtype="compute", dtype="bfloat16"), "bfloat16"),
+    ],
+)
+def test_inexpressible_configs_raise(overrides, reason):
+    cfg = tiny(**overrides)
+    for fn in (vt.timm_spec, vt.timm_tensor_plan, vt.timm_hub_config):
+        with pytest.raises(ConfigError, match=reason) as e:
+            fn(cfg)
+        assert "--format vitctl" in e.value.hint
+    with pytest.raises(ConfigError):
+        list(vt.iter_timm_tensors([], cfg))
+
+
+def test_local_dir_checkpoint_loads_with_timm(tmp_path):
+    """timm_hub_config + one model.safetensors: timm.create_model("local-dir:...") restores the model."""
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import save_file
+
+    cfg = FAMILIES["classic-map"]
+    sd = vt.to_timm_state_dict(mapping.jax_to_torch(random_params(cfg), cfg), cfg)
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(vt.timm_hub_config(cfg)))
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    reference = load(timm_model(cfg), sd)
+    x = torch.zeros(1, 3, 16, 16).normal_()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    data = timm.data.resolve_model_data_config(model)
+    assert data["input_size"] == (3, 16, 16) and tuple(data["mean"]) == (0.5,) * 3 and data["crop_pct"] == 1.0
+    assert tuple(timm.data.resolve_model_data_config(timm_model(cfg))["input_size"]) == (3, 16, 16)  # JSON: a list
