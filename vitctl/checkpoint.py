@@ -2,7 +2,8 @@
 
     config.json        {"vitctl_version", "model": ViTConfig dict, "provenance": {...}}
     params/            JAX: Orbax checkpoint of the parameters (format "vitctl-jax")
-    model.safetensors  torch: state_dict arrays, metadata {"format": "pt"} ("vitctl-torch")
+    model.safetensors  torch: state_dict arrays, metadata {"format": "pt"} ("vitctl-torch"),
+                       or HF shards model-0000i-of-0000N.safetensors + model.safetensors.index.json
 
 A directory may hold both weight sets; `detect_formats` lists what is there and
 `detect_format` picks one (JAX first unless told otherwise).
@@ -15,8 +16,9 @@ A directory may hold both weight sets; `detect_formats` lists what is there and
   block parameters are split along the layer axis first (SaveArgs.shard_axes=(0,)),
   so a reader can stream one layer at a time. Restores always go into an abstract
   target built from the config, never from the stored metadata alone.
-- model.safetensors is written and read through safetensors' numpy API: bfloat16 is
-  ml_dtypes.bfloat16 on the numpy side and BF16 in the file. Never pickle.
+- model.safetensors (or its shards) is written and read one tensor at a time by
+  vitctl.convert.io (headers validated, no mmap): bfloat16 is ml_dtypes.bfloat16 on the
+  numpy side and BF16 in the file. Never pickle.
 - Writes are atomic: build everything in a temporary sibling, then rename
   (`atomic_output`).
 
@@ -42,6 +44,7 @@ from vitctl.config import ViTConfig, load_config
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, OutputExistsError
 
 CONFIG, PARAMS, SAFETENSORS = "config.json", "params", "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # beside HF-style shards model-0000i-of-0000N.safetensors
 JAX, TORCH = "vitctl-jax", "vitctl-torch"
 # One stored chunk of params/ is at most this many bytes: small enough that a streaming
 # reader holds only a few in memory (ViT-22B's mlp_in, (48, 6144, 24576) in fp32, is stored
@@ -81,6 +84,11 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output(dst: str | Path, force: bool) -> None:
+    """Raises OutputExistsError unless `dst` is absent, or replaceable with `force` (see atomic_output)."""
+    _check_replaceable(Path(dst), force)
 
 
 def _check_replaceable(dst: Path, force: bool) -> None:
@@ -139,7 +147,7 @@ def detect_formats(path: str | Path) -> list[str]:
     found = []
     if (path / PARAMS / "_METADATA").is_file() or (path / PARAMS / "_CHECKPOINT_METADATA").is_file():
         found.append(JAX)
-    if (path / SAFETENSORS).is_file():
+    if (path / SAFETENSORS).is_file() or (path / SAFETENSORS_INDEX).is_file():
         found.append(TORCH)
     return found
 
@@ -231,33 +239,38 @@ def load_jax(ckpt: str | Path, cfg: ViTConfig) -> dict[str, np.ndarray]:
     return {n: np.asarray(a) for n, a in _flatten(restored).items()}
 
 
-# torch: model.safetensors.
-def save_torch(ckpt: str | Path, state: Mapping[str, np.ndarray]) -> Path:
-    """Writes ckpt/model.safetensors from state_dict arrays (numpy; bf16 as ml_dtypes)."""
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
-    from safetensors.numpy import save_file
+# torch: model.safetensors (or shards + index).
+def save_torch(ckpt: str | Path, state: Mapping[str, np.ndarray], max_shard_bytes: int | None = None) -> Path:
+    """Writes ckpt/model.safetensors (or shards + index past max_shard_bytes) from state_dict arrays (numpy; bf16 as ml_dtypes).
 
-    path = Path(ckpt) / SAFETENSORS
-    # safetensors writes raw buffers: each array must be C-contiguous (jax_to_torch returns transposed views).
-    save_file({n: np.ascontiguousarray(a) for n, a in state.items()}, str(path), metadata={"format": "pt"})
-    return path
+    Returns the file written (the index when sharded).
+    """
+    from vitctl.convert import io
+
+    specs = [(n, tuple(np.shape(a)), np.asarray(a).dtype) for n, a in state.items()]
+    writer = io.SafetensorsWriter(ckpt, specs, max_shard_bytes, metadata={"format": "pt"})
+    try:
+        for n, a in state.items():
+            writer.write(n, np.ascontiguousarray(a))  # jax_to_torch returns transposed views
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return Path(ckpt) / writer.files[-1]
 
 
 def load_torch(ckpt: str | Path, cfg: ViTConfig | None = None) -> dict[str, np.ndarray]:
-    """Reads ckpt/model.safetensors into numpy arrays; checks names and shapes if `cfg` is given."""
-    import ml_dtypes  # noqa: F401  (lets safetensors' numpy reader return BF16 as ml_dtypes.bfloat16)
-    from safetensors import SafetensorError, safe_open
+    """Reads ckpt's safetensors (one file or shards) into numpy arrays; checks names and shapes if `cfg` is given."""
+    from vitctl.convert import io
 
-    path = Path(ckpt) / SAFETENSORS
-    if not path.is_file():
+    if TORCH not in detect_formats(ckpt):
         raise CheckpointError(f"{ckpt} has no torch weights ({SAFETENSORS})", hint=f"found: {', '.join(detect_formats(ckpt)) or 'none'}")
+    reader = io.SafetensorsReader(ckpt)
     try:
-        with safe_open(str(path), framework="np") as f:
-            state = {n: f.get_tensor(n) for n in f.keys()}
-    except (SafetensorError, OSError, TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}", hint="the file may be truncated or not a safetensors file") from None
-    if cfg is not None:
-        from vitctl.convert.mapping import check_coverage, torch_param_shapes
+        if cfg is not None:
+            from vitctl.convert.mapping import check_coverage, torch_param_shapes
 
-        check_coverage({n: a.shape for n, a in state.items()}, torch_param_shapes(cfg), f"{path}")
-    return state
+            check_coverage({n: i.shape for n, i in reader.infos().items()}, torch_param_shapes(cfg), f"{ckpt}")
+        return dict(reader.iter_tensors(list(reader.infos())))
+    finally:
+        reader.close()

@@ -1,0 +1,380 @@
+"""Lazy readers and streaming writers: safetensors (single, HF shards) and Orbax params/.
+
+Every writer's output is read back by the real library (safetensors' own readers,
+Orbax's StandardCheckpointer); every reader is fed the real library's output. Corrupt
+and truncated inputs fail with a CheckpointError naming the file and the tensor.
+"""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tests.conftest import random_params, tiny
+from vitctl import checkpoint as ckpt
+from vitctl.convert import io
+from vitctl.convert.mapping import jax_to_torch, unstack
+from vitctl.errors import CheckpointError, ConfigError
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def torch_state(cfg=None, dtype=np.float32):
+    cfg = cfg or tiny()
+    return {n: np.ascontiguousarray(a).astype(dtype) for n, a in jax_to_torch(random_params(cfg), cfg).items()}
+
+
+def specs(state):
+    return [(n, a.shape, a.dtype) for n, a in state.items()]
+
+
+def write_safetensors(d, state, max_bytes=None, order=None, metadata=None):
+    w = io.SafetensorsWriter(d, specs(state), max_bytes, metadata or {"format": "pt"})
+    for n in order or state:
+        w.write(n, state[n])
+    w.close()
+    return w.files
+
+
+def assert_bitwise(got, want):
+    assert sorted(got) == sorted(want)
+    for n in want:
+        assert got[n].dtype == want[n].dtype and got[n].shape == want[n].shape, n
+        assert got[n].tobytes() == np.ascontiguousarray(want[n]).tobytes(), n
+
+
+# Sizes and shard plans.
+@pytest.mark.parametrize(
+    "text,n",
+    [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("123", 123), ("64kib", 65536), ("10 MB", 10**7), (4096, 4096)],
+)
+def test_parse_size(text, n):
+    assert io.parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "5XB", "-1GB", "0", "GB", "5 G B"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError, match="invalid size") as e:
+        io.parse_size(text)
+    assert "5GB" in e.value.hint and e.value.exit_code == 2
+
+
+def test_plan_shards_hf_semantics():
+    sizes = [("a", 4), ("b", 4), ("big", 20), ("c", 3), ("d", 5), ("e", 1)]
+    assert io.plan_shards(sizes, 10) == [["a", "b"], ["big"], ["c", "d", "e"]]  # a tensor past the limit gets a shard alone
+    assert io.plan_shards(sizes, None) == [["a", "b", "big", "c", "d", "e"]]
+    assert io.shard_names(1) == ["model.safetensors"]
+    assert io.shard_names(3) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+# safetensors writer -> the safetensors library.
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+def test_single_file_loads_with_safetensors(tmp_path, dtype):
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = torch_state(dtype=dtype)
+    files = write_safetensors(tmp_path, state, order=list(reversed(state)), metadata={"format": "pt", "source_dtype": "float32"})
+    assert files == ["model.safetensors"]
+    with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
+        assert f.metadata() == {"format": "pt", "source_dtype": "float32"}
+        assert_bitwise({n: f.get_tensor(n) for n in f.keys()}, state)
+    tensors = load_file(tmp_path / "model.safetensors")  # torch reads it without pickle
+    assert tensors["head.weight"].dtype == (torch.bfloat16 if dtype == BF16 else torch.float32)
+    for n, a in state.items():
+        t = tensors[n].view(torch.uint16) if dtype == BF16 else tensors[n]
+        np.testing.assert_array_equal(t.numpy(), a.view(t.numpy().dtype), err_msg=n)
+
+
+def test_shards_and_index_load_like_transformers(tmp_path):
+    pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    state = torch_state()
+    limit = 20_000
+    files = write_safetensors(tmp_path, state, limit)
+    n = len(files) - 1
+    assert n > 3 and files[-1] == io.INDEX and files[:-1] == io.shard_names(n)
+    index = json.loads((tmp_path / io.INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in state.values())
+    assert sorted(index["weight_map"]) == sorted(state)
+    merged = {}
+    for shard in files[:-1]:  # what transformers' sharded loader does: each shard, then the weight_map
+        part = load_file(tmp_path / shard)
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= limit or len(part) == 1
+        assert all(index["weight_map"][k] == shard for k in part)
+        merged.update({k: t.numpy() for k, t in part.items()})
+    assert_bitwise(merged, state)
+
+
+def test_writer_failure_names_file(tmp_path):
+    (tmp_path / "model.safetensors").mkdir()  # cannot be opened as a file
+    with pytest.raises(CheckpointError, match="cannot write the header to .*model.safetensors"):
+        io.SafetensorsWriter(tmp_path, specs(torch_state()), None, {"format": "pt"})
+
+
+# safetensors reader.
+def test_reader_reads_the_librarys_files_lazily(tmp_path):
+    from safetensors.numpy import save_file
+
+    state = torch_state(dtype=BF16)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    r = io.SafetensorsReader(tmp_path)
+    infos = r.infos()
+    assert {n: (i.shape, i.dtype) for n, i in infos.items()} == {n: (a.shape, a.dtype) for n, a in state.items()}
+    assert r.metadata == {"format": "pt"}
+    assert_bitwise(dict(r.iter_tensors(list(state))), state)
+    r.close()
+
+
+def test_reader_reads_shards(tmp_path):
+    state = torch_state()
+    write_safetensors(tmp_path, state, 30_000)
+    with_index = io.SafetensorsReader(tmp_path)
+    assert_bitwise({n: with_index.read(n) for n in state}, state)
+    with_index.close()
+
+
+def corrupt(path, at=None, data=None, truncate=None):
+    raw = bytearray(path.read_bytes())
+    if truncate is not None:
+        raw = raw[:truncate]
+    if data is not None:
+        raw[at : at + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def header(path):
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    return json.loads(path.read_bytes()[8 : 8 + n]), n
+
+
+def rewrite_header(path, fn):
+    """Replaces the JSON header (keeping the data bytes) after fn(header) edits it."""
+    h, n = header(path)
+    fn(h)
+    text = json.dumps(h).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + path.read_bytes()[8 + n :])
+
+
+def last_tensor(path):
+    h, _ = header(path)
+    return max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][1])
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda p: corrupt(p, truncate=p.stat().st_size - 8), "tensor '{last}' ends at byte .* past the end of the file .*truncated"),
+        (lambda p: corrupt(p, truncate=5), "5 bytes, too short for a safetensors header"),
+        (lambda p: corrupt(p, 0, (10**9).to_bytes(8, "little")), "header length 1000000000 exceeds the file"),
+        (lambda p: corrupt(p, 8, b"[garbage"), "header is not valid JSON"),
+        (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(dtype="F8")), "tensor 'head.bias' has an invalid header entry"),
+        (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(shape=[11])), "tensor 'head.bias' spans 40 bytes, but F32\\[11\\] needs 44"),
+        (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(data_offsets=[8, 0])), "tensor 'head.bias' has an invalid header entry"),
+        (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(data_offsets=[0, 0])), "tensor 'head.bias' spans 0 bytes, but F32\\[10\\] needs 40"),
+    ],
+)
+def test_reader_rejects_damaged_files(tmp_path, damage, match):
+    write_safetensors(tmp_path, torch_state())
+    path = tmp_path / "model.safetensors"
+    match = match.replace("{last}", last_tensor(path))
+    damage(path)
+    with pytest.raises(CheckpointError, match=f"cannot read .*model.safetensors: ({match})") as e:
+        io.SafetensorsReader(tmp_path)
+    assert e.value.hint
+
+
+def test_reader_rejects_overlapping_tensors(tmp_path):
+    write_safetensors(tmp_path, torch_state())
+    path = tmp_path / "model.safetensors"
+    rewrite_header(path, lambda h: h["head.bias"].update(data_offsets=[0, 40]))  # same bytes as the first tensor's start
+    with pytest.raises(CheckpointError, match="overlap"):
+        io.SafetensorsReader(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("missing_shard", "names shard 'model-00002-of-.*', which is not a file"),
+        ("bad_json", "cannot read .*model.safetensors.index.json"),
+        ("total_size", "metadata.total_size is 7, but the shards hold"),
+        ("unlisted", "holds tensor '.*', which the index does not assign to it"),
+        ("listed_absent", "lists 1 tensor\\(s\\) its shards lack, e.g. 'ghost'"),
+        ("traversal", "names shard '../model.safetensors'"),
+    ],
+)
+def test_reader_validates_the_index(tmp_path, damage, match):
+    write_safetensors(tmp_path, torch_state(), 30_000)
+    index_path = tmp_path / io.INDEX
+    index = json.loads(index_path.read_text())
+    if damage == "missing_shard":
+        next(tmp_path.glob("model-00002-of-*.safetensors")).unlink()
+    elif damage == "bad_json":
+        index_path.write_text("{")
+    elif damage == "total_size":
+        index["metadata"]["total_size"] = 7
+    elif damage == "unlisted":
+        del index["weight_map"][next(iter(index["weight_map"]))]
+    elif damage == "listed_absent":
+        index["weight_map"]["ghost"] = next(iter(index["weight_map"].values()))
+    elif damage == "traversal":
+        (tmp_path.parent / "model.safetensors").write_bytes(b"")
+        index["weight_map"]["head.bias"] = "../model.safetensors"
+    if damage not in ("missing_shard", "bad_json"):
+        index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=match):
+        io.SafetensorsReader(tmp_path)
+
+
+def test_reader_detects_truncation_after_the_header_was_read(tmp_path):
+    state = torch_state()
+    write_safetensors(tmp_path, state)
+    path = tmp_path / "model.safetensors"
+    r = io.SafetensorsReader(tmp_path)
+    last = last_tensor(path)
+    corrupt(path, truncate=path.stat().st_size - 8)  # shrinks while open (a concurrent writer, a failing disk)
+    with pytest.raises(CheckpointError, match=f"tensor '{last}' is cut short"):
+        r.read(last)
+    r.close()
+
+
+# Orbax params/.
+def zarr_metadata(params_dir):
+    ts = pytest.importorskip("tensorstore")
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir.absolute()}/"}).result()
+    return {k.decode()[: -len("/.zarray")]: json.loads(kv.read(k).result().value) for k in kv.list().result() if k.endswith(b"/.zarray")}
+
+
+def write_orbax(params_dir, flat, depth, chunk_bytes=ckpt.CHUNK_BYTES, order=None):
+    per_layer = dict(unstack(flat, depth))
+    w = io.OrbaxWriter(params_dir, specs(per_layer), chunk_bytes)
+    for n in order or per_layer:
+        w.write(n, per_layer[n])
+    w.close()
+    return per_layer
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_orbax_writer_restores_with_orbax(tmp_path, param_dtype):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    cfg = tiny(param_dtype=param_dtype, depth=3)
+    flat = {n: a.astype(BF16 if param_dtype == "bfloat16" else np.float32) for n, a in random_params(cfg).items()}
+    per_layer = write_orbax(tmp_path / "params", flat, cfg.depth)
+    assert ckpt.detect_formats(tmp_path) == [ckpt.JAX]
+    ckpt.write_config(tmp_path, cfg, {})
+    assert_bitwise(ckpt.load_jax(tmp_path, cfg), flat)  # vitctl's own loader: Orbax restore into an abstract target
+    with ocp.StandardCheckpointer() as c:  # and Orbax alone, from its metadata
+        meta = c.metadata((tmp_path / "params").absolute()).item_metadata.tree
+        assert meta["blocks"]["q"]["kernel"].shape == (3, 48, 3, 16)
+        restored = c.restore((tmp_path / "params").absolute())
+    assert restored["blocks"]["mlp_in"]["kernel"].tobytes() == flat["blocks/mlp_in/kernel"].tobytes()
+    assert len(per_layer) > len(flat)
+
+
+def test_orbax_writer_takes_layers_in_any_order(tmp_path):
+    cfg = tiny(depth=3)
+    flat = random_params(cfg)
+    names = [n for n, _ in unstack(flat, cfg.depth)]
+    write_orbax(tmp_path / "params", flat, cfg.depth, order=names[::-1])
+    r = io.OrbaxReader(tmp_path / "params")
+    assert_bitwise(dict(r.iter_tensors(names)), dict(unstack(flat, cfg.depth)))
+
+
+def test_orbax_writer_bounds_chunks(tmp_path):
+    cfg = tiny()
+    flat = random_params(cfg)
+    write_orbax(tmp_path / "params", flat, cfg.depth, chunk_bytes=1024)
+    meta = zarr_metadata(tmp_path / "params")
+    assert sorted(meta) == sorted(n.replace("/", ".") for n in flat)
+    for n, a in flat.items():
+        m = meta[n.replace("/", ".")]
+        assert tuple(m["shape"]) == a.shape and m["compressor"] == {"id": "zstd", "level": 1}, n
+        assert np.prod(m["chunks"]) * 4 <= 1024 and all(s % c == 0 for s, c in zip(a.shape, m["chunks"])), (n, m["chunks"])
+        if n.startswith("blocks/"):
+            assert m["chunks"][0] == 1, n
+
+
+@pytest.mark.parametrize(
+    "shape,stacked,limit,want",
+    [((12, 48, 3, 16), True, 2**20, (1, 48, 3, 16)), ((48, 80), False, 2**20, (48, 80)), ((48, 80), False, 4 * 48 * 40, (48, 40)), ((8,), False, 8, (2,)), ((7,), False, 8, (1,))],
+)
+def test_choose_chunks(shape, stacked, limit, want):
+    assert io.choose_chunks(shape, 4, limit, stacked) == want
+
+
+def test_orbax_reader_streams_save_jax_output(tmp_path):
+    """Reads what Orbax itself wrote (per-process OCDBT, merged manifest), layer by layer."""
+    pytest.importorskip("orbax.checkpoint")
+    cfg = tiny(depth=3, param_dtype="bfloat16")
+    flat = {n: a.astype(BF16) for n, a in random_params(cfg).items()}
+    ckpt.save_jax(tmp_path, flat)
+    r = io.OrbaxReader(tmp_path / "params")
+    per_layer = dict(unstack(flat, cfg.depth))
+    infos = r.infos()
+    assert {n: (i.shape, i.dtype) for n, i in infos.items()} == {n: (a.shape, BF16) for n, a in per_layer.items()}
+    assert infos["blocks/1/mlp_in/kernel"].chunk_bytes == 48 * 80 * 2  # one layer per chunk
+    assert_bitwise(dict(r.iter_tensors(list(per_layer))), per_layer)
+    assert r.read("blocks/2/q/kernel").tobytes() == flat["blocks/q/kernel"][2].tobytes()
+
+
+@pytest.fixture
+def orbax_params(tmp_path):
+    cfg = tiny()
+    flat = random_params(cfg)
+    write_orbax(tmp_path / "params", flat, cfg.depth)
+    return tmp_path / "params"
+
+
+def test_orbax_reader_missing_or_corrupt_metadata(orbax_params):
+    meta = orbax_params / "_METADATA"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match="cannot read .*_METADATA") as e:
+        io.OrbaxReader(orbax_params)
+    assert "re-create" in e.value.hint
+    meta.unlink()
+    with pytest.raises(CheckpointError, match="cannot read .*_METADATA"):
+        io.OrbaxReader(orbax_params)
+
+
+def test_orbax_reader_names_a_missing_array(orbax_params):
+    meta = json.loads((orbax_params / "_METADATA").read_text())
+    meta["tree_metadata"]["('extra', 'kernel')"] = {"key_metadata": [{"key": "extra", "key_type": 2}, {"key": "kernel", "key_type": 2}], "value_metadata": {}}
+    (orbax_params / "_METADATA").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"cannot read array 'extra/kernel' from {orbax_params}"):
+        io.OrbaxReader(orbax_params)
+
+
+def data_files(params_dir):
+    return sorted((p for p in params_dir.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+
+
+def test_orbax_reader_detects_truncated_data(orbax_params):
+    r = io.OrbaxReader(orbax_params)
+    names = list(r.infos())
+    for f in data_files(orbax_params):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read (tensor|array) '.*' from {orbax_params}"):
+        list(r.iter_tensors(names))
+
+
+def test_orbax_reader_detects_a_corrupt_manifest(orbax_params):
+    (orbax_params / "manifest.ocdbt").write_bytes(b"\x00" * 20)
+    with pytest.raises(CheckpointError, match=f"cannot read array '.*' from {orbax_params}"):
+        io.OrbaxReader(orbax_params)
+
+
+def test_orbax_writer_waits_for_background_writes_on_abort(tmp_path):
+    cfg = tiny(depth=4)
+    per_layer = dict(unstack(random_params(cfg), cfg.depth))
+    w = io.OrbaxWriter(tmp_path / "params", specs(per_layer), ckpt.CHUNK_BYTES)
+    for n in list(per_layer)[:10]:
+        w.write(n, per_layer[n])
+    w.abort()
+    assert not w._inflight
+    with pytest.raises(AssertionError, match="never written"):
+        w.close()

@@ -1,0 +1,618 @@
+"""Lazy per-tensor readers and streaming writers for the checkpoint formats.
+
+A reader lists its tensors from headers alone (`infos()`: name -> TensorInfo, no
+data read), then hands out one tensor at a time (`read(name)`). A writer is built
+from the full list of tensors it will receive (names, shapes, dtypes: the plan), so
+it lays out its files before any data arrives, then takes one tensor at a time in any
+order (`write(name, array)`), and `close()` checks that each was written exactly once.
+Memory is bounded by one tensor (or one stored chunk), never by the checkpoint.
+
+- SafetensorsReader: `model.safetensors`, or HF shards `model-0000i-of-0000N.safetensors`
+  + `model.safetensors.index.json`. Headers are parsed and validated by hand (offsets
+  inside the file, sizes matching shapes, index consistent with the shards), so a
+  truncated or corrupt file fails before any data is read, naming file and tensor.
+  Data is read with one positioned read per tensor (no mmap, so RSS stays at one tensor).
+- SafetensorsWriter: shards planned upfront (HF semantics: a new shard when the next
+  tensor would exceed the limit; a larger tensor gets a shard alone); each shard's
+  header is written first, then each tensor's bytes at their offset.
+- OrbaxReader: `params/` as Orbax writes it (OCDBT + zarr, or their per-array and zarr3
+  variants, from `_METADATA`), opened with tensorstore. Stacked block arrays
+  (`blocks/q/kernel`, leading L axis) are exposed per layer (`blocks/{i}/q/kernel`)
+  and read as slices `[i]`, which touch only that layer's chunks.
+- OrbaxWriter: `params/` written directly with tensorstore in Orbax's on-disk layout
+  (one OCDBT database, zarr v2 arrays, zstd level 1, `_METADATA`, `_CHECKPOINT_METADATA`),
+  one layer slice at a time. Orbax's own `save` needs the whole pytree in memory; its
+  experimental partial save adds whole leaves only, so a stacked (L, ...) array would
+  still be one allocation. The result restores with `ocp.StandardCheckpointer`.
+
+Names: the safetensors side uses torch state_dict keys ("torch" naming), the Orbax side
+per-layer NNX paths ("jax" naming). Shapes and dtypes are numpy's; bfloat16 is
+ml_dtypes.bfloat16. Imports numpy, ml_dtypes and (for Orbax) tensorstore only: no jax,
+no torch, no pickle.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import ml_dtypes
+import numpy as np
+
+from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError
+
+SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
+SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
+# safetensors dtype codes <-> numpy. Parameters are floats; the rest only pass through.
+ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}  # fmt: skip
+ST_CODES = {v: k for k, v in ST_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor: enough to plan without reading data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    file: Path  # for messages: the file (or Orbax directory) holding the data
+    chunk_bytes: int = 0  # bytes a reader must hold to read it, if more than nbytes (Orbax chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Reader(Protocol):
+    """A source checkpoint, read one tensor at a time.
+
+    `naming` is "jax" (per-layer NNX paths, `blocks/{i}/q/kernel`, shapes as in
+    mapping.jax_param_shapes(cfg, stacked=False)) or "torch" (state_dict keys).
+    """
+
+    naming: str
+    path: Path
+
+    def infos(self) -> dict[str, TensorInfo]: ...
+
+    def read(self, name: str) -> np.ndarray: ...
+
+    def iter_tensors(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for each of `names` (all of them, each once), in the reader's preferred order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def iter_by_name(reader: Reader, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """The default `iter_tensors`: random access, in the order given."""
+    for name in names:
+        yield name, reader.read(name)
+
+
+class Writer(Protocol):
+    files: list[str]  # what it creates, relative to its directory
+
+    def write(self, name: str, array: np.ndarray) -> None: ...
+
+    def close(self) -> None:
+        """Checks that every planned tensor was written once; finishes the files (index, metadata)."""
+
+    def abort(self) -> None:
+        """Releases open files after a failure (the caller deletes the directory)."""
+
+
+def parse_size(text: str | int) -> int:
+    """"5GB" -> 5_000_000_000 (decimal units, as Hugging Face), "2GiB" -> 2 * 2**30, "123" -> 123."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*", str(text), re.IGNORECASE)
+    unit = m and m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    if not m or unit not in scale or float(m.group(1)) * scale[unit] < 1:
+        raise ConfigError(f"invalid size '{text}'", hint='use e.g. "5GB" (10^9 bytes), "500MB", "2GiB" (2^30 bytes) or a byte count')
+    return int(float(m.group(1)) * scale[unit])
+
+
+def _nbytes(shape: Sequence[int], dtype: np.dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _as_bytes(array: np.ndarray) -> memoryview:
+    """The raw bytes of a C-contiguous array (bfloat16 included), without a copy."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+# safetensors: reading.
+def _fail(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"cannot read {path}: {what}", hint="the file may be truncated or not a safetensors file; re-download or re-create it")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[TensorInfo, int]]]:
+    """Parses and validates one safetensors header without reading tensor data.
+
+    Returns:
+        (metadata, {name: (info, absolute byte offset of its data in the file)}).
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"{size} bytes, too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise _fail(path, f"header length {n} exceeds the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _fail(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _fail(path, "__metadata__ is not a JSON object")
+    tensors = {name: _parse_entry(path, name, entry, 8 + n) for name, entry in header.items()}
+    spans = sorted((off, off + info.nbytes, name) for name, (info, off) in tensors.items())
+    for _, end, name in spans:  # the first tensor cut off, in file order
+        if end > size:
+            raise _fail(path, f"tensor '{name}' ends at byte {end}, past the end of the file ({size} bytes): the file is truncated")
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise _fail(path, f"tensors '{a}' and '{b}' overlap")
+    return metadata, tensors
+
+
+def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> tuple[TensorInfo, int]:
+    """One header entry {"dtype", "shape", "data_offsets"} -> (info, absolute offset)."""
+    try:
+        dtype = ST_DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(o) for o in entry["data_offsets"])
+        assert all(d >= 0 for d in shape) and 0 <= begin <= end
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise _fail(path, f"tensor '{name}' has an invalid header entry {str(entry)[:200]}") from None
+    info = TensorInfo(name, shape, dtype, path)
+    if end - begin != info.nbytes:
+        raise _fail(path, f"tensor '{name}' spans {end - begin} bytes, but {entry['dtype']}{list(shape)} needs {info.nbytes}")
+    return info, data_start + begin
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
+    """(weight_map, metadata.total_size) of an HF index; every shard a plain file name beside it."""
+    try:
+        d = json.loads(index.read_text())
+        weight_map = d["weight_map"]
+        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise CheckpointError(f"cannot read {index}: {e!r}", hint='an index is {"metadata": {"total_size": N}, "weight_map": {tensor: shard}}') from None
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index} names shard '{shard}', which is not a file in {index.parent}", hint="a shard is missing: re-download or re-create the checkpoint")
+    total = d.get("metadata", {}).get("total_size") if isinstance(d.get("metadata"), dict) else None
+    return weight_map, total
+
+
+class SafetensorsReader:
+    """A torch checkpoint directory: model.safetensors, or an index and its shards."""
+
+    naming = "torch"
+
+    def __init__(self, ckpt: str | Path):
+        self.path = Path(ckpt)
+        self._infos: dict[str, TensorInfo] = {}
+        self._offsets: dict[str, int] = {}
+        self._files: dict[Path, Any] = {}
+        self.metadata: dict[str, str] = {}
+        if (self.path / INDEX).is_file():
+            self._open_shards(self.path / INDEX)
+        elif (self.path / SAFETENSORS).is_file():
+            self._add(self.path / SAFETENSORS, None)
+        else:
+            raise CheckpointError(f"{self.path} has no torch weights ({SAFETENSORS} or {INDEX})", hint="check the path")
+
+    def _add(self, file: Path, listed: set[str] | None) -> None:
+        self.metadata, tensors = read_safetensors_header(file)
+        for name, (info, offset) in tensors.items():
+            if listed is not None and name not in listed:
+                raise CheckpointError(f"{file} holds tensor '{name}', which the index does not assign to it", hint="the index and the shards disagree: re-create the checkpoint")
+            if name in self._infos:
+                raise CheckpointError(f"tensor '{name}' appears in both {self._infos[name].file} and {file}")
+            self._infos[name], self._offsets[name] = info, offset
+
+    def _open_shards(self, index: Path) -> None:
+        weight_map, total = _read_index(index)
+        for shard in sorted(set(weight_map.values())):
+            self._add(index.parent / shard, {n for n, s in weight_map.items() if s == shard})
+        missing = sorted(set(weight_map) - set(self._infos))
+        if missing:
+            where = weight_map[missing[0]]
+            raise CheckpointError(f"{index} lists {len(missing)} tensor(s) its shards lack, e.g. '{missing[0]}' in {where}", hint="a shard is truncated or stale")
+        actual = sum(i.nbytes for i in self._infos.values())
+        if total is not None and total != actual:
+            raise CheckpointError(f"{index}: metadata.total_size is {total}, but the shards hold {actual} bytes of tensors", hint="the index and the shards disagree")
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def read(self, name: str) -> np.ndarray:
+        info = self._infos[name]
+        out = np.empty(info.shape, info.dtype)
+        f = self._files.get(info.file) or self._files.setdefault(info.file, open(info.file, "rb"))  # noqa: SIM115
+        f.seek(self._offsets[name])
+        got = f.readinto(_as_bytes(out)) if info.nbytes else 0
+        if got != info.nbytes:
+            raise _fail(info.file, f"tensor '{name}' is cut short ({got} of {info.nbytes} bytes): the file is truncated")
+        return out
+
+    iter_tensors = iter_by_name
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+# safetensors: writing.
+def plan_shards(tensors: Sequence[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
+    """Groups (name, nbytes) in order into shards of at most max_bytes (HF semantics).
+
+    A tensor larger than max_bytes gets a shard of its own; None means one shard.
+    """
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in tensors:
+        if max_bytes is not None and shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    return [SAFETENSORS] if n == 1 else [SHARD_NAME.format(i=i + 1, n=n) for i in range(n)]
+
+
+def _header_bytes(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], metadata: Mapping[str, str]) -> tuple[bytes, dict[str, int]]:
+    """The 8-byte length + JSON header of one shard, and each tensor's offset in the file."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets, pos = {}, 0
+    for name, shape, dtype in specs:
+        end = pos + _nbytes(shape, dtype)
+        header[name] = {"dtype": ST_CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [pos, end]}
+        offsets[name], pos = pos, end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, {n: start + o for n, o in offsets.items()}
+
+
+class SafetensorsWriter:
+    """Writes state_dict tensors into model.safetensors or HF shards + index, one at a time.
+
+    Args:
+        directory: existing output directory.
+        specs: every (name, shape, dtype) that will be written, in file order.
+        max_shard_bytes: shard size limit in bytes (None: one file).
+        metadata: string metadata for every shard's header (e.g. {"format": "pt"}).
+    """
+
+    def __init__(self, directory: str | Path, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int | None, metadata: Mapping[str, str]):
+        self.directory = Path(directory)
+        by_name = {n: (n, tuple(s), np.dtype(d)) for n, s, d in specs}
+        for _, _, d in by_name.values():
+            if d not in ST_CODES:
+                raise CheckpointError(f"safetensors cannot store dtype {d}")
+        groups = plan_shards([(n, _nbytes(s, d)) for n, s, d in by_name.values()], max_shard_bytes)
+        self.files = shard_names(len(groups))
+        self._specs = by_name
+        self._where: dict[str, tuple[Path, int]] = {}
+        self._handles: dict[Path, Any] = {}
+        self._written: set[str] = set()
+        for file, names in zip(self.files, groups):
+            header, offsets = _header_bytes([by_name[n] for n in names], metadata)
+            path = self.directory / file
+            self._handles[path] = _guarded(path, "the header", lambda p=path: open(p, "wb"))  # noqa: SIM115
+            _guarded(path, "the header", lambda f=self._handles[path], h=header: f.write(h))
+            self._where.update({n: (path, off) for n, off in offsets.items()})
+        self.total_size = sum(_nbytes(s, d) for _, s, d in by_name.values())
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        _, shape, dtype = self._specs[name]
+        assert array.shape == shape and array.dtype == dtype and name not in self._written, (name, array.shape, array.dtype)
+        path, offset = self._where[name]
+        f = self._handles[path]
+        f.seek(offset)
+        _guarded(path, f"tensor '{name}'", lambda: f.write(_as_bytes(array)))
+        self._written.add(name)
+
+    def close(self) -> None:
+        missing = sorted(set(self._specs) - self._written)
+        assert not missing, f"tensors never written: {missing[:8]}"
+        for path, f in self._handles.items():
+            _guarded(path, "the end of the file", f.close)
+        if len(self.files) > 1:
+            weight_map = {n: p.name for n, (p, _) in self._where.items()}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            _guarded(self.directory / INDEX, "the index", lambda: (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n"))
+            self.files.append(INDEX)
+
+    def abort(self) -> None:
+        for f in self._handles.values():
+            f.close()
+
+
+def _guarded(path: Path, what: str, fn):
+    """Runs a write; turns an OSError (disk full, file too large, ...) into a CheckpointError naming file and tensor."""
+    try:
+        return fn()
+    except OSError as e:
+        raise CheckpointError(f"cannot write {what} to {path}: {e.strerror or e}", hint="check the free disk space and the file size limit (ulimit -f)") from None
+
+
+# Orbax params/: layout constants (orbax-checkpoint 0.12.8, StandardCheckpointer).
+METADATA, CHECKPOINT_METADATA = "_METADATA", "_CHECKPOINT_METADATA"
+ORBAX_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
+OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000, "manifest_kind": "single"}
+
+
+def _tensorstore():
+    try:
+        import tensorstore as ts
+    except ImportError as e:
+        raise MissingDependencyError(f"JAX checkpoints (Orbax params/) need tensorstore ({e})", hint="pip install 'vitctl[jax]'") from None
+    return ts
+
+
+def _ts_context(ts):
+    # No data cache (each chunk is read once); a small one for OCDBT B-tree nodes, as Orbax.
+    return ts.Context({"cache_pool": {"total_bytes_limit": 0}, "cache_pool#ocdbt": {"total_bytes_limit": 32 * 2**20}})
+
+
+def _kvstore(params: Path, array: str, ocdbt: bool, writing: bool = False) -> dict[str, Any]:
+    """The tensorstore kvstore spec of one array in params/ (Orbax names arrays by '.'-joined keys)."""
+    if not ocdbt:
+        return {"driver": "file", "path": f"{params}/{array}/"}
+    spec: dict[str, Any] = {"driver": "ocdbt", "base": {"driver": "file", "path": f"{params}/"}, "path": array, "cache_pool": "cache_pool#ocdbt"}
+    if writing:  # as Orbax: non-atomic data files (fresh names), atomic manifest, one writer
+        spec.update(
+            base={"driver": "file", "path": f"{params}/", "file_io_locking": {"mode": "non_atomic"}},
+            manifest={"driver": "file", "path": f"{params}/"},
+            config=OCDBT_CONFIG, assume_config=True, target_data_file_size=2**31,
+        )  # fmt: skip
+    return spec
+
+
+def is_stacked(name: str) -> bool:
+    """`blocks/q/kernel` (leading L axis) is stacked; `blocks/3/q/kernel` is one layer."""
+    parts = name.split("/")
+    return parts[0] == "blocks" and len(parts) > 1 and not parts[1].isdigit()
+
+
+def layer_name(stacked: str, i: int) -> str:
+    return stacked.replace("blocks/", f"blocks/{i}/", 1)
+
+
+def split_layer(name: str) -> tuple[str, int | None]:
+    """`blocks/3/q/kernel` -> ("blocks/q/kernel", 3); anything else -> (name, None)."""
+    m = re.fullmatch(r"blocks/(\d+)/(.+)", name)
+    return (f"blocks/{m.group(2)}", int(m.group(1))) if m else (name, None)
+
+
+def _ts_error(params: Path, what: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read {what} from {params}: {str(e)[:500]}", hint="the Orbax checkpoint is corrupt or incomplete: re-create it")
+
+
+class OrbaxReader:
+    """params/ of a JAX checkpoint, one array (or one layer of a stacked array) at a time."""
+
+    naming = "jax"
+
+    def __init__(self, params: str | Path):
+        ts = _tensorstore()
+        self.path = Path(params).absolute()
+        meta = _read_orbax_metadata(self.path)
+        ctx = _ts_context(ts)
+        driver = "zarr3" if meta.get("use_zarr3") else "zarr"
+        self._arrays: dict[str, Any] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for name, stored in _orbax_names(self.path, meta).items():
+            spec = {"driver": driver, "kvstore": _kvstore(self.path, stored, meta.get("use_ocdbt", True))}
+            try:
+                arr = ts.open(spec, open=True, read=True, write=False, context=ctx).result()
+                dtype, chunks = np.dtype(arr.dtype.numpy_dtype), tuple(arr.chunk_layout.read_chunk.shape)
+            except Exception as e:  # tensorstore raises ValueError and friends with a status message
+                raise _ts_error(self.path, f"array '{name}'", e) from None
+            self._arrays[name] = arr
+            self._add_infos(name, tuple(arr.shape), dtype, _nbytes(chunks, dtype))
+
+    def _add_infos(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> None:
+        if not is_stacked(name):
+            self._infos[name] = TensorInfo(name, shape, dtype, self.path, chunk_bytes)
+            return
+        if not shape:
+            raise CheckpointError(f"stacked block array '{name}' in {self.path} is a scalar; expected a leading layer axis")
+        for i in range(shape[0]):
+            self._infos[layer_name(name, i)] = TensorInfo(layer_name(name, i), shape[1:], dtype, self.path, chunk_bytes)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._finish(name, self._start(name))
+
+    def iter_tensors(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+        """In the order given, reading one tensor ahead: tensorstore decodes the next while the caller works."""
+        ahead: tuple[str, Any] | None = None
+        for name in [*names, None]:
+            future = self._start(name) if name is not None else None
+            if ahead is not None:
+                yield ahead[0], self._finish(*ahead)
+            ahead = (name, future)
+
+    def _start(self, name: str):
+        stacked, i = split_layer(name)
+        arr = self._arrays[stacked] if i is not None else self._arrays[name]
+        return (arr[i] if i is not None else arr).read()
+
+    def _finish(self, name: str, future) -> np.ndarray:
+        try:
+            return np.asarray(future.result())
+        except Exception as e:
+            raise _ts_error(self.path, f"tensor '{name}'", e) from None
+
+    def close(self) -> None:
+        self._arrays.clear()
+
+
+def _read_orbax_metadata(params: Path) -> dict[str, Any]:
+    path = params / METADATA
+    try:
+        meta = json.loads(path.read_text())
+        assert isinstance(meta.get("tree_metadata"), dict)
+    except (OSError, UnicodeDecodeError, ValueError, AssertionError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e!r}", hint="params/ is not a complete Orbax checkpoint: re-create it") from None
+    return meta
+
+
+def _orbax_names(params: Path, meta: Mapping[str, Any]) -> dict[str, str]:
+    """{"/"-joined tree path: Orbax's stored array name ('.'-joined keys)} from _METADATA."""
+    out = {}
+    for key, entry in meta["tree_metadata"].items():
+        try:
+            keys = [str(k["key"]) for k in entry["key_metadata"]]
+        except (KeyError, TypeError):
+            raise CheckpointError(f"cannot read {params / METADATA}: entry {key} has no key_metadata") from None
+        out["/".join(keys)] = ".".join(keys)
+    return out
+
+
+def choose_chunks(shape: tuple[int, ...], itemsize: int, max_bytes: int, stacked: bool) -> tuple[int, ...]:
+    """A chunk shape that divides `shape`, holds at most max_bytes, and (stacked) one layer.
+
+    Greedy like Orbax's subchunking: cut the layer axis to 1, then shrink the currently
+    largest dimension to its next smaller divisor until the chunk fits.
+    """
+    chunks = [max(1, d) for d in shape]
+    if stacked and chunks:
+        chunks[0] = 1
+    while math.prod(chunks) * itemsize > max_bytes and max(chunks, default=1) > 1:
+        j = max(range(len(chunks)), key=lambda k: chunks[k])
+        chunks[j] = next(d for d in range(chunks[j] - 1, 0, -1) if shape[j] % d == 0)
+    return tuple(chunks)
+
+
+class OrbaxWriter:
+    """Writes params/ in Orbax's layout, one array or one layer slice at a time.
+
+    `write` returns once tensorstore has copied the tensor; compression and storage run in
+    the background, at most `max_inflight` tensors behind (memory: that many copies).
+
+    Args:
+        params: the params/ directory to create (its parent must exist).
+        specs: every per-layer (name, shape, dtype) that will be written; `blocks/{i}/x`
+            for i < L become slice i of the stacked array `blocks/x` with shape (L, ...).
+        chunk_bytes: the largest stored chunk (checkpoint.CHUNK_BYTES).
+        compress: zstd level 1 on each chunk, as Orbax's default.
+    """
+
+    max_inflight = 2
+
+    def __init__(self, params: str | Path, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], chunk_bytes: int, compress: bool = True):
+        ts = _tensorstore()
+        self.path = Path(params).absolute()
+        self.files = [self.path.name + "/"]
+        _guarded(self.path, "the directory", self.path.mkdir)
+        self._arrays: dict[str, Any] = {}
+        self._pending: set[str] = {n for n, _, _ in specs}
+        self._inflight: collections.deque[tuple[str, Any]] = collections.deque()
+        # No fsync per chunk (as cp): the checkpoint becomes visible only by the final rename.
+        ctx = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 32 * 2**20}, "file_io_sync": False})
+        arrays = _stack_specs(specs)
+        self._names = sorted(arrays)
+        for name, (shape, dtype) in arrays.items():
+            chunks = choose_chunks(shape, np.dtype(dtype).itemsize, chunk_bytes, is_stacked(name))
+            compressor = {"id": "zstd", "level": 1} if compress else None
+            spec = {
+                "driver": "zarr", "dtype": np.dtype(dtype).name,
+                "kvstore": _kvstore(self.path, name.replace("/", "."), ocdbt=True, writing=True),
+                "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": compressor},
+            }  # fmt: skip
+            self._arrays[name] = self._ts_call(f"array '{name}'", lambda s=spec: ts.open(s, create=True, context=ctx).result())
+
+    def _ts_call(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # tensorstore reports write failures (disk full, EFBIG) as ValueError
+            raise CheckpointError(f"cannot write {what} to {self.path}: {str(e)[:500]}", hint="check the free disk space and the file size limit (ulimit -f)") from None
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        stacked, i = split_layer(name)
+        assert name in self._pending, f"'{name}' written twice or not planned"
+        arr = self._arrays[stacked] if i is not None else self._arrays[name]
+        target = arr[i] if i is not None else arr
+        assert tuple(target.shape) == array.shape and np.dtype(target.dtype.numpy_dtype) == array.dtype, (name, array.shape, array.dtype)
+        futures = self._ts_call(f"tensor '{name}'", lambda: target.write(array))
+        self._ts_call(f"tensor '{name}'", futures.copy.result)  # `array` may be dropped from here on
+        self._pending.discard(name)
+        self._inflight.append((name, futures.commit))
+        while len(self._inflight) > self.max_inflight:  # compress and store in the background, a few tensors deep
+            done, commit = self._inflight.popleft()
+            self._ts_call(f"tensor '{done}'", commit.result)
+
+    def close(self) -> None:
+        assert not self._pending, f"tensors never written: {sorted(self._pending)[:8]}"
+        while self._inflight:
+            done, commit = self._inflight.popleft()
+            self._ts_call(f"tensor '{done}'", commit.result)
+        self._arrays.clear()
+        tree = {str(tuple(name.split("/"))): _tree_entry(name) for name in self._names}
+        meta = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False, "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+        now = time.time_ns()
+        ckpt_meta = {"item_handlers": ORBAX_HANDLER, "metrics": {}, "performance_metrics": {}, "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}}
+        _guarded(self.path / METADATA, "the Orbax metadata", lambda: (self.path / METADATA).write_text(json.dumps(meta)))
+        _guarded(self.path / CHECKPOINT_METADATA, "the Orbax metadata", lambda: (self.path / CHECKPOINT_METADATA).write_text(json.dumps(ckpt_meta)))
+
+    def abort(self) -> None:
+        """Waits out the background writes, so none lands after the caller deletes the directory."""
+        for _, commit in self._inflight:  # not cancel(): a cancelled future returns before its write stops
+            with contextlib.suppress(Exception):
+                commit.result()
+        self._inflight.clear()
+        self._arrays.clear()
+
+
+def _tree_entry(name: str) -> dict[str, Any]:
+    """One _METADATA entry: the dict keys of the path (key_type 2) and a numpy leaf."""
+    keys = [{"key": k, "key_type": 2} for k in name.split("/")]
+    return {"key_metadata": keys, "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+
+
+def _stack_specs(specs: Iterable[tuple[str, tuple[int, ...], np.dtype]]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-layer specs -> {array name: (shape, dtype)}, block layers stacked along a new leading axis."""
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    layers: dict[str, dict[int, tuple[tuple[int, ...], np.dtype]]] = {}
+    for name, shape, dtype in specs:
+        stacked, i = split_layer(name)
+        if i is None:
+            out[name] = (tuple(shape), np.dtype(dtype))
+        else:
+            layers.setdefault(stacked, {})[i] = (tuple(shape), np.dtype(dtype))
+    for name, per_layer in layers.items():
+        if sorted(per_layer) != list(range(len(per_layer))) or len(set(per_layer.values())) != 1:
+            raise CheckpointError(f"cannot stack {name}: layers {sorted(per_layer)} with shapes/dtypes {sorted(set(map(str, per_layer.values())))}")
+        shape, dtype = per_layer[0]
+        out[name] = ((len(per_layer), *shape), dtype)
+    return out
