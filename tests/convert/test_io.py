@@ -47,7 +47,16 @@ def assert_bitwise(got, want):
 # Sizes and shard plans.
 @pytest.mark.parametrize(
     "text,n",
-    [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000), ("123", 123), ("64kib", 65536), ("10 MB", 10**7), (4096, 4096)],
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 500 * 10**6),
+        ("2GiB", 2 * 2**30),
+        ("1.5GB", 1_500_000_000),
+        ("123", 123),
+        ("64kib", 65536),
+        ("10 MB", 10**7),
+        (4096, 4096),
+    ],
 )
 def test_parse_size(text, n):
     assert io.parse_size(text) == n
@@ -80,7 +89,7 @@ def test_single_file_loads_with_safetensors(tmp_path, dtype):
     assert files == ["model.safetensors"]
     with safe_open(str(tmp_path / "model.safetensors"), framework="np") as f:
         assert f.metadata() == {"format": "pt", "source_dtype": "float32"}
-        assert_bitwise({n: f.get_tensor(n) for n in f.keys()}, state)
+        assert_bitwise({n: f.get_tensor(n) for n in f.keys()}, state)  # noqa: SIM118  (safe_open is not a dict)
     tensors = load_file(tmp_path / "model.safetensors")  # torch reads it without pickle
     assert tensors["head.weight"].dtype == (torch.bfloat16 if dtype == BF16 else torch.float32)
     for n, a in state.items():
@@ -173,9 +182,18 @@ def last_tensor(path):
         (lambda p: corrupt(p, 0, (10**9).to_bytes(8, "little")), "header length 1000000000 exceeds the file"),
         (lambda p: corrupt(p, 8, b"[garbage"), "header is not valid JSON"),
         (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(dtype="F8")), "tensor 'head.bias' has an invalid header entry"),
-        (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(shape=[11])), "tensor 'head.bias' spans 40 bytes, but F32\\[11\\] needs 44"),
-        (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(data_offsets=[8, 0])), "tensor 'head.bias' has an invalid header entry"),
-        (lambda p: rewrite_header(p, lambda h: h["head.bias"].update(data_offsets=[0, 0])), "tensor 'head.bias' spans 0 bytes, but F32\\[10\\] needs 40"),
+        (
+            lambda p: rewrite_header(p, lambda h: h["head.bias"].update(shape=[11])),
+            "tensor 'head.bias' spans 40 bytes, but F32\\[11\\] needs 44",
+        ),
+        (
+            lambda p: rewrite_header(p, lambda h: h["head.bias"].update(data_offsets=[8, 0])),
+            "tensor 'head.bias' has an invalid header entry",
+        ),
+        (
+            lambda p: rewrite_header(p, lambda h: h["head.bias"].update(data_offsets=[0, 0])),
+            "tensor 'head.bias' spans 0 bytes, but F32\\[10\\] needs 40",
+        ),
     ],
 )
 def test_reader_rejects_damaged_files(tmp_path, damage, match):
@@ -300,7 +318,13 @@ def test_orbax_writer_bounds_chunks(tmp_path):
 
 @pytest.mark.parametrize(
     "shape,stacked,limit,want",
-    [((12, 48, 3, 16), True, 2**20, (1, 48, 3, 16)), ((48, 80), False, 2**20, (48, 80)), ((48, 80), False, 4 * 48 * 40, (48, 40)), ((8,), False, 8, (2,)), ((7,), False, 8, (1,))],
+    [
+        ((12, 48, 3, 16), True, 2**20, (1, 48, 3, 16)),
+        ((48, 80), False, 2**20, (48, 80)),
+        ((48, 80), False, 4 * 48 * 40, (48, 40)),
+        ((8,), False, 8, (2,)),
+        ((7,), False, 8, (1,)),
+    ],
 )
 def test_choose_chunks(shape, stacked, limit, want):
     assert io.choose_chunks(shape, 4, limit, stacked) == want
@@ -343,7 +367,10 @@ def test_orbax_reader_missing_or_corrupt_metadata(orbax_params):
 
 def test_orbax_reader_names_a_missing_array(orbax_params):
     meta = json.loads((orbax_params / "_METADATA").read_text())
-    meta["tree_metadata"]["('extra', 'kernel')"] = {"key_metadata": [{"key": "extra", "key_type": 2}, {"key": "kernel", "key_type": 2}], "value_metadata": {}}
+    meta["tree_metadata"]["('extra', 'kernel')"] = {
+        "key_metadata": [{"key": "extra", "key_type": 2}, {"key": "kernel", "key_type": 2}],
+        "value_metadata": {},
+    }
     (orbax_params / "_METADATA").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=f"cannot read array 'extra/kernel' from {orbax_params}"):
         io.OrbaxReader(orbax_params)

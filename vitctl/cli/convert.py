@@ -26,7 +26,9 @@ from rich.table import Table
 
 from vitctl.cli._options import ForceOpt, JsonOpt, err, out, print_json
 
-commands = typer.Typer(no_args_is_help=True, help="Convert checkpoints between JAX (Orbax) and PyTorch (safetensors), one tensor at a time.")
+commands = typer.Typer(
+    no_args_is_help=True, help="Convert checkpoints between JAX (Orbax) and PyTorch (safetensors), one tensor at a time."
+)
 
 
 class TargetFormat(str, enum.Enum):
@@ -46,17 +48,32 @@ class SourceFormat(str, enum.Enum):
     big_vision = "big_vision"
 
 
-SrcArg = Annotated[Path, typer.Argument(exists=True, help="Checkpoint directory (config.json + weights), or a big_vision .npz.", show_default=False)]
+SrcArg = Annotated[
+    Path, typer.Argument(exists=True, help="Checkpoint directory (config.json + weights), or a big_vision .npz.", show_default=False)
+]
 DstArg = Annotated[Path, typer.Argument(help="Checkpoint directory to create.", show_default=False)]
-DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="keep: each tensor's source dtype; float32/bfloat16: cast (round to nearest even).")]
+DtypeOpt = Annotated[
+    Dtype, typer.Option("--dtype", help="keep: each tensor's source dtype; float32/bfloat16: cast (round to nearest even).")
+]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help='Largest safetensors shard: "5GB" (10^9 bytes), "500MB", "2GiB".')]
-FromOpt = Annotated[SourceFormat | None, typer.Option("--from", help="Source format, if detecting it from SRC's content is not wanted.", show_default=False)]
+FromOpt = Annotated[
+    SourceFormat | None, typer.Option("--from", help="Source format, if detecting it from SRC's content is not wanted.", show_default=False)
+]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "--config", help="Model config of SRC: a preset, a config.json or a checkpoint dir (default: SRC's config.json; inferred for .npz).", show_default=False),
+    typer.Option(
+        "--model",
+        "--config",
+        help="Model config of SRC: a preset, a config.json or a checkpoint dir (default: SRC's config.json; inferred for .npz).",
+        show_default=False,
+    ),
 ]
-PrefixOpt = Annotated[str | None, typer.Option("--prefix", help="big_vision .npz: the sub-tree holding the ViT (e.g. params/img).", show_default=False)]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (tensors, shards, bytes, estimated peak memory); write nothing.")]
+PrefixOpt = Annotated[
+    str | None, typer.Option("--prefix", help="big_vision .npz: the sub-tree holding the ViT (e.g. params/img).", show_default=False)
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the plan (tensors, shards, bytes, estimated peak memory); write nothing.")
+]
 
 JAX_TO_TORCH_EXAMPLES = """Examples:
 
@@ -141,7 +158,9 @@ def _convert(direction: str, src: Path, dst: Path, *, fmt: str, dtype: Dtype, ma
 def jax_to_torch(
     src: SrcArg,
     dst: DstArg,
-    fmt: Annotated[TargetFormat, typer.Option("--format", help="vitctl: model.safetensors (or shards) + config.json; timm: loads into timm's ViT.")] = TargetFormat.vitctl,
+    fmt: Annotated[
+        TargetFormat, typer.Option("--format", help="vitctl: model.safetensors (or shards) + config.json; timm: loads into timm's ViT.")
+    ] = TargetFormat.vitctl,
     dtype: DtypeOpt = Dtype.keep,
     max_shard_size: ShardOpt = "5GB",
     source_format: FromOpt = None,

@@ -86,14 +86,15 @@ class Source:
     provenance: dict[str, Any]
 
     def __post_init__(self):
-        got = {n: i.shape for n, i in self.reader.infos().items()}
+        self.infos = self.reader.infos()
+        got = {n: i.shape for n, i in self.infos.items()}
         expected = jax_param_shapes(self.cfg, stacked=False) if self.reader.naming == "jax" else torch_param_shapes(self.cfg)
         check_coverage(got, expected, f"{self.path} ({self.format})")  # names and shapes, from headers only
         self.hub_shapes = jax_param_shapes(self.cfg, stacked=False)
         self._names = {h: h if self.reader.naming == "jax" else rename(h, "jax")[0] for h in self.hub_shapes}
 
     def info(self, hub_name: str) -> io.TensorInfo:
-        return self.reader.infos()[self._names[hub_name]]
+        return self.infos[self._names[hub_name]]
 
     def iter_hub(self) -> Iterator[tuple[str, np.ndarray]]:
         """(hub name, array with the hub shape) for every tensor, each read once."""
@@ -272,7 +273,7 @@ class Plan:
             "src": str(self.src), "dst": str(self.dst), "direction": self.direction,
             "source_format": self.source.format, "format": self.target.format, "dtype": self.dtype,
             "output_dtypes": dtypes, "tensors": len(self.specs), "bytes": self.bytes,
-            "source_bytes": sum(i.nbytes for i in self.source.reader.infos().values()),
+            "source_bytes": sum(i.nbytes for i in self.source.infos.values()),
             "shards": sum(f.endswith(".safetensors") for f in self.files) or 1, "files": [ckpt.CONFIG, *self.files],
             "estimated_peak_bytes": self.estimated_peak_bytes, "notes": list(self.source.notes),
         }  # fmt: skip
@@ -356,8 +357,7 @@ def _out_dtype(t: TargetTensor, source: Source, dtype: str) -> np.dtype:
 
 def _first_dtype(source: Source) -> np.dtype:
     """The dtype of the first tensor in the source (a timm tensor with no source part, e.g. a zero bias, takes it)."""
-    infos = source.reader.infos()
-    return np.dtype(next(iter(infos.values())).dtype) if infos else np.dtype(np.float32)
+    return np.dtype(next(iter(source.infos.values())).dtype) if source.infos else np.dtype(np.float32)
 
 
 def _output_config(cfg: ViTConfig, dtypes: set[np.dtype]) -> ViTConfig:
@@ -458,10 +458,15 @@ def _write_config(plan: Plan, tmp: Path) -> None:
     from vitctl.convert import timm
 
     # timm's create_model("local-dir:DST") reads its own keys; vitctl's ride along.
-    ckpt.write_json(tmp / ckpt.CONFIG, {**timm.timm_hub_config(plan.cfg), "vitctl_version": vitctl.__version__, "model": plan.cfg.to_dict(), "provenance": provenance})
+    ckpt.write_json(
+        tmp / ckpt.CONFIG,
+        {**timm.timm_hub_config(plan.cfg), "vitctl_version": vitctl.__version__, "model": plan.cfg.to_dict(), "provenance": provenance},
+    )
 
 
-def convert(src: str | Path, dst: str | Path, direction: str, *, force: bool = False, progress: Callable[[int], None] | None = None, **options: Any) -> dict[str, Any]:
+def convert(
+    src: str | Path, dst: str | Path, direction: str, *, force: bool = False, progress: Callable[[int], None] | None = None, **options: Any
+) -> dict[str, Any]:
     """plan + run, closing the source. options: see `plan` (target_format, dtype, max_shard_size, ...)."""
     p = plan(src, dst, direction, force=force, **options)
     try:
@@ -471,9 +476,17 @@ def convert(src: str | Path, dst: str | Path, direction: str, *, force: bool = F
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process so far.
+
+    Linux: VmHWM of /proc/self/status. (getrusage's ru_maxrss also counts the parent's
+    memory before exec: a CLI started from a large Python process would report that.)
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if os.uname().sysname == "Darwin" else rss * 1024
+    return rss if os.uname().sysname == "Darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
 def _limit_malloc_arenas(n: int = 2) -> None:
