@@ -225,6 +225,9 @@ def test_contiguous_copies_views_exactly():
             assert got.flags.c_contiguous and got.dtype == dtype
             assert got.tobytes() == np.ascontiguousarray(view).astype(dtype).tobytes()
     assert cv.contiguous(a, a.dtype) is a
+    big = np.random.default_rng(1).standard_normal((1100, 2051), dtype=np.float32)  # 9 MB: split between threads
+    for dtype in (np.dtype(np.float32), BF16):
+        assert cv.contiguous(big.T, dtype).tobytes() == np.ascontiguousarray(big.T).astype(dtype).tobytes()
 
 
 # Dry run and plan.

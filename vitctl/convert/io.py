@@ -496,7 +496,9 @@ class OrbaxReader:
     def _start(self, name: str):
         stacked, i = split_layer(name)
         arr = self._arrays[stacked] if i is not None else self._arrays[name]
-        return (arr[i] if i is not None else arr).read()
+        future = (arr[i] if i is not None else arr).read()
+        future.force()  # tensorstore futures are lazy: start reading and decoding now
+        return future
 
     def _finish(self, name: str, future) -> np.ndarray:
         try:
@@ -602,6 +604,7 @@ class OrbaxWriter:
         futures = self._ts_call(f"tensor '{name}'", lambda: target.write(array))
         self._ts_call(f"tensor '{name}'", futures.copy.result)  # `array` may be dropped from here on
         self._pending.discard(name)
+        futures.commit.force()  # lazy until forced: start compressing and storing now
         self._inflight.append((name, futures.commit))
         while len(self._inflight) > self.max_inflight:  # compress and store in the background, a few tensors deep
             done, commit = self._inflight.popleft()
