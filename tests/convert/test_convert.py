@@ -147,7 +147,8 @@ def test_torch_to_jax_from_the_safetensors_library(tmp_path):
 def test_sharded_torch_source(tmp_path):
     pytest.importorskip("orbax.checkpoint")
     src = make_torch(tmp_path / "pt", max_shard_bytes=25_000)
-    assert (src / io.INDEX).is_file()
+    assert (src / io.INDEX).is_file() and ckpt.detect_formats(src) == [ckpt.TORCH]
+    assert_bitwise(ckpt.load_torch(src, CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()})
     cv.convert(src, tmp_path / "jax", "torch-to-jax")
     assert_bitwise(ckpt.load_jax(tmp_path / "jax", CFG), params())
 

@@ -330,12 +330,17 @@ def test_choose_chunks(shape, stacked, limit, want):
     assert io.choose_chunks(shape, 4, limit, stacked) == want
 
 
-def test_orbax_reader_streams_save_jax_output(tmp_path):
+@pytest.mark.parametrize("arrays", ["numpy", "jax"])
+def test_orbax_reader_streams_save_jax_output(tmp_path, arrays):
     """Reads what Orbax itself wrote (per-process OCDBT, merged manifest), layer by layer."""
     pytest.importorskip("orbax.checkpoint")
     cfg = tiny(depth=3, param_dtype="bfloat16")
     flat = {n: a.astype(BF16) for n, a in random_params(cfg).items()}
-    ckpt.save_jax(tmp_path, flat)
+    if arrays == "jax":  # as `vitctl init` and training save them: jax.Array leaves, sharding metadata
+        jnp = pytest.importorskip("jax.numpy")
+        ckpt.save_jax(tmp_path, {n: jnp.asarray(a) for n, a in flat.items()})
+    else:
+        ckpt.save_jax(tmp_path, flat)
     r = io.OrbaxReader(tmp_path / "params")
     per_layer = dict(unstack(flat, cfg.depth))
     infos = r.infos()
@@ -343,6 +348,19 @@ def test_orbax_reader_streams_save_jax_output(tmp_path):
     assert infos["blocks/1/mlp_in/kernel"].chunk_bytes == 48 * 80 * 2  # one layer per chunk
     assert_bitwise(dict(r.iter_tensors(list(per_layer))), per_layer)
     assert r.read("blocks/2/q/kernel").tobytes() == flat["blocks/q/kernel"][2].tobytes()
+
+
+@pytest.mark.parametrize("use_ocdbt,use_zarr3", [(False, False), (True, True), (False, True)])
+def test_orbax_reader_reads_other_orbax_layouts(tmp_path, use_ocdbt, use_zarr3):
+    """Orbax can also store one directory per array and zarr v3: the reader follows _METADATA."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    cfg = tiny()
+    flat = random_params(cfg)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt, use_zarr3=use_zarr3)) as c:
+        c.save((tmp_path / "params").absolute(), ckpt._nest(flat))
+    r = io.OrbaxReader(tmp_path / "params")
+    per_layer = dict(unstack(flat, cfg.depth))
+    assert_bitwise(dict(r.iter_tensors(list(per_layer))), per_layer)
 
 
 @pytest.fixture
