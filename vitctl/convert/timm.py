@@ -59,7 +59,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vitctl.config import ViTConfig
-from vitctl.convert.mapping import torch_param_shapes
+from vitctl.convert.mapping import check_coverage, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.posemb import posemb_sincos_2d
 
@@ -371,3 +371,18 @@ def to_timm_state_dict(torch_state: Mapping[str, np.ndarray], cfg: ViTConfig) ->
     """vitctl torch state_dict (numpy arrays) -> timm state_dict (numpy arrays), in timm's order."""
     out = dict(iter_timm_tensors(torch_state.items(), cfg))
     return {t.name: out[t.name] for t in timm_tensor_plan(cfg)}
+
+
+def from_timm_state_dict(timm_state: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
+    """The inverse of `to_timm_state_dict`: fused timm tensors split back into vitctl torch
+    tensors; filled parts (zero biases, the sin-cos table) are dropped."""
+    plan = timm_tensor_plan(cfg)
+    check_coverage({n: tuple(w.shape) for n, w in timm_state.items()}, {t.name: t.shape for t in plan}, "the timm state_dict")
+    out = {}
+    for t in plan:
+        w, start = timm_state[t.name], 0
+        for p in t.parts:
+            if p.present:
+                out[p.name] = w[start : start + p.shape[0]]
+            start += p.shape[0]
+    return out

@@ -1,0 +1,114 @@
+"""`vitctl verify A B`: do two checkpoints compute the same function? Thin: parse, call
+vitctl.verify.verify, print.
+
+stdout: the config differences, the weights summary and a table of layers (the first
+one past tolerance highlighted), then the verdict; with --json one object: at least
+{"passed", "tolerance", "rtol", "max_abs", "first_divergent", "layers": [{name, max_abs,
+max_rel, mean_abs, cosine, passed}], "config_diff", "weights", "settings", "top1", "top5"}.
+--report FILE writes the same JSON to FILE (atomically). Exit codes: 0 within
+tolerance, 1 beyond it (or unreadable weights), 2 usage.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vitctl.cli._options import JsonOpt, err, out, print_json
+
+commands = typer.Typer()
+
+EXAMPLES = """Examples:
+
+  vitctl verify ckpt/jax ckpt/torch
+
+  vitctl verify ckpt/jax ckpt/torch-bf16 --precision bf16 --json
+
+  vitctl verify big_vision.npz ckpt/torch --images photos/ --diagnose --report verify.json
+"""
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+CkptA = Annotated[Path, typer.Argument(help="Reference checkpoint: a directory or a big_vision .npz.", show_default=False)]
+CkptB = Annotated[Path, typer.Argument(help="Checkpoint to check against A.", show_default=False)]
+
+
+@commands.command(epilog=EXAMPLES)
+def verify(
+    a: CkptA,
+    b: CkptB,
+    tolerance: Annotated[float | None, typer.Option(help="Max-abs bar on logits and pre-logits [fp32: 1e-5, bf16: 1e-1].", show_default=False)] = None,
+    rtol: Annotated[float | None, typer.Option(help="Bar on every other activation: max-abs diff / max-abs of A [fp32: 1e-5, bf16: 6e-2].", show_default=False)] = None,
+    batch: Annotated[int, typer.Option(help="Seeded random images in the batch.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the random images.")] = 0,
+    images: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Also run these image files, through each side's preprocessing.")] = None,
+    precision: Annotated[Precision, typer.Option(help="fp32: highest matmul precision, TF32 off; bf16: bf16 compute on both sides.")] = Precision.fp32,
+    diagnose: Annotated[bool, typer.Option("--diagnose", help="On failure, flip each known convention on B and name those that pass.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Also write the JSON report to this file.", show_default=False)] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Prove that two checkpoints compute the same function, or point at the first layer that does not."""
+    from vitctl import checkpoint
+    from vitctl.verify import verify as run
+
+    result = run(a, b, tolerance=tolerance, rtol=rtol, batch=batch, seed=seed, images=images, precision=precision.value, run_diagnose=diagnose)
+    if report is not None:
+        checkpoint.write_json(report, result)
+    if json_:
+        print_json(result)
+    else:
+        show(result)
+    raise typer.Exit(0 if result["passed"] else 1)
+
+
+def show(r: dict[str, Any]) -> None:
+    out.print(f"A: {escape(r['a']['path'])} ({r['a']['format']}, {r['a']['backend']})")
+    out.print(f"B: {escape(r['b']['path'])} ({r['b']['format']}, {r['b']['backend']})")
+    s = r["settings"]
+    out.print("settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "jax_devices"))
+    if r["config_diff"]:
+        t = Table("config field", "A", "B", title="Config differences")
+        for d in r["config_diff"]:
+            t.add_row(d["field"], escape(str(d["a"])), escape(str(d["b"])))
+        out.print(t)
+    w = r.get("weights")
+    if w:
+        out.print(
+            f"weights: {w['compared']} tensors compared, {w['exactly_equal']} exactly equal, "
+            f"max-abs {w['max_abs']:.3g}" + (f" ({w['max_abs_tensor']})" if w["max_abs"] else "")
+        )
+        for side, names in (("A", w["only_in_a"]), ("B", w["only_in_b"])):
+            if names:
+                out.print(f"[red]only in {side} (or of another shape):[/] {escape(', '.join(names[:8]))}{' ...' if len(names) > 8 else ''}")
+    if r["layers"]:
+        t = Table("layer", "max-abs", "max-rel", "mean-abs", "cosine", "status", title=f"Activations (tolerance {r['tolerance']:g} on logits/pre-logits, rtol {r['rtol']:g} elsewhere)")
+        for layer in r["layers"]:
+            style = "bold red" if layer["name"] == r["first_divergent"] else ("red" if not layer["passed"] else None)
+            t.add_row(
+                layer["name"], f"{layer['max_abs']:.2e}", f"{layer['max_rel']:.2e}", f"{layer['mean_abs']:.2e}", f"{layer['cosine']:.8f}",
+                "ok" if layer["passed"] else "FAIL", style=style,
+            )  # fmt: skip
+        out.print(t)
+    if "top1" in r:
+        out.print(f"logits: top-1 agreement {r['top1']:.1%}, top-5 overlap {r['top5']:.1%}")
+    for p in r.get("problems", []):
+        out.print(f"[red]problem:[/] {escape(p)}")
+    for d in r.get("diagnosis", []):
+        mark = "[green]passes[/]" if d["passed"] else "still fails"
+        figure = f" (logits max-abs {d['max_abs']:.2e})" if d.get("max_abs") is not None else ""
+        out.print(f"diagnose: with {escape(d['flip'])} on B: {mark}{figure}")
+    if r["passed"]:
+        out.print(f"[bold green]PASSED[/]: logits max-abs {r['max_abs']:.2e} <= {r['tolerance']:g} ({r['seconds']:.1f} s)")
+    else:
+        where = f"; first divergent layer: {r['first_divergent']}" if r.get("first_divergent") else ""
+        out.print(f"[bold red]FAILED[/]{where}")
+        err.print("Hint: --diagnose tries the usual conventions (GELU, epsilon, norm, layout) on B" if "diagnosis" not in r else "")

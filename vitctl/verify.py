@@ -1,0 +1,380 @@
+"""vitctl verify: do two checkpoints compute the same function? If not, where and why?
+
+In order (shared/PARITY.md lists the traps each step exposes):
+1. Configs: field-by-field differences (architecture and numerics).
+2. Weights: both sides under one naming (per-layer JAX paths), compared tensor by
+   tensor while one side streams: exactly-equal count and max-abs.
+3. Activations: one seeded batch of uint8 images (plus `--images` files), through each
+   side's own preprocessing and model; every named intermediate and the logits get
+   max-abs, max-rel (max-abs diff over max-abs of A), mean-abs and cosine; logits also
+   top-1 / top-5 agreement. The sides run one after the other, so only one model is
+   in memory at a time.
+4. Verdict: logits and pre-logits within `tolerance` (max-abs); every other activation
+   within `rtol` of its own scale (activations grow with depth).
+
+Precision is pinned and reported: fp32 forces jax_default_matmul_precision="highest"
+and TF32 off in torch; bf16 runs both models with bfloat16 compute and uses the
+PRESETS["bf16"] tolerances, measured as documented there.
+
+`diagnose` re-runs side B with each known convention flipped (GELU, norm epsilon,
+LayerNorm/RMSNorm, softmax dtype, QKV head layout) and names the flips that pass.
+
+Backends: vitctl-jax and big_vision .npz run the JAX model, vitctl-torch the PyTorch
+model, a timm export timm's own model (timm.create_model from config.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import vitctl
+from vitctl import checkpoint as ckpt
+from vitctl import preprocess
+from vitctl.config import ViTConfig
+from vitctl.convert import mapping
+from vitctl.errors import CheckpointError, ConfigError, VitctlError
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    atol: float  # max-abs on logits and pre-logits
+    rtol: float  # max-abs diff / max-abs of A, every other activation
+
+
+# bf16: both models compute in bfloat16 (norms and softmax in float32). Measured on this
+# CPU for a correct fp32 -> torch conversion run in bf16 on both sides: tiny models reach
+# 2.3e-2 max-abs on logits and 0.9e-2 relative on blocks (tests/test_parity.py); a bf16
+# copy of B/16-size weights vs the fp32 original, both in bf16, 3.6e-2 and 2.6e-2. The
+# preset keeps about 2.5x headroom; a real port error (a wrong GELU, epsilon or layout)
+# is far above it.
+PRESETS = {"fp32": Tolerance(1e-5, 1e-5), "bf16": Tolerance(1e-1, 6e-2)}
+HEAD_LAYERS = ("pre_logits", "logits")
+
+
+# The two sides.
+@dataclasses.dataclass
+class Side:
+    label: str  # "A" or "B"
+    path: Path
+    format: str  # vitctl-jax, vitctl-torch, big_vision, timm
+    cfg: ViTConfig
+    prefix: str | None = None
+
+    @property
+    def backend(self) -> str:
+        return {"vitctl-torch": "torch", "timm": "timm"}.get(self.format, "jax")
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Per-layer JAX-named numpy parameters, read tensor by tensor."""
+        return dict(self.iter_params())
+
+    def iter_params(self):
+        from vitctl.convert import convert
+
+        if self.format == "timm":
+            from vitctl.convert import io, timm
+
+            reader = io.SafetensorsReader(self.path)
+            try:
+                state = timm.from_timm_state_dict({n: reader.read(n) for n in reader.infos()}, self.cfg)
+            finally:
+                reader.close()
+            for name, w in state.items():
+                hub, layout = mapping.rename(name, "torch")
+                yield hub, layout.to_jax(w, mapping.jax_param_shapes(self.cfg, stacked=False)[hub])
+            return
+        source = convert.open_source(self.path, self.format, self.cfg, self.prefix)
+        try:
+            yield from source.iter_hub()
+        finally:
+            source.close()
+
+
+def open_side(path: str | Path, label: str, prefix: str | None = None, prefer: str | None = None) -> Side:
+    """A checkpoint directory (vitctl-jax, vitctl-torch, timm export) or a big_vision .npz."""
+    from vitctl.convert import convert
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{label}: no such file or directory: {path}", hint="give a checkpoint directory or a big_vision .npz")
+    if path.is_file():
+        fmt = convert.detect_source(path, "jax-to-torch")
+        source = convert.open_source(path, fmt, None, prefix)
+        source.close()
+        return Side(label, path, fmt, source.cfg, prefix)
+    cfg = ckpt.read_checkpoint_config(path)
+    if ckpt.read_provenance(path).get("target_format") == "timm":
+        return Side(label, path, "timm", cfg)
+    return Side(label, path, ckpt.detect_format(path, prefer), cfg)
+
+
+# Running a side.
+def set_precision(precision: str) -> dict[str, Any]:
+    """Pins matmul precision for `precision` and returns the effective settings."""
+    settings: dict[str, Any] = {"precision": precision}
+    try:
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest" if precision == "fp32" else None)
+        settings.update(jax=jax.__version__, jax_default_matmul_precision=jax.config.jax_default_matmul_precision or "default", jax_devices=[str(d) for d in jax.devices()[:1]])
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+        settings.update(torch=torch.__version__, torch_allow_tf32=torch.backends.cuda.matmul.allow_tf32, torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return settings
+
+
+def run_side(side: Side, cfg: ViTConfig, params: dict[str, np.ndarray], images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Named intermediates (float32 numpy) of `side`'s model on `images` (uint8 HWC)."""
+    if side.backend == "jax":
+        from flax import nnx
+
+        from vitctl.model_jax.model import abstract_model, load_flat_params
+
+        model = abstract_model(cfg)
+        load_flat_params(model, mapping.stack(params, cfg.depth))
+        x = preprocess.to_jax_input(images, cfg.preprocess, cfg.image_size)
+        _, out = nnx.jit(lambda m, x: m(x))(model, x)
+        return {k: np.asarray(v, np.float32) for k, v in out.items()}
+    import torch
+
+    x = preprocess.to_torch_input(images, cfg.preprocess, cfg.image_size)
+    state = {}
+    for name, w in params.items():
+        tname, layout = mapping.rename(name, "jax")
+        state[tname] = layout.to_torch(w)
+    if side.backend == "timm":
+        return _run_timm(cfg, state, x)
+    from vitctl.model_torch.model import ViT
+
+    with torch.device("meta"):
+        model = ViT(cfg)
+    model.load_state_dict({k: _tensor(v) for k, v in state.items()}, strict=True, assign=True)
+    with torch.inference_mode():
+        _, out = model.eval()(x)
+    return {k: v.float().numpy() for k, v in out.items()}
+
+
+def _tensor(w: np.ndarray):
+    """numpy -> torch without a copy where possible; ml_dtypes.bfloat16 travels as its bits."""
+    import torch
+
+    if w.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(w).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(w))
+
+
+def _run_timm(cfg: ViTConfig, state: dict[str, np.ndarray], x) -> dict[str, np.ndarray]:
+    """timm's own model, built from the export's spec, with forward hooks for the intermediates."""
+    import timm as timm_lib
+    import torch
+
+    from vitctl.convert import timm
+
+    spec = timm.timm_spec(cfg)
+    model = timm_lib.create_model(spec["model_name"], pretrained=False, **spec["kwargs"]).eval()
+    model.load_state_dict({k: _tensor(v) for k, v in timm.to_timm_state_dict(state, cfg).items()}, strict=True)
+    if cfg.dtype == "bfloat16":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    out, hooks = {}, []
+    named = [("patch_embed", model.patch_embed), ("embed", model.pos_drop), *((f"block{i:02d}", b) for i, b in enumerate(model.blocks)), ("encoded", model.norm)]
+    for name, module in named:
+        hooks.append(module.register_forward_hook(lambda m, i, o, name=name: out.__setitem__(name, o)))
+    with torch.inference_mode():
+        feats = model.forward_features(x)
+        out["pre_logits"] = model.forward_head(feats, pre_logits=True)
+        out["logits"] = model.forward_head(feats)
+    for h in hooks:
+        h.remove()
+    return {k: v.float().numpy() for k, v in out.items()}
+
+
+# Comparing.
+def config_diff(a: ViTConfig, b: ViTConfig) -> list[dict[str, Any]]:
+    da, db = a.to_dict(), b.to_dict()
+    return [{"field": k, "a": da[k], "b": db[k]} for k in da if da[k] != db[k]]
+
+
+def compare_weights(a: Side, b_params: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Streams A against B's parameters (both per-layer JAX names)."""
+    compared = equal = 0
+    worst, worst_name, mismatched = 0.0, None, []
+    seen = set()
+    for name, wa in a.iter_params():
+        seen.add(name)
+        wb = b_params.get(name)
+        if wb is None or wa.shape != wb.shape:
+            mismatched.append(name)
+            continue
+        compared += 1
+        d = float(np.abs(wa.astype(np.float64) - wb.astype(np.float64)).max()) if wa.size else 0.0
+        equal += d == 0.0 and wa.dtype == wb.dtype
+        if d > worst or worst_name is None:
+            worst, worst_name = d, name
+    missing_in_a = sorted(set(b_params) - seen)
+    return {
+        "compared": compared, "exactly_equal": int(equal), "max_abs": worst, "max_abs_tensor": worst_name,
+        "only_in_a": sorted(mismatched), "only_in_b": missing_in_a,
+    }  # fmt: skip
+
+
+def layer_stats(name: str, a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    diff = np.abs(a64 - b64)
+    scale = float(np.abs(a64).max()) or 1.0
+    norm = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    return {
+        "name": name, "max_abs": float(diff.max()), "max_rel": float(diff.max()) / scale, "mean_abs": float(diff.mean()),
+        "cosine": float(a64 @ b64 / norm) if norm else 1.0,
+    }  # fmt: skip
+
+
+def topk_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """top1: share of samples with the same argmax; top5: mean overlap of the top-5 sets."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    k = min(5, a.shape[-1])
+    ta, tb = np.argsort(-a, -1)[:, :k], np.argsort(-b, -1)[:, :k]
+    overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(ta, tb)])
+    return {"top1": float(np.mean(ta[:, 0] == tb[:, 0])), "top5": float(overlap)}
+
+
+def judge(layers: list[dict[str, Any]], tol: Tolerance) -> str | None:
+    """Marks each layer passed/failed; returns the first divergent layer in forward order."""
+    first = None
+    for layer in layers:
+        limit, value = (tol.atol, layer["max_abs"]) if layer["name"] in HEAD_LAYERS else (tol.rtol, layer["max_rel"])
+        layer["passed"] = bool(value <= limit)
+        if not layer["passed"] and first is None:
+            first = layer["name"]
+    return first
+
+
+def forward_rank(name: str) -> tuple[int, int]:
+    """Sort key: intermediates in forward order (jax.jit returns dicts with sorted keys)."""
+    order = {"patch_embed": 0, "embed": 1, "encoded": 3, "pre_logits": 4, "logits": 5}
+    return (order[name], 0) if name in order else (2, int(name.removeprefix("block")))
+
+
+def compare_outputs(out_a: dict, out_b: dict, tol: Tolerance) -> dict[str, Any]:
+    names = sorted((k for k in out_a if k in out_b and out_a[k].shape == out_b[k].shape), key=forward_rank)
+    layers = [layer_stats(k, out_a[k], out_b[k]) for k in names]
+    first = judge(layers, tol)
+    logits = next((x for x in layers if x["name"] == "logits"), None)
+    result = {
+        "layers": layers, "first_divergent": first, "max_abs": logits["max_abs"] if logits else None,
+        "unmatched_layers": sorted(set(out_a) ^ set(names) | set(out_b) - set(names)),
+    }  # fmt: skip
+    if logits is not None:
+        result.update(topk_agreement(out_a["logits"], out_b["logits"]))
+    return result
+
+
+def run_config(cfg: ViTConfig, precision: str) -> ViTConfig:
+    return dataclasses.replace(cfg, dtype="bfloat16" if precision == "bf16" else "float32")
+
+
+# Diagnosis: each known convention flipped on side B.
+def _flip_qkv(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Undoes the classic head-layout bug in q/k/v kernels: a converter that read the
+    (D, N*K) projection as (D, K, N) and transposed it to (D, N, K)."""
+    out = dict(params)
+    for name, w in params.items():
+        if name.endswith(("/q/kernel", "/k/kernel", "/v/kernel")):
+            D, N, K = w.shape
+            out[name] = np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(D, N, K)
+    return out
+
+
+def flips(cfg: ViTConfig, precision: str) -> list[tuple[str, ViTConfig, Callable | None]]:
+    """(what, flipped config, parameter transform) for every known convention."""
+    r = dataclasses.replace
+    out = [(f"GELU {'exact (erf)' if cfg.gelu_approximate else 'tanh approximation'}", r(cfg, gelu_approximate=not cfg.gelu_approximate), None)]
+    out += [(f"norm epsilon {eps:g}", r(cfg, norm_eps=eps), None) for eps in (1e-5, 1e-6, 1e-12) if eps != cfg.norm_eps]
+    other = {"layernorm": "rmsnorm", "rmsnorm": "layernorm"}[cfg.norm]
+    out.append((f"{'LayerNorm' if other == 'layernorm' else 'RMSNorm'} instead of {cfg.norm}", r(cfg, norm=other, norm_bias=cfg.norm_bias and other == "layernorm"), None))
+    if precision == "bf16":  # in fp32 the softmax dtype is fp32 either way
+        out.append((f"softmax in {'bf16' if cfg.softmax_dtype == 'float32' else 'float32'}", r(cfg, softmax_dtype="compute" if cfg.softmax_dtype == "float32" else "float32"), None))
+    out.append(("QKV kernels with heads and head_dim transposed", cfg, _flip_qkv))
+    return out
+
+
+def diagnose(b: Side, b_params: dict, images: list, out_a: dict, tol: Tolerance, precision: str) -> list[dict[str, Any]]:
+    results = []
+    for what, cfg, transform in flips(b.cfg, precision):
+        side = dataclasses.replace(b, format="vitctl-jax" if b.backend == "jax" else "vitctl-torch")
+        try:
+            out_b = run_side(side, run_config(cfg, precision), transform(b_params) if transform else b_params, images)
+        except VitctlError as e:
+            results.append({"flip": what, "passed": False, "error": e.message})
+            continue
+        r = compare_outputs(out_a, out_b, tol)
+        results.append({"flip": what, "passed": r["first_divergent"] is None and not r["unmatched_layers"], "max_abs": r["max_abs"]})
+    return results
+
+
+def verify(
+    a: str | Path, b: str | Path, *, tolerance: float | None = None, rtol: float | None = None, batch: int = 4, seed: int = 0,
+    images: str | Path | None = None, precision: str = "fp32", run_diagnose: bool = False, prefix_a: str | None = None,
+    prefix_b: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The whole check; returns the report (see module docstring). Raises only for usage errors."""
+    if precision not in PRESETS:
+        raise ConfigError(f"unknown --precision '{precision}'", hint="choose fp32 or bf16")
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, got {batch}")
+    t0 = time.perf_counter()
+    preset = PRESETS[precision]
+    tol = Tolerance(preset.atol if tolerance is None else tolerance, preset.rtol if rtol is None else rtol)
+    settings = set_precision(precision)
+    side_a, side_b = open_side(a, "A", prefix_a), open_side(b, "B", prefix_b)
+    report: dict[str, Any] = {
+        "a": {"path": str(side_a.path), "format": side_a.format, "backend": side_a.backend},
+        "b": {"path": str(side_b.path), "format": side_b.format, "backend": side_b.backend},
+        "tolerance": tol.atol, "rtol": tol.rtol, "settings": {**settings, "vitctl": vitctl.__version__},
+        "config_diff": config_diff(side_a.cfg, side_b.cfg),
+    }  # fmt: skip
+    if side_b.backend == "timm" or side_a.backend == "timm":
+        import timm as timm_lib
+
+        report["settings"]["timm"] = timm_lib.__version__
+
+    names, files = [], []
+    if images is not None:
+        names, files = preprocess.load_image_files(images, channels=side_a.cfg.channels)
+    inputs = preprocess.random_images(batch, side_a.cfg.image_size, side_a.cfg.channels, seed) + files
+    report["inputs"] = {"seeded": batch, "seed": seed, "image_files": names}
+
+    problems = []
+    try:
+        b_params = side_b.params()
+        report["weights"] = compare_weights(side_a, b_params)
+        out_b = run_side(side_b, run_config(side_b.cfg, precision), b_params, inputs)
+        out_a = run_side(side_a, run_config(side_a.cfg, precision), side_a.params(), inputs)
+    except CheckpointError as e:  # missing or unexpected tensors, corrupt files: a failed check
+        report.update(passed=False, problems=[e.message + (f" ({e.hint})" if e.hint else "")], layers=[], first_divergent=None, max_abs=None)
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return report
+    if report["weights"]["only_in_a"] or report["weights"]["only_in_b"]:
+        problems.append("the checkpoints hold different tensors (see weights.only_in_a / only_in_b)")
+    result = compare_outputs(out_a, out_b, tol)
+    report.update(result)
+    if result["unmatched_layers"]:
+        problems.append(f"outputs differ in shape or name: {', '.join(result['unmatched_layers'])}")
+    report["passed"] = result["first_divergent"] is None and not problems
+    report["problems"] = problems
+    if run_diagnose and not report["passed"] and not result["unmatched_layers"]:
+        report["diagnosis"] = diagnose(side_b, b_params, inputs, out_a, tol, precision)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
