@@ -1,7 +1,7 @@
 """`vitctl convert jax-to-torch|torch-to-jax SRC DST`: streaming checkpoint conversion.
 
 Thin: parses, calls vitctl.convert.convert (plan, then run), prints. Memory is bounded
-by about three times the largest tensor plus a fixed overhead, never the checkpoint.
+by a few times the largest tensor plus a fixed overhead, never by the checkpoint.
 
 stdout: DST (or, with --dry-run, the plan); with --json one object:
   {"src", "dst", "direction", "source_format", "format", "dtype", "output_dtypes",

@@ -551,7 +551,8 @@ class OrbaxWriter:
     """Writes params/ in Orbax's layout, one array or one layer slice at a time.
 
     `write` returns once tensorstore has copied the tensor; compression and storage run in
-    the background, at most `max_inflight` tensors behind (memory: that many copies).
+    the background, at most `max_inflight` tensors behind (memory: that many copies, plus
+    their compressed bytes).
 
     Args:
         params: the params/ directory to create (its parent must exist).
@@ -561,7 +562,7 @@ class OrbaxWriter:
         compress: zstd level 1 on each chunk, as Orbax's default.
     """
 
-    max_inflight = 2
+    max_inflight = 1  # 2 is ~10% faster on 2 cores but holds ~1.5 more tensors
 
     def __init__(self, params: str | Path, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], chunk_bytes: int, compress: bool = True):
         ts = _tensorstore()
