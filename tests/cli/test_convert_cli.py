@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny
-from tests.convert.test_convert import assert_nothing_written, make_jax, make_torch, params, tree_hash
+from tests.convert.test_convert import BV_CFG, assert_nothing_written, make_jax, make_torch, params, tree_hash, write_npz
 from vitctl import checkpoint as ckpt
 from vitctl.cli import main
 from vitctl.convert import convert as cv
@@ -123,6 +123,14 @@ def test_exit_codes(cli, jax_src, tmp_path):
     code, _, err = cli("convert", "jax-to-torch", jax_src, tmp_path / "x", "--model", "vit22b-mu/16")
     assert code == 1 and "does not match the model config" in err and "Hint:" in err
     assert_nothing_written(tmp_path / "x")
+
+
+def test_big_vision_npz_source(cli, jax_src, tmp_path):
+    src = write_npz(tmp_path / "vit.npz", params(BV_CFG), BV_CFG)
+    code, out, err = cli("convert", "jax-to-torch", src, tmp_path / "pt", "--format", "timm")
+    assert (code, out) == (0, f"{tmp_path / 'pt'}\n") and "note: " in err  # what the weights cannot show (preprocessing)
+    code, _, err = cli("convert", "jax-to-torch", jax_src, tmp_path / "x", "--prefix", "params/img")
+    assert code == 2 and "--prefix applies to big_vision .npz sources only" in err
 
 
 def test_corrupt_input_names_the_file_and_tensor(cli, tmp_path):

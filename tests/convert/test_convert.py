@@ -403,6 +403,15 @@ def test_big_vision_npz_to_torch(tmp_path, scanned):
     assert (cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.block, cfg.pool) == (48, 3, 3, 80, "sequential", "tok")
 
 
+def test_big_vision_npz_to_timm(tmp_path):
+    timm = pytest.importorskip("vitctl.convert.timm")
+    flat = params(BV_CFG)
+    src = write_npz(tmp_path / "vit.npz", flat, BV_CFG, scanned=True)
+    cv.convert(src, tmp_path / "timm", "jax-to-torch", target_format="timm")
+    want = timm.to_timm_state_dict(jax_to_torch(flat, BV_CFG), BV_CFG)
+    assert_bitwise(ckpt.load_torch(tmp_path / "timm"), {n: np.ascontiguousarray(a) for n, a in want.items()})
+
+
 def test_big_vision_npz_refuses_pickles_and_corruption(tmp_path):
     pytest.importorskip("vitctl.convert.big_vision")
     np.savez(tmp_path / "evil.npz", **{"params/embedding/kernel": np.array([{"x": 1}], dtype=object)})
