@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vitctl models
 	$(VENV)/bin/vitctl info vit-22b
+	$(VENV)/bin/vitctl demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest

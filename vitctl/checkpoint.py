@@ -44,6 +44,7 @@ from vitctl.config import ViTConfig, load_config
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, OutputExistsError
 
 CONFIG, PARAMS, SAFETENSORS = "config.json", "params", "model.safetensors"
+RUN_MARKER = "vitctl-run.json"  # marks a directory of several checkpoints that vitctl made (demo, train runs)
 SAFETENSORS_INDEX = "model.safetensors.index.json"  # beside HF-style shards model-0000i-of-0000N.safetensors
 JAX, TORCH = "vitctl-jax", "vitctl-torch"
 # One stored chunk of params/ is at most this many bytes: small enough that a streaming
@@ -96,7 +97,8 @@ def _check_replaceable(dst: Path, force: bool) -> None:
         return
     if not force:
         raise OutputExistsError(f"{dst} already exists", hint="pass --force to replace it, or choose another output path")
-    if dst.is_symlink() or not dst.is_dir() or (any(dst.iterdir()) and not (dst / CONFIG).is_file()):
+    ours = (dst / CONFIG).is_file() or (dst / RUN_MARKER).is_file()
+    if dst.is_symlink() or not dst.is_dir() or (any(dst.iterdir()) and not ours):
         raise OutputExistsError(
             f"{dst} exists and is not a vitctl checkpoint directory; refusing to replace it even with --force",
             hint="remove it yourself or choose another output path",
