@@ -43,3 +43,7 @@ class OutputExistsError(VitctlError):
 
 class MissingDependencyError(VitctlError):
     """An optional framework (jax, torch, timm) that this command needs is not installed."""
+
+
+class DataError(VitctlError):
+    """A data source that cannot be used: missing, empty or corrupt, or inconsistent with the model."""

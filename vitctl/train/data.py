@@ -1,0 +1,834 @@
+"""Real images for `vitctl train` (JAX) and `vitctl probe` (either backend): numpy and PIL only.
+
+- `load_dataset(spec, split)`: one split of a source, in memory as uint8 NHWC + int32 labels.
+  Sources: "digits" (scikit-learn's bundled 8x8 digits, the zero-download default),
+  "fashion-mnist" (Debian's dataset-fashion-mnist, /usr/share/datasets/fashion-mnist),
+  or a path: an ImageFolder directory (ROOT/<class>/<image>, optionally under ROOT/train and
+  ROOT/test), a .npz file, MNIST-style IDX files (a directory, or an images file whose labels
+  file is found by name, or "IMAGES,LABELS"), a Hugging Face `save_to_disk` directory, or
+  parquet files (a file or a directory, HF Hub layout: split name in the file or folder name).
+- Sources without a test split get a seeded, stratified split (`test_fraction` of each
+  class), so "train" and "test" never overlap and are the same on every run and process.
+- `prepare(images, cfg)`: uint8 -> float32 model input per `cfg.preprocess`, on the host.
+- `Loader`: shuffled (permutation from `np.random.default_rng((seed, epoch))`) batches, each
+  process taking its contiguous slice of every global batch, prepared in a background thread;
+  `state()`/`restore()` resume bit-identically.
+
+Resize kernel (prepare, and load-time resizing of mixed-size images): a numpy port of
+`jax.image.resize` (jax/_src/image/scale.py): half-pixel centres, "bilinear" = triangle kernel,
+"bicubic" = Keys cubic with a = -0.5, "nearest" = floor((i + 0.5) * in / out); with antialias
+the kernel is widened by in/out when downsampling. So host-prepared batches match what
+`vitctl.preprocess.to_jax_input` computes on device, up to float32 rounding.
+
+Shape letters: B batch, H/W height/width, C channels, S = cfg.image_size.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import gzip
+import json
+import math
+import queue
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+
+from vitctl.errors import ConfigError, DataError, MissingDependencyError
+from vitctl.preprocess import IMAGE_SUFFIXES, normalize
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+SPLITS = ("train", "test")
+TEST_NAMES = ("test", "t10k", "val", "validation", "valid")  # names a source's held-out split may have
+IMAGE_COLUMNS = ("image", "img", "images", "pixel_values", "pixels")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "target", "y")
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+SPEC_HINT = (
+    "a data spec is 'digits', 'fashion-mnist', or a path to an ImageFolder directory, a .npz file, "
+    "IDX files, a Hugging Face save_to_disk directory or parquet files"
+)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """One split, in memory.
+
+    Attributes:
+        images: uint8 array of shape [N, H, W, C].
+        labels: int32 array of shape [N], each in [0, num_classes).
+        num_classes: number of classes of the source (not only those present in this split).
+        name: where it came from, e.g. "digits:train" or a path.
+        class_names: class names where the source has them (ImageFolder, HF ClassLabel).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        self.images = np.asarray(self.images)
+        self.labels = np.asarray(self.labels)
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise DataError(
+                f"{self.name}: images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}",
+                hint="load data with vitctl.train.data.load_dataset, which converts it",
+            )
+        if self.labels.ndim != 1 or len(self.labels) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {self.labels.shape}")
+        if not np.issubdtype(self.labels.dtype, np.integer):
+            raise DataError(f"{self.name}: labels must be integers, got {self.labels.dtype}", hint="map class names to 0..K-1")
+        self.labels = self.labels.astype(np.int32)
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise DataError(
+                f"{self.name}: labels range over [{self.labels.min()}, {self.labels.max()}], "
+                f"outside [0, {self.num_classes}) for num_classes={self.num_classes}",
+                hint="labels must be class indices 0..num_classes-1; fix the labels or the class count",
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass
+class _Part:
+    """One split of a source: labels up front, images decoded only for the rows asked for."""
+
+    labels: np.ndarray
+    images: Callable[[np.ndarray], list[np.ndarray] | np.ndarray]  # indices -> [n, H, W(, C)] images
+
+
+@dataclasses.dataclass
+class _Source:
+    parts: dict[str, _Part]  # "train" and "test", or "all" for a source without splits
+    num_classes: int | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+def load_dataset(
+    spec: str,
+    split: str = "train",
+    *,
+    channels: int = 3,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> Dataset:
+    """One split of a data source, as uint8 images and int32 labels.
+
+    Args:
+        spec: "digits", "fashion-mnist", or a path (see the module docstring).
+        split: "train" or "test".
+        channels: 1 or 3; grayscale is repeated to 3 channels, RGB reduced to luminance for 1.
+        test_fraction: for sources without a test split, the share of each class held out
+            (seeded by `seed`; train and test never overlap).
+        seed: seed of that split.
+        image_size: if set, images of any other size are resized to image_size x image_size
+            at load (bilinear, antialiased, rounded to uint8), which keeps large photos small in
+            memory. If unset, images keep their size; mixed sizes are resized to the most
+            common one. `prepare` then resizes to the model's size per its config.
+
+    Returns:
+        A Dataset with images of shape [N, H, W, channels].
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'", hint="split must be 'train' or 'test'")
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels}")
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    spec = str(spec)
+    source = _read_source(spec, channels)
+    if "all" in source.parts:
+        part = source.parts["all"]
+        idx = split_indices(part.labels, test_fraction, seed)[SPLITS.index(split)]
+    else:
+        if split not in source.parts:
+            raise DataError(f"{spec} has no '{split}' split (it has: {', '.join(source.parts)})")
+        part = source.parts[split]
+        idx = np.arange(len(part.labels))
+    if not len(idx):
+        raise DataError(f"{spec}: the {split} split is empty", hint="add data, or change test_fraction")
+    images = _stack([_channels(im, channels) for im in _as_list(part.images(idx))], image_size, spec)
+    labels = part.labels[idx]
+    num_classes = source.num_classes or int(max(p.labels.max(initial=-1) for p in source.parts.values())) + 1
+    return Dataset(images, labels, num_classes, f"{spec}:{split}", source.class_names)
+
+
+def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) sorted row indices: a seeded stratified split, round(test_fraction * n_c) of class c held out.
+
+    Every class with at least 2 examples keeps at least one on each side.
+    """
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):  # sorted, so the rng is consumed in the same order every time
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n = round(len(idx) * test_fraction)
+        if len(idx) >= 2:
+            n = min(max(n, 1), len(idx) - 1)
+        test.append(idx[:n])
+        train.append(idx[n:])
+    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return cat(train), cat(test)
+
+
+def _read_source(spec: str, channels: int) -> _Source:
+    if spec == "digits":
+        return _read_digits()
+    if spec == "fashion-mnist":
+        if not FASHION_MNIST_DIR.is_dir():
+            raise DataError(
+                f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}",
+                hint="apt-get install dataset-fashion-mnist, or pass a directory of Fashion-MNIST IDX files",
+            )
+        return _read_idx_dir(FASHION_MNIST_DIR)
+    if "," in spec and not Path(spec).exists():
+        images, labels = (Path(p) for p in spec.split(",", 1))
+        return _read_idx_pair(images, labels)
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"no such data source: {spec}", hint=SPEC_HINT)
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(".npz"):
+            return _read_npz(path)
+        if name.endswith(".parquet"):
+            return _read_parquet([path], path.parent)
+        if _is_idx_name(name, "images"):
+            return _read_idx_pair(path, path.with_name(_labels_name(path.name)))
+        raise DataError(f"unknown data file type: {path}", hint=SPEC_HINT)
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _read_hf_disk(path)
+    parquet = sorted(path.rglob("*.parquet"))
+    if parquet:
+        return _read_parquet(parquet, path)
+    if any(_is_idx_name(p.name.lower(), "images") for p in path.iterdir()):
+        return _read_idx_dir(path)
+    return _read_image_folder(path, channels)
+
+
+def _read_digits() -> _Source:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise MissingDependencyError("the 'digits' data set needs scikit-learn", hint="pip install 'vitctl[data]'") from e
+    d = load_digits()
+    # Values are counts 0..16 (4x4 blocks of a 32x32 bitmap); scale to the full uint8 range.
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    return _Source({"all": _Part(d.target.astype(np.int32), lambda idx: images[idx])}, 10, tuple(map(str, range(10))))
+
+
+# ImageFolder -------------------------------------------------------------------------
+
+
+def _read_image_folder(root: Path, channels: int) -> _Source:
+    """ROOT/<class>/**/<image>, or ROOT/train/<class>/... and ROOT/test (or val)/<class>/..."""
+    roots = {"all": root}
+    if (root / "train").is_dir():
+        roots = {"train": root / "train"}
+        test = next((root / n for n in TEST_NAMES if (root / n).is_dir()), None)
+        if test is not None:
+            roots["test"] = test
+    files = {s: {c.name: _image_files(c) for c in _subdirs(r)} for s, r in roots.items()}
+    classes = sorted({c for per_class in files.values() for c, fs in per_class.items() if fs})
+    if not classes:
+        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        raise DataError(
+            f"no images in class subdirectories of {root}" + (f" ({len(loose)} loose image files)" if loose else ""),
+            hint="an ImageFolder holds ROOT/<class>/<image> (png, jpg, ...), optionally under ROOT/train and ROOT/test",
+        )
+    parts = {}
+    for s, per_class in files.items():
+        paths = [f for c in classes for f in per_class.get(c, [])]
+        labels = np.array([i for i, c in enumerate(classes) for _ in per_class.get(c, [])], np.int32)
+        if not paths:
+            raise DataError(f"no images under {roots[s]}", hint=f"put class subdirectories with images under {roots[s]}")
+        parts[s] = _Part(labels, lambda idx, paths=paths: [_decode_file(paths[i], channels) for i in idx])
+    return _Source(parts, len(classes), tuple(classes))
+
+
+def _subdirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(d: Path) -> list[Path]:
+    return sorted(
+        p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not any(q.startswith(".") for q in p.relative_to(d).parts)
+    )
+
+
+def _decode_file(path: Path, channels: int) -> np.ndarray:
+    try:
+        return _decode(path, channels)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- PIL raises many types for bad files
+        raise DataError(f"cannot decode image {path}: {e}", hint="remove or replace the file") from None
+
+
+def _decode(fp, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(fp) as im:
+        return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+
+
+# NumPy ------------------------------------------------------------------------------
+
+
+def _read_npz(path: Path) -> _Source:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            if {"x_train", "y_train"} <= keys:
+                names = {"train": ("x_train", "y_train")}
+                if {"x_test", "y_test"} <= keys:
+                    names["test"] = ("x_test", "y_test")
+            elif {"images", "labels"} <= keys:
+                names = {"all": ("images", "labels")}
+            else:
+                raise DataError(
+                    f"{path} has arrays {sorted(keys)}, not images/labels or x_train/y_train(/x_test/y_test)",
+                    hint="save with np.savez(path, images=uint8 [N,H,W(,C)], labels=int [N])",
+                )
+            arrays = {s: (z[x], z[y]) for s, (x, y) in names.items()}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot read {path}: {e}", hint="the .npz file is corrupt or not a NumPy archive; re-create it") from None
+    parts = {}
+    for s, (x, y) in arrays.items():
+        if len(x) != len(y) or y.ndim != 1:
+            raise DataError(f"{path}: {s} has {len(x)} images but labels of shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: {s} labels are {y.dtype}, not integers", hint="store class indices 0..K-1")
+        parts[s] = _Part(y.astype(np.int32), _take(_to_uint8(x, str(path))))
+    return _Source(parts)
+
+
+def _to_uint8(x: np.ndarray, name: str) -> np.ndarray:
+    """Images as uint8: integers in [0, 255] as they are, floats in [0, 1] scaled by 255."""
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+        raise DataError(f"{name}: images must be [N, H, W] or [N, H, W, C] with C in (1, 3), got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return x
+    lo, hi = (x.min(), x.max()) if x.size else (0, 0)
+    if np.issubdtype(x.dtype, np.integer) and lo >= 0 and hi <= 255:
+        return x.astype(np.uint8)
+    if np.issubdtype(x.dtype, np.floating) and lo >= 0 and hi <= 1:
+        return np.round(x * 255.0).astype(np.uint8)
+    raise DataError(
+        f"{name}: images of dtype {x.dtype} range over [{lo}, {hi}]",
+        hint="store uint8 pixels in [0, 255], or floats in [0, 1]",
+    )
+
+
+# IDX (MNIST) ----------------------------------------------------------------------------
+
+
+def _is_idx_name(name: str, kind: str) -> bool:
+    return ("idx3" if kind == "images" else "idx1") in name and name.removesuffix(".gz").endswith("ubyte")
+
+
+def _labels_name(images_name: str) -> str:
+    return images_name.replace("images", "labels").replace("idx3", "idx1")
+
+
+def _read_idx_dir(d: Path) -> _Source:
+    """train-images-idx3-ubyte(.gz) + train-labels-idx1-ubyte(.gz), t10k-* (or test-*) for test."""
+    pairs = {}
+    for p in sorted(d.iterdir()):
+        if _is_idx_name(p.name.lower(), "images"):
+            prefix = p.name.lower().split("images")[0].strip("-_.")
+            split = "train" if prefix.startswith("train") else "test" if prefix.startswith(TEST_NAMES) else "all"
+            pairs[split] = (p, p.with_name(_labels_name(p.name)))
+    if "all" in pairs and len(pairs) > 1 or "test" in pairs and "train" not in pairs:
+        raise DataError(f"{d}: cannot tell train from test among {sorted(p.name for p, _ in pairs.values())}",
+                        hint="name the files train-images-idx3-ubyte / t10k-images-idx3-ubyte and their labels files")  # fmt: skip
+    parts = {s: _read_idx_pair(x, y).parts["all"] for s, (x, y) in pairs.items()}
+    return _Source(parts)
+
+
+def _read_idx_pair(images: Path, labels: Path) -> _Source:
+    for p in (images, labels):
+        if not p.is_file():
+            raise DataError(f"no IDX file {p}", hint="an IDX images file needs its labels file beside it (…-images-idx3-ubyte -> …-labels-idx1-ubyte)")  # fmt: skip
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"IDX pair {images.name} {x.shape} / {labels.name} {y.shape}: expected [N, H, W] images and [N] labels")
+    x = _to_uint8(x, str(images))
+    return _Source({"all": _Part(y.astype(np.int32), _take(x))})
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (http://yann.lecun.com/exdb/mnist/), gzipped or not: magic 0x0000 <dtype> <ndim>, big-endian dims, data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {path}: {e}", hint="the file is corrupt; re-download or re-create it") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (magic {raw[:4].hex() or 'empty'})", hint="IDX files start with 0x00000803 (images) or 0x00000801 (labels)")  # fmt: skip
+    dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
+    shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", ndim, offset=4))
+    start = 4 + 4 * ndim
+    if len(shape) != ndim or len(raw) - start != math.prod(shape) * dtype.itemsize:
+        raise DataError(f"{path}: IDX header says shape {shape} ({dtype}) but the file has {len(raw) - start} data bytes",
+                        hint="the file is truncated or corrupt; re-download or re-create it")  # fmt: skip
+    return np.frombuffer(raw, dtype, offset=start).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+# Hugging Face ---------------------------------------------------------------------------
+
+
+def _read_hf_disk(path: Path) -> _Source:
+    try:
+        import datasets
+    except ImportError as e:
+        raise MissingDependencyError(f"{path} is a Hugging Face dataset directory; reading it needs `datasets`",
+                                     hint="pip install 'vitctl[data]'") from e  # fmt: skip
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 -- datasets raises FileNotFoundError, ArrowInvalid, JSONDecodeError, ...
+        raise DataError(f"cannot load the Hugging Face dataset at {path}: {e}", hint="re-create it with Dataset.save_to_disk") from None
+    splits = ds if isinstance(ds, datasets.DatasetDict) else {"all": ds}
+    tables = {_split_name(s): (d.with_format("arrow")[:], d.features.to_dict()) for s, d in splits.items()}
+    return _from_arrow(tables, str(path))
+
+
+def _read_parquet(files: list[Path], root: Path) -> _Source:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise MissingDependencyError("reading parquet needs pyarrow", hint="pip install 'vitctl[data]'") from e
+    groups: dict[str, list[Path]] = collections.defaultdict(list)
+    for f in files:
+        groups[_split_of_path(f.relative_to(root))].append(f)
+    if "all" in groups and len(groups) > 1:
+        groups = {"all": files}  # some files carry a split name and others none: treat them as one set
+    tables = {}
+    for s, fs in groups.items():
+        try:
+            table = pa.concat_tables([pq.read_table(f) for f in fs], promote_options="default")
+        except Exception as e:  # noqa: BLE001 -- ArrowInvalid, OSError, ...
+            raise DataError(
+                f"cannot read parquet {', '.join(map(str, fs))}: {e}", hint="the parquet file is corrupt; re-create it"
+            ) from None
+        meta = (table.schema.metadata or {}).get(b"huggingface")
+        features = json.loads(meta).get("info", {}).get("features", {}) if meta else {}
+        tables[s] = (table, features)
+    if "test" in tables and "train" not in tables:
+        raise DataError(f"{root}: parquet files for a test split but none for train", hint="name the training files train-*.parquet")
+    return _from_arrow(tables, str(root))
+
+
+def _split_name(name: str) -> str:
+    return "train" if name == "train" else "test" if name in TEST_NAMES else name
+
+
+def _split_of_path(rel: Path) -> str:
+    """HF Hub layouts: data/train-00000-of-00001.parquet, plain_text/train/0000.parquet."""
+    for part in (*rel.parts[:-1], rel.name.split("-")[0].split(".")[0].split("_")[0]):
+        if _split_name(part.lower()) in SPLITS:
+            return _split_name(part.lower())
+    return "all"
+
+
+def _from_arrow(tables: dict, name: str) -> _Source:
+    if "train" in tables:
+        tables = {s: t for s, t in tables.items() if s in SPLITS}
+    elif len(tables) > 1:
+        raise DataError(f"{name}: splits {sorted(tables)}, none of them 'train'", hint="name the training split 'train'")
+    parts, num_classes, class_names = {}, None, None
+    for s, (table, features) in tables.items():
+        cols = table.column_names
+        types = {c: (features.get(c) or {}).get("_type") if isinstance(features.get(c), dict) else None for c in cols}
+        img = next((c for c in cols if types[c] == "Image"), None) or next((c for c in IMAGE_COLUMNS if c in cols), None)
+        lab = next((c for c in cols if types[c] == "ClassLabel"), None) or next((c for c in LABEL_COLUMNS if c in cols), None)
+        if img is None or lab is None:
+            raise DataError(f"{name}: cannot find the image and label columns among {cols}",
+                            hint=f"name them one of {IMAGE_COLUMNS} and one of {LABEL_COLUMNS}, or use HF Image/ClassLabel features")  # fmt: skip
+        if types[lab] == "ClassLabel" and features[lab].get("names"):
+            class_names = tuple(features[lab]["names"])
+            num_classes = len(class_names)
+        labels = np.asarray(table.column(lab).to_numpy(zero_copy_only=False))
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{name}: label column '{lab}' holds {labels.dtype}, not integer class indices",
+                            hint="cast it to a ClassLabel feature")  # fmt: skip
+        parts[s] = _Part(labels.astype(np.int32), functools.partial(_arrow_images, table.column(img), name=f"{name} ({s})"))
+    return _Source(parts, num_classes, class_names)
+
+
+def _arrow_images(column, idx: np.ndarray, name: str) -> list[np.ndarray]:
+    """Rows `idx` of an image column: HF Image structs {bytes, path}, raw encoded bytes, or nested pixel lists."""
+    import io
+
+    rows = column.take(idx).to_pylist()
+    out = []
+    for i, row in zip(idx, rows):
+        try:
+            if isinstance(row, dict):
+                src = io.BytesIO(row["bytes"]) if row.get("bytes") is not None else row.get("path")
+                out.append(_decode(src, 3))
+            elif isinstance(row, bytes):
+                out.append(_decode(io.BytesIO(row), 3))
+            else:
+                out.append(_to_uint8(np.asarray(row)[None], name)[0])
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- PIL, numpy
+            raise DataError(
+                f"{name}: cannot decode image in row {i}: {e}", hint="the image data is corrupt; re-create the data set"
+            ) from None
+    return out
+
+
+def _take(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda idx: x[idx]
+
+
+# Shared conversion ------------------------------------------------------------------------
+
+
+def _as_list(images) -> list[np.ndarray]:
+    return list(images) if not isinstance(images, np.ndarray) else [im for im in images]
+
+
+def _channels(im: np.ndarray, channels: int) -> np.ndarray:
+    """[H, W] or [H, W, C] uint8 -> [H, W, channels]: gray repeated to RGB, RGB to luminance (ITU-R 601, as PIL's "L")."""
+    im = im[..., None] if im.ndim == 2 else im
+    if im.shape[-1] == channels:
+        return im
+    if im.shape[-1] == 1:
+        return np.repeat(im, channels, axis=-1)
+    if im.shape[-1] == 3 and channels == 1:
+        return np.round(im.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))[..., None].astype(np.uint8)
+    raise DataError(f"cannot turn a {im.shape[-1]}-channel image into {channels} channels")
+
+
+def _stack(images: list[np.ndarray], image_size: int | None, name: str) -> np.ndarray:
+    """Same-size images stacked as they are; others resized to image_size (or the most common size)."""
+    sizes = collections.Counter(im.shape[:2] for im in images)
+    if image_size is not None:
+        target = (image_size, image_size)
+    elif len(sizes) == 1:
+        return np.stack(images)
+    else:  # mixed sizes and no size asked for: the most common, ties to the largest
+        target = max(sizes, key=lambda hw: (sizes[hw], hw))
+    out = [
+        im if im.shape[:2] == target else np.clip(np.round(resize(im[None].astype(np.float32), target, "bilinear", True)[0]), 0, 255).astype(np.uint8)
+        for im in images
+    ]  # fmt: skip
+    return np.stack(out)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _kernel(method: str):
+    if method == "bilinear":
+        return lambda x: np.maximum(0.0, 1.0 - np.abs(x))
+
+    # Keys (1981) cubic convolution with a = -0.5, as jax.image.resize's "cubic".
+    def keys_cubic(x):
+        out = ((1.5 * x - 2.5) * x) * x + 1.0
+        out = np.where(x >= 1.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, out)
+        return np.where(x >= 2.0, 0.0, out)
+
+    return keys_cubic
+
+
+def resize_weights(n_in: int, n_out: int, method: str, antialias: bool) -> np.ndarray:
+    """[n_out, n_in] interpolation matrix along one axis, as jax/_src/image/scale.py compute_weight_mat."""
+    inv_scale = n_in / n_out
+    kernel_scale = max(inv_scale, 1.0) if antialias else 1.0  # low-pass only when downsampling
+    sample = (np.arange(n_out) + 0.5) * inv_scale - 0.5  # half-pixel centres, in input coordinates
+    w = _kernel(method)(np.abs(sample[:, None] - np.arange(n_in)[None, :]) / kernel_scale)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(np.abs(total) > 1000.0 * np.finfo(np.float32).eps, w / np.where(total != 0, total, 1), 0.0)
+    inside = (sample >= -0.5) & (sample <= n_in - 0.5)
+    return np.where(inside[:, None], w, 0.0).astype(np.float32)
+
+
+def resize(x: np.ndarray, size: tuple[int, int], method: str = "bilinear", antialias: bool = False) -> np.ndarray:
+    """float32 [B, H, W, C] -> [B, size[0], size[1], C], matching jax.image.resize (see module docstring)."""
+    (h, w), (oh, ow) = x.shape[1:3], size
+    if method == "nearest":
+        # jax's _resize_nearest, in float32 like jax: floor((i + 0.5) * in / out).
+        rows = np.floor((np.arange(oh, dtype=np.float32) + 0.5) * np.float32(h) / np.float32(oh)).astype(np.int64)
+        cols = np.floor((np.arange(ow, dtype=np.float32) + 0.5) * np.float32(w) / np.float32(ow)).astype(np.int64)
+        return x[:, rows][:, :, cols]
+    if (h, w) != (oh, ow):
+        x = np.einsum("oh,bhwc->bowc", resize_weights(h, oh, method, antialias), x) if h != oh else x
+        x = np.einsum("pw,bowc->bopc", resize_weights(w, ow, method, antialias), x) if w != ow else x
+    return x.astype(np.float32, copy=False)
+
+
+def prepare(images: np.ndarray, cfg) -> np.ndarray:
+    """uint8 [B, H, W, C] -> float32 [B, S, S, cfg.channels] model input, per cfg.preprocess.
+
+    Resize (method and antialias from the spec; skipped when already S x S, as
+    vitctl.preprocess.to_jax_input does) with the jax.image.resize port above, then map
+    [0, 255] to value_range or (x / 255 - mean) / std. Deterministic, host only.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise DataError(f"prepare() takes [B, H, W, C] images, got shape {images.shape}")
+    if images.shape[-1] != cfg.channels:
+        if images.shape[-1] != 1:
+            raise DataError(f"images have {images.shape[-1]} channels, the model {cfg.channels}",
+                            hint=f"load the data with channels={cfg.channels}")  # fmt: skip
+        images = np.repeat(images, cfg.channels, axis=-1)
+    spec, s = cfg.preprocess, cfg.image_size
+    x = images.astype(np.float32)
+    if x.shape[1:3] != (s, s):
+        x = resize(x, (s, s), spec.resize, spec.antialias)
+    return np.asarray(normalize(x, spec), np.float32)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+_END = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What batch (epoch, step) is: a pure function of these fields. Holds no reference to the Loader."""
+
+    data: Dataset
+    cfg: object
+    batch_size: int  # global
+    seed: int
+    shuffle: bool
+    drop_remainder: bool
+    process_index: int
+    process_count: int
+    epochs: int | None
+    steps_per_epoch: int
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.data)
+        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+
+    def local_indices(self, order: np.ndarray, step: int) -> np.ndarray:
+        rows = order[step * self.batch_size : (step + 1) * self.batch_size]
+        # Contiguous per-process slices; a short last batch (drop_remainder=False) is split as evenly
+        # as possible, so slices still concatenate to the global batch and every process takes a step.
+        return np.array_split(rows, self.process_count)[self.process_index]
+
+    def positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
+        while self.epochs is None or epoch < self.epochs:
+            yield epoch, step
+            step += 1
+            if step == self.steps_per_epoch:
+                epoch, step = epoch + 1, 0
+
+    def batch(self, order: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = self.local_indices(order, step)
+        return prepare(self.data.images[idx], self.cfg), self.data.labels[idx]
+
+
+def _produce(plan: _Plan, epoch: int, step: int, q: queue.Queue, stop: threading.Event) -> None:
+    """Worker thread: puts (epoch, step, images, labels) for every position from (epoch, step) on, then _END."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        order_epoch, order = None, None
+        for e, s in plan.positions(epoch, step):
+            if e != order_epoch:
+                order_epoch, order = e, plan.order(e)
+            if not put((e, s, *plan.batch(order, s))):
+                return
+        put(_END)
+    except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+        put(exc)
+
+
+class Loader:
+    """Batches of prepared images and labels, each process taking its slice of every global batch.
+
+    Iterating yields (images float32 [B / process_count, S, S, C], labels int32 [B / process_count]).
+    The order of epoch e is `np.random.default_rng((seed, epoch)).permutation(N)`; with
+    `epochs=None` it runs forever, with `epochs=k` it stops after k epochs (a finished loader
+    starts over from epoch 0 when iterated again, so a one-pass eval loader can be reused).
+    Batches are prepared `prefetch` ahead in a background thread (prefetch=0: in the caller's
+    thread). Call `close()` or use it as a context manager to stop the thread.
+    """
+
+    def __init__(
+        self,
+        data: Dataset,
+        cfg,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_remainder: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        prefetch: int = 2,
+        epochs: int | None = None,
+    ):
+        if batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {batch_size}")
+        if process_count <= 0 or not 0 <= process_index < process_count:
+            raise ConfigError(f"process_index {process_index} is not in [0, process_count={process_count})")
+        if batch_size % process_count:
+            raise ConfigError(
+                f"global batch size {batch_size} is not divisible by the process count {process_count}",
+                hint=f"use a batch size that is a multiple of {process_count}, e.g. {batch_size + process_count - batch_size % process_count}",
+            )
+        if epochs is not None and epochs <= 0:
+            raise ConfigError(f"epochs must be positive or None (forever), got {epochs}")
+        if prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
+        if cfg.num_classes and data.num_classes > cfg.num_classes:
+            raise DataError(
+                f"{data.name} has {data.num_classes} classes (labels up to {data.labels.max(initial=-1)}) "
+                f"but the model has num_classes={cfg.num_classes}",
+                hint=f"use a model config with num_classes >= {data.num_classes}, or a data set with fewer classes",
+            )
+        if data.images.shape[-1] not in (1, cfg.channels):
+            raise DataError(f"{data.name} has {data.images.shape[-1]}-channel images, the model {cfg.channels}",
+                            hint=f"load it with load_dataset(..., channels={cfg.channels})")  # fmt: skip
+        steps = len(data) // batch_size if drop_remainder else -(-len(data) // batch_size)
+        if steps == 0:
+            raise DataError(
+                f"{data.name} has {len(data)} examples, fewer than one batch of {batch_size}",
+                hint="use a smaller batch size, or drop_remainder=False",
+            )
+        self._plan = _Plan(data, cfg, batch_size, seed, shuffle, drop_remainder, process_index, process_count, epochs, steps)
+        self.prefetch = prefetch
+        self._epoch, self._step = 0, 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
+        self._order: tuple[int, np.ndarray] | None = None  # prefetch=0: (epoch, order) cache
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._plan.steps_per_epoch
+
+    @property
+    def local_batch_size(self) -> int:
+        return self._plan.batch_size // self._plan.process_count
+
+    def _finished(self) -> bool:
+        return self._plan.epochs is not None and self._epoch >= self._plan.epochs
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self._finished():
+            self.close()
+            self._epoch, self._step = 0, 0
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._finished():
+            raise StopIteration
+        if self.prefetch == 0:
+            if self._order is None or self._order[0] != self._epoch:
+                self._order = (self._epoch, self._plan.order(self._epoch))
+            x, y = self._plan.batch(self._order[1], self._step)
+        else:
+            if self._thread is None:
+                self._start()
+            item = self._get()
+            if item is _END:
+                self.close()
+                raise StopIteration
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            e, s, x, y = item
+            assert (e, s) == (self._epoch, self._step), f"prefetched batch {(e, s)} != expected {(self._epoch, self._step)}"
+        self._step += 1
+        if self._step == self.steps_per_epoch:
+            self._epoch, self._step = self._epoch + 1, 0
+        return x, y
+
+    def _start(self) -> None:
+        self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        self._thread = threading.Thread(
+            target=_produce, args=(self._plan, self._epoch, self._step, self._queue, self._stop), name="vitctl-data", daemon=True
+        )
+        self._thread.start()
+
+    def _get(self):
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the data thread stopped without a result") from None
+
+    def state(self) -> dict:
+        """JSON-serialisable position of the next batch this loader will yield."""
+        p = self._plan
+        return {"epoch": self._epoch, "step_in_epoch": self._step, "seed": p.seed, "batch_size": p.batch_size, "num_examples": len(p.data)}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state` (from `state()`): the next batches are those an uninterrupted loader would yield.
+
+        The saved seed replaces this loader's seed. batch_size and num_examples, when saved, must match.
+        """
+        try:
+            epoch, step, seed = int(state["epoch"]), int(state["step_in_epoch"]), int(state["seed"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"invalid data-loader state {state!r}: {e}", hint="pass a dict from Loader.state()") from None
+        p = self._plan
+        for key, have in (("batch_size", p.batch_size), ("num_examples", len(p.data))):
+            if key in state and state[key] != have:
+                raise DataError(f"data-loader state has {key}={state[key]}, this loader {have}",
+                                hint="resume with the same data set and global batch size")  # fmt: skip
+        if epoch < 0 or not 0 <= step < p.steps_per_epoch:
+            raise DataError(f"data-loader state (epoch {epoch}, step {step}) is outside 0..{p.steps_per_epoch - 1} steps per epoch")
+        self.close()
+        self._plan = dataclasses.replace(p, seed=seed)
+        self._epoch, self._step, self._order = epoch, step, None
+
+    def close(self) -> None:
+        """Stops and joins the prefetch thread (if any); iterating again restarts it at the current position."""
+        if self._thread is not None:
+            self._stop.set()
+            while True:  # unblock a put() in flight
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._thread.join()
+            self._thread = self._queue = self._stop = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_thread", None) is not None:  # a loader dropped mid-iteration: stop its thread
+            self.close()
