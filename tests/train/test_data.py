@@ -46,6 +46,7 @@ def test_digits_loads_and_splits(digits_train):
     test = load_dataset("digits", "test")
     assert len(digits_train) + len(test) == 1797
     assert digits_train.num_classes == test.num_classes == 10
+    assert (digits_train.name, digits_train.split, test.split) == ("digits", "train", "test")
     assert digits_train.images.shape[1:] == (8, 8, 3) and digits_train.images.dtype == np.uint8
     assert digits_train.images.max() == 255 and digits_train.labels.dtype == np.int32
     gray = load_dataset("digits", "test", channels=1)
@@ -213,8 +214,7 @@ def test_prepare_bilinear_downsample_is_block_mean():
 
 @pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest"])
 @pytest.mark.parametrize("antialias", [False, True])
-@pytest.mark.parametrize("shape", [(7, 13), (32, 20)])
-def test_resize_matches_jax_image_resize(method, antialias, shape):
+def test_resize_matches_jax_image_resize(method, antialias, shape=(7, 40)):  # 7 -> 16 upsamples, 40 -> 16 downsamples
     jax = pytest.importorskip("jax")
     x = np.random.default_rng(0).uniform(0, 255, (2, *shape, 3)).astype(np.float32)
     jmethod = {"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"}[method]
@@ -246,7 +246,7 @@ def test_loader_shapes_order_and_epochs(digits_train):
 
 @pytest.mark.parametrize("drop_remainder", [True, False])
 def test_process_slices_concatenate_to_global_batch(drop_remainder):
-    ds, cfg = small_dataset(30), tiny()
+    ds, cfg = small_dataset(25), tiny()  # drop_remainder=False: a last batch of 1 row, so 3 processes get an empty slice
 
     def batches(**kw):
         with Loader(ds, cfg, 8, seed=2, drop_remainder=drop_remainder, epochs=1, **kw) as loader:

