@@ -150,7 +150,7 @@ def test_idx_magic_numbers(tmp_path):
 )
 def test_fashion_mnist_installed():
     test = load_dataset("fashion-mnist", "test", channels=1)
-    assert test.images.shape == (10000, 28, 28, 1) and test.num_classes == 10
+    assert test.images.shape == (10000, 28, 28, 1) and test.num_classes == 10 and test.class_names[9] == "Ankle boot"
 
 
 def hf_dataset(n=12, sizes=((6, 6), (8, 5))):
@@ -340,3 +340,10 @@ def test_bad_labels_and_batches(digits_train):
     assert_error(DataError, lambda: loader.restore({"epoch": 0, "step_in_epoch": 0, "seed": 0, "batch_size": 16}), "batch_size")
     # A probe-style config with no classifier (num_classes=0) takes any labels.
     Loader(digits_train, tiny(num_classes=0), 8, prefetch=0)
+
+
+def test_fashion_mnist_missing_says_how_to_install(monkeypatch, tmp_path):
+    import vitctl.train.data as data
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "absent")
+    assert_error(DataError, lambda: load_dataset("fashion-mnist"), "not installed", "apt-get install dataset-fashion-mnist")

@@ -44,6 +44,8 @@ from vitctl.errors import ConfigError, DataError, MissingDependencyError
 from vitctl.preprocess import IMAGE_SUFFIXES, normalize
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Reference: github.com/zalandoresearch/fashion-mnist README, "Labels".
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SPLITS = ("train", "test")
 TEST_NAMES = ("test", "t10k", "val", "validation", "valid")  # names a source's held-out split may have
 IMAGE_COLUMNS = ("image", "img", "images", "pixel_values", "pixels")
@@ -195,7 +197,7 @@ def _read_source(spec: str, channels: int) -> _Source:
                 f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}",
                 hint="apt-get install dataset-fashion-mnist, or pass a directory of Fashion-MNIST IDX files",
             )
-        return _read_idx_dir(FASHION_MNIST_DIR)
+        return dataclasses.replace(_read_idx_dir(FASHION_MNIST_DIR), num_classes=10, class_names=FASHION_MNIST_CLASSES)
     if "," in spec and not Path(spec).exists():
         images, labels = (Path(p) for p in spec.split(",", 1))
         return _read_idx_pair(images, labels)
