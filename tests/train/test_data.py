@@ -343,7 +343,7 @@ def test_bad_labels_and_batches(digits_train):
 
 
 def test_fashion_mnist_missing_says_how_to_install(monkeypatch, tmp_path):
-    import vitctl.train.data as data
+    from vitctl.train import data
 
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "absent")
     assert_error(DataError, lambda: load_dataset("fashion-mnist"), "not installed", "apt-get install dataset-fashion-mnist")
