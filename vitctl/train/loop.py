@@ -1,0 +1,544 @@
+"""The JAX training loop behind `vitctl train`: sharded, checkpointed, exactly resumable.
+
+- Parameters (fp32, or cfg.param_dtype) and optimizer state live on a (data, fsdp, tensor)
+  mesh, sharded by the logical-axis rules of model_jax/sharding.py; optimizer-state
+  leaves get their parameter's sharding (factored Adafactor moments drop the factored
+  axis). The batch is split over data x fsdp. One jax.jit step with explicit
+  in/out shardings and the train state donated.
+- Compute dtype and remat come from the model config (cfg.dtype, cfg.remat); logits and
+  the loss are float32.
+- State: OUT/state/ (vitctl.train.state), every --save-every steps, at the end, and on
+  SIGTERM/SIGINT. Each save also refreshes OUT/params/ + OUT/config.json (the standard
+  checkpoint layout, so `vitctl convert` / `verify` read OUT as it is).
+- Resume restores into an abstract target built for the current mesh, so a run can move
+  to another mesh shape; the data iterator's state is restored too, so on one machine
+  the resumed losses are bit-identical to an uninterrupted run.
+- OUT/metrics.jsonl: one object per logged step (step, loss, lr, grad_norm, images_per_s);
+  every --stats-every steps also the per-layer maximum attention logit and attention
+  entropy on the current batch (arXiv:2302.05442 sec. 3.1: attention-logit growth is
+  the divergence signal that QK-norm fixes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitctl import checkpoint as ckpt
+from vitctl.config import PRESETS, ViTConfig, load_config
+from vitctl.errors import ConfigError
+from vitctl.train import optim
+
+TRAIN_CONFIG, METRICS, STATE = "train_config.json", "metrics.jsonl", "state"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; field = CLI flag = YAML key = JSON key."""
+
+    model: str = "vit22b-mu/16"  # a preset name or a ViTConfig JSON file
+    data: str = "digits"
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 10
+    schedule: str = "cosine"
+    cooldown: int = 0
+    optimizer: str = "adamw"
+    loss: str = "softmax"
+    label_smoothing: float = 0.0
+    weight_decay: float = 1e-4
+    head_weight_decay: float | None = None  # None: same as weight_decay
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    mesh: str = ""  # "" : one device; else e.g. "data=2,fsdp=2,tensor=2"
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep: int = 3
+    stats_every: int = 10  # 0: never
+    log_every: int = 1
+    image_size: int | None = None  # None: from the data (its size, at least 16, a multiple of the patch)
+    num_classes: int | None = None  # None: from the data
+    dtype: str | None = None  # compute dtype override: float32 | bfloat16
+    remat: bool | None = None
+    test_fraction: float = 0.2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and "None" in f.type:
+                continue
+            kind = f.type.split(" ")[0]
+            ok = {
+                "str": isinstance(v, str),
+                "int": isinstance(v, int) and not isinstance(v, bool),
+                "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+                "bool": isinstance(v, bool),
+            }[kind]
+            if not ok:
+                raise ConfigError(f"training config: {f.name} must be {kind}, got {v!r}")
+        choices = {"schedule": optim.SCHEDULES, "optimizer": optim.OPTIMIZERS, "loss": optim.LOSSES, "dtype": ("float32", "bfloat16", None)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} '{getattr(self, name)}'", hint=f"{name} must be one of: {', '.join(map(str, allowed))}")
+        for name in ("steps", "batch_size", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "training config") -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} must be a mapping of field: value, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}", hint=f"known keys: {', '.join(known)}")
+        return cls(**{k: (float(v) if isinstance(v, int) and not isinstance(v, bool) and _kind(k) == "float" else v) for k, v in d.items()})
+
+
+def _kind(name: str) -> str:
+    return next(f.type.split(" ")[0] for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    TrainConfig.from_dict(d, source=str(path))  # refuses unknown keys early
+    return d
+
+
+def model_config(tcfg: TrainConfig, image_hw: int, num_classes: int, channels: int | None = None) -> ViTConfig:
+    """The ViTConfig of a run: preset or JSON, with image size and classes from the data unless set."""
+    if tcfg.model in PRESETS:
+        cfg = PRESETS[tcfg.model]
+    elif Path(tcfg.model).exists():
+        cfg = load_config(tcfg.model)
+    else:
+        cfg = ViTConfig.from_variant(tcfg.model)  # raises, naming close presets
+    p = cfg.patch_size
+    size = tcfg.image_size or p * math.ceil(max(image_hw, 16) / p)
+    over = dict(image_size=size, num_classes=tcfg.num_classes or num_classes)
+    if channels is not None:
+        over["channels"] = channels
+    if tcfg.dtype is not None:
+        over["dtype"] = tcfg.dtype
+    if tcfg.remat is not None:
+        over["remat"] = tcfg.remat
+    return dataclasses.replace(cfg, **over)
+
+
+# Mesh, shardings, step functions.
+def mesh_for(spec: str):
+    import jax
+
+    from vitctl.model_jax.sharding import make_mesh, parse_mesh
+
+    sizes = parse_mesh(spec or "")
+    n = math.prod(sizes.values())
+    if n > jax.device_count():
+        raise ConfigError(f"mesh {spec!r} needs {n} devices, but {jax.device_count()} are available", hint="make the mesh smaller")
+    return make_mesh(sizes, devices=jax.devices()[:n])
+
+
+def check_batch(batch_size: int, mesh) -> None:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % n:
+        raise ConfigError(
+            f"batch size {batch_size} does not divide over data x fsdp = {n} devices",
+            hint=f"use a batch size that is a multiple of {n}",
+        )
+
+
+def _names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+class Setup:
+    """Model graph, shardings, optimizer and jitted functions for one (config, mesh)."""
+
+    def __init__(self, cfg: ViTConfig, tcfg: TrainConfig, mesh):
+        import jax
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from vitctl.model_jax.model import abstract_model
+        from vitctl.model_jax.sharding import batch_sharding, check_divisible, param_specs
+
+        self.cfg, self.tcfg, self.mesh = cfg, tcfg, mesh
+        abstract = abstract_model(cfg)
+        check_divisible(abstract, mesh)  # before compiling anything
+        check_batch(tcfg.batch_size, mesh)
+        self.graphdef, abs_state = nnx.split(abstract)
+        specs = param_specs(abstract)
+        self.param_shardings = ckpt._nest({n: NamedSharding(mesh, s) for n, s in specs.items()})
+        abs_params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abs_state), self.param_shardings
+        )
+        self.lr_fn = optim.schedule(tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.schedule, tcfg.cooldown)
+        self.tx = optim.make_optimizer(self.lr_fn, tcfg.optimizer, tcfg.weight_decay, tcfg.head_weight_decay, tcfg.clip_norm, tcfg.b1, tcfg.b2)
+        repl = NamedSharding(mesh, PartitionSpec())
+        shapes = {n: x.shape for n, x in ckpt._flatten(abs_params).items()}
+
+        def opt_sharding(path, x):  # a parameter's sharding for its moments; factored moments drop an axis
+            name = "/".join(n for n, k in zip(_names(path), path) if isinstance(k, jax.tree_util.DictKey))
+            if name not in specs:
+                return repl
+            spec, shape = tuple(specs[name]), shapes[name]
+            if x.shape == shape:
+                return NamedSharding(mesh, PartitionSpec(*spec))
+            if len(shape) >= 2 and x.shape == shape[:-1]:  # optax factored_rms v_row
+                return NamedSharding(mesh, PartitionSpec(*spec[:-1]))
+            if len(shape) >= 2 and x.shape == shape[:-2] + shape[-1:]:  # v_col
+                return NamedSharding(mesh, PartitionSpec(*spec[:-2], spec[-1]))
+            return repl
+
+        abs_opt = jax.eval_shape(self.tx.init, abs_params)
+        opt_shardings = jax.tree_util.tree_map_with_path(opt_sharding, abs_opt)
+        self.shardings = {"params": self.param_shardings, "opt": opt_shardings, "step": repl, "rng": repl}
+        abs_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_opt, opt_shardings)
+        self.abstract = {
+            "params": abs_params,
+            "opt": abs_opt,
+            "step": jax.ShapeDtypeStruct((), np.int32, sharding=repl),
+            "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl),
+        }
+        self.images_sharding = batch_sharding(mesh, 4)
+        self.labels_sharding = batch_sharding(mesh, 1)
+        graphdef, tx, lr_fn, num_classes = self.graphdef, self.tx, self.lr_fn, cfg.num_classes
+
+        def loss_fn(params, images, labels):
+            logits, _ = nnx.merge(graphdef, params)(images)
+            return optim.objective(logits, labels, num_classes, tcfg.loss, tcfg.label_smoothing)
+
+        def train_step(state, images, labels):
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"], images, labels)
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            params = optax_apply(state["params"], updates)
+            metrics = {"loss": loss, "grad_norm": optim.optax.global_norm(grads), "lr": lr_fn(state["step"])}
+            return {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+
+        self.train_step = jax.jit(
+            train_step,
+            in_shardings=(self.shardings, self.images_sharding, self.labels_sharding),
+            out_shardings=(self.shardings, repl),
+            donate_argnums=0,
+        )
+        self.stats = jax.jit(
+            lambda params, images: attention_stats(graphdef, params, images),
+            in_shardings=(self.param_shardings, self.images_sharding),
+            out_shardings=repl,
+        )
+        self.predict = jax.jit(
+            lambda params, images: nnx.merge(graphdef, params)(images)[0].argmax(-1),
+            in_shardings=(self.param_shardings, self.images_sharding),
+            out_shardings=repl,
+        )
+
+    def init_state(self, seed: int):
+        import jax
+        from flax import nnx
+
+        from vitctl.model_jax.model import ViT
+
+        def init():  # one compiled program, each parameter created in its shard (no full copy on one device)
+            with nnx.use_eager_sharding(False):
+                return nnx.to_pure_dict(nnx.state(ViT(self.cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+        params = jax.jit(init, out_shardings=self.param_shardings)()
+        opt = jax.jit(self.tx.init, out_shardings=self.shardings["opt"])(params)
+        rng = jax.random.key_data(jax.random.key(seed))
+        return {"params": params, "opt": opt, "step": jax.device_put(np.int32(0), self.shardings["step"]), "rng": jax.device_put(rng, self.shardings["rng"])}
+
+    def put_batch(self, images, labels):
+        import jax
+
+        return (
+            jax.make_array_from_process_local_data(self.images_sharding, np.asarray(images)),
+            jax.make_array_from_process_local_data(self.labels_sharding, np.asarray(labels, np.int32)),
+        )
+
+
+_SETUPS: dict[Any, Setup] = {}
+# Fields that do not change the compiled functions: runs differing only in these share a Setup.
+_NOT_COMPILED = dict(model="", data="", seed=0, save_every=0, keep=1, stats_every=0, log_every=1, test_fraction=0.2)
+
+
+def get_setup(cfg: ViTConfig, tcfg: TrainConfig, mesh) -> Setup:
+    """A Setup for (cfg, tcfg, mesh), reused within a process (saves recompiling in tests and sweeps)."""
+    key = (cfg, dataclasses.replace(tcfg, **_NOT_COMPILED), tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+    if key not in _SETUPS:
+        while len(_SETUPS) >= 4:  # hold a few, oldest out
+            _SETUPS.pop(next(iter(_SETUPS)))
+        _SETUPS[key] = Setup(cfg, tcfg, mesh)
+    return _SETUPS[key]
+
+
+def optax_apply(params, updates):
+    import optax
+
+    return optax.apply_updates(params, updates)
+
+
+def attention_stats(graphdef, params, images) -> dict[str, Any]:
+    """Per layer: the maximum attention logit and the mean attention entropy (nats) on `images`.
+
+    Recomputes each block's queries and keys from its input with the block's own norm,
+    q/k projections and QK-norm, so the model needs no extra outputs. Returns
+    {"attn_logit_max": [L], "attn_entropy": [L]}.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    _, out = model(images)
+    depth = model.cfg.depth
+    inputs = [out["embed"]] + [out[f"block{i:02d}"] for i in range(depth - 1)]
+    gdef, stacked = nnx.split(model.blocks)
+    maxes, ents = [], []
+    for i, x in enumerate(inputs):
+        block = nnx.merge(gdef, jax.tree.map(lambda a: a[i], stacked))
+        h = block.norm(x)
+        q, k = block.q(h), block.k(h)  # [B, T, N, K]
+        if block.q_norm is not None:
+            q, k = block.q_norm(q), block.k_norm(k)
+        logits = jnp.einsum("BSNK,BTNK->BNST", q.astype(jnp.float32), k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+        logp = jax.nn.log_softmax(logits, -1)
+        maxes.append(logits.max())
+        ents.append(-(jnp.exp(logp) * logp).sum(-1).mean())
+    return {"attn_logit_max": jnp.stack(maxes), "attn_entropy": jnp.stack(ents)}
+
+
+# Output directory.
+def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any]) -> None:
+    """OUT/params/ (+ config.json), replaced as a whole: written beside, then swapped in."""
+    import jax
+
+    tmp = out / f".params.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        ckpt.save_jax(tmp, ckpt._flatten(params))
+        if jax.process_index() == 0:
+            old = out / f".params.old-{secrets.token_hex(4)}"
+            if (out / ckpt.PARAMS).exists():
+                (out / ckpt.PARAMS).rename(old)
+            (tmp / ckpt.PARAMS).rename(out / ckpt.PARAMS)
+            shutil.rmtree(old, ignore_errors=True)
+            ckpt.write_config(out, cfg, provenance)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops logged steps after `step` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def plot(out: Path) -> Path | None:
+    """OUT/metrics.png: loss, and attention entropy per layer if logged (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
+    stats = [r for r in rows if "attn_entropy" in r]
+    fig, axes = plt.subplots(1, 2 if stats else 1, figsize=(10 if stats else 5, 3.5), squeeze=False)
+    axes[0, 0].plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    axes[0, 0].set(xlabel="step", ylabel="loss", title="training loss")
+    if stats:
+        for layer in range(len(stats[0]["attn_entropy"])):
+            axes[0, 1].plot([r["step"] for r in stats], [r["attn_entropy"][layer] for r in stats], label=f"block {layer}")
+        axes[0, 1].set(xlabel="step", ylabel="nats", title="attention entropy")
+        axes[0, 1].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=80)
+    plt.close(fig)
+    return out / "metrics.png"
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves and stops after the current step."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(
+    tcfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    dataset=None,
+    test_dataset=None,
+    loader_cls=None,
+    prepare_fn=None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    max_steps_this_run: int | None = None,
+) -> dict[str, Any]:
+    """Trains per `tcfg` into `out`; returns {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out", "interrupted"}.
+
+    dataset/test_dataset/loader_cls/prepare_fn default to vitctl.train.data (load_dataset,
+    Loader, prepare); tests pass small stand-ins. max_steps_this_run stops early (as a
+    signal would), for tests.
+    """
+    import jax
+
+    from vitctl.train import state as tstate
+
+    out = Path(out)
+    if dataset is None or loader_cls is None or prepare_fn is None:
+        from vitctl.train import data as tdata
+
+        loader_cls = loader_cls or tdata.Loader
+        prepare_fn = prepare_fn or tdata.prepare
+        if dataset is None:
+            dataset = tdata.load_dataset(tcfg.data, split="train", test_fraction=tcfg.test_fraction, seed=tcfg.seed)
+            test_dataset = tdata.load_dataset(tcfg.data, split="test", test_fraction=tcfg.test_fraction, seed=tcfg.seed)
+    start = tstate.latest(out / STATE) if resume else None
+    if resume and start is None:
+        raise ConfigError(f"--resume: no training state in {out / STATE}", hint="start the run without --resume")
+    if resume:
+        cfg = load_config(out)
+    else:
+        ckpt.check_output(out, force)
+        n, h, w, c = dataset.images.shape
+        cfg = model_config(tcfg, max(h, w), dataset.num_classes)
+    if cfg.num_classes < dataset.num_classes:
+        raise ConfigError(f"num_classes {cfg.num_classes} is smaller than the data's {dataset.num_classes} classes")
+    mesh = mesh_for(tcfg.mesh)
+    setup = get_setup(cfg, tcfg, mesh)  # checks divisibility before compiling
+    if not resume:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        ckpt.write_config(out, cfg, {"source_format": "train", "source": tcfg.model, "created_by": "vitctl train", "data": tcfg.data})
+    ckpt.write_json(out / TRAIN_CONFIG, {**dataclasses.asdict(tcfg), "model_config": cfg.to_dict()})
+    provenance = {"source_format": "train", "source": tcfg.model, "created_by": "vitctl train", "data": tcfg.data, "seed": tcfg.seed}
+
+    loader = loader_cls(dataset, cfg, tcfg.batch_size, seed=tcfg.seed, shuffle=True, drop_remainder=True,
+                        process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+    if resume:
+        state, meta = tstate.restore(out / STATE, start, setup.abstract)
+        loader.restore(meta["data"])
+        _truncate_metrics(out / METRICS, start)
+    else:
+        state = setup.init_state(tcfg.seed)
+        start = 0
+
+    def save(step: int, state) -> None:
+        meta = {"data": loader.state(), "mesh": dict(mesh.shape), "time": time.time()}
+        tstate.save(out / STATE, step, state, meta, keep=tcfg.keep)
+        write_params(out, cfg, state["params"], {**provenance, "step": step})
+
+    step, loss, t0, seen, interrupted = start, float("nan"), time.perf_counter(), 0, False
+    t_log, n_log = time.perf_counter(), 0
+    stop_at = tcfg.steps if max_steps_this_run is None else min(tcfg.steps, start + max_steps_this_run)
+    with _StopFlag() as stop, open(out / METRICS, "a") as log:
+        it = iter(loader)
+        while step < stop_at:
+            images, labels = next(it)
+            x, y = setup.put_batch(images, labels)
+            batch_stats = setup.stats(state["params"], x) if tcfg.stats_every and (step + 1) % tcfg.stats_every == 0 else None
+            state, metrics = setup.train_step(state, x, y)
+            step += 1
+            n_log += len(labels) * jax.process_count()
+            if step % tcfg.log_every == 0 or step == stop_at:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                rec = {"step": step, **m, "images_per_s": n_log / max(now - t_log, 1e-9)}
+                if step - start > 1:  # the first step includes compilation
+                    seen += n_log
+                else:
+                    t0 = now
+                t_log, n_log = now, 0
+                if batch_stats is not None:
+                    rec.update({k: [float(v) for v in np.asarray(a)] for k, a in jax.device_get(batch_stats).items()})
+                loss = m["loss"]
+                if jax.process_index() == 0:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if on_log:
+                    on_log(rec)
+            if stop.signum:
+                interrupted = True
+                break
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.steps:
+                save(step, state)
+        save(step, state)
+    seconds = time.perf_counter() - t0
+    if hasattr(loader, "close"):
+        loader.close()
+    accuracy = None
+    if test_dataset is not None and step == tcfg.steps:
+        accuracy = evaluate(setup, state["params"], test_dataset, prepare_fn)
+    if jax.process_index() == 0 and step == tcfg.steps:
+        plot(out)
+    return {
+        "steps": step,
+        "final_loss": loss,
+        "test_accuracy": accuracy,
+        "seconds": seconds,
+        "images_per_s": seen / seconds if seconds > 0 and seen else None,
+        "out": str(out),
+        "interrupted": interrupted,
+        "signal": stop.signum or None,
+    }
+
+
+def evaluate(setup: Setup, params, data, prepare_fn) -> float:
+    """Top-1 accuracy on `data` (batches of the training batch size; the last one padded)."""
+    import jax
+
+    bs, correct = setup.tcfg.batch_size, 0
+    n = len(data.labels)
+    for i in range(0, n, bs):
+        images = np.asarray(prepare_fn(data.images[i : i + bs], setup.cfg))
+        k = len(images)
+        if k < bs:
+            images = np.concatenate([images, np.zeros((bs - k, *images.shape[1:]), images.dtype)])
+        x = jax.device_put(images, setup.images_sharding)
+        pred = np.asarray(jax.device_get(setup.predict(params, x)))[:k]
+        correct += int((pred == np.asarray(data.labels[i : i + k])).sum())
+    return correct / max(n, 1)

@@ -1,0 +1,103 @@
+"""Objective, learning-rate schedule and optimizer for `vitctl train` (optax).
+
+- Objectives: softmax cross-entropy, or sigmoid cross-entropy summed over classes
+  (the multi-label JFT objective of arXiv:2302.05442 / big_vision), both with optional
+  label smoothing.
+- Schedule (big_vision `create_learning_rate_schedule` shape): linear warmup from 0,
+  then cosine decay to 0, or reciprocal square root `lr * sqrt(warmup / step)`; an
+  optional linear cooldown to 0 over the last `cooldown` steps.
+- Optimizers: AdamW, and big_vision-style Adafactor (optax.scale_by_factored_rms:
+  factored second moments for matrices, decay rate 0.8, plus momentum 0.9).
+- Global-norm clipping first; decoupled weight decay on kernels only, with a separate
+  rate for the classifier head (`head/...`) and for the body; decay is scaled by the
+  learning rate (optax.adamw convention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitctl.errors import ConfigError
+
+SCHEDULES = ("cosine", "rsqrt")
+OPTIMIZERS = ("adamw", "adafactor")
+LOSSES = ("softmax", "sigmoid")
+
+
+def objective(logits, labels, num_classes: int, loss: str = "softmax", label_smoothing: float = 0.0):
+    """Mean loss over the batch. logits: [B, classes] (any dtype, computed in float32); labels: int [B]."""
+    logits = logits.astype(jnp.float32)
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+    if loss == "softmax":
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    if loss == "sigmoid":  # big_vision sigmoid_xent: summed over classes, mean over the batch
+        return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1).mean()
+    raise ConfigError(f"unknown loss '{loss}'", hint=f"loss must be one of: {', '.join(LOSSES)}")
+
+
+def schedule(lr: float, steps: int, warmup: int = 0, kind: str = "cosine", cooldown: int = 0):
+    """step -> learning rate (a jnp function of the 0-based step count)."""
+    if kind not in SCHEDULES:
+        raise ConfigError(f"unknown schedule '{kind}'", hint=f"schedule must be one of: {', '.join(SCHEDULES)}")
+    if warmup < 0 or cooldown < 0 or warmup + cooldown > steps:
+        raise ConfigError(f"warmup {warmup} + cooldown {cooldown} must be non-negative and at most steps {steps}")
+
+    def fn(step):
+        s = jnp.asarray(step, jnp.float32)
+        mult = jnp.minimum(1.0, s / warmup) if warmup else jnp.float32(1.0)
+        if kind == "cosine":
+            frac = jnp.clip((s - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+            mult = mult * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+        else:  # reciprocal square root after warmup (Transformer / big_vision "rsqrt")
+            mult = mult * jax.lax.rsqrt(jnp.maximum(s, max(warmup, 1)) / max(warmup, 1))
+        if cooldown:
+            mult = mult * jnp.clip((steps - s) / cooldown, 0.0, 1.0)
+        return lr * mult
+
+    return fn
+
+
+def _decay_mask(head: bool):
+    """Kernels only (not biases, norm scales, position embedding); head/ or everything else."""
+
+    def mask(params):
+        def leaf(path, _):
+            names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+            return names[-1] == "kernel" and (names[0] == "head") == head
+
+        return jax.tree_util.tree_map_with_path(leaf, params)
+
+    return mask
+
+
+def make_optimizer(
+    lr_fn,
+    optimizer: str = "adamw",
+    weight_decay: float = 1e-4,
+    head_weight_decay: float | None = None,
+    clip_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+) -> optax.GradientTransformation:
+    """The optax chain: clip -> adam/adafactor moments -> decoupled weight decay -> -lr."""
+    if optimizer == "adamw":
+        moments = optax.scale_by_adam(b1=b1, b2=b2)
+    elif optimizer == "adafactor":  # big_vision: factored rms with decay 0.8, momentum b1
+        moments = optax.chain(optax.scale_by_factored_rms(decay_rate=0.8), optax.trace(decay=b1) if b1 else optax.identity())
+    else:
+        raise ConfigError(f"unknown optimizer '{optimizer}'", hint=f"optimizer must be one of: {', '.join(OPTIMIZERS)}")
+    head_wd = weight_decay if head_weight_decay is None else head_weight_decay
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(moments)
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, mask=_decay_mask(head=False)))
+    if head_wd:
+        parts.append(optax.add_decayed_weights(head_wd, mask=_decay_mask(head=True)))
+    parts.append(optax.scale_by_learning_rate(lr_fn))
+    return optax.chain(*parts)

@@ -1,0 +1,93 @@
+"""Training-state checkpoints under OUT/state/ for exact resume.
+
+    state/00000020/tree/     Orbax (StandardCheckpointer): {"params", "opt", "step"}
+    state/00000020/meta.json {"step", "rng", "data": Loader.state(), "mesh", "time"}
+
+Each step directory is written under a temporary name and renamed when complete, so
+a run killed at any moment (SIGKILL included) leaves only whole checkpoints; `latest`
+ignores anything else. The last `keep` are kept.
+
+Restores go into an abstract target (jax.ShapeDtypeStruct with the *current* mesh's
+shardings, from jax.eval_shape), so a state saved on one mesh shape restores onto
+another: Orbax reshards on read (shared/DESIGN.md, "Traps already met").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vitctl.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^\d{8}$")
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def steps(state_dir: str | Path) -> list[int]:
+    """The complete checkpoints' steps, ascending."""
+    d = Path(state_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file())
+
+
+def latest(state_dir: str | Path) -> int | None:
+    found = steps(state_dir)
+    return found[-1] if found else None
+
+
+def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep: int = 3) -> Path:
+    """Writes state_dir/{step:08d} atomically; then deletes all but the newest `keep` (and stale temporaries)."""
+    import jax
+
+    d = Path(state_dir).absolute()
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"{step:08d}"
+    tmp = d / f".tmp-{step:08d}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        with _ocp().StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "tree", tree)
+            ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+            if final.exists():  # a rerun of the same step (after --resume): replace
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if jax.process_index() == 0:
+        for old in steps(d)[:-keep] if keep > 0 else []:
+            shutil.rmtree(d / f"{old:08d}", ignore_errors=True)
+        for stale in d.glob(".tmp-*"):
+            if stale != tmp:
+                shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def restore(state_dir: str | Path, step: int, abstract_tree: Any) -> tuple[Any, dict[str, Any]]:
+    """(tree restored into `abstract_tree`'s shapes, dtypes and shardings, meta dict)."""
+    path = Path(state_dir).absolute() / f"{step:08d}"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path / 'meta.json'}: {e}", hint="resume from another step, or start afresh with --force") from None
+    try:
+        with _ocp().StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(path / "tree", abstract_tree)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot restore the training state {path}: {e}",
+            hint="the model, optimizer or loss settings must match the run that wrote it",
+        ) from None
+    return tree, meta
