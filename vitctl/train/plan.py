@@ -20,17 +20,22 @@ the compute dtype `a`, of the softmax `s` (4 when cfg.softmax_dtype is float32))
     placeholder v; any other parameter keeps a full v plus two (1,) placeholders.
     Stacked block parameters carry their leading L axis, as optax sees them.
     `momentum_dtype="bfloat16"` adds big_vision's first moment (arXiv:2106.04560 sec. 3.4).
-- activations saved for the backward pass, per layer (see `activation_terms`): block input
-  (b,T,D); norm output (b,T,D); q, k, v 3*(b,T,n,K); QK-normed q, k 2*(b,T,n,K);
-  attention probabilities (b,n,T,T) at `s` (or only the softmax statistics (b,n,T)
-  float32 with flash-style attention); attention output (b,T,n*K); MLP hidden before
-  and after GELU 2*(b,T,f); the sequential block adds its mid residual and second
-  norm output 2*(b,T,D). Norm statistics and other (b,T)-sized terms are left out.
-  Without remat all L layers keep these; with full remat (nnx.remat over the block,
-  nothing saveable) only the L block inputs stay, plus one layer's set recomputed in
-  the backward pass. The stem and head are not rematerialised and count in both: the
-  images (b,H,W,C), the last block output and final norm output 2*(b,T,D), the MAP
-  head's k and v 2*(b,T,n,K), logits (b, classes) float32.
+- activations: what jax.grad saves for vitctl's Block (checked term by term against
+  jax's saved-residuals list, and per layer against XLA's compiled temp memory in the
+  tests). Per layer, with a = bytes of the compute dtype, s = of the softmax:
+  norm: the input upcast to float32, its normalised form (float32) and the output,
+  2*(b,T,D)*4 + (b,T,D)*a; with QK-norm, q and k upcast and normalised 4*(b,T,n,K)*4
+  plus v and the scaled q, k 3*(b,T,n,K)*a (without: q, k, v 3*(b,T,n,K)*a); softmax
+  exp and probabilities (b,n,T,T)*(s + a), or only the softmax statistics (b,n,T)
+  float32 with flash-style attention (--flash-attention; vitctl's model does not use
+  it); attention output (b,T,n*K)*a; the MLP hidden and GELU's intermediates,
+  4*(b,T,f)*a for the erf form, 6 for tanh; the fused forward's concatenated kernels,
+  one layer's shard at a; the sequential block a second norm instead. Statistics of
+  size (b,T) or (b,n,T) are left out. Without remat all L layers keep these; with full
+  remat (nnx.remat over the block, nothing saveable) only the L block inputs (b,T,D)*a
+  stay, plus one layer's set, recomputed in the backward pass. The stem and head are
+  not rematerialised and count in both: the images (b,H,W,C), the last block output
+  and final norm output 2*(b,T,D), the MAP head's k and v 2*(b,T,n,K), logits float32.
 - workspace (a stated allowance, the same with and without remat): one layer's weights
   gathered over data and fsdp (still sharded over tensor) twice, for the weights and
   their gradient before the reduce-scatter, at the parameter dtype; plus one layer's
@@ -127,24 +132,40 @@ def validate(cfg: ViTConfig, mesh: dict[str, int], batch_size: int) -> None:
             )
 
 
-def activation_terms(cfg: ViTConfig, mesh: dict[str, int], batch_size: int, dtype: str, flash: bool = False) -> dict[str, int]:
-    """Bytes per device that one block saves for its backward pass, by term (see module docstring)."""
+def activation_terms(
+    cfg: ViTConfig, mesh: dict[str, int], batch_size: int, dtype: str, flash: bool = False, fused_weights: int = 0
+) -> dict[str, int]:
+    """Bytes per device that one block saves for its backward pass, by term (see module docstring).
+
+    The terms are the residuals jax.grad keeps for vitctl's Block (as listed by jax's
+    saved-residuals tool), so they follow the model's numerics: norms computed in
+    float32, softmax exp at the softmax dtype, GELU's own intermediates.
+    fused_weights: elements of one layer's block kernels held per device (the fused
+    forward saves their concatenation at the compute dtype).
+    """
     b = batch_size // (mesh["data"] * mesh["fsdp"])
     T, D, K = cfg.seq_len, cfg.width, cfg.head_dim
     n, f = cfg.num_heads // mesh["tensor"], cfg.mlp_dim // mesh["tensor"]
-    a = BYTES[dtype]
-    s = 4 if cfg.softmax_dtype == "float32" else a
-    terms = {"block input (b,T,D)": b * T * D * a, "norm output (b,T,D)": b * T * D * a, "q, k, v 3x(b,T,n,K)": 3 * b * T * n * K * a}
+    a, s = BYTES[dtype], 4 if cfg.softmax_dtype == "float32" else BYTES[dtype]
+    X, H, P, U = b * T * D, b * T * n * K, b * n * T * T, b * T * f
+    norm = 2 * X * 4 + X * a  # the input upcast to float32, its normalised form, the output
+    terms = {"norm: float32 input, normalised, output 3x(b,T,D)": norm}
     if cfg.qk_norm:
-        terms["QK-normed q, k 2x(b,T,n,K)"] = 2 * b * T * n * K * a
+        terms["q, k in float32, normalised 4x(b,T,n,K) float32"] = 4 * H * 4
+        terms["v, scaled q, k 3x(b,T,n,K)"] = 3 * H * a
+    else:
+        terms["q, k, v 3x(b,T,n,K)"] = 3 * H * a
     if flash:
         terms["softmax statistics (b,n,T) float32"] = b * n * T * 4
     else:
-        terms["attention probabilities (b,n,T,T)"] = b * n * T * T * s
-    terms["attention output (b,T,n*K)"] = b * T * n * K * a
-    terms["MLP hidden pre- and post-GELU 2x(b,T,f)"] = 2 * b * T * f * a
+        terms["softmax exp and probabilities 2x(b,n,T,T)"] = P * s + P * a
+    terms["attention output (b,T,n*K)"] = H * a
+    gelu = 6 if cfg.gelu_approximate else 4  # tanh form: 6 saved intermediates; erf form: 4
+    terms[f"MLP hidden and GELU intermediates {gelu}x(b,T,f)"] = gelu * U * a
     if cfg.block == "sequential":
-        terms["mid residual, MLP norm output 2x(b,T,D)"] = 2 * b * T * D * a
+        terms["second norm 3x(b,T,D)"] = norm
+    elif cfg.fused:
+        terms["fused kernels (one layer's shard)"] = fused_weights * a
     return terms
 
 
@@ -190,7 +211,7 @@ def plan(
     validate(cfg, sizes, batch_size)
     pbytes = BYTES[param_dtype]
 
-    params = opt = layer_weights = 0
+    params = opt = layer_weights = layer_kernels = 0
     bad: list[dict[str, Any]] = []
     for pname, (shape, spec) in param_specs(cfg).items():
         params += math.prod(shard_shape(shape, spec, sizes)) * pbytes
@@ -199,14 +220,16 @@ def plan(
         if pname.startswith("blocks/"):  # one layer, gathered over data/fsdp, still split over tensor
             tp_only = tuple(tuple(a for a in axes if a == "tensor") for axes in spec[1:])
             layer_weights += math.prod(shard_shape(shape[1:], tp_only, sizes)) * pbytes
+            if pname.endswith("/kernel"):
+                layer_kernels += math.prod(shard_shape(shape[1:], spec[1:], sizes))
     opt += 4  # the step count (int32), replicated
 
-    terms = activation_terms(cfg, sizes, batch_size, dtype, flash)
+    terms = activation_terms(cfg, sizes, batch_size, dtype, flash, layer_kernels)
     layer = sum(terms.values())
-    x = terms["block input (b,T,D)"]
+    carry = (batch_size // (sizes["data"] * sizes["fsdp"])) * cfg.seq_len * cfg.width * BYTES[dtype]  # (b,T,D)
     outside = stem_head_activations(cfg, sizes, batch_size, dtype)
     acts = cfg.depth * layer + outside
-    acts_remat = cfg.depth * x + (layer - x) + outside
+    acts_remat = cfg.depth * carry + layer + outside
     workspace = 2 * layer_weights + layer
     fixed = 2 * params + opt + workspace
     total, total_remat = fixed + acts, fixed + acts_remat
