@@ -16,7 +16,7 @@ import traceback
 import typer
 from rich.text import Text
 
-from vitctl.cli import convert, demo, models, plan, verify
+from vitctl.cli import convert, demo, models, plan, train, verify
 from vitctl.cli._options import err
 from vitctl.errors import VitctlError
 
@@ -30,6 +30,7 @@ app.add_typer(models.commands)  # no name: models, info, init are top-level comm
 app.add_typer(verify.commands)  # `vitctl verify`
 app.add_typer(demo.commands)  # `vitctl demo`
 app.add_typer(plan.commands)  # `vitctl plan`
+app.add_typer(train.commands)  # `vitctl train`
 app.add_typer(convert.commands, name="convert")
 
 # Exception type -> (exit code, hint), most specific first. VitctlError carries its own.

@@ -126,14 +126,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return d
 
 
+def base_model(tcfg: TrainConfig) -> ViTConfig:
+    """The preset or JSON config named by tcfg.model, before the data's overrides."""
+    if tcfg.model in PRESETS:
+        return PRESETS[tcfg.model]
+    if Path(tcfg.model).exists():
+        return load_config(tcfg.model)
+    return ViTConfig.from_variant(tcfg.model)  # raises, naming close presets
+
+
 def model_config(tcfg: TrainConfig, image_hw: int, num_classes: int, channels: int | None = None) -> ViTConfig:
     """The ViTConfig of a run: preset or JSON, with image size and classes from the data unless set."""
-    if tcfg.model in PRESETS:
-        cfg = PRESETS[tcfg.model]
-    elif Path(tcfg.model).exists():
-        cfg = load_config(tcfg.model)
-    else:
-        cfg = ViTConfig.from_variant(tcfg.model)  # raises, naming close presets
+    cfg = base_model(tcfg)
     p = cfg.patch_size
     size = tcfg.image_size or p * math.ceil(max(image_hw, 16) / p)
     over = dict(image_size=size, num_classes=tcfg.num_classes or num_classes)
@@ -263,8 +267,10 @@ class Setup:
             with nnx.use_eager_sharding(False):
                 return nnx.to_pure_dict(nnx.state(ViT(self.cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
-        params = jax.jit(init, out_shardings=self.param_shardings)()
-        opt = jax.jit(self.tx.init, out_shardings=self.shardings["opt"])(params)
+        if getattr(self, "_init", (None,))[0] != seed:  # compiled once per seed (the RNG unrolls into a large program)
+            self._init = (seed, jax.jit(init, out_shardings=self.param_shardings), jax.jit(self.tx.init, out_shardings=self.shardings["opt"]))
+        params = self._init[1]()
+        opt = self._init[2](params)
         rng = jax.random.key_data(jax.random.key(seed))
         return {"params": params, "opt": opt, "step": jax.device_put(np.int32(0), self.shardings["step"]), "rng": jax.device_put(rng, self.shardings["rng"])}
 
@@ -434,8 +440,10 @@ def train(
         loader_cls = loader_cls or tdata.Loader
         prepare_fn = prepare_fn or tdata.prepare
         if dataset is None:
-            dataset = tdata.load_dataset(tcfg.data, split="train", test_fraction=tcfg.test_fraction, seed=tcfg.seed)
-            test_dataset = tdata.load_dataset(tcfg.data, split="test", test_fraction=tcfg.test_fraction, seed=tcfg.seed)
+            channels = (load_config(out) if resume else base_model(tcfg)).channels
+            split = dict(channels=channels, test_fraction=tcfg.test_fraction, seed=tcfg.seed)
+            dataset = tdata.load_dataset(tcfg.data, split="train", **split)
+            test_dataset = tdata.load_dataset(tcfg.data, split="test", **split)
     start = tstate.latest(out / STATE) if resume else None
     if resume and start is None:
         raise ConfigError(f"--resume: no training state in {out / STATE}", hint="start the run without --resume")
