@@ -1,0 +1,658 @@
+"""`vitctl convert` on a synthetic checkpoint of at least 4 GiB per source format: peak RSS
+of the converting process and its throughput next to `cp` of the same bytes, in one run.
+
+    python bench/convert.py [--size-gib 4] [--json] [--keep] [--workdir DIR] [--cases a,b,...] [--max-wait 300]
+
+Cases (source -> target; `--cases` takes the short names):
+    jax-torch      vitctl-jax (Orbax params/)            -> vitctl-torch    jax-to-torch
+    jax-timm       vitctl-jax (Orbax params/)            -> timm            jax-to-torch --format timm
+    torch-jax      vitctl-torch (one model.safetensors)  -> vitctl-jax      torch-to-jax
+    shards-jax     vitctl-torch (HF shards + index)      -> vitctl-jax      torch-to-jax
+    npz-torch      big_vision .npz, per-layer keys, fp32 -> vitctl-torch    jax-to-torch
+    npz16-torch    big_vision .npz, per-layer keys, bf16 -> vitctl-torch    jax-to-torch
+    scan-torch     big_vision .npz, scanned (L, ...) fp32 -> vitctl-torch   jax-to-torch
+
+Targets (from the issue): peak RSS < 1 GiB for the 4 GiB checkpoint; throughput >= 0.5x cp.
+
+Synthetic checkpoints. Width 2048, MLP 8192, 16 heads, patch 14 (the `vit22b-1B/14` preset's
+sizes), depth the smallest that makes the parameter bytes >= --size-gib: the ViT-22B-style
+block (`vit22b-1B/14`, parallel, QK-norm, MAP head) for the vitctl-jax and vitctl-torch
+sources, the classic big_vision ViT with the same sizes for the .npz sources (big_vision's
+layout has no parallel block). The largest single tensor is one layer's MLP kernel, D*F*4 =
+64 MiB. A *stacked* (L, D, F) tensor is L times that (1.3-1.5 GiB at 4 GiB). No width and
+depth keep the largest stacked tensor of a 4 GiB model under ~256 MiB: one layer's six
+block kernels (4*D*D + 2*D*F) are at most 6x its largest one, so it is >= 4 GiB / 6.
+Only two places see stacked tensors: Orbax params/ (stored and read in per-layer chunks)
+and the scanned .npz (one zip member per stacked tensor: `scan-torch`). Each source is
+written tensor by tensor, with the project's streaming writers (io.OrbaxWriter,
+io.SafetensorsWriter) or zipfile + numpy.lib.format one member at a time (stored, not
+deflated, as np.savez), from a seeded numpy generator (standard normal: not compressible
+beyond the float exponent bits). The writing runs in a child process, so that this
+process stays small (see "Peak RSS").
+
+Method, per case:
+1. build the source if the previous case did not (deleted after its last case unless --keep);
+2. read every source file once (page cache warm; nothing is dropped: dropping caches is
+   system-wide and other processes share the machine);
+3. `sync`; time `cp -r --reflink=never SRC COPY` (same filesystem), delete the copy;
+4. `sync`; run `vitctl convert ... --json` as a child, timed by wall clock from spawn to
+   exit (imports, planning and writing included), its peak RSS from os.wait4's ru_maxrss;
+   delete the output;
+5. `sync`; time cp again. The cp baseline is the mean of the two cp runs that bracket the
+   conversion, so load from other processes and page-cache state hit both sides alike.
+`sync` before each timed command flushes the previous command's dirty pages, so none
+starts with another's writeback. Then, on this shared machine, a quiet gate waits while
+other processes use more than a quarter of the CPUs (at most --max-wait seconds over the
+whole run); the table shows their share during each conversion all the same. Neither cp
+nor vitctl calls fsync: both times end when the data is in the page cache (the kernel
+still throttles a writer that outruns the disk).
+Throughput (GB/s, 10^9) for both is the source's bytes on disk / seconds, so the ratio vs
+cp is cp seconds / convert seconds. The source's page-cache residency just before the
+conversion is read with fincore where installed.
+
+Peak RSS: os.wait4 returns the child's ru_maxrss (KiB on Linux), the high-water mark of its
+resident memory over its whole life, imports included. Linux counts the memory of the
+process image that exec replaced too, so the child's ru_maxrss is at least this process's
+RSS at spawn (subprocess uses vfork); this process imports only the standard library and
+keeps no tensor (its peak is printed; cp's ru_maxrss in the same run shows that floor). The
+converter's own VmHWM, which it prints in its --json, is shown next to it. Page cache is
+not part of RSS.
+
+--json prints one JSON object {"rows": [{"name", "value", "unit", "baseline", "ratio"}, ...],
+...} (the schema of bench/forward.py) on stdout and nothing else there; progress goes to
+stderr. Nothing asserts on time: a missed target is printed as FAIL and the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GiB, MiB = 2**30, 2**20
+RSS_TARGET = GiB
+SPEED_TARGET = 0.5  # x cp
+WIDTH, MLP_DIM, HEADS, PATCH = 2048, 8192, 16, 14  # vit22b-1B/14's sizes
+SEED = 0
+CONVERT_CODE = ("vitctl/convert", "vitctl/cli", "vitctl/checkpoint.py", "vitctl/config.py", "vitctl/errors.py", "vitctl/posemb.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    key: str
+    source: str  # a key of SOURCES
+    direction: str
+    args: tuple[str, ...]
+    target: str  # for the table
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    label: str
+    preset: str  # the block design; sizes are overridden
+    dtype: str
+    layout: str  # orbax | safetensors | shards | npz | npz-scanned
+
+
+SOURCES = {
+    "jax": SourceKind("vitctl-jax (Orbax params/)", "vit22b-1B/14", "float32", "orbax"),
+    "torch": SourceKind("vitctl-torch (model.safetensors)", "vit22b-1B/14", "float32", "safetensors"),
+    "shards": SourceKind("vitctl-torch (HF shards)", "vit22b-1B/14", "float32", "shards"),
+    "npz": SourceKind("big_vision .npz fp32", "L/14", "float32", "npz"),
+    "npz16": SourceKind("big_vision .npz bf16", "L/14", "bfloat16", "npz"),
+    "scan": SourceKind("big_vision .npz scanned fp32", "L/14", "float32", "npz-scanned"),
+}
+CASES = [
+    Case("jax-torch", "jax", "jax-to-torch", (), "vitctl-torch"),
+    Case("jax-timm", "jax", "jax-to-torch", ("--format", "timm"), "timm"),
+    Case("torch-jax", "torch", "torch-to-jax", (), "vitctl-jax"),
+    Case("shards-jax", "shards", "torch-to-jax", (), "vitctl-jax"),
+    Case("npz-torch", "npz", "jax-to-torch", (), "vitctl-torch"),
+    Case("npz16-torch", "npz16", "jax-to-torch", (), "vitctl-torch"),
+    Case("scan-torch", "scan", "jax-to-torch", (), "vitctl-torch"),
+]
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- building (child process)
+def _bench_config(kind: SourceKind, size_bytes: int):
+    """The source's ViTConfig: the preset's block at WIDTH/MLP_DIM/HEADS, the smallest depth with >= size_bytes."""
+    import numpy as np
+
+    from vitctl.config import ViTConfig
+    from vitctl.convert.mapping import jax_param_shapes
+
+    itemsize = 2 if kind.dtype == "bfloat16" else 4
+
+    def cfg(depth: int) -> ViTConfig:
+        return ViTConfig.from_variant(kind.preset, width=WIDTH, mlp_dim=MLP_DIM, num_heads=HEADS, patch_size=PATCH, depth=depth,
+                                      param_dtype=kind.dtype)  # fmt: skip
+
+    def nbytes(depth: int) -> int:
+        return sum(int(np.prod(s)) for s in jax_param_shapes(cfg(depth)).values()) * itemsize
+
+    per_layer = nbytes(2) - nbytes(1)
+    depth = max(1, math.ceil((size_bytes - (nbytes(1) - per_layer)) / per_layer))
+    return cfg(depth)
+
+
+def _random(rng, shape, dtype):
+    import ml_dtypes
+    import numpy as np
+
+    w = rng.standard_normal(shape, dtype=np.float32)
+    return w.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else w
+
+
+def build(kind_key: str, path: Path, size_bytes: int) -> dict:
+    """Writes one synthetic source at `path`, one tensor at a time; returns its description."""
+    import ml_dtypes
+    import numpy as np
+
+    from vitctl import checkpoint as ckpt
+    from vitctl.convert import big_vision, io
+    from vitctl.convert.mapping import jax_param_shapes, rename
+
+    kind = SOURCES[kind_key]
+    cfg = _bench_config(kind, size_bytes)
+    rng = np.random.default_rng(SEED)
+    per_layer = jax_param_shapes(cfg, stacked=False)
+    dt = np.dtype(np.float32) if kind.dtype == "float32" else np.dtype(ml_dtypes.bfloat16)
+    itemsize = dt.itemsize
+    largest_stored = 0
+    provenance = {"source_format": "synthetic", "created_by": "bench/convert.py", "seed": SEED}
+    if kind.layout == "orbax":
+        path.mkdir()
+        specs = [(n, s, dt) for n, s in per_layer.items()]
+        writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES)
+        for n, s, _ in specs:
+            writer.write(n, _random(rng, s, kind.dtype))
+        writer.close()
+        ckpt.write_config(path, cfg, provenance)
+        largest_stored = ckpt.CHUNK_BYTES
+    elif kind.layout in ("safetensors", "shards"):
+        path.mkdir()
+        specs = []
+        for n, s in per_layer.items():
+            tname, layout = rename(n, "jax")
+            specs.append((tname, tuple(layout.to_torch(np.broadcast_to(np.uint8(0), s)).shape), dt, n))
+        total = sum(math.prod(s) for _, s, _, _ in specs) * itemsize
+        max_shard = math.ceil(total / 4) if kind.layout == "shards" else None  # 4-5 shards
+        writer = io.SafetensorsWriter(path, [sp[:3] for sp in specs], max_shard, {"format": "pt"})
+        for tname, s, _, _ in specs:
+            writer.write(tname, _random(rng, s, kind.dtype))
+        writer.close()
+        ckpt.write_config(path, cfg, provenance)
+    else:  # big_vision .npz: zip (stored) of .npy members in big_vision's key layout
+        import zipfile
+
+        if kind.layout == "npz":
+            members = [(big_vision.to_big_vision(n), s, None) for n, s in per_layer.items()]
+        else:  # scanned: Transformer/encoderblock/... with a leading depth axis, written one layer at a time
+            members = []
+            for n, s in jax_param_shapes(cfg, stacked=True).items():
+                if n.startswith("blocks/"):
+                    bv = big_vision.to_big_vision(n.replace("blocks/", "blocks/0/", 1)).replace("encoderblock_0/", "encoderblock/")
+                    members.append((bv, s, s[0]))
+                else:
+                    members.append((big_vision.to_big_vision(n), s, None))
+        assert all(m[0] for m in members), "a tensor without a big_vision name"
+        stored = np.dtype("V2") if kind.dtype == "bfloat16" else dt  # np.save writes bfloat16 as raw 2-byte void
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, shape, layers in members:
+                header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": tuple(shape)}
+                with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_1_0(f, header)
+                    for _ in range(layers or 1):
+                        w = _random(rng, shape[1:] if layers else shape, kind.dtype)
+                        f.write(w.view(np.uint8).reshape(-1))
+                largest_stored = max(largest_stored, math.prod(shape) * itemsize)
+    tensor_bytes = sum(math.prod(s) for s in per_layer.values()) * itemsize
+    largest = max(math.prod(s) for s in per_layer.values()) * itemsize
+    stacked = max(math.prod(s) for s in jax_param_shapes(cfg, stacked=True).values()) * itemsize
+    return {
+        "config": f"{kind.preset} block, width {cfg.width}, depth {cfg.depth}, mlp {cfg.mlp_dim}, heads {cfg.num_heads}, "
+        f"patch {cfg.patch_size}, {cfg.block}, pool {cfg.pool}, {kind.dtype}",
+        "depth": cfg.depth, "tensors": len(per_layer), "tensor_bytes": tensor_bytes, "largest_tensor_bytes": largest,
+        "largest_stacked_bytes": stacked, "largest_stored_unit_bytes": largest_stored or largest,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- measuring (this process: stdlib only)
+def disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def files_of(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def warm(path: Path) -> float:
+    """Reads every file once (into a 1 MiB buffer): the source is then in the page cache, as far as memory allows."""
+    t0 = time.perf_counter()
+    buf = bytearray(MiB)
+    for p in files_of(path):
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def cached_fraction(path: Path) -> float | None:
+    """Share of the source's bytes in the page cache (fincore), or None without fincore."""
+    if not shutil.which("fincore"):
+        return None
+    files = files_of(path)
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, files)],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    res = size = 0
+    for line in out.split("\n"):
+        if line.strip():
+            r, s = line.split()
+            res, size = res + int(r), size + int(s)
+    return res / size if size else None
+
+
+def _cpu_jiffies() -> tuple[float, float] | None:
+    try:
+        f = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    f += [0.0] * 8
+    return f[0] + f[1] + f[2] + f[5] + f[6] + f[7], sum(f[:8])  # busy (+ steal), total
+
+
+def others_busy(window: float = 0.5) -> float | None:
+    """Share of all CPUs that other processes used over `window` seconds (this process's own time subtracted)."""
+    j0, m0 = _cpu_jiffies(), time.process_time()
+    time.sleep(window)
+    j1, m1 = _cpu_jiffies(), time.process_time()
+    if not j0 or not j1 or j1[1] <= j0[1]:
+        return None
+    return max(0.0, (j1[0] - j0[0]) - (m1 - m0) * os.sysconf("SC_CLK_TCK")) / (j1[1] - j0[1])
+
+
+class QuietGate:
+    """Before a timed command, waits (up to `budget_s` over the whole run) while other processes use
+    more than `threshold` of the CPUs: on a shared 2-core machine a test run next door halves our share."""
+
+    def __init__(self, budget_s: float, threshold: float = 0.25):
+        self.budget_s, self.threshold = budget_s, threshold
+        self.waited_s, self.busy_starts, self.calls = 0.0, 0, 0
+
+    def wait(self) -> None:
+        self.calls += 1
+        while True:
+            busy = others_busy()
+            if busy is None or busy < self.threshold:
+                return
+            if self.waited_s >= self.budget_s:
+                self.busy_starts += 1
+                return
+            time.sleep(2.0)
+            self.waited_s += 2.5
+
+    def describe(self) -> str:
+        return (f"waited {self.waited_s:.0f} s (budget {self.budget_s:.0f} s) for other processes to go quiet; "
+                f"{self.busy_starts} of {self.calls} timed commands started while others used >{100 * self.threshold:.0f}% of the CPUs")  # fmt: skip
+
+
+@dataclasses.dataclass
+class Run:
+    seconds: float
+    maxrss_bytes: int
+    exit_code: int
+    cpu_seconds: float  # user + sys of the child
+    others_cpu_frac: float | None  # share of all CPUs used by other processes meanwhile
+    stdout: str
+    stderr: str
+
+
+def timed(cmd: list[str], workdir: Path, timeout: float | None = None) -> Run:
+    """Runs cmd as a child; wall seconds from spawn to exit, and its rusage from os.wait4."""
+    out_path, err_path = workdir / ".bench-stdout", workdir / ".bench-stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        j0 = _cpu_jiffies()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, ru = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        seconds = time.perf_counter() - t0
+        j1 = _cpu_jiffies()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    cpu = ru.ru_utime + ru.ru_stime
+    others = None
+    if j0 and j1 and j1[1] > j0[1]:
+        hz = os.sysconf("SC_CLK_TCK")
+        others = max(0.0, (j1[0] - j0[0]) - cpu * hz) / (j1[1] - j0[1])
+    text = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+    out_path.unlink()
+    err_path.unlink()
+    return Run(seconds, ru.ru_maxrss * 1024, proc.returncode, cpu, others, *text)
+
+
+def cp_once(src: Path, copy: Path, workdir: Path, gate: QuietGate, runs: list[Run]) -> None:
+    """One timed `cp -r` of the source to a sibling (a real data copy, no reflink); the copy is deleted untimed."""
+    os.sync()
+    gate.wait()
+    r = timed(["cp", "-r", "--reflink=never", str(src), str(copy)], workdir)
+    if r.exit_code:
+        raise SystemExit(f"cp failed: {r.stderr}")
+    remove(copy)
+    runs.append(r)
+    log(f"  cp: {r.seconds:.1f} s")
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def vitctl_command() -> list[str]:
+    script = Path(sys.executable).parent / "vitctl"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("vitctl")
+    return [found] if found else [sys.executable, "-m", "vitctl"]
+
+
+def self_peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def code_version() -> str:
+    """The commit under test, and whether the code `vitctl convert` runs differs from it (best effort: '' outside a git checkout)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", *CONVERT_CODE], check=True, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head.stdout.strip() + (" + uncommitted changes in " + ", ".join(CONVERT_CODE) if dirty.stdout.strip() else "")
+
+
+def pick_workdir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    candidates = [Path(tempfile.gettempdir()), Path("/var/tmp"), Path.cwd(), REPO_ROOT.parent, Path.home()]
+    best, free, seen = None, -1, set()
+    for c in candidates:
+        try:
+            st = c.stat()
+            if st.st_dev in seen or not os.access(c, os.W_OK):
+                continue
+            seen.add(st.st_dev)
+            f = shutil.disk_usage(c).free
+        except OSError:
+            continue
+        if f > free:
+            best, free = c, f
+    return best or Path(tempfile.gettempdir())
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    source: dict  # build()'s description + disk bytes
+    convert: Run
+    cps: list[Run]
+    summary: dict  # the converter's --json
+    cached: float | None
+
+    @property
+    def cp_seconds(self) -> float:
+        return sum(r.seconds for r in self.cps) / len(self.cps)
+
+    @property
+    def ratio(self) -> float:
+        return self.cp_seconds / self.convert.seconds
+
+    @property
+    def gbps(self) -> float:
+        return self.source["disk_bytes"] / self.convert.seconds / 1e9
+
+    @property
+    def cp_gbps(self) -> float:
+        return self.source["disk_bytes"] / self.cp_seconds / 1e9
+
+    @property
+    def rss_ok(self) -> bool:
+        return self.convert.maxrss_bytes < RSS_TARGET
+
+    @property
+    def speed_ok(self) -> bool:
+        return self.ratio >= SPEED_TARGET
+
+
+def fmt_gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
+    print(title)
+    for r in [columns, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+
+
+def json_row(name: str, value: float, unit: str, baseline: str | None = None, ratio: float | None = None) -> dict:
+    """One row of the bench JSON schema (as bench/forward.py)."""
+    return {"name": name, "value": round(value, 4), "unit": unit, "baseline": baseline, "ratio": None if ratio is None else round(ratio, 4)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-gib", type=float, default=4.0, help="parameter bytes of each synthetic checkpoint, at least (default 4)")
+    p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} on stdout, nothing else there')
+    p.add_argument("--keep", action="store_true", help="keep the synthetic sources (not the outputs) and print where they are")
+    p.add_argument("--workdir", help="where to write (default: a temp dir on the filesystem with the most free space)")
+    p.add_argument("--cases", default=",".join(c.key for c in CASES), help="comma-separated subset of: " + ", ".join(c.key for c in CASES))
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per conversion (default 3600)")
+    p.add_argument(
+        "--max-wait",
+        type=float,
+        default=300,
+        help="seconds, over the whole run, to wait for other processes to leave the CPUs before timed commands (default 300)",
+    )
+    p.add_argument("--build", nargs=3, metavar=("KIND", "PATH", "BYTES"), help=argparse.SUPPRESS)  # the builder child
+    args = p.parse_args(argv)
+
+    if args.build:  # child: write one source, print its description
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        kind, path, nbytes = args.build
+        print(json.dumps(build(kind, Path(path), int(nbytes))))
+        return 0
+
+    keys = [k.strip() for k in args.cases.split(",") if k.strip()]
+    unknown = sorted(set(keys) - {c.key for c in CASES})
+    if unknown or not keys:
+        p.error(f"unknown case(s) {unknown}; choose from {', '.join(c.key for c in CASES)}")
+    cases = [c for c in CASES if c.key in keys]
+    size = int(args.size_gib * GiB)
+    if size <= 0:
+        p.error("--size-gib must be positive")
+
+    base = pick_workdir(args.workdir)
+    base.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(base).free
+    n_sources = len({c.source for c in cases})
+    need = (n_sources + 2) * size if args.keep else 3 * size  # sources (or the current one) + a cp copy + an output
+    if free < need:
+        print(f"Error: {base} has {free / GiB:.1f} GiB free; this run needs {need / GiB:.1f} GiB "
+              f"({'every source kept' if args.keep else 'one source'} + a cp copy + a converted output)", file=sys.stderr)  # fmt: skip
+        print("hint: pass --workdir on a larger filesystem, a smaller --size-gib, fewer --cases, or drop --keep", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="vitctl-bench-convert-", dir=base))
+    log(f"workdir {workdir} ({free / GiB:.0f} GiB free); checkpoints of >= {args.size_gib:g} GiB; cases: {', '.join(keys)}")
+
+    vitctl = vitctl_command()
+    gate = QuietGate(args.max_wait)
+    results: list[Result] = []
+    failures: list[str] = []
+    built: dict[str, tuple[Path, dict]] = {}
+    last_use = {c.source: c.key for c in cases}
+    try:
+        for case in cases:
+            kind = SOURCES[case.source]
+            if case.source not in built:
+                src = workdir / (f"src-{case.source}.npz" if kind.layout.startswith("npz") else f"src-{case.source}")
+                log(f"build {kind.label} at {src} ...")
+                t0 = time.perf_counter()
+                b = subprocess.run(
+                    [sys.executable, __file__, "--build", case.source, str(src), str(size)], check=False, capture_output=True, text=True
+                )
+                if b.returncode:
+                    print(b.stderr, file=sys.stderr)
+                    raise SystemExit(f"building {kind.label} failed (exit {b.returncode})")
+                info = json.loads(b.stdout.strip().splitlines()[-1])
+                info["disk_bytes"] = disk_bytes(src)
+                info["build_seconds"] = time.perf_counter() - t0
+                log(f"  {info['config']}: {info['tensor_bytes'] / GiB:.2f} GiB of tensors, {info['disk_bytes'] / GiB:.2f} GiB on disk, "
+                    f"{info['build_seconds']:.0f} s")  # fmt: skip
+                built[case.source] = (src, info)
+            src, info = built[case.source]
+            dst, copy = workdir / f"out-{case.key}", workdir / f"cp-{case.source}"
+
+            log(f"{case.key}: warm the page cache ({warm(src):.1f} s) ...")
+            cps = []
+
+            cp_once(src, copy, workdir, gate, cps)
+            cached = cached_fraction(src)
+            os.sync()
+            gate.wait()
+            cmd = [*vitctl, "convert", case.direction, str(src), str(dst), *case.args, "--json"]
+            log(f"  {' '.join(cmd[len(vitctl) - 1 :])} ...")
+            run = timed(cmd, workdir, args.timeout)
+            remove(dst)
+            if run.exit_code:
+                failures.append(f"{case.key}: exit {run.exit_code}: {run.stderr.strip()[-2000:]}")
+                log(f"  FAILED (exit {run.exit_code})")
+                cp_once(src, copy, workdir, gate, cps)
+                continue
+            summary = json.loads(run.stdout)
+            log(f"  convert: {run.seconds:.1f} s, peak RSS {run.maxrss_bytes / MiB:.0f} MiB "
+                f"(its own VmHWM {summary.get('peak_rss_bytes', 0) / MiB:.0f} MiB)")  # fmt: skip
+            cp_once(src, copy, workdir, gate, cps)
+            results.append(Result(case, info, run, cps, summary, cached))
+            if last_use[case.source] == case.key and not args.keep:
+                remove(src)
+    finally:
+        if args.keep:
+            for p_ in workdir.glob("out-*"):
+                remove(p_)
+            log(f"kept the sources in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    parent_peak = self_peak_rss()
+    version = code_version()
+    method = (
+        "per case: read the source once (warm page cache, none dropped); sync; cp -r --reflink=never (same filesystem); "
+        "sync; vitctl convert ... --json as a child (wall time spawn to exit, imports included; peak RSS = os.wait4 ru_maxrss); "
+        "sync; cp again. cp baseline = mean of the two bracketing cp runs. GB/s = source bytes on disk / s (10^9), "
+        "so ratio vs cp = cp s / convert s. No fsync on either side. Before each timed command, a quiet gate (see notes)."
+    )
+    notes = [
+        gate.describe(),
+        f"this process's peak RSS: {parent_peak / MiB:.0f} MiB (a floor of every child's ru_maxrss: Linux counts the image exec replaced)",
+        "largest single tensor 64 MiB (one layer's D x F kernel); stacked (L, D, F) sizes per source in `sources`",
+    ]
+    rows: list[dict] = []
+    table: list[list[str]] = []
+    for r in results:
+        name = f"{r.case.key} ({SOURCES[r.case.source].label} -> {r.case.target})"
+        rows.append(json_row(f"{name} GB/s", r.gbps, "GB/s", f"cp {r.case.source} GB/s", r.ratio))
+        rows.append(json_row(f"cp {r.case.source} GB/s", r.cp_gbps, "GB/s"))
+        rows.append(json_row(f"{name} seconds", r.convert.seconds, "s", f"cp {r.case.source} seconds", r.convert.seconds / r.cp_seconds))
+        rows.append(
+            json_row(f"{name} peak RSS", r.convert.maxrss_bytes / MiB, "MiB", "target 1024 MiB", r.convert.maxrss_bytes / RSS_TARGET)
+        )
+        rss = r.convert.maxrss_bytes
+        table.append([
+            r.case.key, f"{SOURCES[r.case.source].label} -> {r.case.target}", fmt_gib(r.source["tensor_bytes"]), fmt_gib(r.source["disk_bytes"]),
+            f"{r.convert.seconds:.1f}", f"{r.convert.cpu_seconds:.0f}", f"{r.gbps:.2f}", f"{r.cp_seconds:.1f}", f"{r.cp_gbps:.2f}", f"{r.ratio:.2f}x",
+            f"{rss / MiB:.0f}", f"{r.summary.get('peak_rss_bytes', 0) / MiB:.0f}",
+            f"{r.summary.get('estimated_peak_bytes', 0) / MiB:.0f}",
+            "-" if r.cached is None else f"{100 * r.cached:.0f}%",
+            "-" if r.convert.others_cpu_frac is None else f"{100 * r.convert.others_cpu_frac:.0f}%",
+            "pass" if rss < RSS_TARGET else "FAIL", "pass" if r.speed_ok else "FAIL",
+        ])  # fmt: skip
+    sources = {k: v[1] for k, v in built.items()}
+    details = [
+        {"case": r.case.key, "convert_seconds": round(r.convert.seconds, 3), "convert_cpu_seconds": round(r.convert.cpu_seconds, 1),
+         "cp_seconds": [round(c.seconds, 3) for c in r.cps], "cp_cpu_seconds": [round(c.cpu_seconds, 2) for c in r.cps], "cp_maxrss_bytes": [c.maxrss_bytes for c in r.cps],
+         "maxrss_bytes": r.convert.maxrss_bytes, "vmhwm_bytes": r.summary.get("peak_rss_bytes"),
+         "run_seconds": r.summary.get("seconds"), "source_cached_before": r.cached,
+         "others_cpu_frac": r.convert.others_cpu_frac, "cp_others_cpu_frac": [c.others_cpu_frac for c in r.cps],
+         "rss_target": "pass" if r.rss_ok else "fail", "speed_target": "pass" if r.speed_ok else "fail"}
+        for r in results
+    ]  # fmt: skip
+    if args.json:
+        print(json.dumps({"rows": rows, "settings": {"size_gib": args.size_gib, "method": method, "cp": "cp -r --reflink=never",
+                                                     "cpus": os.cpu_count(), "vitctl_commit": version, "workdir": str(base)},
+                          "sources": sources, "cases": details, "notes": notes, "failures": failures}))  # fmt: skip
+        return 0
+
+    print(f"vitctl convert benchmark (bench/convert.py), checkpoints of >= {args.size_gib:g} GiB, {os.cpu_count()} CPUs, workdir {base}")
+    print(f"  vitctl: {version or 'unknown commit'}; {' '.join(vitctl)}")
+    print(f"  method: {method}")
+    for k, v in sources.items():
+        print(f"  source {k}: {v['config']}; {v['tensors']} tensors, largest {v['largest_tensor_bytes'] / MiB:.0f} MiB, "
+              f"largest stacked {v['largest_stacked_bytes'] / MiB:.0f} MiB, largest stored unit {v['largest_stored_unit_bytes'] / MiB:.0f} MiB; "
+              f"built in {v['build_seconds']:.0f} s")  # fmt: skip
+    print()
+    print_table(
+        f"Targets: peak RSS < {RSS_TARGET / MiB:.0f} MiB, throughput >= {SPEED_TARGET}x cp",
+        ["case", "source -> target", "GiB", "GiB disk", "conv s", "CPU s", "GB/s", "cp s", "cp GB/s", "vs cp", "peak RSS MiB",
+         "VmHWM MiB", "est. MiB", "src cached", "others CPU", "RSS", "speed"],
+        table,
+    )  # fmt: skip
+    print()
+    print("  GiB: parameter bytes; GiB disk: source files (Orbax is zstd-compressed). GB/s: source bytes on disk / s.")
+    print("  CPU s: user + sys seconds of the vitctl child (all its threads), from os.wait4.")
+    print("  peak RSS: os.wait4 ru_maxrss of the vitctl child; VmHWM / est.: what the converter itself reports / planned.")
+    print("  src cached: source bytes in the page cache before the conversion (fincore); others CPU: other processes' share")
+    print("  of all CPUs during the conversion.")
+    for n in notes:
+        print(f"  note: {n}")
+    for f in failures:
+        print(f"  FAILED {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
