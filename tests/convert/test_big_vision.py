@@ -10,7 +10,9 @@ jax_default_matmul_precision="highest" (conftest).
 
 import dataclasses
 import functools
+import gc
 import io
+import weakref
 import zipfile
 
 import ml_dtypes
@@ -384,6 +386,8 @@ def test_each_member_is_read_once(saved, monkeypatch):
     reads = []
     original = bv.NpzReader.read
     monkeypatch.setattr(bv.NpzReader, "read", lambda self, key: reads.append(key) or original(self, key))
+    layers = bv.NpzReader.iter_layers
+    monkeypatch.setattr(bv.NpzReader, "iter_layers", lambda self, key: reads.append(key) or layers(self, key))
     p = bv.plan(path)
     assert reads == []  # planning reads no data
     names = [n for n, _ in bv.iter_jax_tensors(path)]
@@ -402,3 +406,91 @@ def test_key_table_covers_every_vitctl_tensor_both_ways(kw):
     assert bv.to_vitctl("Transformer/encoderblock_3/MultiHeadDotProductAttention_0/out/kernel") == "blocks/3/attn_out/kernel"
     assert bv.to_vitctl("MAPHead_0/MlpBlock_0/Dense_1/bias") == "map_head/mlp_out/bias"
     assert bv.to_vitctl("embedding/scale") is None and bv.to_big_vision("blocks/0/q_norm/scale") is None
+
+
+class _TrackingReader(bv.NpzReader):
+    """Records a weak reference to every array it hands out, and which are still alive at each read."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.handed, self.alive_at_read = [], []
+
+    def _note(self, key):
+        gc.collect()
+        self.alive_at_read.append((key, [k for k, r in self.handed if r() is not None]))
+
+    def read(self, key):
+        self._note(key)
+        array = super().read(key)
+        self.handed.append((key, weakref.ref(array.base if array.base is not None else array)))
+        return array
+
+    def iter_layers(self, key):
+        self._note(key)
+        for w in super().iter_layers(key):
+            self.handed.append((key, weakref.ref(w.base if w.base is not None else w)))
+            yield w
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["per-layer", "scanned"])
+def test_at_most_one_member_is_alive(saved, scan):
+    path = saved(scan=scan)
+    p = bv.plan(path)
+    with _TrackingReader(path) as r:
+        it = p.iter_tensors(r)
+        n = 0
+        while (item := next(it, None)) is not None:  # the consumer drops each tensor before asking for the next
+            n += 1
+            del item
+        assert n == len(p.entries)
+        assert r.alive_at_read and all(alive == [] for _, alive in r.alive_at_read), r.alive_at_read
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_iter_layers_matches_np_load(tmp_path, compressed):
+    rng = np.random.default_rng(1)
+    arrays = {
+        "f32": rng.normal(size=(5, 3, 4)).astype(np.float32),
+        "bf16": rng.normal(size=(4, 6)).astype(BF16),
+        "big_endian": rng.normal(size=(3, 2)).astype(">f4"),
+        "fortran": np.asfortranarray(rng.normal(size=(3, 5)).astype(np.float32)),
+        "empty": np.zeros((0, 3), np.float32),
+    }
+    path = tmp_path / "x.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    with bv.open_npz(path) as r:
+        for k, v in arrays.items():
+            got = list(r.iter_layers(k))
+            assert len(got) == v.shape[0]
+            for i, g in enumerate(got):
+                assert g.flags.c_contiguous and g.shape == v.shape[1:]
+                assert g.dtype == (BF16 if k == "bf16" else v.dtype.newbyteorder("="))
+                assert g.tobytes() == np.ascontiguousarray(v[i]).astype(g.dtype).tobytes()
+
+
+def test_scanned_member_is_read_per_layer(saved, monkeypatch):
+    path = saved(scan=True)
+    with bv.open_npz(path) as r:
+        key = "Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+        (L, *rest), _ = r.header(key)
+        sizes = []
+        original = bv.NpzReader._pread_into
+        monkeypatch.setattr(bv.NpzReader, "_pread_into", lambda self, k, fd, buf, *a: sizes.append(len(buf)) or original(self, k, fd, buf, *a))
+        layers = list(r.iter_layers(key))
+        assert len(layers) == L and sizes == [int(np.prod(rest)) * 4] * L  # one layer's bytes per read, never the stack
+        with np.load(path) as z:
+            assert np.array_equal(np.stack(layers), z[key])
+
+
+def test_corrupt_scanned_member_fails_after_its_last_layer(saved):
+    path = saved(scan=True)
+    key = "Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(key + ".npy")
+    data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF  # in layer 0's data
+    path.write_bytes(bytes(data))
+    with bv.open_npz(path) as r, pytest.raises(CheckpointError, match=rf"member '{key}': Bad CRC-32"):
+        list(r.iter_layers(key))
+    with pytest.raises(CheckpointError, match=rf"member '{key}': Bad CRC-32"):
+        dict(bv.plan(path).iter_tensors())

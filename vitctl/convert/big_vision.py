@@ -27,9 +27,13 @@ and utils.py):
 
 Reading: `np.load` on an `.npz` ignores `mmap_mode` and a naive `dict(np.load(...))` holds the
 whole checkpoint in memory (numpy#28795). `NpzReader` reads every member's `.npy` header (shape,
-dtype) without its data (zipfile reads the first 4 KiB), and one member's data only when asked. A scanned member is one stacked
-tensor (L, ...): reading one layer of it reads all L layers, so `Plan.iter_tensors` yields the L
-slices of a member back to back and the peak memory is the largest stacked tensor, not the file.
+dtype) without its data (zipfile reads the first 4 KiB), and one member's data only when asked.
+A stored member (np.savez does not compress) is read with positioned reads at its data offset
+straight into the result, its zip CRC-32 computed over the same bytes (zlib releases the GIL).
+A scanned member is one stacked tensor (L, ...); stored in C order, layer i is the next
+contiguous run of its bytes, so `NpzReader.iter_layers` reads it one layer at a time (the CRC
+accumulates and is checked after the last layer) and the peak memory is one layer. A deflated
+(np.savez_compressed) or Fortran-order member is read whole and its layers are views of it.
 
 Public API: `open_npz`, `NpzReader`, `resolve_prefix`, `infer_config`, `plan` -> `Plan`
 (entries, shapes, `iter_tensors`), `iter_jax_tensors`, `to_vitctl`, `to_big_vision`.
@@ -41,7 +45,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import struct
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -175,8 +181,116 @@ class NpzReader:
         """{key: (shape, dtype)} for every member, reading no array data."""
         return {key: self.header(key) for key in self._members}
 
+    def _stored_span(self, key: str, f, h: _Header, data_start: int) -> int | None:
+        """The file offset of a stored (uncompressed, unencrypted) member's first array byte, else None."""
+        info = self._members[key]
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or h.fortran:
+            return None
+        with open(self.path, "rb") as raw:
+            local = os.pread(raw.fileno(), 30, info.header_offset)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None  # let zipfile report it
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        return info.header_offset + 30 + name_len + extra_len + data_start
+
+    def _finish(self, flat: np.ndarray, h: _Header, shape: tuple[int, ...]) -> np.ndarray:
+        if not h.stored.isnative:
+            flat = flat.byteswap(inplace=True).view(h.stored.newbyteorder("="))
+        if h.stored.kind == "V":
+            flat = flat.view(BFLOAT16)  # big_vision's recover_dtype: same bits, no float32 detour
+        if h.fortran:
+            return np.ascontiguousarray(flat.reshape(shape[::-1]).T)
+        return flat.reshape(shape)
+
+    def _open_stored(self, key: str):
+        """(header, fd, first array byte's offset, CRC-32 of the .npy header) of a stored member, or (header, None, ...)."""
+        f, h = self._open_at_data(key)
+        with f:
+            data_start = f.tell()
+            offset = self._stored_span(key, f, h, data_start)
+        if offset is None:
+            return h, None, 0, 0
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            head = os.pread(fd, data_start, offset - data_start)
+        except OSError:
+            os.close(fd)
+            raise
+        return h, fd, offset, zlib.crc32(head)
+
+    def _pread_into(self, key: str, fd: int, buf: memoryview, offset: int, crc: int, done: int, total: int) -> int:
+        """Fills `buf` from the file at `offset` (positioned reads, no intermediate copy); returns the running CRC-32."""
+        pos = 0
+        try:
+            while pos < len(buf):
+                n = os.preadv(fd, [buf[pos : pos + self.CHUNK]], offset + pos)
+                if not n:
+                    raise EOFError(f"data ends after {done + pos} of {total} bytes")
+                crc = zlib.crc32(buf[pos : pos + n], crc)  # releases the GIL on large buffers
+                pos += n
+        except OSError as e:
+            raise self._error(key, str(e)) from None
+        except EOFError as e:
+            raise self._error(key, str(e)) from None
+        return crc
+
+    def _check_crc(self, key: str, crc: int) -> None:
+        if crc != self._members[key].CRC:
+            raise self._error(key, f"Bad CRC-32 for file '{self._members[key].filename}'")
+
     def read(self, key: str) -> np.ndarray:
-        """One member's array, read in chunks straight into the result (CRC-checked)."""
+        """One member's array, read straight into the result (CRC-checked).
+
+        A stored (np.savez) member is read with positioned reads at its data offset into the
+        result's buffer, its CRC-32 computed over those bytes; a deflated one goes through zipfile.
+        """
+        h, fd, offset, crc = self._open_stored(key)
+        if fd is None:
+            return self._read_zipfile(key)
+        try:
+            flat = np.empty(math.prod(h.shape), dtype=h.stored)
+            buf = memoryview(flat.view(np.uint8))
+            crc = self._pread_into(key, fd, buf, offset, crc, 0, len(buf))
+        finally:
+            os.close(fd)
+        self._check_crc(key, crc)
+        return self._finish(flat, h, h.shape)
+
+    def iter_layers(self, key: str) -> Iterator[np.ndarray]:
+        """The slices [0], [1], ... of a member along its leading axis, one fresh array each.
+
+        A stored C-order member is read one layer at a time (layer i is the next contiguous run
+        of bytes), so memory is one layer, not the stacked tensor; the CRC-32 accumulates over
+        the layers and is checked after the last one (a corrupt member fails only then, after
+        earlier layers were handed out). Deflated or Fortran-order members fall back to one
+        whole-member read, whose slices (views) are yielded.
+        """
+        h, fd, offset, crc = self._open_stored(key)
+        if fd is None or not h.shape:
+            if fd is not None:
+                os.close(fd)
+            array = self.read(key)
+            for i in range(array.shape[0] if array.ndim else 0):
+                yield array[i]
+            return
+        try:
+            layer = math.prod(h.shape[1:])
+            total = math.prod(h.shape) * h.stored.itemsize
+            for i in range(h.shape[0]):
+                flat = np.empty(layer, dtype=h.stored)
+                buf = memoryview(flat.view(np.uint8))
+                crc = self._pread_into(key, fd, buf, offset + i * len(buf), crc, i * len(buf), total)
+                if i == h.shape[0] - 1:
+                    self._check_crc(key, crc)
+                yield self._finish(flat, h, h.shape[1:])
+                del flat, buf
+            if h.shape[0] == 0:
+                self._check_crc(key, crc)
+        finally:
+            os.close(fd)
+
+    def _read_zipfile(self, key: str) -> np.ndarray:
+        """One member through zipfile (deflated members), in chunks straight into the result."""
         f, h = self._open_at_data(key)
         with f:
             flat = np.empty(math.prod(h.shape), dtype=h.stored)
@@ -191,13 +305,7 @@ class NpzReader:
                     raise ValueError("more data than the header describes")
             except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
                 raise self._error(key, str(e)) from None
-        if not h.stored.isnative:
-            flat = flat.byteswap(inplace=True).view(h.stored.newbyteorder("="))
-        if h.stored.kind == "V":
-            flat = flat.view(BFLOAT16)  # big_vision's recover_dtype: same bits, no float32 detour
-        if h.fortran:
-            return np.ascontiguousarray(flat.reshape(h.shape[::-1]).T)
-        return flat.reshape(h.shape)
+        return self._finish(flat, h, h.shape)
 
 
 def open_npz(path: str | Path) -> NpzReader:
@@ -460,17 +568,28 @@ class Plan:
         own = reader is None
         reader = reader or NpzReader(self.path)
         try:
-            key, array = None, None
+            key, array, layers, w = None, None, None, None
             for e in self.entries:
                 if e.key != key:
-                    key, array = e.key, None  # drop the previous member before reading the next
-                    array = reader.read(e.key)
-                w = array if e.index is None else array[e.index]
+                    key, array, layers, w = e.key, None, None, None  # drop the previous member before reading the next
+                    if e.index is None:
+                        array = reader.read(e.key)
+                    else:
+                        layers, expect = reader.iter_layers(e.key), 0
+                if e.index is None:
+                    w = array
+                else:
+                    assert e.index == expect, (e.key, e.index, expect)  # plan() lists a member's layers in order
+                    w, expect = None, expect + 1
+                    w = next(layers, None)
+                    if w is None:
+                        raise CheckpointError(f"{self.path}: member '{e.key}' changed while reading: fewer than {expect} layers")
                 if w.shape != e.shape or w.dtype != e.dtype:
                     raise CheckpointError(
                         f"{self.path}: member '{e.key}' changed while reading: {w.shape} {w.dtype}, planned {e.shape} {e.dtype}"
                     )
                 yield e.name, w
+                w = None
         finally:
             if own:
                 reader.close()
