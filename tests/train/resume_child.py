@@ -12,7 +12,7 @@ import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
 if os.environ.get("VITCTL_TEST_JAX_CACHE"):
@@ -20,8 +20,8 @@ if os.environ.get("VITCTL_TEST_JAX_CACHE"):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-from tests.train import standin  # noqa: E402
-from vitctl.train.loop import TrainConfig, train  # noqa: E402
+from tests.train import standin
+from vitctl.train.loop import TrainConfig, train
 
 
 def main(argv):

@@ -39,7 +39,9 @@ def prepare(images, cfg):
 
 
 class Loader:
-    def __init__(self, data, cfg, batch_size, seed=0, shuffle=True, drop_remainder=True, process_index=0, process_count=1, prefetch=2, epochs=None):
+    def __init__(
+        self, data, cfg, batch_size, seed=0, shuffle=True, drop_remainder=True, process_index=0, process_count=1, prefetch=2, epochs=None
+    ):
         self.data, self.cfg, self.bs, self.seed = data, cfg, batch_size, seed
         self.epoch, self.index = 0, 0
 

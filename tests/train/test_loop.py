@@ -19,10 +19,10 @@ import pytest
 pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 
-from tests.train import standin  # noqa: E402
-from tests.train.resume_child import child_config  # noqa: E402
-from vitctl.config import ViTConfig  # noqa: E402
-from vitctl.errors import ConfigError  # noqa: E402
+from tests.train import standin
+from tests.train.resume_child import child_config
+from vitctl.config import ViTConfig
+from vitctl.errors import ConfigError
 
 MODEL = ViTConfig(width=48, depth=2, mlp_dim=96, num_heads=4, patch_size=4, image_size=16, num_classes=4, head_zero_init=False)
 STEPS, SAVE_EVERY = 6, 2
@@ -76,7 +76,10 @@ def test_objective_schedule_and_decay_mask():
     sig = sum(np.log1p(np.exp(-z)) if y else np.log1p(np.exp(z)) for z, y in zip([2.0, -1.0, 0.5], [1, 0, 0]))
     assert float(optim.objective(logits, labels, 3, loss="sigmoid")) == pytest.approx(sig, rel=1e-6)
     params = {"head": {"kernel": 0, "bias": 0}, "blocks": {"q": {"kernel": 0}, "norm": {"scale": 0}}}
-    assert optim._decay_mask(head=True)(params) == {"head": {"kernel": True, "bias": False}, "blocks": {"q": {"kernel": False}, "norm": {"scale": False}}}
+    assert optim._decay_mask(head=True)(params) == {
+        "head": {"kernel": True, "bias": False},
+        "blocks": {"q": {"kernel": False}, "norm": {"scale": False}},
+    }
     assert optim._decay_mask(head=False)(params)["blocks"] == {"q": {"kernel": True}, "norm": {"scale": False}}
     with pytest.raises(ConfigError, match="unknown optimizer"):
         optim.make_optimizer(lr, "sgd")
@@ -100,7 +103,7 @@ def test_train_config_refuses_unknown_keys(tmp_path):
     f.write_text("steps: 3\nlearning_rate: 0.1\nbatchsize: 4\n")
     with pytest.raises(ConfigError, match="unknown key\\(s\\) in .*: batchsize, learning_rate"):
         load_yaml(f)
-    f.write_text("steps: 3\nlr: 1\n")
+    f.write_text("steps: 3\nwarmup: 1\nlr: 1\n")
     assert TrainConfig.from_dict(load_yaml(f)).lr == 1.0
     with pytest.raises(ConfigError, match="unknown optimizer .sgd."):
         TrainConfig(optimizer="sgd")
@@ -108,7 +111,7 @@ def test_train_config_refuses_unknown_keys(tmp_path):
 
 def test_run_outputs_a_checkpoint_directory(runs):
     from vitctl import checkpoint as ckpt
-    from vitctl.model_jax.model import flat_params, load_flat_params, abstract_model
+    from vitctl.model_jax.model import abstract_model, flat_params, load_flat_params
 
     out, r = runs["root"] / "single", runs["single"]
     assert r["steps"] == STEPS and not r["interrupted"] and 0 <= r["test_accuracy"] <= 1
@@ -169,3 +172,34 @@ def test_resume_after_sigkill_is_bit_identical(runs, tmp_path):
     assert 2 <= latest(out / "state") < STEPS
     subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, check=True, capture_output=True)
     assert losses(out) == losses(root / "single")  # bit-for-bit, every step
+
+
+def test_cli_train_on_digits(tmp_path):
+    """`vitctl train` end to end on the real digits data: YAML + flags, --json summary, config errors exit 2."""
+    pytest.importorskip("sklearn")
+    from typer.testing import CliRunner
+
+    from vitctl.cli import app
+
+    model = tmp_path / "m.json"
+    model.write_text(ViTConfig(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=4, num_classes=10).to_json())
+    yaml_file = tmp_path / "t.yaml"
+    yaml_file.write_text(f"model: {model}\ndata: digits\nsteps: 50\nbatch_size: 16\nstats_every: 0\n")
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 3\n")
+    r = runner.invoke(app, ["train", "--config", str(bad), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "stepz" in str(r.exception)
+    r = runner.invoke(app, ["train", "--config", str(yaml_file), "--out", str(tmp_path / "x"), "--batch-size", "6", "--mesh", "data=4"])
+    assert "does not divide" in str(r.exception) and not (tmp_path / "x").exists()
+    run_dir = tmp_path / "run"
+    r = runner.invoke(
+        app, ["train", "--config", str(yaml_file), "--out", str(run_dir), "--steps", "3", "--warmup", "1", "--lr", "0.003", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert set(summary) == {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out"} and summary["steps"] == 3
+    stored = json.loads((run_dir / "train_config.json").read_text())
+    assert stored["steps"] == 3 and stored["batch_size"] == 16 and stored["model_config"]["image_size"] == 16
+    r = runner.invoke(app, ["train", "--config", str(yaml_file), "--out", str(run_dir)])
+    assert "already exists" in str(r.exception)

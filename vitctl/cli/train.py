@@ -58,7 +58,9 @@ def train(
     seed: Annotated[int | None, _opt("Seed of the init and the data order.", "--seed")] = None,
     save_every: Annotated[int | None, _opt("Save the training state every N steps (0: at the end only).", "--save-every")] = None,
     keep: Annotated[int | None, _opt("Keep the last N training states.", "--keep")] = None,
-    stats_every: Annotated[int | None, _opt("Log per-layer attention max-logit and entropy every N steps (0: never).", "--stats-every")] = None,
+    stats_every: Annotated[
+        int | None, _opt("Log per-layer attention max-logit and entropy every N steps (0: never).", "--stats-every")
+    ] = None,
     image_size: Annotated[int | None, _opt("Model input size (default: from the data).", "--image-size")] = None,
     num_classes: Annotated[int | None, _opt("Classes (default: from the data).", "--num-classes")] = None,
     dtype: Annotated[str | None, _opt("Compute dtype: float32 or bfloat16 (parameters stay float32).", "--dtype")] = None,
@@ -111,6 +113,11 @@ def train(
     acc = summary["test_accuracy"]
     ips = summary["images_per_s"]
     out.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f}s" + (f" ({ips:.0f} images/s)" if ips else ""), markup=False)
-    out.print(f"final loss {summary['final_loss']:.4f}; test accuracy {acc:.4f}" if acc is not None else f"final loss {summary['final_loss']:.4f}", markup=False)
+    out.print(
+        f"final loss {summary['final_loss']:.4f}; test accuracy {acc:.4f}"
+        if acc is not None
+        else f"final loss {summary['final_loss']:.4f}",
+        markup=False,
+    )
     out.print(f"checkpoint: {out_dir}", markup=False)
     err.print(f"next: vitctl convert jax-to-torch {out_dir} {out_dir}-torch", markup=False)

@@ -97,6 +97,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown > self.steps:
+            raise ConfigError(f"warmup {self.warmup} + cooldown {self.cooldown} must be non-negative and at most steps {self.steps}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -198,7 +200,9 @@ class Setup:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abs_state), self.param_shardings
         )
         self.lr_fn = optim.schedule(tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.schedule, tcfg.cooldown)
-        self.tx = optim.make_optimizer(self.lr_fn, tcfg.optimizer, tcfg.weight_decay, tcfg.head_weight_decay, tcfg.clip_norm, tcfg.b1, tcfg.b2)
+        self.tx = optim.make_optimizer(
+            self.lr_fn, tcfg.optimizer, tcfg.weight_decay, tcfg.head_weight_decay, tcfg.clip_norm, tcfg.b1, tcfg.b2
+        )
         repl = NamedSharding(mesh, PartitionSpec())
         shapes = {n: x.shape for n, x in ckpt._flatten(abs_params).items()}
 
@@ -237,7 +241,7 @@ class Setup:
             loss, grads = jax.value_and_grad(loss_fn)(state["params"], images, labels)
             updates, opt = tx.update(grads, state["opt"], state["params"])
             params = optax_apply(state["params"], updates)
-            metrics = {"loss": loss, "grad_norm": optim.optax.global_norm(grads), "lr": lr_fn(state["step"])}
+            metrics = {"loss": loss, "grad_norm": optim.optax.tree.norm(grads), "lr": lr_fn(state["step"])}
             return {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
         self.train_step = jax.jit(
@@ -265,14 +269,26 @@ class Setup:
 
         def init():  # one compiled program, each parameter created in its shard (no full copy on one device)
             with nnx.use_eager_sharding(False):
-                return nnx.to_pure_dict(nnx.state(ViT(self.cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+                # rbg: XLA's RngBitGenerator compiles in a fraction of threefry's time (the
+                # unrolled threefry init of even a tiny model takes ~15 s to compile on CPU).
+                # The numbers therefore differ from `vitctl init --seed` (threefry).
+                return nnx.to_pure_dict(nnx.state(ViT(self.cfg, rngs=nnx.Rngs(params=jax.random.key(seed, impl="rbg"))), nnx.Param))
 
         if getattr(self, "_init", (None,))[0] != seed:  # compiled once per seed (the RNG unrolls into a large program)
-            self._init = (seed, jax.jit(init, out_shardings=self.param_shardings), jax.jit(self.tx.init, out_shardings=self.shardings["opt"]))
+            self._init = (
+                seed,
+                jax.jit(init, out_shardings=self.param_shardings),
+                jax.jit(self.tx.init, out_shardings=self.shardings["opt"]),
+            )
         params = self._init[1]()
         opt = self._init[2](params)
         rng = jax.random.key_data(jax.random.key(seed))
-        return {"params": params, "opt": opt, "step": jax.device_put(np.int32(0), self.shardings["step"]), "rng": jax.device_put(rng, self.shardings["rng"])}
+        return {
+            "params": params,
+            "opt": opt,
+            "step": jax.device_put(np.int32(0), self.shardings["step"]),
+            "rng": jax.device_put(rng, self.shardings["rng"]),
+        }
 
     def put_batch(self, images, labels):
         import jax
@@ -322,7 +338,7 @@ def attention_stats(graphdef, params, images) -> dict[str, Any]:
     gdef, stacked = nnx.split(model.blocks)
     maxes, ents = [], []
     for i, x in enumerate(inputs):
-        block = nnx.merge(gdef, jax.tree.map(lambda a: a[i], stacked))
+        block = nnx.merge(gdef, jax.tree.map(lambda a, i=i: a[i], stacked))
         h = block.norm(x)
         q, k = block.q(h), block.k(h)  # [B, T, N, K]
         if block.q_norm is not None:
@@ -451,7 +467,7 @@ def train(
         cfg = load_config(out)
     else:
         ckpt.check_output(out, force)
-        n, h, w, c = dataset.images.shape
+        _, h, w, _ = dataset.images.shape
         cfg = model_config(tcfg, max(h, w), dataset.num_classes)
     if cfg.num_classes < dataset.num_classes:
         raise ConfigError(f"num_classes {cfg.num_classes} is smaller than the data's {dataset.num_classes} classes")

@@ -81,11 +81,13 @@ def restore(state_dir: str | Path, step: int, abstract_tree: Any) -> tuple[Any, 
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path / 'meta.json'}: {e}", hint="resume from another step, or start afresh with --force") from None
+        raise CheckpointError(
+            f"cannot read {path / 'meta.json'}: {e}", hint="resume from another step, or start afresh with --force"
+        ) from None
     try:
         with _ocp().StandardCheckpointer() as ckptr:
             tree = ckptr.restore(path / "tree", abstract_tree)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (Orbax raises many types; all mean the same to the user)
         raise CheckpointError(
             f"cannot restore the training state {path}: {e}",
             hint="the model, optimizer or loss settings must match the run that wrote it",
