@@ -433,3 +433,14 @@ def test_timm_target(jax_src, tmp_path):
     config = json.loads((tmp_path / "timm" / "config.json").read_text())
     assert config["architecture"] == timm.timm_spec(CFG)["model_name"] and config["model_args"]["depth"] == 3
     assert ckpt.read_checkpoint_config(tmp_path / "timm") == CFG and config["provenance"]["target_format"] == "timm"
+
+
+@pytest.mark.parametrize("tile", [1, 7, 128])
+def test_contiguous_tiles_cover_every_element(tile):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((300, 130, 3), dtype=np.float32)  # edges not multiples of the tile
+    big = rng.standard_normal((1027, 2049), dtype=np.float32)  # > 4 MiB: bands on threads, ragged last band
+    for view in (a.transpose(1, 0, 2), a.transpose(2, 1, 0), a.reshape(300, -1).T, a[::3, ::2], big.T):
+        for dtype in (np.dtype(np.float32), BF16):
+            got = cv.contiguous(view, dtype, tile=tile) if view.size < 10**6 or tile > 1 else cv.contiguous(view, dtype)
+            assert got.tobytes() == np.ascontiguousarray(view).astype(dtype).tobytes()

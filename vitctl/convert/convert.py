@@ -409,13 +409,15 @@ def stream(plan: Plan) -> Iterator[tuple[str, np.ndarray]]:
         del out
 
 
-def contiguous(w: np.ndarray, dtype: np.dtype, rows: int = 16) -> np.ndarray:
+def contiguous(w: np.ndarray, dtype: np.dtype, tile: int = 128) -> np.ndarray:
     """`w` as a C-contiguous array of `dtype`; the cast rounds to nearest even (ml_dtypes for bfloat16).
 
     Layout transforms hand over transposed views. numpy copies those element by element
-    across the whole source (about 100 MB/s here); copying `rows` rows of the view at a
-    time keeps the source lines in cache (3x faster), and casts in the same pass. Large
-    tensors are split between threads (numpy releases the GIL while copying): 2x on 2 cores.
+    across the whole source (about 100 MB/s here); copying `tile` x `tile` blocks of the
+    first two axes keeps both the source and the output lines in cache (2-3x faster than
+    bands of rows), and casts in the same pass. Large tensors are split between threads by
+    bands of rows (numpy releases the GIL while copying): 2x on 2 cores. The result is the
+    same element-wise assignment either way, so bit-exact.
     """
     if w.flags.c_contiguous and w.dtype == dtype:
         return w
@@ -423,13 +425,17 @@ def contiguous(w: np.ndarray, dtype: np.dtype, rows: int = 16) -> np.ndarray:
     if w.ndim < 2 or w.flags.c_contiguous:
         out[...] = w
         return out
+    cols = w.shape[1]
 
     def copy_rows(lo: int, hi: int) -> None:
-        for i in range(lo, hi, rows):
-            out[i : min(i + rows, hi)] = w[i : min(i + rows, hi)]
+        for i in range(lo, hi, tile):
+            r = slice(i, min(i + tile, hi))
+            for j in range(0, cols, tile):
+                c = slice(j, j + tile)
+                out[r, c] = w[r, c]
 
-    parts = min(_COPY_THREADS, max(1, w.nbytes // (4 * 2**20)), w.shape[0] // rows or 1)
-    bounds = [w.shape[0] * k // parts // rows * rows for k in range(parts)] + [w.shape[0]]
+    parts = min(_COPY_THREADS, max(1, w.nbytes // (4 * 2**20)), w.shape[0] // tile or 1)
+    bounds = [w.shape[0] * k // parts // tile * tile for k in range(parts)] + [w.shape[0]]
     if parts == 1:
         copy_rows(0, w.shape[0])
     else:
