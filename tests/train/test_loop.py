@@ -150,6 +150,22 @@ def test_resume_onto_another_mesh(runs):
     np.testing.assert_allclose(losses(out), losses(runs["root"] / "single"), rtol=SHARDED_RTOL, atol=0)
 
 
+def test_sigterm_saves_and_stops(runs):
+    """SIGTERM mid-run: the step finishes, the state is saved, the run returns interrupted."""
+    out = runs["root"] / "terminated"
+
+    def on_log(rec):
+        if rec["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    r = run(out, on_log=on_log)
+    assert r["interrupted"] and r["signal"] == signal.SIGTERM and r["steps"] == 3
+    from vitctl.train.state import latest
+
+    assert latest(out / "state") == 3 and (out / "params").is_dir()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(runs, tmp_path):
     """A run killed with SIGKILL after a checkpoint, resumed, logs exactly the uninterrupted losses."""
@@ -174,6 +190,7 @@ def test_resume_after_sigkill_is_bit_identical(runs, tmp_path):
     assert losses(out) == losses(root / "single")  # bit-for-bit, every step
 
 
+@pytest.mark.slow
 def test_cli_train_on_digits(tmp_path):
     """`vitctl train` end to end on the real digits data: YAML + flags, --json summary, config errors exit 2."""
     pytest.importorskip("sklearn")
@@ -193,13 +210,14 @@ def test_cli_train_on_digits(tmp_path):
     r = runner.invoke(app, ["train", "--config", str(yaml_file), "--out", str(tmp_path / "x"), "--batch-size", "6", "--mesh", "data=4"])
     assert "does not divide" in str(r.exception) and not (tmp_path / "x").exists()
     run_dir = tmp_path / "run"
-    r = runner.invoke(
-        app, ["train", "--config", str(yaml_file), "--out", str(run_dir), "--steps", "3", "--warmup", "1", "--lr", "0.003", "--json"]
-    )
+    args = ["--steps", "3", "--warmup", "1", "--lr", "0.003", "--dtype", "bfloat16", "--remat", "--json"]
+    r = runner.invoke(app, ["train", "--config", str(yaml_file), "--out", str(run_dir), *args])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
+    assert np.isfinite(summary["final_loss"]) and 0 <= summary["test_accuracy"] <= 1
     assert set(summary) == {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out"} and summary["steps"] == 3
     stored = json.loads((run_dir / "train_config.json").read_text())
     assert stored["steps"] == 3 and stored["batch_size"] == 16 and stored["model_config"]["image_size"] == 16
+    assert stored["model_config"]["dtype"] == "bfloat16" and stored["model_config"]["remat"] is True
     r = runner.invoke(app, ["train", "--config", str(yaml_file), "--out", str(run_dir)])
     assert "already exists" in str(r.exception)
