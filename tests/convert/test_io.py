@@ -423,3 +423,19 @@ def test_orbax_writer_waits_for_background_writes_on_abort(tmp_path):
     assert not w._inflight
     with pytest.raises(AssertionError, match="never written"):
         w.close()
+
+
+@pytest.mark.parametrize("read_ahead", [1, 2, 100])
+def test_orbax_reader_reads_ahead_in_order(tmp_path, read_ahead, monkeypatch):
+    pytest.importorskip("tensorstore")
+    cfg = tiny()
+    flat = random_params(cfg)
+    ckpt.save_jax(tmp_path, flat)
+    r = io.OrbaxReader(tmp_path / "params")
+    monkeypatch.setattr(r, "read_ahead", read_ahead)
+    per_layer = dict(unstack(flat, cfg.depth))
+    names = list(per_layer)[::-1]
+    got = list(r.iter_tensors(names))
+    assert [n for n, _ in got] == names
+    assert_bitwise(dict(got), per_layer)
+    assert list(r.iter_tensors([])) == []

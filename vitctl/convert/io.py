@@ -484,14 +484,17 @@ class OrbaxReader:
     def read(self, name: str) -> np.ndarray:
         return self._finish(name, self._start(name))
 
+    read_ahead = 2  # tensors tensorstore reads and decodes while the caller works on the current one
+
     def iter_tensors(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
-        """In the order given, reading one tensor ahead: tensorstore decodes the next while the caller works."""
-        ahead: tuple[str, Any] | None = None
-        for name in [*names, None]:
-            future = self._start(name) if name is not None else None
-            if ahead is not None:
-                yield ahead[0], self._finish(*ahead)
-            ahead = (name, future)
+        """In the order given, reading `read_ahead` tensors ahead: tensorstore decodes them while the caller works."""
+        ahead: collections.deque[tuple[str, Any]] = collections.deque()
+        for name in names:
+            ahead.append((name, self._start(name)))
+            if len(ahead) > self.read_ahead:
+                yield ahead[0][0], self._finish(*ahead.popleft())
+        while ahead:
+            yield ahead[0][0], self._finish(*ahead.popleft())
 
     def _start(self, name: str):
         stacked, i = split_layer(name)
