@@ -494,3 +494,14 @@ def test_corrupt_scanned_member_fails_after_its_last_layer(saved):
         list(r.iter_layers(key))
     with pytest.raises(CheckpointError, match=rf"member '{key}': Bad CRC-32"):
         dict(bv.plan(path).iter_tensors())
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_held_bytes_is_one_layer_of_a_stored_scanned_member(tmp_path, compressed):
+    x = np.zeros((6, 4, 5), np.float32)
+    path = tmp_path / "x.npz"
+    (np.savez_compressed if compressed else np.savez)(path, x=x, s=np.float32(1), e=np.zeros((0, 2), np.float32))
+    with bv.open_npz(path) as r:
+        assert r.held_bytes("x") == x.nbytes
+        assert r.held_bytes("x", per_layer=True) == (x.nbytes if compressed else x[0].nbytes)
+        assert r.held_bytes("s", per_layer=True) == 4 and r.held_bytes("e", per_layer=True) == 0

@@ -238,6 +238,15 @@ class NpzReader:
         if crc != self._members[key].CRC:
             raise self._error(key, f"Bad CRC-32 for file '{self._members[key].filename}'")
 
+    def held_bytes(self, key: str, per_layer: bool = False) -> int:
+        """Bytes held in memory while reading `key`: one layer for a stored C-order member read
+        with `iter_layers` (per_layer=True), else the whole member."""
+        shape, _ = self.header(key)
+        h, info = self._headers[key], self._members[key]
+        total = math.prod(shape) * h.stored.itemsize
+        stored = info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1 and not h.fortran
+        return total // shape[0] if per_layer and stored and shape and shape[0] else total
+
     def read(self, key: str) -> np.ndarray:
         """One member's array, read straight into the result (CRC-checked).
 

@@ -170,7 +170,7 @@ class BigVisionReader:
         self._npz = big_vision.NpzReader(path)
         try:
             self.plan = big_vision.plan(self._npz, cfg, prefix)
-            member = {e.key: math.prod(self._npz.header(e.key)[0]) * e.dtype.itemsize for e in self.plan.entries}
+            member = {e.key: self._npz.held_bytes(e.key, e.index is not None) for e in self.plan.entries}
         except BaseException:
             self._npz.close()
             raise
