@@ -77,6 +77,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
+from _common import QuietGate  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GiB, MiB = 2**30, 2**20
 RSS_TARGET = GiB
@@ -279,41 +282,6 @@ def _cpu_jiffies() -> tuple[float, float] | None:
         return None
     f += [0.0] * 8
     return f[0] + f[1] + f[2] + f[5] + f[6] + f[7], sum(f[:8])  # busy (+ steal), total
-
-
-def others_busy(window: float = 0.5) -> float | None:
-    """Share of all CPUs that other processes used over `window` seconds (this process's own time subtracted)."""
-    j0, m0 = _cpu_jiffies(), time.process_time()
-    time.sleep(window)
-    j1, m1 = _cpu_jiffies(), time.process_time()
-    if not j0 or not j1 or j1[1] <= j0[1]:
-        return None
-    return max(0.0, (j1[0] - j0[0]) - (m1 - m0) * os.sysconf("SC_CLK_TCK")) / (j1[1] - j0[1])
-
-
-class QuietGate:
-    """Before a timed command, waits (up to `budget_s` over the whole run) while other processes use
-    more than `threshold` of the CPUs: on a shared 2-core machine a test run next door halves our share."""
-
-    def __init__(self, budget_s: float, threshold: float = 0.25):
-        self.budget_s, self.threshold = budget_s, threshold
-        self.waited_s, self.busy_starts, self.calls = 0.0, 0, 0
-
-    def wait(self) -> None:
-        self.calls += 1
-        while True:
-            busy = others_busy()
-            if busy is None or busy < self.threshold:
-                return
-            if self.waited_s >= self.budget_s:
-                self.busy_starts += 1
-                return
-            time.sleep(2.0)
-            self.waited_s += 2.5
-
-    def describe(self) -> str:
-        return (f"waited {self.waited_s:.0f} s (budget {self.budget_s:.0f} s) for other processes to go quiet; "
-                f"{self.busy_starts} of {self.calls} timed commands started while others used >{100 * self.threshold:.0f}% of the CPUs")  # fmt: skip
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import TINY
 from vitctl import checkpoint as ckpt
-from vitctl.cli import app, main
+from vitctl.cli import app
 from vitctl.cli.models import sizes
 from vitctl.config import PRESETS, ViTConfig
 from vitctl.convert.mapping import jax_to_torch
@@ -40,25 +40,6 @@ def run_reported(*args):
     return p, stderr, json.loads(report)
 
 
-@dataclasses.dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def cli(capsys):
-    """Runs `main()` in-process (same error mapping and streams as the console script, no interpreter start-up)."""
-
-    def call(*args):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(e.value.code, out, err)
-
-    return call
 
 
 def assert_error(p, code, what):

@@ -18,7 +18,6 @@ import pytest
 from tests.conftest import tiny
 from tests.convert.test_convert import BV_CFG, assert_nothing_written, make_jax, make_torch, params, tree_hash, write_npz
 from vitctl import checkpoint as ckpt
-from vitctl.cli import main
 from vitctl.convert import convert as cv
 from vitctl.convert import io
 from vitctl.convert.mapping import jax_param_shapes
@@ -50,16 +49,6 @@ def jax_src(tmp_path_factory):
     return make_jax(tmp_path_factory.mktemp("src") / "jax")
 
 
-@pytest.fixture
-def cli(capsys):
-    def call(*args):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return call
 
 
 def test_convert_prints_dst_on_stdout(cli, jax_src, tmp_path):
