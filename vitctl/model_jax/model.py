@@ -130,7 +130,7 @@ class Block(nnx.Module):
             return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(self.gelu(self.mlp_in(h)))
         # The paper's fusion: one (D, 3NK+F) matmul in, one (NK+F, D) matmul out.
         B, T, D = x.shape
-        N, K, F = cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+        N, K = cfg.num_heads, cfg.head_dim
         dt = x.dtype
         w_in = jnp.concatenate([m.kernel[...].reshape(D, -1) for m in (self.q, self.k, self.v, self.mlp_in)], 1)
         y = h @ w_in.astype(dt)  # (B, T, 3NK + F)
