@@ -11,7 +11,7 @@
   config.json that contradicts the weights fails here (UnmappedParamError naming them).
 - `run()` streams: read one tensor (or one stored chunk / one scanned member), re-lay it
   out, cast it, write it, drop it. Peak memory is a fixed overhead plus a few times the
-  largest tensor (`Plan.estimated_peak_bytes`: 96 MiB + 7x), never the checkpoint.
+  largest tensor (`Plan.estimated_peak_bytes`: the RSS at planning + 32 MiB + 7x), never the checkpoint.
 - dtype: "keep" writes each tensor in its source dtype; "float32" / "bfloat16" cast
   floating tensors. fp32 -> bf16 rounds to nearest even (ml_dtypes), bit-identical to
   torch.Tensor.to(torch.bfloat16) for every non-NaN value; a NaN becomes the canonical
@@ -57,9 +57,10 @@ from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 JAX, TORCH, BIG_VISION, TIMM = ckpt.JAX, ckpt.TORCH, "big_vision", "timm"
 DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
-# RSS of the converting process before any tensor: interpreter, numpy, tensorstore, typer,
-# rich (measured 60-75 MiB on Linux x86-64), rounded up.
-BASE_RSS_BYTES = 96 * 2**20
+# Headroom above the process's RSS at planning time (interpreter, numpy, tensorstore, typer,
+# rich: 60-110 MiB depending on the machine) for what the first tensor brings: tensorstore's
+# thread pool and cache, the reader's and writer's threads and their malloc arenas.
+BASE_HEADROOM_BYTES = 32 * 2**20
 # Peak RSS above the base, in units of the largest tensor (or stored chunk, if larger): the
 # tensor read plus the next one read ahead (an Orbax read holds the compressed and the decoded
 # chunk), the re-laid-out copy, and the writer's copy and compressed bytes in flight.
@@ -329,7 +330,7 @@ def _lay_out(direction: str, src: Path, dst: Path, source: Source, target: Targe
     specs = [(t.name, t.shape, _out_dtype(t, source, dtype)) for t in tensors]
     cfg = _output_config(source.cfg, {d for _, _, d in specs})
     files = _target_files(target, specs, max_bytes)
-    peak = BASE_RSS_BYTES + max((_step_bytes(t, s, source) for t, s in zip(tensors, specs)), default=0)
+    peak = _current_peak_rss() + BASE_HEADROOM_BYTES + max((_step_bytes(t, s, source) for t, s in zip(tensors, specs)), default=0)
     return Plan(direction, src, dst, source, target, dtype, cfg, specs, files, max_bytes, peak)
 
 
@@ -379,6 +380,15 @@ def _target_files(target: Target, specs: list[tuple[str, tuple[int, ...], np.dty
         return [ckpt.PARAMS + "/"]
     shards = io.plan_shards([(n, math.prod(s) * d.itemsize) for n, s, d in specs], max_bytes)
     return io.shard_names(len(shards)) + ([io.INDEX] if len(shards) > 1 else [])
+
+
+def _current_peak_rss() -> int:
+    """This process's peak RSS so far, in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _step_bytes(t: TargetTensor, spec: tuple[str, tuple[int, ...], np.dtype], source: Source) -> int:
