@@ -49,7 +49,7 @@ class SourceFormat(str, enum.Enum):
 
 
 SrcArg = Annotated[
-    Path, typer.Argument(exists=True, help="Checkpoint directory (config.json + weights), or a big_vision .npz.", show_default=False)
+    str, typer.Argument(help="Checkpoint directory (config.json + weights), a big_vision .npz, or hf://org/name[@rev].", show_default=False)
 ]
 DstArg = Annotated[Path, typer.Argument(help="Checkpoint directory to create.", show_default=False)]
 DtypeOpt = Annotated[
@@ -121,11 +121,13 @@ def _progress(total: int) -> Progress:
     return bar
 
 
-def _convert(direction: str, src: Path, dst: Path, *, fmt: str, dtype: Dtype, max_shard_size: str | None, source_format: SourceFormat | None,
+def _convert(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dtype, max_shard_size: str | None, source_format: SourceFormat | None,
              model: str | None, prefix: str | None, force: bool, dry_run: bool, json: bool) -> None:  # fmt: skip
     from vitctl.cli.models import resolve
     from vitctl.convert import convert as cv
+    from vitctl.hub import resolve_checkpoint
 
+    src = resolve_checkpoint(src, backend="jax" if direction == "jax-to-torch" else "torch")
     cfg = resolve(model)[1] if model is not None else None
     source = source_format.value if source_format else None
     plan = cv.plan(src, dst, direction, fmt, dtype.value, max_shard_size, source, cfg, prefix, force)

@@ -103,7 +103,10 @@ def models(json: JsonOpt = False) -> None:
 @commands.command("info", epilog=INFO_EXAMPLES)
 def info(model: ModelArg, json: JsonOpt = False) -> None:
     """Show a model's config, exact parameter counts and bytes per dtype (no weights allocated)."""
-    name, cfg, path = resolve(model)
+    from vitctl.hub import is_hub_uri, resolve_checkpoint
+
+    local = str(resolve_checkpoint(model, backend="config")) if is_hub_uri(model) else model  # hf://: config.json only
+    name, (_, cfg, path) = model, resolve(local)
     result: dict[str, Any] = {"name": name, "config": cfg.to_dict(), **sizes(cfg)}
     if path is not None:
         result.update(path=str(path), formats=ckpt.detect_formats(path), provenance=ckpt.read_provenance(path))

@@ -38,8 +38,8 @@ class Precision(str, enum.Enum):
     bf16 = "bf16"
 
 
-CkptA = Annotated[Path, typer.Argument(help="Reference checkpoint: a directory or a big_vision .npz.", show_default=False)]
-CkptB = Annotated[Path, typer.Argument(help="Checkpoint to check against A.", show_default=False)]
+CkptA = Annotated[str, typer.Argument(help="Reference checkpoint: a directory, a big_vision .npz, or hf://org/name[@rev].", show_default=False)]
+CkptB = Annotated[str, typer.Argument(help="Checkpoint to check against A (same forms).", show_default=False)]
 
 
 @commands.command(epilog=EXAMPLES)
@@ -58,8 +58,10 @@ def verify(
 ) -> None:
     """Prove that two checkpoints compute the same function, or point at the first layer that does not."""
     from vitctl import checkpoint
+    from vitctl.hub import resolve_checkpoint
     from vitctl.verify import verify as run
 
+    a, b = resolve_checkpoint(a), resolve_checkpoint(b)
     result = run(a, b, tolerance=tolerance, rtol=rtol, batch=batch, seed=seed, images=images, precision=precision.value, run_diagnose=diagnose)
     if report is not None:
         checkpoint.write_json(report, result)

@@ -1,0 +1,222 @@
+"""`vitctl hub push/pull` and hf:// checkpoints against the loopback Hub, with the real huggingface_hub client."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.hub.conftest import CFG, TOKEN, repo_files, same_weights, torch_ckpt
+from vitctl.errors import ConfigError
+from vitctl.hub import parse_repo
+
+REPO = "me/tiny"
+
+
+def no_token(*runs):
+    for r in runs:
+        assert TOKEN not in r.stdout and TOKEN not in r.stderr
+
+
+def test_push_pull_verify_bitwise(hub, vitctl, tmp_path):
+    src = torch_ckpt(tmp_path / "src")
+    push = vitctl("hub", "push", src, REPO, "--private", "--json")
+    assert push.returncode == 0, push.stderr
+    p = json.loads(push.stdout)
+    assert p["verified"] and p["commit"] == hub.repos[REPO].branches["main"] and hub.repos[REPO].private
+    assert {f["path"] for f in p["files"]} == set(repo_files(src)) | {"README.md"}
+    assert all(hub.content(REPO, "main", f) == b for f, b in repo_files(src).items())  # what the server stores
+
+    pull = vitctl("hub", "pull", REPO, "--out", tmp_path / "pulled", "--json")
+    assert pull.returncode == 0, pull.stderr
+    got = json.loads(pull.stdout)
+    assert got["commit"] == p["commit"] and got["formats"] == ["vitctl-torch"]
+    prov = json.loads((tmp_path / "pulled/config.json").read_text())["provenance"]
+    assert prov["revision"] == p["commit"] and prov["source"] == f"hf://{REPO}@{p['commit']}"
+    assert prov["upstream"]["seed"] == 0
+
+    v = vitctl("verify", src, tmp_path / "pulled", "--json", "--batch", "1")
+    assert v.returncode == 0, v.stderr
+    w = json.loads(v.stdout)["weights"]
+    assert w["exactly_equal"] == w["compared"] > 0 and w["max_abs"] == 0
+    no_token(push, pull, v)
+    assert f"Bearer {TOKEN}" in hub.auth_seen  # the token was sent, never shown
+
+
+def test_model_card_is_valid_yaml_and_markdown(hub, vitctl, tmp_path):
+    """A real checkpoint with a verify report: the card's front matter parses and holds the required keys."""
+    from vitctl.convert.mapping import param_counts
+
+    src = torch_ckpt(tmp_path / "run/torch")
+    report = {"a": {"path": str(tmp_path / "run/jax")}, "b": {"path": str(src)}, "passed": True, "max_abs": 0.0,
+              "tolerance": 1e-5, "rtol": 1e-5, "first_divergent": None, "settings": {"precision": "fp32", "vitctl": "0.1.0"},
+              "weights": {"compared": 9, "exactly_equal": 9}}  # fmt: skip
+    (tmp_path / "run/verify.json").write_text(json.dumps(report))  # where `vitctl demo` puts it: the parent
+    r = vitctl("hub", "push", src, REPO, "--license", "apache-2.0")
+    assert r.returncode == 0, r.stderr
+    card = hub.content(REPO, "main", "README.md").decode()
+    m = re.fullmatch(r"---\n(.*?)\n---\n(.*)", card, re.DOTALL)
+    assert m, card[:200]
+    meta, body = yaml.safe_load(m.group(1)), m.group(2)
+    assert meta["library_name"] == "vitctl" and meta["pipeline_tag"] == "image-classification" and meta["license"] == "apache-2.0"
+    assert "vitctl" in meta["tags"] and "jax" not in meta["tags"]
+    v = meta["vitctl"]
+    assert v["parameters"] == param_counts(CFG)["params_total"]
+    assert v["architecture"] == json.loads(json.dumps({k: x for k, x in CFG.to_dict().items() if k != "preprocess"}))
+    assert v["preprocessing"] == json.loads(json.dumps(CFG.to_dict()["preprocess"]))
+    assert v["verify"]["passed"] is True and v["verify"]["weights_exactly_equal"] == 9
+    assert json.loads(hub.content(REPO, "main", "verify.json")) == report
+    assert body.lstrip().startswith("# tiny\n") and "| option | value |" in body and "`vitctl verify` passed" in body
+
+
+def test_revision_pinning_branches_and_stale_shards(hub, vitctl, tmp_path):
+    a, b = torch_ckpt(tmp_path / "a", seed=0), torch_ckpt(tmp_path / "b", seed=1, max_shard_bytes=None)
+    first = json.loads(vitctl("hub", "push", a, REPO, "--json").stdout)["commit"]
+    r = vitctl("hub", "push", b, REPO, "--json", "-m", "one file")
+    assert r.returncode == 0, r.stderr
+    second = json.loads(r.stdout)
+    assert second["commit"] != first and len(second["deleted"]) == len([f for f in repo_files(a) if f.startswith("model")])
+    branch = vitctl("hub", "push", a, REPO, "--revision", "exp", "--json")
+    assert branch.returncode == 0, branch.stderr
+
+    for spec, want, out in ((f"{REPO}@{first}", a, "p1"), (REPO, b, "p2"), (f"{REPO}@exp", a, "p3")):
+        r = vitctl("hub", "pull", spec, "--out", tmp_path / out, "--backend", "torch")
+        assert r.returncode == 0, r.stderr
+        assert same_weights(tmp_path / out, want)
+    assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == ["config.json", "model.safetensors"]  # old shards gone
+    assert json.loads((tmp_path / "p1/config.json").read_text())["provenance"]["revision"] == first
+
+
+def test_offline_pulls_from_the_cache(hub, vitctl, tmp_path):
+    sha = hub.seed(REPO, repo_files(torch_ckpt(tmp_path / "src")))
+    assert vitctl("hub", "pull", REPO, "--out", tmp_path / "online").returncode == 0
+    hub.shutdown()  # the Hub is gone: only the cache can answer
+    for args, env in (((REPO,), {"HF_HUB_OFFLINE": "1"}), ((f"{REPO}@{sha}", "--offline"), None)):
+        out = tmp_path / f"off{len(args)}"
+        r = vitctl("hub", "pull", *args, "--out", out, env=env)
+        assert r.returncode == 0, r.stderr
+        assert same_weights(out, tmp_path / "src")
+        assert json.loads((out / "config.json").read_text())["provenance"]["revision"] == sha
+    r = vitctl("hub", "pull", "me/other", "--out", tmp_path / "never", "--offline")
+    assert r.returncode == 1 and "not (completely) in the local Hugging Face cache" in r.stderr and "Hint:" in r.stderr
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("fault", "where", "times", "ok", "message"),
+    [
+        (500, "model-00002", 1, True, None),  # a transient 500 on one shard: retried
+        ("truncate", "model-00002", 1, True, None),  # cut short: the client resumes with Range
+        ("corrupt", "model-00002", 1, True, None),  # wrong bytes: the sha256 check re-fetches that file only
+        (500, f"/api/models/{REPO}", 9, False, "failed with HTTP 500"),  # a Hub that keeps failing: 3 tries, then a clear error
+        ("corrupt", "model-00002", 9, False, "do not match the repo's own listing"),
+        (404, "model-00002", 1, False, "missing on"),
+        (401, f"/api/models/{REPO}", 1, False, "refused access"),
+    ],
+)
+def test_faults(hub, vitctl, tmp_path, fault, where, times, ok, message):
+    hub.seed(REPO, repo_files(torch_ckpt(tmp_path / "src")))
+    hub.fail(where, fault, times)
+    out = tmp_path / "out"
+    r = vitctl("hub", "pull", REPO, "--out", out, "--json")
+    hits = [s for m, p, s in hub.log if where in p]
+    if ok:
+        assert r.returncode == 0, r.stderr
+        assert same_weights(out, tmp_path / "src")
+        assert json.loads(r.stdout)["refetched"] == (["model-00002-of-00009.safetensors"] if fault == "corrupt" else [])
+        if fault == "truncate":
+            assert hits.index(-200) < len(hits) - 1 and hits[-1] in (200, 206)  # the cut response, then a good one
+    else:
+        assert r.returncode == 1 and "Error: " in r.stderr and message in r.stderr and "Hint:" in r.stderr, r.stderr
+        assert r.stdout == "" and not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing partial
+        if fault == 500 and times == 9:
+            assert hits.count(500) == 3
+        if fault in (404, 401):
+            assert hits.count(fault) == 1  # not retried
+    no_token(r)
+
+
+def test_push_errors_and_retries(hub, vitctl, tmp_path):
+    src = torch_ckpt(tmp_path / "src")
+    hub.fail("/commit/", 500, 1)
+    r = vitctl("hub", "push", src, REPO)
+    assert r.returncode == 0, r.stderr
+    assert [s for m, p, s in hub.log if "/commit/" in p] == [500, 200]
+    bad = vitctl("hub", "push", src, REPO, env={"HF_TOKEN": TOKEN[::-1]})
+    assert bad.returncode == 1 and "refused access" in bad.stderr and "HF_TOKEN" in bad.stderr
+    refused = vitctl("hub", "push", src, REPO, "--endpoint", "http://127.0.0.1:9")  # discard port: nothing listens
+    assert refused.returncode == 1 and "cannot reach the Hub at http://127.0.0.1:9" in refused.stderr
+    nothing = vitctl("hub", "pull", REPO, "--out", tmp_path / "x", "--endpoint", "http://127.0.0.1:9")
+    assert nothing.returncode == 1 and "cannot reach the Hub" in nothing.stderr and not (tmp_path / "x").exists()
+    usage = vitctl("hub", "pull", "not a repo")
+    assert usage.returncode == 2 and "is not a Hub repo id" in usage.stderr
+    no_token(r, bad, refused, nothing, usage)
+
+
+def test_damaged_cache_refetches_only_the_bad_shard(hub, vitctl, tmp_path):
+    hub.seed(REPO, repo_files(torch_ckpt(tmp_path / "src")))
+    assert vitctl("hub", "pull", REPO, "--out", tmp_path / "one").returncode == 0
+    blob = (next(vitctl.home.glob("hub/models--me--tiny/snapshots/*")) / "model-00003-of-00009.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[:100])  # truncated in the cache
+    before = len(hub.log)
+    r = vitctl("hub", "pull", REPO, "--out", tmp_path / "two", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["refetched"] == ["model-00003-of-00009.safetensors"]
+    gets = [p for m, p, s in hub.log[before:] if m == "GET" and "/resolve/" in p]
+    assert len(gets) == 1 and gets[0].endswith("model-00003-of-00009.safetensors")
+    assert same_weights(tmp_path / "two", tmp_path / "src")
+    off = vitctl("hub", "pull", REPO, "--out", tmp_path / "three", "--offline")
+    assert off.returncode == 0, off.stderr
+
+
+def test_hf_uris_in_info_and_convert(hub, vitctl, tmp_path):
+    sha = hub.seed(REPO, repo_files(torch_ckpt(tmp_path / "src")))
+    info = vitctl("info", f"hf://{REPO}@{sha}", "--json")
+    assert info.returncode == 0, info.stderr
+    d = json.loads(info.stdout)
+    assert d["name"] == f"hf://{REPO}@{sha}" and d["config"] == json.loads(json.dumps(CFG.to_dict())) and d["provenance"]["seed"] == 0
+    conv = vitctl("convert", "torch-to-jax", f"hf://{REPO}", tmp_path / "jax", "--json")
+    assert conv.returncode == 0, conv.stderr
+    assert (tmp_path / "jax/params").is_dir()
+    missing = vitctl("info", "hf://me/nope")
+    assert missing.returncode == 1 and "me/nope not found" in missing.stderr
+
+
+def test_include_jax_and_backend_jax_downloads_only_params(hub, vitctl, tmp_path):
+    from tests.conftest import random_params
+    from vitctl import checkpoint as ckpt
+
+    src = torch_ckpt(tmp_path / "both")
+    params = random_params(CFG, 0)
+    ckpt.save_jax(src, params)
+    jax_only = tmp_path / "jax-only"
+    jax_only.mkdir()
+    ckpt.save_jax(jax_only, params)
+    ckpt.write_config(jax_only, CFG, {"source_format": "test"})
+    refused = vitctl("hub", "push", jax_only, REPO)
+    assert refused.returncode == 2 and "--include-jax" in refused.stderr and REPO not in hub.repos
+    r = vitctl("hub", "push", src, REPO, "--include-jax", "--json")
+    assert r.returncode == 0, r.stderr
+    assert any(f["path"].startswith("params/") for f in json.loads(r.stdout)["files"])
+    before = len(hub.log)
+    pull = vitctl("hub", "pull", REPO, "--out", tmp_path / "jax", "--backend", "jax")
+    assert pull.returncode == 0, pull.stderr
+    fetched = {p.split("/resolve/")[1].split("/", 1)[1] for m, p, s in hub.log[before:] if m == "GET" and "/resolve/" in p}
+    assert fetched == {"config.json"} | {f for f in repo_files(src) if f.startswith("params/")}  # no safetensors
+    got = ckpt.load_jax(tmp_path / "jax", CFG)
+    assert ckpt.detect_formats(tmp_path / "jax") == ["vitctl-jax"]
+    assert all((got[k] == params[k]).all() for k in params)
+
+
+def test_local_paths_do_not_import_huggingface_hub(tmp_path):
+    code = "import sys, vitctl.hub as h; assert h.resolve_checkpoint('a/b') == __import__('pathlib').Path('a/b'); print('huggingface_hub' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("spec", ["org", "org/name@", "../x", "a/b/c", "hf://"])
+def test_bad_repo_ids(spec):
+    with pytest.raises(ConfigError, match="is not a Hub repo id"):
+        parse_repo(spec)
+    assert parse_repo("hf://org/name@v1") == ("org/name", "v1") and parse_repo("org/name") == ("org/name", None)

@@ -1,0 +1,569 @@
+"""Push and pull vitctl checkpoints on the Hugging Face Hub (huggingface_hub 2.x).
+
+- `push(ckpt, repo_id)`: one commit holding config.json, model.safetensors (or its shards
+  and index), params/ (Orbax) with include_jax, verify.json when the checkpoint has a
+  report, and a generated model card (README.md, YAML metadata). The repo is created when
+  missing; weight files of an earlier push that this one no longer has are deleted in the
+  same commit. Afterwards every remote file's size and hash (LFS sha256, or git blob id
+  for small files) is checked against the local one.
+- `pull("org/name@rev", out)`: resolves the revision to a commit SHA, downloads only what
+  the backend needs into the Hugging Face cache (snapshot pinned to that SHA), checks every
+  file (index vs shards, safetensors headers parsed without pickle, sizes and sha256
+  against the remote listing), re-fetches only bad files, then copies the snapshot into
+  `out` atomically with the SHA in config.json's provenance. Offline (`offline=True` or
+  HF_HUB_OFFLINE=1) it reads the cache only and says so when something is not there.
+- `resolve_checkpoint("hf://org/name@rev")`: the same fetch, returning the cached
+  snapshot directory; local paths come back unchanged without importing huggingface_hub.
+
+Tokens come from huggingface_hub's usual sources (HF_TOKEN, the saved login); vitctl never
+reads, prints or logs them. Transient failures (5xx, 429, refused or dropped connections,
+cut-short downloads) are retried a few times; the rest map to a VitctlError with a hint.
+huggingface_hub is imported inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import vitctl
+from vitctl import checkpoint as ckpt_mod
+from vitctl.checkpoint import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
+from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, VitctlError
+
+SCHEME = "hf://"
+CARD, VERIFY_REPORT = "README.md", "verify.json"
+# What each backend needs from a repo (fnmatch patterns, as huggingface_hub's allow_patterns).
+NEEDS = {
+    "config": [CONFIG],
+    "torch": [CONFIG, SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors"],
+    "jax": [CONFIG, f"{PARAMS}/*"],
+}
+NEEDS["all"] = sorted({*NEEDS["torch"], *NEEDS["jax"], CARD, VERIFY_REPORT})
+WEIGHT_PATTERNS = [SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors", f"{PARAMS}/*"]
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+TRIES, WAIT = 3, 0.5  # transient failures: 3 tries, 0.5 s then 1 s apart
+TOKEN_HINT = "set HF_TOKEN or run `hf auth login` with a token that can access the repo (vitctl never prints it)"
+T = TypeVar("T")
+
+
+class HubError(VitctlError):
+    """The Hub (or the network to it) refused or failed an operation."""
+
+
+def is_hub_uri(arg: str | os.PathLike) -> bool:
+    return str(arg).startswith(SCHEME)
+
+
+def parse_repo(spec: str) -> tuple[str, str | None]:
+    """ "hf://org/name@rev", "org/name@rev" or "org/name" -> (repo_id, rev or None)."""
+    s = str(spec).removeprefix(SCHEME)
+    repo_id, _, rev = s.partition("@")
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or (_ and not rev):
+        raise ConfigError(f"'{spec}' is not a Hub repo id", hint="write it as org/name or org/name@revision (a branch, tag or commit SHA)")
+    return repo_id, rev or None
+
+
+def resolve_checkpoint(arg: str | os.PathLike, *, endpoint: str | None = None, backend: str = "all", offline: bool = False) -> Path:
+    """A checkpoint argument as a local directory: paths unchanged; `hf://org/name[@rev]` fetched
+    (only what `backend` needs: config, jax, torch or all) into the Hugging Face cache, pinned to
+    the commit SHA, checked, and returned as that snapshot's directory."""
+    if not is_hub_uri(arg):
+        return Path(arg)
+    repo_id, rev = parse_repo(str(arg))
+    return Path(fetch(repo_id, rev, backend=backend, offline=offline, endpoint=endpoint)["snapshot"])
+
+
+# Push.
+def push(
+    ckpt: str | Path, repo_id: str, *, revision: str | None = None, private: bool = False, message: str | None = None,
+    include_jax: bool = False, endpoint: str | None = None, license: str = "other",
+) -> dict[str, Any]:  # fmt: skip
+    """Uploads a checkpoint directory as one commit and checks the remote copy; returns a summary dict."""
+    ckpt = Path(ckpt)
+    repo_id, rev = parse_repo(repo_id)
+    if rev is not None:
+        raise ConfigError(f"push takes a repo id without @revision, got '{repo_id}@{rev}'", hint="pass the branch with --revision")
+    cfg = ckpt_mod.read_checkpoint_config(ckpt)
+    files = checkpoint_files(ckpt, include_jax)
+    report = find_verify_report(ckpt)
+    card = model_card(ckpt, cfg, repo_id, files, report, license)
+    hf = _hf()
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+    from huggingface_hub.hf_api import RepoFile
+
+    endpoint = _endpoint(endpoint, hf)
+    api = hf.HfApi(endpoint=endpoint)
+    branch = revision or "main"
+    with _hub_errors(repo_id, branch, endpoint):
+        _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+        if branch != "main":
+            _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
+        extra = {CARD: card.encode()} | ({VERIFY_REPORT: json.dumps(report, indent=2).encode()} if report else {})
+        adds = [CommitOperationAdd(rel, str(path)) for rel, path in files.items()]
+        adds += [CommitOperationAdd(rel, data) for rel, data in extra.items()]
+        remote_before = _retry(lambda: api.list_repo_files(repo_id, revision=branch))
+        stale = [p for p in remote_before if _matches(p, WEIGHT_PATTERNS) and p not in files]
+        ops = adds + [CommitOperationDelete(p) for p in stale]
+        title = message or f"vitctl {vitctl.__version__}: push {ckpt.name}"
+        commit = _retry(lambda: api.create_commit(repo_id, ops, commit_message=title, revision=branch))
+        sha = commit.oid
+        remote = {f.path: f for f in _retry(lambda: api.list_repo_tree(repo_id, revision=sha, recursive=True)) if isinstance(f, RepoFile)}
+    listed = []
+    for op in adds:
+        local = _local_digest(op.path_or_fileobj)
+        r = remote.get(op.path_in_repo)
+        got = None if r is None else (r.size, r.lfs.sha256 if r.lfs else None, r.blob_id)
+        if r is None or r.size != local["size"] or (r.lfs.sha256 != local["sha256"] if r.lfs else r.blob_id != local["git_oid"]):
+            raise HubError(
+                f"after the push, {repo_id}@{sha[:12]}:{op.path_in_repo} does not match the local file "
+                f"(local {local['size']} bytes sha256 {local['sha256'][:16]}..., remote {got})",
+                hint="push again; if it persists, the Hub or a proxy is altering uploads",
+            )
+        listed.append({"path": op.path_in_repo, "size": local["size"], "sha256": local["sha256"], "lfs": r.lfs is not None})
+    return {
+        "repo_id": repo_id, "revision": branch, "commit": sha, "url": f"{endpoint}/{repo_id}", "private": private,
+        "files": listed, "deleted": stale, "bytes": sum(f["size"] for f in listed), "verified": True,
+        "verify_report": report is not None, "source": str(ckpt),
+    }  # fmt: skip
+
+
+def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
+    """{path in repo: local file} of what a push uploads: config.json, the safetensors weights, and params/ if asked."""
+    formats = ckpt_mod.detect_formats(ckpt)
+    if ckpt_mod.TORCH not in formats and not include_jax:
+        raise ConfigError(
+            f"{ckpt} has no PyTorch weights ({SAFETENSORS}); its formats: {', '.join(formats) or 'none'}",
+            hint=f"pass --include-jax to push params/, or convert first: vitctl convert jax-to-torch {ckpt} DST",
+        )
+    if include_jax and ckpt_mod.JAX not in formats:
+        raise ConfigError(f"--include-jax: {ckpt} has no JAX weights ({PARAMS}/)", hint="drop --include-jax")
+    files = {CONFIG: ckpt / CONFIG}
+    if (ckpt / SAFETENSORS_INDEX).is_file():
+        from vitctl.convert.io import _read_index
+
+        weight_map, _ = _read_index(ckpt / SAFETENSORS_INDEX)  # checks every shard is there
+        files[SAFETENSORS_INDEX] = ckpt / SAFETENSORS_INDEX
+        files.update({s: ckpt / s for s in sorted(set(weight_map.values()))})
+    elif (ckpt / SAFETENSORS).is_file():
+        files[SAFETENSORS] = ckpt / SAFETENSORS
+    if include_jax:
+        for p in sorted((ckpt / PARAMS).rglob("*")):
+            if p.is_file():
+                files[p.relative_to(ckpt).as_posix()] = p
+    return files
+
+
+def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
+    """The latest `vitctl verify --report` for this checkpoint: ckpt/verify.json, else the parent's
+    verify.json (where `vitctl demo` writes it) if one of its two sides is this checkpoint."""
+    here = ckpt.resolve()
+    for path in (ckpt / VERIFY_REPORT, ckpt.parent / VERIFY_REPORT):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(report, dict) or "passed" not in report:
+            continue
+        sides = [report.get(s, {}).get("path") for s in ("a", "b")]
+        if path.parent == ckpt or any(s and Path(s).resolve() == here for s in sides):
+            return report
+    return None
+
+
+def model_card(ckpt: Path, cfg: Any, repo_id: str, files: dict[str, Path], report: dict[str, Any] | None, license: str = "other") -> str:
+    """README.md: YAML metadata (library_name, tags, license, pipeline_tag, parameter count,
+    architecture, preprocessing, verify summary) and a Markdown body."""
+    import yaml
+
+    from vitctl.convert.mapping import param_counts
+
+    model = cfg.to_dict()
+    pre = model.pop("preprocess")
+    counts = param_counts(cfg)
+    jax = any(p.startswith(PARAMS + "/") for p in files)
+    verify = None
+    if report is not None:
+        verify = {k: report.get(k) for k in ("passed", "max_abs", "tolerance", "rtol", "first_divergent")}
+        verify.update(precision=report.get("settings", {}).get("precision"), vitctl=report.get("settings", {}).get("vitctl"))
+        if report.get("weights"):
+            verify["weights_exactly_equal"] = report["weights"].get("exactly_equal")
+            verify["weights_compared"] = report["weights"].get("compared")
+    meta = {
+        "library_name": "vitctl",
+        "license": license,
+        "pipeline_tag": "image-classification",
+        "tags": ["vitctl", "vision-transformer", "vit-22b", "image-classification", "safetensors", "pytorch"]
+        + (["jax", "flax"] if jax else []),
+        "vitctl": {
+            "version": vitctl.__version__,
+            "parameters": counts["params_total"],
+            "architecture": model,
+            "preprocessing": pre,
+            "verify": verify,
+            "provenance": ckpt_mod.read_provenance(ckpt),
+        },
+    }
+    front = yaml.safe_dump(meta, sort_keys=False, default_flow_style=False)
+    name = repo_id.split("/")[-1]
+    arch = "\n".join(f"| `{k}` | `{v}` |" for k, v in model.items())
+    shown = [p for p in files if not p.startswith(PARAMS + "/")] + (
+        [f"{PARAMS}/ ({sum(p.startswith(PARAMS + '/') for p in files)} files, Orbax)"] if jax else []
+    )
+    if pre.get("mean") is not None:
+        norm = f"subtract mean {pre['mean']}, divide by std {pre['std']}"
+    else:
+        norm = f"scale pixel values to {pre.get('value_range')}"
+    if verify is None:
+        checked = "No `vitctl verify` report came with this checkpoint."
+    else:
+        status = "passed" if verify["passed"] else "FAILED"
+        checked = (
+            f"`vitctl verify` {status}: logits max-abs difference {verify['max_abs']} (tolerance {verify['tolerance']}, "
+            f"precision {verify['precision']}) between the JAX and PyTorch models; the full report is `verify.json`."
+        )
+    return f"""---
+{front}---
+
+# {name}
+
+A ViT-22B-style Vision Transformer ({counts["params_total"]:,} parameters: width {cfg.width}, depth {cfg.depth},
+MLP {cfg.mlp_dim}, {cfg.num_heads} heads, patch {cfg.patch_size}, {cfg.image_size} px, {cfg.block} block,
+{cfg.pool} pooling, {cfg.num_classes} classes), saved by [vitctl](https://pypi.org/project/vitctl/) {vitctl.__version__}.
+The JAX (Flax NNX) and PyTorch implementations load the same weights.
+
+## Use
+
+```bash
+vitctl hub pull {repo_id} --out {name} --backend torch   # or jax, all; add @REVISION to pin
+vitctl info hf://{repo_id}
+```
+
+## Preprocessing
+
+Resize to {cfg.image_size}x{cfg.image_size} ({pre.get("resize")}, antialias {pre.get("antialias")}), then {norm};
+{cfg.channels} channels.
+
+## Parity
+
+{checked}
+
+## Architecture
+
+| option | value |
+| --- | --- |
+{arch}
+
+## Files
+
+{chr(10).join(f"- `{p}`" for p in shown)}
+"""
+
+
+# Pull.
+def pull(
+    spec: str, out: str | Path | None = None, *, backend: str = "all", offline: bool = False, endpoint: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Fetches `org/name[@rev]` (checked, pinned to a commit SHA) into the directory `out` (default: ./name), atomically."""
+    repo_id, rev = parse_repo(spec)
+    out = Path(out) if out is not None else Path(repo_id.split("/")[-1])
+    ckpt_mod.check_output(out, force)
+    got = fetch(repo_id, rev, backend=backend, offline=offline, endpoint=endpoint)
+    snap = Path(got["snapshot"])
+    with ckpt_mod.atomic_output(out, force) as tmp:
+        for rel in got["files"]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(snap / rel, tmp / rel)  # follows the cache's symlinks to blobs
+        config = json.loads((tmp / CONFIG).read_text())
+        config["provenance"] = {
+            "source_format": "hub", "source": f"{SCHEME}{repo_id}@{got['commit']}", "repo_id": repo_id,
+            "revision": got["commit"], "requested_revision": rev or "main", "endpoint": got["endpoint"],
+            "backend": backend, "created_by": "vitctl hub pull", "upstream": config.get("provenance", {}),
+        }  # fmt: skip
+        ckpt_mod.write_json(tmp / CONFIG, config)
+    return {**got, "path": str(out), "formats": ckpt_mod.detect_formats(out)}
+
+
+def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool = False, endpoint: str | None = None) -> dict[str, Any]:
+    """Downloads (or, offline, finds) what `backend` needs of repo_id@rev in the HF cache and checks it.
+
+    Returns {"repo_id", "commit", "snapshot", "files", "bytes", "refetched", "offline", "endpoint"}.
+    """
+    if backend not in NEEDS:
+        raise ConfigError(f"unknown backend '{backend}'", hint=f"choose one of {', '.join(NEEDS)}")
+    hf = _hf()
+    from huggingface_hub.hf_api import RepoFile
+
+    endpoint = _endpoint(endpoint, hf)
+    offline = offline or hf.constants.is_offline_mode()
+    patterns = NEEDS[backend]
+    api = hf.HfApi(endpoint=endpoint)
+    remote: dict[str, Any] | None = None
+    with _hub_errors(repo_id, rev or "main", endpoint, offline):
+        if offline:
+            snap = Path(hf.snapshot_download(repo_id, revision=rev, allow_patterns=patterns, local_files_only=True))
+            sha = snap.name
+        else:
+            sha = _retry(lambda: api.repo_info(repo_id, revision=rev).sha)
+            listing = _retry(lambda: api.list_repo_tree(repo_id, revision=sha, recursive=True))
+            remote = {f.path: f for f in listing if isinstance(f, RepoFile) and _matches(f.path, patterns)}
+            snap = Path(_retry(lambda: hf.snapshot_download(repo_id, revision=sha, allow_patterns=patterns, endpoint=endpoint)))
+        files = sorted(
+            p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file() and _matches(p.relative_to(snap).as_posix(), patterns)
+        )
+        if remote is not None:
+            files = sorted(remote)
+        _require(repo_id, sha, files, backend)
+        bad = check_files(snap, files, remote)
+        refetched = sorted(bad)
+        if bad and offline:
+            raise CheckpointError(
+                f"the cached copy of {repo_id}@{sha[:12]} is damaged: {_describe(bad)}",
+                hint="pull it again online (without --offline / HF_HUB_OFFLINE) to re-fetch the damaged files",
+            )
+        for rel in bad:  # re-fetch only the bad files, then check them again
+            _retry(lambda rel=rel: hf.hf_hub_download(repo_id, rel, revision=sha, endpoint=endpoint, force_download=True))
+        if bad:
+            still = check_files(snap, files, remote)
+            if still:
+                raise CheckpointError(
+                    f"{repo_id}@{sha[:12]} serves files that do not match the repo's own listing: {_describe(still)}",
+                    hint="the repo or a proxy is corrupt; try again later or another revision",
+                )
+    if not offline and (rev or "main") != sha:
+        _cache_ref(hf, repo_id, rev or "main", sha)
+    size = sum((snap / f).stat().st_size for f in files)
+    return {
+        "repo_id": repo_id, "commit": sha, "snapshot": str(snap), "files": files, "bytes": size, "refetched": refetched,
+        "offline": offline, "endpoint": endpoint, "backend": backend,
+    }  # fmt: skip
+
+
+def _cache_ref(hf: Any, repo_id: str, rev: str, sha: str) -> None:
+    """Records rev -> sha in the cache's refs/ (as huggingface_hub does), once the snapshot checked out,
+    so that an offline pull of the same branch finds it. vitctl resolves the revision itself, so
+    that an unreachable Hub is an error online rather than a silent fall-back to an older cached SHA."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = Path(hf.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / rev
+    with contextlib.suppress(OSError):  # best effort, like huggingface_hub: a read-only cache still pulls
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref.with_name(f".{ref.name}.tmp-{os.getpid()}")
+        tmp.write_text(sha)
+        os.replace(tmp, ref)
+
+
+def _require(repo_id: str, sha: str, files: list[str], backend: str) -> None:
+    where = f"{repo_id}@{sha[:12]}"
+    if CONFIG not in files:
+        raise CheckpointError(f"{where} has no {CONFIG}: not a vitctl checkpoint", hint="check the repo id and revision")
+    torch = SAFETENSORS in files or SAFETENSORS_INDEX in files
+    jax = any(f.startswith(PARAMS + "/") for f in files)
+    if backend == "torch" and not torch:
+        raise CheckpointError(f"{where} has no PyTorch weights ({SAFETENSORS})", hint="try --backend jax")
+    if backend == "jax" and not jax:
+        raise CheckpointError(f"{where} has no JAX weights ({PARAMS}/)", hint="try --backend torch, then vitctl convert torch-to-jax")
+    if backend == "all" and not (torch or jax):
+        raise CheckpointError(f"{where} holds no weights", hint="check the repo id and revision")
+
+
+def check_files(snap: Path, files: list[str], remote: dict[str, Any] | None) -> dict[str, str]:
+    """{file: what is wrong} for files in the snapshot: missing, size or sha256 differing from the
+    remote listing (when online), safetensors headers that do not parse or disagree with the index."""
+    bad: dict[str, str] = {}
+    for rel in files:
+        path = snap / rel
+        if not path.is_file():
+            bad[rel] = "missing"
+            continue
+        r = remote.get(rel) if remote else None
+        if r is not None:
+            d = _local_digest(str(path))
+            if d["size"] != r.size:
+                bad[rel] = f"{d['size']} bytes, the repo lists {r.size}"
+            elif (d["sha256"] != r.lfs.sha256) if r.lfs else (d["git_oid"] != r.blob_id):
+                bad[rel] = "content differs from the repo's hash"
+    bad.update({k: v for k, v in _check_safetensors(snap, files).items() if k not in bad})
+    return bad
+
+
+def _check_safetensors(snap: Path, files: list[str]) -> dict[str, str]:
+    """Each shard's header parses (JSON, no pickle), fits the file, and holds the tensors the index gives it."""
+    from vitctl.convert.io import read_safetensors_header
+
+    bad: dict[str, str] = {}
+    assigned: dict[str, set[str]] | None = None
+    if SAFETENSORS_INDEX in files:
+        try:
+            weight_map = json.loads((snap / SAFETENSORS_INDEX).read_text())["weight_map"]
+            assigned = {}
+            for name, shard in weight_map.items():
+                assigned.setdefault(shard, set()).add(name)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return {SAFETENSORS_INDEX: f"unreadable index ({e!r})"}
+        for shard in assigned:
+            if shard not in files:
+                bad[shard] = "named by the index but not in the repo"
+    shards = list(assigned) if assigned is not None else [f for f in files if f == SAFETENSORS]
+    for shard in shards:
+        if shard in bad or not (snap / shard).is_file():
+            bad.setdefault(shard, "missing")
+            continue
+        try:
+            _, tensors = read_safetensors_header(snap / shard)
+        except CheckpointError as e:
+            bad[shard] = e.message
+            continue
+        if assigned is not None and set(tensors) != assigned[shard]:
+            bad[shard] = f"holds {len(tensors)} tensors, the index assigns it {len(assigned[shard])}"
+    return bad
+
+
+def _describe(bad: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in sorted(bad.items())[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
+
+
+# Helpers.
+def _hf():
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise MissingDependencyError(f"the Hub commands need huggingface_hub ({e})", hint="pip install 'vitctl[hub]'") from None
+    return huggingface_hub
+
+
+def _endpoint(endpoint: str | None, hf: Any) -> str:
+    return (endpoint or os.environ.get("HF_ENDPOINT") or hf.constants.ENDPOINT).rstrip("/")
+
+
+def _matches(path: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def _local_digest(src: str | bytes) -> dict[str, Any]:
+    """Size, sha256 (the LFS oid) and git blob id of a file path or bytes, read in 8 MiB blocks."""
+    sha, git = hashlib.sha256(), hashlib.sha1()
+    if isinstance(src, bytes):
+        size = len(src)
+        git.update(b"blob %d\0" % size)
+        sha.update(src)
+        git.update(src)
+    else:
+        size = os.path.getsize(src)
+        git.update(b"blob %d\0" % size)
+        with open(src, "rb") as f:
+            while block := f.read(8 << 20):
+                sha.update(block)
+                git.update(block)
+    return {"size": size, "sha256": sha.hexdigest(), "git_oid": git.hexdigest()}
+
+
+def _status(e: BaseException) -> int | None:
+    resp = getattr(e, "response", None)
+    return getattr(resp, "status_code", None)
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _transient(e: BaseException) -> bool:
+    """5xx/429, refused or dropped connections, timeouts and cut-short downloads: worth another try."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    for c in _chain(e):
+        if isinstance(c, OfflineModeIsEnabled):
+            return False
+        if isinstance(c, HfHubHTTPError):
+            s = _status(c)
+            return s is not None and (s >= 500 or s == 429)
+        if isinstance(c, httpx2.TransportError) or (isinstance(c, OSError) and "Consistency check failed" in str(c)):
+            return True
+    return False
+
+
+def _retry(fn: Callable[[], T]) -> T:
+    for i in range(TRIES):
+        try:
+            return fn()
+        except Exception as e:
+            if i == TRIES - 1 or not _transient(e):
+                raise
+            time.sleep(WAIT * 2**i)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, rev: str, endpoint: str, offline: bool = False) -> Iterator[None]:
+    """Maps huggingface_hub and network errors to HubError/CheckpointError with a hint (never the token)."""
+    import httpx2
+    from huggingface_hub import errors as he
+
+    try:
+        yield
+    except VitctlError:
+        raise
+    except Exception as e:
+        chain = list(_chain(e))
+        first = lambda *types: next((c for c in chain if isinstance(c, types)), None)
+        where = f"{repo_id}@{rev}"
+        if offline and first(he.LocalEntryNotFoundError, he.OfflineModeIsEnabled):
+            raise HubError(
+                f"{where} is not (completely) in the local Hugging Face cache, and offline mode is on",
+                hint=f"pull it once online: vitctl hub pull {where} (without --offline / HF_HUB_OFFLINE=1)",
+            ) from None
+        if c := first(he.RevisionNotFoundError):
+            raise HubError(f"revision '{rev}' not found in {repo_id} on {endpoint}", hint="check the branch, tag or commit SHA") from None
+        if c := first(he.RemoteEntryNotFoundError):
+            raise HubError(
+                f"a file of {where} is missing on {endpoint}: {_short(c)}", hint="check the revision; the repo may be incomplete"
+            ) from None
+        if c := first(he.HfHubHTTPError):
+            status = _status(c)
+            if status in (401, 403):
+                raise HubError(f"{endpoint} refused access to {repo_id} (HTTP {status})", hint=TOKEN_HINT) from None
+            if isinstance(c, he.RepositoryNotFoundError) or status == 404:
+                raise HubError(
+                    f"{repo_id} not found on {endpoint} (or it is private)", hint=f"check the repo id; for a private repo, {TOKEN_HINT}"
+                ) from None
+            if status is not None and (status >= 500 or status == 429):
+                raise HubError(
+                    f"{endpoint} failed with HTTP {status} on {where}, {TRIES} tries", hint="the Hub is having trouble; try again later"
+                ) from None
+            raise HubError(
+                f"{endpoint} answered HTTP {status} on {where}: {_short(c)}", hint="check the repo id, revision and your access"
+            ) from None
+        if first(httpx2.ConnectError, httpx2.TimeoutException, ConnectionError):
+            raise HubError(
+                f"cannot reach the Hub at {endpoint}",
+                hint="check --endpoint / HF_ENDPOINT and the network; cached repos also pull with --offline",
+            ) from None
+        if c := first(httpx2.TransportError) or next((c for c in chain if isinstance(c, OSError) and "Consistency check" in str(c)), None):
+            raise HubError(
+                f"the download of {where} from {endpoint} was cut short, {TRIES} tries", hint="try again; nothing was written"
+            ) from None
+        if c := first(he.LocalEntryNotFoundError):
+            raise HubError(
+                f"cannot fetch {where} from {endpoint} and it is not in the cache: {_short(c)}",
+                hint="check --endpoint / HF_ENDPOINT and the network",
+            ) from None
+        raise
+
+
+def _short(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
