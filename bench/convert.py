@@ -52,11 +52,10 @@ conversion is read with fincore where installed.
 
 Peak RSS: os.wait4 returns the child's ru_maxrss (KiB on Linux), the high-water mark of its
 resident memory over its whole life, imports included. Linux counts the memory of the
-process image that exec replaced too, so the child's ru_maxrss is at least this process's
-RSS at spawn (subprocess uses vfork); this process imports only the standard library and
-keeps no tensor (its peak is printed; cp's ru_maxrss in the same run shows that floor). The
-converter's own VmHWM, which it prints in its --json, is shown next to it. Page cache is
-not part of RSS.
+process image that exec replaced too, so the child's ru_maxrss is at least its spawner's RSS
+at spawn: vitctl.bench.run_command spawns through a fresh small launcher interpreter (cp's
+ru_maxrss in the same run shows that floor). The converter's own VmHWM, which it prints in
+its --json, is shown next to it. Page cache is not part of RSS.
 
 --json prints one JSON object {"rows": [{"name", "value", "unit", "baseline", "ratio"}, ...],
 ...} (the schema of bench/forward.py) on stdout and nothing else there; progress goes to
@@ -77,8 +76,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
-from _common import QuietGate  # noqa: E402
+from vitctl import bench as B
+from vitctl.bench import QuietGate, Run, disk_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GiB, MiB = 2**30, 2**20
@@ -236,12 +235,6 @@ def build(kind_key: str, path: Path, size_bytes: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- measuring (this process: stdlib only)
-def disk_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def files_of(path: Path) -> list[Path]:
     return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
@@ -275,62 +268,11 @@ def cached_fraction(path: Path) -> float | None:
     return res / size if size else None
 
 
-def _cpu_jiffies() -> tuple[float, float] | None:
-    try:
-        f = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    f += [0.0] * 8
-    return f[0] + f[1] + f[2] + f[5] + f[6] + f[7], sum(f[:8])  # busy (+ steal), total
-
-
-@dataclasses.dataclass
-class Run:
-    seconds: float
-    maxrss_bytes: int
-    exit_code: int
-    cpu_seconds: float  # user + sys of the child
-    others_cpu_frac: float | None  # share of all CPUs used by other processes meanwhile
-    stdout: str
-    stderr: str
-
-
-def timed(cmd: list[str], workdir: Path, timeout: float | None = None) -> Run:
-    """Runs cmd as a child; wall seconds from spawn to exit, and its rusage from os.wait4."""
-    out_path, err_path = workdir / ".bench-stdout", workdir / ".bench-stderr"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        j0 = _cpu_jiffies()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        deadline = None if timeout is None else t0 + timeout
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, ru = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.05)
-        seconds = time.perf_counter() - t0
-        j1 = _cpu_jiffies()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    cpu = ru.ru_utime + ru.ru_stime
-    others = None
-    if j0 and j1 and j1[1] > j0[1]:
-        hz = os.sysconf("SC_CLK_TCK")
-        others = max(0.0, (j1[0] - j0[0]) - cpu * hz) / (j1[1] - j0[1])
-    text = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
-    out_path.unlink()
-    err_path.unlink()
-    return Run(seconds, ru.ru_maxrss * 1024, proc.returncode, cpu, others, *text)
-
-
-def cp_once(src: Path, copy: Path, workdir: Path, gate: QuietGate, runs: list[Run]) -> None:
+def cp_once(src: Path, copy: Path, gate: QuietGate, runs: list[Run]) -> None:
     """One timed `cp -r` of the source to a sibling (a real data copy, no reflink); the copy is deleted untimed."""
     os.sync()
     gate.wait()
-    r = timed(["cp", "-r", "--reflink=never", str(src), str(copy)], workdir)
+    r = B.run_command(["cp", "-r", "--reflink=never", str(src), str(copy)])
     if r.exit_code:
         raise SystemExit(f"cp failed: {r.stderr}")
     remove(copy)
@@ -343,14 +285,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def vitctl_command() -> list[str]:
-    script = Path(sys.executable).parent / "vitctl"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("vitctl")
-    return [found] if found else [sys.executable, "-m", "vitctl"]
 
 
 def self_peak_rss() -> int:
@@ -429,18 +363,6 @@ def fmt_gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
-    print(title)
-    for r in [columns, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-
-
-def json_row(name: str, value: float, unit: str, baseline: str | None = None, ratio: float | None = None) -> dict:
-    """One row of the bench JSON schema (as bench/forward.py)."""
-    return {"name": name, "value": round(value, 4), "unit": unit, "baseline": baseline, "ratio": None if ratio is None else round(ratio, 4)}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=4.0, help="parameter bytes of each synthetic checkpoint, at least (default 4)")
@@ -487,7 +409,7 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="vitctl-bench-convert-", dir=base))
     log(f"workdir {workdir} ({free / GiB:.0f} GiB free); checkpoints of >= {args.size_gib:g} GiB; cases: {', '.join(keys)}")
 
-    vitctl = vitctl_command()
+    vitctl = B.vitctl_command()
     gate = QuietGate(args.max_wait)
     results: list[Result] = []
     failures: list[str] = []
@@ -518,23 +440,26 @@ def main(argv=None) -> int:
             log(f"{case.key}: warm the page cache ({warm(src):.1f} s) ...")
             cps = []
 
-            cp_once(src, copy, workdir, gate, cps)
+            cp_once(src, copy, gate, cps)
             cached = cached_fraction(src)
             os.sync()
             gate.wait()
             cmd = [*vitctl, "convert", case.direction, str(src), str(dst), *case.args, "--json"]
             log(f"  {' '.join(cmd[len(vitctl) - 1 :])} ...")
-            run = timed(cmd, workdir, args.timeout)
+            try:
+                run = B.run_command(cmd, args.timeout)
+            except TimeoutError as e:
+                run = Run(args.timeout, 0, -9, 0.0, None, "", str(e))
             remove(dst)
             if run.exit_code:
                 failures.append(f"{case.key}: exit {run.exit_code}: {run.stderr.strip()[-2000:]}")
                 log(f"  FAILED (exit {run.exit_code})")
-                cp_once(src, copy, workdir, gate, cps)
+                cp_once(src, copy, gate, cps)
                 continue
             summary = json.loads(run.stdout)
             log(f"  convert: {run.seconds:.1f} s, peak RSS {run.maxrss_bytes / MiB:.0f} MiB "
                 f"(its own VmHWM {summary.get('peak_rss_bytes', 0) / MiB:.0f} MiB)")  # fmt: skip
-            cp_once(src, copy, workdir, gate, cps)
+            cp_once(src, copy, gate, cps)
             results.append(Result(case, info, run, cps, summary, cached))
             if last_use[case.source] == case.key and not args.keep:
                 remove(src)
@@ -556,18 +481,20 @@ def main(argv=None) -> int:
     )
     notes = [
         gate.describe(),
-        f"this process's peak RSS: {parent_peak / MiB:.0f} MiB (a floor of every child's ru_maxrss: Linux counts the image exec replaced)",
+        f"this process's peak RSS: {parent_peak / MiB:.0f} MiB (children are spawned by a small launcher, so it is no floor of theirs)",
         "largest single tensor 64 MiB (one layer's D x F kernel); stacked (L, D, F) sizes per source in `sources`",
     ]
     rows: list[dict] = []
     table: list[list[str]] = []
     for r in results:
         name = f"{r.case.key} ({SOURCES[r.case.source].label} -> {r.case.target})"
-        rows.append(json_row(f"{name} GB/s", r.gbps, "GB/s", f"cp {r.case.source} GB/s", r.ratio))
-        rows.append(json_row(f"cp {r.case.source} GB/s", r.cp_gbps, "GB/s"))
-        rows.append(json_row(f"{name} seconds", r.convert.seconds, "s", f"cp {r.case.source} seconds", r.convert.seconds / r.cp_seconds))
+        rows.append(B.Row(f"{name} GB/s", r.gbps, "GB/s", f"cp {r.case.source} GB/s", r.ratio).as_dict())
+        rows.append(B.Row(f"cp {r.case.source} GB/s", r.cp_gbps, "GB/s").as_dict())
         rows.append(
-            json_row(f"{name} peak RSS", r.convert.maxrss_bytes / MiB, "MiB", "target 1024 MiB", r.convert.maxrss_bytes / RSS_TARGET)
+            B.Row(f"{name} seconds", r.convert.seconds, "s", f"cp {r.case.source} seconds", r.convert.seconds / r.cp_seconds).as_dict()
+        )
+        rows.append(
+            B.Row(f"{name} peak RSS", r.convert.maxrss_bytes / MiB, "MiB", "target 1024 MiB", r.convert.maxrss_bytes / RSS_TARGET).as_dict()
         )
         rss = r.convert.maxrss_bytes
         table.append([
@@ -603,7 +530,7 @@ def main(argv=None) -> int:
               f"largest stacked {v['largest_stacked_bytes'] / MiB:.0f} MiB, largest stored unit {v['largest_stored_unit_bytes'] / MiB:.0f} MiB; "
               f"built in {v['build_seconds']:.0f} s")  # fmt: skip
     print()
-    print_table(
+    B.print_table(
         f"Targets: peak RSS < {RSS_TARGET / MiB:.0f} MiB, throughput >= {SPEED_TARGET}x cp",
         ["case", "source -> target", "GiB", "GiB disk", "conv s", "CPU s", "GB/s", "cp s", "cp GB/s", "vs cp", "peak RSS MiB",
          "VmHWM MiB", "est. MiB", "src cached", "others CPU", "RSS", "speed"],

@@ -5,10 +5,11 @@ with each framework's GEMM peak measured in the same run.
 
 Compared, at 224 px, per dtype (fp32, bf16):
 - classic B/16: vitctl `B/16` (sequential block, LayerNorm eps 1e-6, tanh GELU, QKV
-  bias, class token) vs timm `vit_base_patch16_224` (same, exact-erf GELU);
+  bias, class token) vs timm `vit_base_patch16_224` built from the same config by
+  vitctl.convert.timm.timm_spec (so tanh GELU too: the same function);
 - parallel B/16: vitctl `vit22b-B/16` with pool="tok" (parallel block, QK-norm,
   RMSNorm, no QKV bias, exact GELU, fused forward) vs timm `vit_base_patch16_xp_224`
-  (ParallelScalingBlock, qk_norm, RmsNorm). pool="tok" because timm's model pools the
+  (ParallelScalingBlock, qk_norm, RmsNorm), built by timm_spec from the same config. pool="tok" because timm's model pools the
   class token: both then run T = 197 tokens and the same matmuls (the preset's MAP
   head would add a 197-token attention and an MLP);
 - vitctl-jax on both configs: jax.jit of the forward (AOT-compiled before timing),
@@ -27,7 +28,7 @@ Images/s is batch / the best seconds per batch over the timed rounds (the median
 shown too): on a shared 2-core machine other processes only ever add time, and an
 oversubscribed OpenMP or XLA thread pool can run several times slower, so the best
 round is the better estimate of what the code costs. GFLOP/s uses the analytic count
-of bench/_common.py:vit_flops (2 x MACs of every matmul, attention included). "of
+of vitctl.bench.flops (2 x MACs of every matmul, attention included). "of
 peak" divides by the best GEMM rate measured here for that framework and dtype. All
 rows of one (config, dtype) are timed interleaved. Nothing asserts on time; on a
 shared machine read the load line printed at the end.
@@ -37,21 +38,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
-import _common as C  # noqa: E402  (also puts the repo root on sys.path)
-
-from vitctl.config import ViTConfig  # noqa: E402
+from vitctl import bench as C
+from vitctl.config import ViTConfig
 
 CONFIGS = {  # label -> (vitctl config, timm model name)
     "classic": (ViTConfig.from_variant("B/16"), "vit_base_patch16_224"),
     "parallel": (ViTConfig.from_variant("vit22b-B/16", pool="tok"), "vit_base_patch16_xp_224"),
 }
-DT_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+DT_SHORT = C.DT_SHORT
 
 
 T0 = time.perf_counter()
@@ -82,44 +82,21 @@ class Entry:
 
     @property
     def median_img_s(self) -> float:
-        return self.batch / C.median(self.times)
+        return self.batch / statistics.median(self.times)
 
     @property
     def gflops(self) -> float:
-        return C.vit_flops(self.cfg) * self.img_s / 1e9
+        return C.flops(self.cfg) * self.img_s / 1e9
 
 
 # ----------------------------------------------------------------------------- builders
 def torch_vitctl(cfg: ViTConfig, batch: int):
-    import torch
-
-    from vitctl.model_torch.model import DTYPES, ViT
-
-    torch.manual_seed(0)
-    model = ViT(cfg).eval()
-    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, dtype=DTYPES[cfg.dtype])
-
-    def call():
-        with torch.inference_mode():
-            model(x)
-
-    return call
+    return C.torch_forward(C.vitctl_torch_model(cfg), cfg, batch, cfg.dtype)
 
 
-def torch_timm(name: str, dtype: str, batch: int):
-    import timm
-    import torch
-
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval().to(dt)
-    x = torch.randn(batch, 3, 224, 224, dtype=dt)
-
-    def call():
-        with torch.inference_mode():
-            model(x)
-
-    return call
+def torch_timm(cfg: ViTConfig, dtype: str, batch: int):
+    """timm's model of the same configuration (vitctl.convert.timm.timm_spec), pure `dtype`."""
+    return C.torch_forward(C.timm_model(cfg, dtype), cfg, batch, dtype)
 
 
 def probe_torch_cast_at_use(cfg: ViTConfig) -> str:
@@ -133,41 +110,22 @@ def probe_torch_cast_at_use(cfg: ViTConfig) -> str:
     try:
         with torch.inference_mode():
             ViT(tiny).eval()(torch.randn(1, 3, cfg.image_size, cfg.image_size))
-    except Exception as e:  # report, never crash the benchmark
+    except Exception as e:  # noqa: BLE001  (report, never crash the benchmark)
         return f"{type(e).__name__}: {str(e).splitlines()[0]}"
     return ""
-
-
-def jax_vitctl(cfg: ViTConfig, batch: int):
-    """jit(forward) compiled ahead of time; returns (call, compile seconds)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from vitctl.model_jax.model import DTYPES, init_model
-
-    graphdef, state = nnx.split(init_model(cfg, seed=0))
-
-    def forward(state, images):  # logits only: XLA drops the unused intermediates
-        return nnx.merge(graphdef, state)(images)[0]
-
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, cfg.image_size, cfg.image_size, cfg.channels)), DTYPES[cfg.dtype])
-    t0 = time.perf_counter()
-    compiled = jax.jit(forward).lower(state, x).compile()
-    compile_s = time.perf_counter() - t0
-
-    def call():
-        jax.block_until_ready(compiled(state, x))
-
-    return call, compile_s
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one timed round, no warm-up round, no oneDNN GEMM probe or second GEMM pass, no fused=False rows")
-    p.add_argument("--extra", action="store_true", help="also time vitctl-jax bf16 with param_dtype=bfloat16 and vitctl-torch bf16 with fp32 params")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one timed round, no warm-up round, no oneDNN GEMM probe or second GEMM pass, no fused=False rows",
+    )
+    p.add_argument(
+        "--extra", action="store_true", help="also time vitctl-jax bf16 with param_dtype=bfloat16 and vitctl-torch bf16 with fp32 params"
+    )
     p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} on stdout, nothing else there')
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
@@ -251,7 +209,7 @@ def main(argv=None) -> int:
             group = []
             timm_entry = f"timm {label} {d}"
             log(f"build: {label} {d} ...")
-            group.append(Entry(timm_entry, "torch", label, dtype, tb, torch_timm(timm_name, dtype, tb), base_cfg, note=timm_name))
+            group.append(Entry(timm_entry, "torch", label, dtype, tb, torch_timm(base_cfg, dtype, tb), base_cfg, note=timm_name))
             err = ""
             if dtype == "float32":
                 cfg = base_cfg
@@ -265,10 +223,35 @@ def main(argv=None) -> int:
             group.insert(0, Entry(f"vitctl-torch {label} {d}", "torch", label, dtype, tb, torch_vitctl(cfg, tb), cfg, timm_entry, tnote))
             if dtype == "bfloat16" and label == "parallel" and not err and args.extra:
                 cast = dataclasses.replace(base_cfg, dtype=dtype)
-                group.insert(1, Entry(f"vitctl-torch {label} {d} params fp32", "torch", label, dtype, tb, torch_vitctl(cast, tb), cast, timm_entry, "cast at use"))
+                group.insert(
+                    1,
+                    Entry(
+                        f"vitctl-torch {label} {d} params fp32",
+                        "torch",
+                        label,
+                        dtype,
+                        tb,
+                        torch_vitctl(cast, tb),
+                        cast,
+                        timm_entry,
+                        "cast at use",
+                    ),
+                )
             if label == "parallel" and dtype == "float32" and not args.quick:
                 unfused = dataclasses.replace(cfg, fused=False)
-                group.append(Entry(f"vitctl-torch {label} {d} fused=False", "torch", label, dtype, tb, torch_vitctl(unfused, tb), unfused, timm_entry, "no per-call weight concat"))
+                group.append(
+                    Entry(
+                        f"vitctl-torch {label} {d} fused=False",
+                        "torch",
+                        label,
+                        dtype,
+                        tb,
+                        torch_vitctl(unfused, tb),
+                        unfused,
+                        timm_entry,
+                        "no per-call weight concat",
+                    )
+                )
             jax_variants = [(dataclasses.replace(base_cfg, dtype=dtype), "" if dtype == "float32" else "params fp32, cast at use")]
             if label == "parallel" and dtype == "bfloat16" and args.extra:
                 jax_variants.append((dataclasses.replace(base_cfg, dtype=dtype, param_dtype=dtype), "param_dtype bf16"))
@@ -276,7 +259,7 @@ def main(argv=None) -> int:
                 jax_variants.append((dataclasses.replace(base_cfg, fused=False), "fused=False"))
             for jcfg, jnote in jax_variants:
                 log(f"compile: vitctl-jax {label} {d} {jnote} ...")
-                call, compile_s = jax_vitctl(jcfg, B)
+                call, compile_s = C.jax_forward(jcfg, B)
                 suffix = "" if not jnote or jnote.startswith("params fp32") else " " + jnote
                 note = ", ".join(filter(None, [jnote if not suffix else "", f"compile {compile_s:.1f} s"]))
                 group.append(Entry(f"vitctl-jax {label} {d}{suffix}", "jax", label, dtype, B, call, jcfg, timm_entry, note))
@@ -303,14 +286,14 @@ def main(argv=None) -> int:
     rows_json, table = [], []
     for label, rates in gemm.items():
         for shape, r in rates.items():
-            rows_json.append(C.json_row(f"gemm {label} {C.fmt_shape(shape)}", r, "GFLOP/s"))
+            rows_json.append(C.Row(f"gemm {label} {C.fmt_shape(shape)}", r, "GFLOP/s").as_dict())
     for g in groups:
         for e in g:
             base = entries.get(e.baseline) if e.baseline else None
             ratio = e.img_s / base.img_s if base else None
             plabel, pval = peak(e.framework, e.dtype)
-            rows_json.append(C.json_row(f"{e.name} images/s", e.img_s, "images/s", f"{e.baseline} images/s" if base else None, ratio))
-            rows_json.append(C.json_row(f"{e.name} GFLOP/s", e.gflops, "GFLOP/s", f"gemm peak {plabel}", e.gflops / pval))
+            rows_json.append(C.Row(f"{e.name} images/s", e.img_s, "images/s", f"{e.baseline} images/s" if base else None, ratio).as_dict())
+            rows_json.append(C.Row(f"{e.name} GFLOP/s", e.gflops, "GFLOP/s", f"gemm peak {plabel}", e.gflops / pval).as_dict())
             table.append([
                 e.name, str(e.batch), f"{e.img_s:.2f}", f"{e.median_img_s:.2f}", f"{min(e.times):.3f}", f"{e.gflops:.1f}",
                 f"{ratio:.2f}x" if ratio else "-", f"{100 * e.gflops / pval:.0f}% of {plabel}", e.note,
@@ -318,7 +301,7 @@ def main(argv=None) -> int:
     load = monitor.summary()
     load_line = monitor.describe()
     if args.json:
-        C.print_json(rows_json, settings=settings, notes=notes, load={**load, "quiet_gate": gate.describe()})
+        print(json.dumps({"rows": rows_json, "settings": settings, "notes": notes, "load": {**load, "quiet_gate": gate.describe()}}))
         return 0
 
     print("vitctl forward benchmark (bench/forward.py)")
@@ -326,7 +309,7 @@ def main(argv=None) -> int:
         print(f"  {k}: {v}")
     print("  configs compared:")
     for label, (cfg, timm_name) in CONFIGS.items():
-        flops = C.vit_flops(cfg)
+        flops = C.flops(cfg)
         print(
             f"    {label}: vitctl {cfg.block} block, norm={cfg.norm}, qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias}, "
             f"gelu_approximate={cfg.gelu_approximate}, pool={cfg.pool}, fused={cfg.fused}, T={cfg.seq_len}  vs  timm {timm_name}; "
@@ -340,7 +323,11 @@ def main(argv=None) -> int:
               f"vs {peak('torch', 'float32')[1]:.1f} fp32 (no native bf16 kernel on this CPU); --bf16-batch-size {B} to override")  # fmt: skip
     print()
     gemm_rows = [[label, C.fmt_shape(s), f"{r:.1f}"] for label, rates in gemm.items() for s, r in rates.items()]
-    C.print_table("GEMM peak (best of repeated calls" + ("" if args.quick else ", two passes: before and after the models") + ")", ["kernel", "shape (MxK)@(KxN)", "GFLOP/s"], gemm_rows)
+    C.print_table(
+        "GEMM peak (best of repeated calls" + ("" if args.quick else ", two passes: before and after the models") + ")",
+        ["kernel", "shape (MxK)@(KxN)", "GFLOP/s"],
+        gemm_rows,
+    )
     C.print_table(
         "Forward throughput",
         ["model", "batch", "img/s (best)", "img/s (median)", "s/batch (best)", "GFLOP/s", "vs timm same cfg+dtype", "of GEMM peak", "note"],
@@ -349,7 +336,9 @@ def main(argv=None) -> int:
     for n in notes:
         print(f"note: {n}")
     if any(e.gflops > peak(e.framework, e.dtype)[1] for g in groups for e in g):
-        print("note: above 100% of the GEMM peak: the GEMM probe met a busier moment than the model did, or the model's shapes suit the kernel better")
+        print(
+            "note: above 100% of the GEMM peak: the GEMM probe met a busier moment than the model did, or the model's shapes suit the kernel better"
+        )
     print(f"load: {load_line};")
     print(f"      {gate.describe()}")
     if gate.busy_starts:

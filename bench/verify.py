@@ -17,30 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from vitctl import checkpoint as ckpt
+from vitctl.bench import random_weights
 from vitctl.config import ViTConfig
 from vitctl.convert.convert import convert
-from vitctl.convert.mapping import jax_param_shapes
 from vitctl.verify import run_config, run_side, set_precision, verify
-
-
-def random_weights(cfg: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Non-trivial float32 weights: kernels ~ N(0, 1/fan_in), scales ~ 1 + N(0, 0.1)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in jax_param_shapes(cfg).items():
-        per_layer = shape[1:] if name.startswith("blocks/") else shape
-        if name.endswith("/kernel"):
-            fan_in = per_layer[0] if name.split("/")[-2] in ("q", "k", "v") else int(np.prod(per_layer[:-1]))
-            w = rng.standard_normal(shape, np.float32) * np.float32(fan_in**-0.5)
-        elif name.endswith("/scale"):
-            w = 1 + 0.1 * rng.standard_normal(shape, np.float32)
-        else:
-            w = (0.1 if name.endswith("/bias") else 0.5) * rng.standard_normal(shape, np.float32)
-        out[name] = w
-    return out
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -91,16 +72,48 @@ def main() -> None:
 
     base = t_jax_first + t_torch
     rows += [
-        {"name": f"verify {args.model} fp32, batch {args.batch}", "value": t_verify, "unit": "s", "baseline": base, "ratio": t_verify / base},
+        {
+            "name": f"verify {args.model} fp32, batch {args.batch}",
+            "value": t_verify,
+            "unit": "s",
+            "baseline": base,
+            "ratio": t_verify / base,
+        },
         {"name": "  one JAX forward (jit compile included)", "value": t_jax_first, "unit": "s", "baseline": None, "ratio": None},
         {"name": "  one JAX forward (warm)", "value": t_jax_warm, "unit": "s", "baseline": None, "ratio": None},
         {"name": "  one torch forward (warm)", "value": t_torch, "unit": "s", "baseline": None, "ratio": None},
-        {"name": "verify vs warm forwards", "value": t_verify, "unit": "s", "baseline": t_jax_warm + t_torch, "ratio": t_verify / (t_jax_warm + t_torch)},
-        {"name": "fp32 pair: logits max-abs", "value": r["max_abs"], "unit": "", "baseline": r["tolerance"], "ratio": r["max_abs"] / r["tolerance"]},
-        {"name": "bf16 copy in bf16: logits max-abs", "value": r16["max_abs"], "unit": "", "baseline": r16["tolerance"], "ratio": r16["max_abs"] / r16["tolerance"]},
+        {
+            "name": "verify vs warm forwards",
+            "value": t_verify,
+            "unit": "s",
+            "baseline": t_jax_warm + t_torch,
+            "ratio": t_verify / (t_jax_warm + t_torch),
+        },
+        {
+            "name": "fp32 pair: logits max-abs",
+            "value": r["max_abs"],
+            "unit": "",
+            "baseline": r["tolerance"],
+            "ratio": r["max_abs"] / r["tolerance"],
+        },
+        {
+            "name": "bf16 copy in bf16: logits max-abs",
+            "value": r16["max_abs"],
+            "unit": "",
+            "baseline": r16["tolerance"],
+            "ratio": r16["max_abs"] / r16["tolerance"],
+        },
     ]
     worst = max((x for x in r16["layers"] if x["name"] not in ("logits", "pre_logits")), key=lambda x: x["max_rel"])
-    rows.append({"name": f"bf16 copy in bf16: worst max-rel ({worst['name']})", "value": worst["max_rel"], "unit": "", "baseline": r16["rtol"], "ratio": worst["max_rel"] / r16["rtol"]})
+    rows.append(
+        {
+            "name": f"bf16 copy in bf16: worst max-rel ({worst['name']})",
+            "value": worst["max_rel"],
+            "unit": "",
+            "baseline": r16["rtol"],
+            "ratio": worst["max_rel"] / r16["rtol"],
+        }
+    )
     if args.json:
         print(json.dumps({"rows": rows}, indent=2))
         return

@@ -557,6 +557,13 @@ def table(title: str, columns: list[str], rows: Iterable[Iterable[str]], left: t
     return t
 
 
+def print_table(title: str, columns: list[str], rows: Iterable[Iterable[str]], file=None) -> None:
+    """table() printed wide enough not to wrap (to stdout by default)."""
+    from rich.console import Console
+
+    Console(file=file or sys.stdout, width=250, highlight=False).print(table(title, columns, rows))
+
+
 def short_baseline(row: Row) -> str:
     """The baseline's name without the words it shares with the row's at the start
     ("forward classic B/16 fp32 b8 timm" next to "forward classic B/16 fp32 b8 vitctl-torch": "timm")."""
@@ -852,21 +859,23 @@ def machine() -> dict:
     return out
 
 
-def run(mode: str = "full", sections: Iterable[str] = SECTIONS, log: Callable[[str], None] | None = None) -> Report:
+def run(mode: str | Mode = "full", sections: Iterable[str] = SECTIONS, log: Callable[[str], None] | None = None) -> Report:
     """Runs the benchmark; returns its rows (ratios filled), machine, load and notes.
 
     Args:
-      mode: "full", "quick" or "tiny" (see the module docstring).
+      mode: "full", "quick", "tiny" (see the module docstring) or a Mode of one's own.
       sections: a subset of SECTIONS, run in SECTIONS' order.
       log: progress callback (one line per step), e.g. printing to stderr.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown bench mode {mode!r}: one of {', '.join(MODES)}")
+    if isinstance(mode, str):
+        if mode not in MODES:
+            raise ValueError(f"unknown bench mode {mode!r}: one of {', '.join(MODES)}")
+        mode = MODES[mode]
     chosen = set(sections)
     if chosen - set(SECTIONS):
         raise ValueError(f"unknown bench sections {sorted(chosen - set(SECTIONS))}: pick from {', '.join(SECTIONS)}")
     t0 = time.perf_counter()
-    bench = _Bench(MODES[mode], lambda msg: log(f"[{time.perf_counter() - t0:5.0f} s] {msg}") if log else None)
+    bench = _Bench(mode, lambda msg: log(f"[{time.perf_counter() - t0:5.0f} s] {msg}") if log else None)
     monitor = LoadMonitor()
     if chosen & {"gemm", "torch-forward", "torch-train"}:
         import torch
@@ -880,4 +889,4 @@ def run(mode: str = "full", sections: Iterable[str] = SECTIONS, log: Callable[[s
     if not bench.has_timm:
         bench.notes.append("timm is not installed (pip install timm): the timm rows are empty and so are the ratios against them")
     load = {**monitor.summary(), "quiet_gate": bench.gate.summary(), "describe": f"{monitor.describe()}; {bench.gate.describe()}"}
-    return Report(mode, link(bench.rows), machine(), load, bench.notes)
+    return Report(mode.name, link(bench.rows), machine(), load, bench.notes)
