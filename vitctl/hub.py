@@ -120,8 +120,12 @@ def push(
         remote = {f.path: f for f in _retry(lambda: api.list_repo_tree(repo_id, revision=sha, recursive=True)) if isinstance(f, RepoFile)}
     listed = []
     for op in adds:
-        local = _local_digest(op.path_or_fileobj)
         r = remote.get(op.path_in_repo)
+        # LFS files: the sha256 the client hashed from the local file for the upload (one pass over
+        # the data); small regular files: their git blob id, computed here.
+        local = {"size": op.upload_info.size, "sha256": op.upload_info.sha256.hex()}
+        if r is not None and not r.lfs:
+            local = _local_digest(op.path_or_fileobj)
         got = None if r is None else (r.size, r.lfs.sha256 if r.lfs else None, r.blob_id)
         if r is None or r.size != local["size"] or (r.lfs.sha256 != local["sha256"] if r.lfs else r.blob_id != local["git_oid"]):
             raise HubError(

@@ -19,6 +19,7 @@ _snapshot_download.py) and checked against this server's request log:
 
 Every push is a commit whose SHA is the revision; branches point at commits. A token,
 when set, is required for writes and for private repos, and a wrong one gets 401.
+`misreport` names files whose tree listing reports another sha256 (storage gone bad).
 `fail(path_part, what, times)` makes the next `times` requests whose path contains
 `path_part` answer 500, 404 or 401, send a truncated body ("truncate": full
 Content-Length, half the bytes, then the connection closes) or corrupted bytes of the
@@ -81,6 +82,7 @@ class HubServer(ThreadingHTTPServer):
         self.faults: list[Fault] = []
         self.log: list[tuple[str, str, int]] = []
         self.auth_seen: list[str | None] = []  # the Authorization header of each request
+        self.misreport: set[str] = set()  # files whose listings claim another sha256 (storage gone bad)
         self.lock = threading.Lock()
 
     @property
@@ -352,11 +354,11 @@ class Handler(BaseHTTPRequestHandler):
             out.append(self._file_entry(p, f))
         return [{"type": "directory", "path": d, "oid": _sha(d), "size": 0} for d in sorted(dirs)] + out
 
-    @staticmethod
-    def _file_entry(p: str, f: File) -> dict[str, Any]:
+    def _file_entry(self, p: str, f: File) -> dict[str, Any]:
+        sha = hashlib.sha256(f.sha256.encode()).hexdigest() if p in self.server.misreport else f.sha256
         e: dict[str, Any] = {"type": "file", "path": p, "size": f.size, "oid": f.oid}
         if f.lfs:
-            e["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
+            e["lfs"] = {"oid": sha, "size": f.size, "pointerSize": 134}
         return e
 
     def tree(self, body: bytes, fault: Any, repo: str, rev: str, under: str = "") -> None:
