@@ -1,0 +1,137 @@
+"""`vitctl probe CKPT --data D`: linear probe and few-shot accuracy of frozen features. Thin: parse,
+call vitctl.probe.probe, print.
+
+stdout: the settings (checkpoint, backend, layer, pooling, sizes) and a table of accuracies; with
+--json one object: {"linear": {"accuracy", "C", "val_accuracy", "sweep", ...}, "fewshot": {"5":
+{"accuracy", "std", "per_seed"}, ...}, "train_size", "test_size", "feature_dim", "layer", "pool",
+"backend", "timings", "cached", ...}, accuracies as fractions. stderr: the extraction progress bar
+and notes. Exit codes: 0 done; 1 unusable data or checkpoint; 2 usage.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vitctl.cli._options import Backend, JsonOpt, err, out, print_json
+from vitctl.errors import ConfigError
+
+commands = typer.Typer()
+
+EXAMPLES = """Examples:
+
+  vitctl probe runs/digits --data digits
+
+  vitctl probe ckpt/torch --data fashion-mnist --backend torch --layer block:-2 --pool gap --json
+
+  vitctl probe big_vision.npz --data photos/ --mode fewshot --shots 1,5,10 --seeds 5
+"""
+
+
+class Mode(str, enum.Enum):
+    linear = "linear"
+    fewshot = "fewshot"
+    both = "both"
+
+
+class Pool(str, enum.Enum):
+    map = "map"
+    gap = "gap"
+    tok = "tok"
+
+
+def parse_shots(text: str) -> list[int]:
+    try:
+        shots = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--shots must be comma-separated integers, got '{text}'", hint="e.g. --shots 1,5,10,25") from None
+    return shots
+
+
+@commands.command(epilog=EXAMPLES)
+def probe(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: a vitctl directory (JAX or torch) or a big_vision .npz.", show_default=False)],
+    data: Annotated[
+        str, typer.Option("--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", show_default=False)
+    ],
+    backend: Annotated[
+        Backend | None, typer.Option("--backend", help="Model to run (default: the checkpoint's own).", show_default=False)
+    ] = None,
+    layer: Annotated[str, typer.Option("--layer", help="pre_logits, or block:N (0-based; negative from the end).")] = "pre_logits",
+    pool: Annotated[
+        Pool | None,
+        typer.Option(
+            "--pool",
+            help="map, gap (mean of patch tokens) or tok (class token); default: the model's own, gap or tok for blocks.",
+            show_default=False,
+        ),
+    ] = None,
+    mode: Annotated[
+        Mode, typer.Option("--mode", help="linear (logistic regression, C swept), fewshot (big_vision least squares), or both.")
+    ] = Mode.both,
+    shots: Annotated[str, typer.Option("--shots", help="Few-shot examples per class, comma-separated.")] = "1,5,10,25",
+    seeds: Annotated[int, typer.Option("--seeds", help="Few-shot draws per shot count (accuracy averaged).")] = 3,
+    l2: Annotated[float, typer.Option("--l2", help="Few-shot ridge L2 (big_vision: 2^10).")] = 2.0**10,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the feature cache ($VITCTL_CACHE or ~/.cache/vitctl).")
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Linear-probe and few-shot accuracy of a checkpoint's frozen features, on either backend."""
+    result = run(
+        ckpt, data, quiet=json_, backend=backend.value if backend else None, layer=layer, pool=pool.value if pool else None,
+        mode=mode.value, shots=parse_shots(shots), seeds=seeds, l2=l2, batch_size=batch_size, use_cache=not no_cache,
+    )  # fmt: skip
+    for note in result["notes"]:
+        err.print(f"note: {escape(note)}")
+    if json_:
+        print_json(result)
+    else:
+        show(result)
+
+
+def run(ckpt: str | Path, data: str, *, quiet: bool = False, **options: Any) -> dict[str, Any]:
+    """vitctl.probe.probe with a Rich progress bar of the feature extraction on stderr (for the CLI and the demo)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vitctl.probe import probe as run_probe
+
+    progress = Progress(TextColumn("features"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=err, transient=quiet)
+    with progress:
+        task = None
+
+        def on_batch(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = progress.add_task("features", total=total)
+            progress.update(task, completed=done)
+
+        return run_probe(ckpt, data, on_batch=on_batch, **options)
+
+
+def show(r: dict[str, Any]) -> None:
+    c = r["checkpoint"]
+    out.print(f"checkpoint: {escape(c['path'])} ({c['format']}, sha256 {c['sha256'][:12]}), backend {r['backend']}, {r['precision']}")
+    p = r["preprocess"]
+    how = f"value range {p['value_range']}" if p["value_range"] else f"mean {p['mean']} std {p['std']}"
+    out.print(f"data: {escape(str(r['data']))}: {r['train_size']} train, {r['test_size']} test, {r['num_classes']} classes; "
+              f"{p['image_size']} px ({p['resize']}{', antialias' if p['antialias'] else ''}), {how}")  # fmt: skip
+    where = "from the cache" if r["cached"] else "extracted"
+    out.print(f"features: {r['layer']}, pool {r['pool']}, dim {r['feature_dim']} ({where}, {r['timings'].get('features', 0):.1f} s)")
+    t = Table("protocol", "accuracy", "detail", title="Frozen-feature probe")
+    lin = r.get("linear")
+    if lin:
+        conv = "" if lin["converged"] else ", not converged"
+        t.add_row(
+            "linear", f"{lin['accuracy']:.2%}", f"C={lin['C']:.3g} (val {lin['val_accuracy']:.2%}, {len(lin['sweep'])} values swept{conv})"
+        )
+    for shots, f in r.get("fewshot", {}).items():
+        t.add_row(f"{shots}-shot", f"{f['accuracy']:.2%}", f"± {f['std']:.2%} over {r['fewshot_seeds']} seeds, l2={r['fewshot_l2']:g}")
+    out.print(t)
+    out.print(f"{r['timings']['total']:.1f} s" + (" (features from the cache)" if r["cached"] else ""))

@@ -1,0 +1,517 @@
+"""vitctl probe: how good are a checkpoint's frozen features? Linear probe and few-shot.
+
+Every choice that moves such numbers by points (shared/PARITY.md) is explicit and
+reported: which layer, which pooling, which preprocessing, which classifier protocol.
+
+- Checkpoint: anything `vitctl verify` opens (vitctl-jax, vitctl-torch, timm export, big_vision
+  .npz: vitctl.verify.open_side), run on either backend: the parameters are read under
+  JAX per-layer names and loaded into the JAX or the PyTorch model, whatever the format.
+- Data: the sources of `vitctl train` (vitctl.train.data.load_dataset: digits, Fashion-MNIST,
+  ImageFolder, .npz, IDX, HF datasets), its train/test split (seeded, stratified where the
+  source has no test split) and its host preprocessing (`prepare`: the config's resize and
+  value mapping). Both backends get the very same input arrays, so a JAX-vs-PyTorch gap is
+  the models' alone.
+- Features (`--layer`, `--pool`):
+  pre_logits: the model's own pooled representation (its MAP head, GAP or class token after
+    the final norm), big_vision's default few-shot representation. --pool must be omitted
+    or name the model's own pooling; a model without pooling (pool "none") takes gap.
+  block:N (0-based, negative counts from the end): the output of block N, before the final
+    norm, pooled by gap (mean over the patch tokens; the class token, if any, is left out)
+    or tok (the class token, only for a model that has one). map is refused: the MAP head
+    was trained on the final-norm output of the last block, so on any other input it is an
+    arbitrary function, and on its own input it *is* pre_logits.
+  Extracted in batches (the last one padded for JAX, so it compiles once), fp32 matmuls at
+  the highest precision (vitctl.verify.set_precision).
+- Cache: features are stored under $VITCTL_CACHE (default ~/.cache/vitctl)/probe/ as an .npz
+  (no pickle) named by the SHA-256 of a key: the checkpoint's content hash (config.json and
+  every weight file, streamed), the backend, the data's content hash (the uint8 images and
+  labels of both splits), layer, pooling, preprocessing and compute dtype. Entries are
+  written atomically (temporary file + os.replace) and checked on read (stored key, shapes,
+  dtype, finite values); an unreadable or mismatched entry is recomputed and replaced.
+- Linear probe (CLIP's protocol, arXiv:2103.00020 sec. 3.2 / appendix A.3): L2-regularised
+  multinomial logistic regression, scikit-learn's L-BFGS solver. C (inverse regularisation)
+  (tol 1e-6, max_iter 1000) is swept over 10^-6 .. 10^6 (one value per decade) on a held-out, stratified 20% of the
+  train split, then refined by half-decade steps around the best (CLIP refines its sweep
+  the same way); ties go to the smaller C. Then refit on the whole train split with that C;
+  accuracy on the test split. Features are standardised with the fitting set's mean and std
+  (reported as "standardize"), so one C grid suits every layer's scale.
+- Few-shot: big_vision's least-squares protocol (big_vision/evaluators/fewshot_lsr.py,
+  `_precompute_cache` / `_eig_fewshot_acc_fn` / `compute_fewshot_metrics`), matched in:
+  per seed s, `np.random.default_rng(s)` permutes each class's train indices and the first
+  `shots` of each class form the few-shot train set (nested across shot counts); features
+  are whitened per dimension with that set's mean and std (population std, + 1e-5); a
+  constant feature of 100 is appended (the bias, "large so it's almost unregularized");
+  targets are one-hot rescaled to {-1, +1}; the ridge solution (X^T X + l2 I)^-1 X^T Y
+  (or X^T (X X^T + l2 I)^-1 Y when there are fewer points than dimensions), with l2 on every
+  column including the bias one, l2 = 2^10 by default; test accuracy of the argmax. We solve
+  with np.linalg.solve in float64 where big_vision uses an eigendecomposition in float32
+  (same solution). Accuracy is the mean over seeds, std the population std over seeds.
+  Unlike big_vision, which silently takes fewer, a class with fewer train examples than
+  `shots` is an error.
+
+jax and torch are imported only for the backend that runs; scikit-learn for the linear probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import secrets
+import time
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitctl import checkpoint as ckpt
+from vitctl.config import ViTConfig
+from vitctl.errors import ConfigError, DataError, MissingDependencyError
+
+FEATURES_VERSION = 1  # bump when extraction changes, so old cache entries are not used
+MODES = ("linear", "fewshot", "both")
+POOLS = ("map", "gap", "tok")
+DEFAULT_SHOTS = (1, 5, 10, 25)
+DEFAULT_L2 = 2.0**10  # big_vision configs: fewshot l2_reg = 2.0 ** 10
+BIAS_CONSTANT = 100.0  # big_vision fewshot_lsr.BIAS_CONSTANT
+C_GRID = tuple(10.0**k for k in range(-6, 7))  # CLIP: 1e-6 .. 1e6, log-spaced
+VAL_FRACTION = 0.2
+# scikit-learn's default tol (1e-4) stops L-BFGS where the iterate still depends on the path: JAX and
+# PyTorch features of one checkpoint (max-abs diff 1.4e-6) then gave 1 of 360 digits test predictions
+# apart (0.28 points); at 1e-6 they agree, for ~2x the iterations.
+LBFGS_TOL = 1e-6
+LAYER_HINT = "use --layer pre_logits, or --layer block:N with N a block index (negative counts from the end)"
+
+
+def cache_dir() -> Path:
+    """$VITCTL_CACHE, else ~/.cache/vitctl."""
+    return Path(os.environ.get("VITCTL_CACHE") or Path.home() / ".cache" / "vitctl")
+
+
+# What to extract.
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """Which representation: `out` is the model's intermediate (pre_logits, block03); `pool` how it becomes one vector."""
+
+    layer: str  # as the user writes it: "pre_logits" or "block:N" (N >= 0)
+    out: str
+    pool: str  # map, gap or tok
+    pooled_by_model: bool  # pre_logits of a pooling model: already one vector per image
+
+
+def resolve_features(cfg: ViTConfig, layer: str = "pre_logits", pool: str | None = None) -> Features:
+    """Checks --layer and --pool against the model; refuses combinations that do not exist."""
+    if pool is not None and pool not in POOLS:
+        raise ConfigError(f"unknown --pool '{pool}'", hint=f"choose one of: {', '.join(POOLS)}")
+    if layer == "pre_logits":
+        if cfg.pool == "none":
+            if pool not in (None, "gap"):
+                raise ConfigError(f"--pool {pool}: this model has no pooling (pool 'none'), so its pre_logits are tokens",
+                                  hint="use --pool gap (mean over the tokens)")  # fmt: skip
+            return Features("pre_logits", "pre_logits", "gap", False)
+        if pool not in (None, cfg.pool):
+            raise ConfigError(
+                f"--pool {pool} with --layer pre_logits: the model's pre-logits are already pooled by its {cfg.pool} head",
+                hint=f"omit --pool, or pool a block's tokens yourself: --layer block:{cfg.depth - 1} --pool gap",
+            )
+        return Features("pre_logits", "pre_logits", cfg.pool, True)
+    m = re.fullmatch(r"block:(-?\d+)", layer)
+    if m is None:
+        raise ConfigError(f"unknown --layer '{layer}'", hint=LAYER_HINT)
+    n = int(m.group(1))
+    n = n + cfg.depth if n < 0 else n
+    if not 0 <= n < cfg.depth:
+        raise ConfigError(f"--layer {layer}: the model has {cfg.depth} block(s), block:0 .. block:{cfg.depth - 1}", hint=LAYER_HINT)
+    pool = pool or ("tok" if cfg.pool == "tok" else "gap")
+    if pool == "map":
+        raise ConfigError(
+            f"--pool map with --layer {layer}: the MAP head was trained on the final-norm output of the last block, not on a block's tokens",
+            hint="use --layer pre_logits for the MAP head's features, or --pool gap" + (" or tok" if cfg.pool == "tok" else ""),
+        )
+    if pool == "tok" and cfg.pool != "tok":
+        raise ConfigError(f"--pool tok: this model has no class token (its pool is '{cfg.pool}')", hint="use --pool gap")
+    return Features(f"block:{n}", f"block{n:02d}", pool, False)
+
+
+def pool_tokens(x, feats: Features, cfg: ViTConfig):
+    """[B, T, D] tokens (jax or torch array) -> [B, D]; pooled pre-logits pass through."""
+    if feats.pooled_by_model:
+        return x
+    if feats.pool == "tok":
+        return x[:, 0]
+    return x[:, 1:].mean(1) if cfg.pool == "tok" else x.mean(1)  # gap over the patch tokens
+
+
+# Running the model.
+def make_extractor(side, cfg: ViTConfig, backend: str, feats: Features) -> Callable[[np.ndarray], np.ndarray]:
+    """A function: float32 [B, S, S, C] prepared images (NHWC) -> float32 [B, D] features."""
+    from vitctl.convert import mapping
+    from vitctl.verify import _tensor
+
+    params = mapping.stack(side.params(), cfg.depth)
+    if backend == "jax":
+        try:
+            import jax.numpy as jnp
+            from flax import nnx
+
+            from vitctl.model_jax.model import abstract_model, load_flat_params
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"--backend jax needs jax and flax ({e})", hint="pip install 'vitctl[jax]', or use --backend torch"
+            ) from None
+        model = abstract_model(cfg)
+        load_flat_params(model, params)
+        del params
+        forward = nnx.jit(lambda m, x: pool_tokens(m(x)[1][feats.out], feats, cfg).astype(jnp.float32))
+        return lambda x: np.asarray(forward(model, jnp.asarray(x)))
+    try:
+        import torch
+
+        from vitctl.model_torch.model import ViT
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"--backend torch needs torch ({e})", hint="pip install 'vitctl[torch]', or use --backend jax"
+        ) from None
+    state = {k: _tensor(v) for k, v in mapping.jax_to_torch(params, cfg).items()}
+    del params
+    with torch.device("meta"):
+        model = ViT(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            _, out = model(torch.from_numpy(x).permute(0, 3, 1, 2))
+            return pool_tokens(out[feats.out], feats, cfg).float().numpy()
+
+    return run
+
+
+def extract(
+    extractor: Callable[[np.ndarray], np.ndarray], images: np.ndarray, cfg: ViTConfig, batch_size: int, pad: bool,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Features of uint8 [N, H, W, C] images, batch by batch (prepared on the host per cfg.preprocess)."""
+    from vitctl.train.data import prepare
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = prepare(images[i : i + batch_size], cfg)
+        k = len(x)
+        if pad and k < batch_size:  # one shape: JAX compiles once
+            x = np.concatenate([x, np.zeros((batch_size - k, *x.shape[1:]), x.dtype)])
+        out.append(np.asarray(extractor(x), np.float32)[:k])
+        if on_batch:
+            on_batch(k)
+    return np.concatenate(out)
+
+
+# Content hashes and the feature cache.
+def weight_files(side) -> list[Path]:
+    """The files whose bytes define `side`'s function: config.json and its weight files."""
+    if side.path.is_file():  # big_vision .npz: config inferred from the tensors
+        return [side.path]
+    root = side.path
+    files = [root / ckpt.CONFIG]
+    if side.format == ckpt.JAX:
+        files += sorted(p for p in (root / ckpt.PARAMS).rglob("*") if p.is_file())
+    else:
+        files += sorted(root.glob("model*.safetensors")) + (
+            [root / ckpt.SAFETENSORS_INDEX] if (root / ckpt.SAFETENSORS_INDEX).is_file() else []
+        )
+    return files
+
+
+def content_hash(files: Sequence[Path], root: Path) -> str:
+    """SHA-256 over (name relative to root, SHA-256 of the bytes) of every file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        name = f.name if f == root else str(f.relative_to(root))
+        h.update(f"{name}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def data_hash(*splits) -> str:
+    """SHA-256 of the images (uint8, with their shape) and labels of each split, in order."""
+    h = hashlib.sha256()
+    for d in splits:
+        h.update(f"{d.split}:{d.images.shape}:{d.num_classes}\n".encode())
+        h.update(np.ascontiguousarray(d.images).data)
+        h.update(np.ascontiguousarray(d.labels, np.int32).data)
+    return h.hexdigest()
+
+
+def load_cached(path: Path, key: str, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | str:
+    """(train, test) features from a cache entry, or the reason it cannot be used."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored, train, test = str(z["key"][()]), z["train"], z["test"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return f"unreadable ({type(e).__name__}: {e})"
+    if stored != key:
+        return "its stored key differs from this probe's"
+    for name, a, n in (("train", train, sizes[0]), ("test", test, sizes[1])):
+        if a.dtype != np.float32 or a.ndim != 2 or len(a) != n or a.shape[1] != train.shape[1] or not np.isfinite(a).all():
+            return f"its {name} features have shape {a.shape} and dtype {a.dtype}, or non-finite values"
+    return train, test
+
+
+def save_cached(path: Path, key: str, train: np.ndarray, test: np.ndarray) -> None:
+    """Writes the entry atomically: a temporary file in the same directory, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(key), train=train, test=test)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# The classifiers.
+def _standardize(fit: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mean, std = fit.mean(0), fit.std(0)
+    std = np.where(std > 0, std, 1.0)
+    return [(a - mean) / std for a in (fit, *others)]
+
+
+def _few_threads(x: np.ndarray, num_classes: int):
+    """One BLAS/OpenMP thread for small problems: on a loaded 2-core machine, L-BFGS on digits-sized
+    features (1151 x 48, 10 classes) took 6.3 s of CPU with the default 2 threads (spin-waiting)
+    and 0.28 s with one. Large problems keep every thread."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1) if x.size * num_classes < 2**26 else contextlib.nullcontext()
+
+
+def _logistic(x, y, C: float, max_iter: int):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=LBFGS_TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported as "converged" instead
+        clf.fit(x, y)
+    return clf
+
+
+def linear_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, cs: Sequence[float] = C_GRID,
+    refine: bool = True, val_fraction: float = VAL_FRACTION, seed: int = 0, max_iter: int = 1000,
+) -> dict[str, Any]:  # fmt: skip
+    """CLIP's linear probe (see the module docstring). Returns {"accuracy", "C", "val_accuracy", "sweep", ...}."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the linear probe needs scikit-learn ({e})", hint="pip install 'vitctl[data]', or use --mode fewshot"
+        ) from None
+    from vitctl.train.data import split_indices
+
+    fit_idx, val_idx = split_indices(y_train, val_fraction, seed)
+    x_fit, x_val = _standardize(x_train[fit_idx].astype(np.float64), x_train[val_idx].astype(np.float64))
+    x_tr, x_te = _standardize(x_train.astype(np.float64), x_test.astype(np.float64))
+    sweep: dict[float, float] = {}
+
+    def score(C: float) -> float:
+        if C not in sweep:
+            sweep[C] = float(_logistic(x_fit, y_train[fit_idx], C, max_iter).score(x_val, y_train[val_idx]))
+        return sweep[C]
+
+    with _few_threads(x_train, len(np.unique(y_train))):
+        best = max(cs, key=lambda C: (score(C), -C))
+        if refine:
+            best = max([best, *(best * 10.0**e for e in (-0.5, -0.25, 0.25, 0.5))], key=lambda C: (score(C), -C))
+        clf = _logistic(x_tr, y_train, best, max_iter)
+        accuracy, train_accuracy = float(clf.score(x_te, y_test)), float(clf.score(x_tr, y_train))
+    return {
+        "accuracy": accuracy, "C": best, "val_accuracy": sweep[best], "train_accuracy": train_accuracy,
+        "converged": bool(np.all(clf.n_iter_ < max_iter)), "fit_size": len(fit_idx), "val_size": len(val_idx), "standardize": True,
+        "sweep": [{"C": C, "val_accuracy": a} for C, a in sorted(sweep.items())],
+    }  # fmt: skip
+
+
+def lsr_fit(x: np.ndarray, labels: np.ndarray, num_classes: int, l2: float = DEFAULT_L2) -> dict[str, np.ndarray]:
+    """big_vision's few-shot least squares on [N, D] features: whiten, bias column, {-1, 1} targets, ridge.
+
+    Returns {"mean", "std", "w"}: w of shape [D + 1, num_classes] (last row: the bias feature).
+    """
+    x = np.asarray(x, np.float64)
+    mean, std = x.mean(0, keepdims=True), x.std(0, keepdims=True) + 1e-5
+    x = np.pad((x - mean) / std, ((0, 0), (0, 1)), constant_values=BIAS_CONSTANT)
+    y = 2.0 * np.eye(num_classes)[labels] - 1.0
+    n, d = x.shape
+    if n >= d:  # primal: (X^T X + l2 I)^-1 X^T Y
+        w = np.linalg.solve(x.T @ x + l2 * np.eye(d), x.T @ y)
+    else:  # dual: X^T (X X^T + l2 I)^-1 Y
+        w = x.T @ np.linalg.solve(x @ x.T + l2 * np.eye(n), y)
+    return {"mean": mean, "std": std, "w": w}
+
+
+def lsr_predict(fit: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    x = np.pad((np.asarray(x, np.float64) - fit["mean"]) / fit["std"], ((0, 0), (0, 1)), constant_values=BIAS_CONSTANT)
+    return np.argmax(x @ fit["w"], axis=1)
+
+
+def fewshot(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, num_classes: int, *,
+    shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 3, l2: float = DEFAULT_L2,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """{"5": {"accuracy": mean over seeds, "std", "per_seed": [...], "train_size"}, ...} (see the module docstring)."""
+    per: dict[int, list[float]] = {s: [] for s in shots}
+    with _few_threads(x_train, num_classes):
+        for seed in range(seeds):
+            rng = np.random.default_rng(seed)
+            class_indices = [rng.permutation(np.flatnonzero(y_train == c)) for c in range(num_classes)]
+            for s, accuracies in per.items():
+                idx = np.concatenate([ci[:s] for ci in class_indices])
+                fit = lsr_fit(x_train[idx], y_train[idx], num_classes, l2)
+                accuracies.append(float(np.mean(lsr_predict(fit, x_test) == y_test)))
+    present = len(np.unique(y_train))
+    return {
+        str(s): {"accuracy": float(np.mean(a)), "std": float(np.std(a)), "per_seed": a, "train_size": s * present} for s, a in per.items()
+    }
+
+
+# Checks before any work.
+def check_options(mode: str, shots: Sequence[int], seeds: int, batch_size: int, l2: float) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"unknown --mode '{mode}'", hint=f"choose one of: {', '.join(MODES)}")
+    if mode != "linear":
+        if not shots or any(s < 1 for s in shots):
+            raise ConfigError(
+                f"--shots must be positive integers, got {','.join(map(str, shots)) or 'none'}", hint="e.g. --shots 1,5,10,25"
+            )
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+        if not l2 > 0:
+            raise ConfigError(f"the few-shot L2 must be positive, got {l2}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def check_data(train, test, mode: str, shots: Sequence[int]) -> None:
+    """Refuses data a probe cannot use, naming the fix."""
+    classes, counts = np.unique(train.labels, return_counts=True)
+    if len(classes) < 2:
+        raise DataError(
+            f"{train.name}: the train split has {len(classes)} class(es); a probe needs at least 2",
+            hint="use a data set with several classes (ImageFolder: one subdirectory per class)",
+        )
+    if mode != "fewshot" and counts.min() < 2:
+        raise DataError(f"{train.name}: class {classes[counts.argmin()]} has 1 train example; the linear probe holds out a part of each class",
+                        hint="add examples, or use --mode fewshot --shots 1")  # fmt: skip
+    if mode != "linear" and counts.min() < max(shots):
+        raise DataError(
+            f"{train.name}: class {classes[counts.argmin()]} has {counts.min()} train example(s), fewer than {max(shots)} shots",
+            hint=f"use --shots up to {counts.min()}, or a larger data set",
+        )
+
+
+# The whole probe.
+def probe(
+    ckpt_path: str | Path, data: str, *, backend: str | None = None, layer: str = "pre_logits", pool: str | None = None,
+    mode: str = "both", shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 3, batch_size: int = 256, l2: float = DEFAULT_L2,
+    split_seed: int = 0, test_fraction: float = 0.2, cs: Sequence[float] = C_GRID, use_cache: bool = True, prefix: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Linear probe and/or few-shot of `ckpt_path`'s frozen features on `data`; returns what --json prints.
+
+    Args:
+        backend: "jax" or "torch"; None: the checkpoint's own (vitctl-torch and timm: torch, else jax).
+        cs: the linear probe's grid of C (inverse L2 strength) before refinement; default CLIP's range.
+        split_seed, test_fraction: the train/test split of sources without one (as `vitctl train`).
+        on_batch: called with (images done, images in all) after each batch of extraction.
+    """
+    from vitctl import verify
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    check_options(mode, shots, seeds, batch_size, l2)
+    side = verify.open_side(ckpt_path, "CKPT", prefix)
+    cfg = side.cfg
+    backend = backend or ("torch" if side.backend in ("torch", "timm") else "jax")
+    if backend not in ("jax", "torch"):
+        raise ConfigError(f"unknown --backend '{backend}'", hint="choose jax or torch")
+    feats = resolve_features(cfg, layer, pool)
+    if cfg.channels not in (1, 3):
+        raise DataError(f"the model takes {cfg.channels}-channel images; data sources give 1 (grayscale) or 3 (RGB)",
+                        hint="probe a model with channels 1 or 3")  # fmt: skip
+    precision = verify.set_precision("fp32" if cfg.dtype == "float32" else "bf16")
+    timings["open"] = time.perf_counter() - t0
+
+    from vitctl.train.data import load_dataset
+
+    t = time.perf_counter()
+    split = {"channels": cfg.channels, "test_fraction": test_fraction, "seed": split_seed}
+    train, test = (load_dataset(data, s, **split) for s in ("train", "test"))
+    check_data(train, test, mode, shots)
+    timings["load_data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ckpt_hash = content_hash(weight_files(side), side.path)
+    key = json.dumps({
+        "version": FEATURES_VERSION, "checkpoint": ckpt_hash, "backend": backend, "data": data_hash(train, test),
+        "layer": feats.layer, "pool": feats.pool, "image_size": cfg.image_size, "channels": cfg.channels,
+        "preprocess": dataclasses.asdict(cfg.preprocess), "dtype": cfg.dtype,
+    }, sort_keys=True)  # fmt: skip
+    entry = cache_dir() / "probe" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    timings["hash"] = time.perf_counter() - t
+
+    notes, cached = [], False
+    if use_cache and entry.exists():
+        got = load_cached(entry, key, (len(train), len(test)))
+        if isinstance(got, str):
+            notes.append(f"cache entry {entry} not used: {got}; recomputed")
+        else:
+            (x_train, x_test), cached = got, True
+    if not cached:
+        t = time.perf_counter()
+        extractor = make_extractor(side, cfg, backend, feats)
+        timings["load_model"] = time.perf_counter() - t
+        t = time.perf_counter()
+        total, done = len(train) + len(test), 0
+        bs = min(batch_size, max(len(train), len(test)))
+
+        def step(k: int) -> None:
+            nonlocal done
+            done += k
+            if on_batch:
+                on_batch(done, total)
+
+        x_train, x_test = (extract(extractor, d.images, cfg, bs, backend == "jax", step) for d in (train, test))
+        timings["features"] = time.perf_counter() - t
+        if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
+            raise DataError("the model's features hold NaN or infinite values", hint="check the checkpoint with `vitctl verify`")
+        if use_cache:
+            save_cached(entry, key, x_train, x_test)
+
+    result: dict[str, Any] = {
+        "checkpoint": {"path": str(side.path), "format": side.format, "sha256": ckpt_hash},
+        "data": data, "backend": backend, "layer": feats.layer, "pool": feats.pool, "mode": mode,
+        "train_size": len(train), "test_size": len(test), "num_classes": train.num_classes, "feature_dim": int(x_train.shape[1]),
+        "preprocess": {"image_size": cfg.image_size, **dataclasses.asdict(cfg.preprocess)}, "precision": precision.get("precision"),
+        "cached": cached, "cache_file": str(entry) if use_cache else None,
+    }  # fmt: skip
+    if mode != "fewshot":
+        t = time.perf_counter()
+        result["linear"] = linear_probe(x_train, train.labels, x_test, test.labels, cs=cs)
+        timings["linear"] = time.perf_counter() - t
+    if mode != "linear":
+        t = time.perf_counter()
+        result["fewshot"] = fewshot(x_train, train.labels, x_test, test.labels, train.num_classes, shots=shots, seeds=seeds, l2=l2)
+        result["fewshot_l2"] = l2
+        result["fewshot_seeds"] = seeds
+        timings["fewshot"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    result["timings"] = {k: round(v, 4) for k, v in timings.items()}
+    result["notes"] = notes
+    return result
