@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -272,7 +273,8 @@ def torch_mkldnn_gemm_gflops(shapes, min_time: float = 0.3, max_reps: int = 10) 
     from torch import nn
 
     out = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script_method inside torch.utils.mkldnn
         for M, K, N in shapes:
             lin = torch.utils.mkldnn.to_mkldnn(nn.Linear(K, N, bias=False))
             x = torch.randn(M, K)
@@ -379,15 +381,18 @@ def torch_train_step(model, cfg, batch: int) -> Callable[[], None]:
 
 def jax_forward(cfg, batch: int) -> tuple[Callable[[], None], float]:
     """vitctl-jax jit(forward) compiled ahead of time, logits only (XLA drops the unused
-    intermediates); returns (synchronised call, compile seconds)."""
+    intermediates), on random_weights (numpy: no eager init, whose many small XLA programs
+    take longer to compile than the forward); returns (synchronised call, compile seconds)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from vitctl.model_jax.model import DTYPES, init_model
+    from vitctl.model_jax.model import DTYPES, abstract_model, load_flat_params
 
-    graphdef, state = nnx.split(init_model(cfg, seed=0))
+    model = abstract_model(cfg)
+    load_flat_params(model, {n: w.astype(DTYPES[cfg.param_dtype]) for n, w in random_weights(cfg).items()})
+    graphdef, state = nnx.split(model)
 
     def forward(state, images):
         return nnx.merge(graphdef, state)(images)[0]
@@ -518,7 +523,7 @@ class Row:
     note: str = ""
 
     def as_dict(self) -> dict:
-        r = lambda x: None if x is None else round(x, 4)
+        r = lambda x: None if x is None else float(f"{x:.6g}")
         return {
             "name": self.name,
             "value": r(self.value),

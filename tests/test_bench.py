@@ -1,0 +1,197 @@
+"""vitctl.bench and `vitctl bench`: the FLOPs count, the rows' arithmetic, the table and JSON,
+and the path without timm. Runs the benchmark's "tiny" mode (2-layer width-32 models, one
+round, no waiting); never asserts on the measured times."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+
+import pytest
+
+from tests.cli.conftest import cli  # noqa: F401  (the in-process CLI fixture)
+from vitctl import bench
+from vitctl.config import ViTConfig
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def test_flops_b16_hand_count():
+    # B/16 at 224 px: Np = 196 patches, T = 197 tokens (class token), D = 768, F = 3072, 12 layers.
+    patch = 196 * (16 * 16 * 3) * 768  # 115,605,504 MACs
+    block = 197 * (4 * 768 * 768 + 2 * 768 * 3072) + 2 * 197 * 197 * 768  # 1,453,954,560 MACs
+    head = 768 * 1000
+    assert patch + 12 * block + head == 17_563_828_224  # the ~17.6 GMACs usually quoted for ViT-B/16
+    cfg = ViTConfig.from_variant("B/16")
+    assert bench.flops(cfg) == 2 * 17_563_828_224
+    assert bench.flops(cfg, 8) == 8 * bench.flops(cfg)
+    assert bench.flops(cfg, 8, train=True) == 3 * bench.flops(cfg, 8)
+    # The parallel block does the same matmuls; the MAP head adds its own.
+    assert bench.flops(ViTConfig.from_variant("vit22b-B/16", pool="tok")) == bench.flops(cfg)
+    assert bench.flops(ViTConfig.from_variant("vit22b-B/16")) > bench.flops(cfg)
+
+
+_SIG = re.compile(r":\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*(tensor<[^>]*>)")
+
+
+def _dims(t: str) -> list[int]:  # "tensor<2x17x48xf32>" -> [2, 17, 48]
+    return [int(d) for d in t[len("tensor<") : -1].split("x")[:-1]]
+
+
+def _matmul_flops(stablehlo: str) -> int:
+    """2 x MACs of every dot_general and convolution in a StableHLO module (no loops in it)."""
+    total = 0
+    for line in stablehlo.splitlines():
+        if "stablehlo.dot_general" in line:
+            lhs, _, out = map(_dims, _SIG.search(line).groups())
+            contracting = re.search(r"contracting_dims = \[([\d, ]*)\] x", line).group(1)
+            total += 2 * math.prod(out) * math.prod(lhs[int(i)] for i in contracting.split(","))
+        elif "stablehlo.convolution" in line:
+            _, kernel, out = map(_dims, _SIG.search(line).groups())
+            total += 2 * math.prod(out) * math.prod(kernel) // out[-1]  # NHWC output, HWIO kernel
+    return total
+
+
+def test_flops_match_the_compiled_program():
+    """flops() equals the matmul FLOPs of the lowered JAX forward (parallel block, MAP head). (The
+    gradient's matmuls, lowered the same way, are 3x the forward less the patch embedding's input
+    gradient, which nobody asks for: checked by hand, left out here for CI time.)"""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vitctl.model_jax.model import abstract_model
+
+    cfg = ViTConfig.from_variant(
+        "vit22b-mu/16", width=48, depth=2, mlp_dim=80, num_heads=3, patch_size=8, image_size=32, num_classes=10, scan_layers=False
+    )
+    graphdef, state = nnx.split(abstract_model(cfg))  # shapes only: lowering needs no values
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+
+    def logits(state, x):
+        return nnx.merge(graphdef, state)(x)[0]
+
+    assert _matmul_flops(jax.jit(logits).lower(state, x).as_text()) == bench.flops(cfg, 2)
+
+
+# ----------------------------------------------------------------------------- rows
+def test_link_fills_ratios_from_the_named_baseline():
+    rows = bench.link(
+        [
+            bench.Row("a ours", 6.0, "images/s", "a theirs"),
+            bench.Row("a theirs", 4.0, "images/s"),
+            bench.Row("b ours", 3.0, "images/s", "b theirs"),
+            bench.Row("b theirs", None, "images/s", note=bench.TIMM_MISSING),
+            bench.Row("c", 1.0, "s", "no such row"),
+        ]
+    )
+    assert [r.ratio for r in rows] == [1.5, None, None, None, None]
+    assert bench.short_baseline(rows[0]) == "theirs"
+    assert bench.short_baseline(bench.Row("GEMM x", 1.0, "", "cp")) == "cp"
+    assert rows[3].as_dict() == {
+        "name": "b theirs",
+        "value": None,
+        "unit": "images/s",
+        "baseline": None,
+        "ratio": None,
+        "note": "timm not installed",
+    }
+    assert bench.Row("x", 0.000123456789, "GB/s").as_dict()["value"] == 0.000123457  # 6 significant digits
+
+
+def _check_rows(rows: list[dict]) -> dict[str, dict]:
+    """Every row has the schema's keys; names are unique; ratio = value / the baseline row's value."""
+    by_name = {r["name"]: r for r in rows}
+    assert len(by_name) == len(rows)
+    for r in rows:
+        assert {"name", "value", "unit", "baseline", "ratio"} <= set(r)
+        base = by_name.get(r["baseline"]) if r["baseline"] else None
+        if base is None or r["value"] is None or base["value"] is None:
+            assert r["ratio"] is None, r
+        else:
+            assert r["ratio"] == pytest.approx(r["value"] / base["value"], rel=1e-3, abs=1e-4), r
+    return by_name
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    """Every part of the benchmark, once, at the tiny size."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    pytest.importorskip("timm")
+    return bench.run("tiny")
+
+
+def test_tiny_run_rows(tiny_report):
+    rows = _check_rows(tiny_report.as_dict()["rows"])
+    for name in ("GEMM torch fp32 (MKL)", "GEMM torch bf16", "GEMM XLA fp32", "GEMM XLA bf16"):
+        assert rows[name]["unit"] == "GFLOP/s" and rows[name]["value"] > 0
+    for config in ("classic", "parallel"):
+        for b in (1, 2):
+            ours, timm = rows[f"forward {config} tiny fp32 b{b} vitctl-torch"], rows[f"forward {config} tiny fp32 b{b} timm"]
+            assert ours["baseline"] == timm["name"] and ours["unit"] == "images/s" and timm["value"] > 0
+        assert f"forward {config} tiny bf16 b1 vitctl-torch" in rows
+    train = rows["train parallel tiny fp32 b2 vitctl-torch"]
+    assert train["baseline"] == "train parallel tiny fp32 b2 timm+AdamW" and train["ratio"] > 0
+    assert rows["convert jax-to-torch parallel tiny"]["baseline"] == "cp -r (same bytes)"
+    for cmd in ("info", "plan"):
+        assert rows[f"vitctl {cmd} vit-22b time"]["baseline"] == "vitctl --help time"
+        assert rows[f"vitctl {cmd} vit-22b peak RSS"]["unit"] == "MiB"
+        assert rows[f"vitctl {cmd} vit-22b peak RSS"]["value"] > 1  # the child's own, measured
+    assert tiny_report.load["quiet_gate"]["calls"] > 0
+
+
+def test_tiny_run_table(tiny_report):
+    from rich.console import Console
+
+    console = Console(width=250, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(bench.rows_table("t", tiny_report.rows))
+    text = console.export_text()
+    for r in tiny_report.rows:
+        assert r.name in text
+    assert "forward classic tiny fp32 b2 vitctl-torch" in text and "timm" in text
+
+
+def test_tiny_run_jax_rows(tiny_report):
+    """vitctl-jax forward and train step: images/s against timm, GFLOP/s against the best fp32 GEMM row."""
+    rows = _check_rows(tiny_report.as_dict()["rows"])
+    peak = max((r for r in rows.values() if r["name"].startswith("GEMM") and "fp32" in r["name"]), key=lambda r: r["value"])
+    for name in ("forward classic tiny fp32 b2", "forward parallel tiny fp32 b2", "train parallel tiny fp32 b2"):
+        assert rows[f"{name} vitctl-jax GFLOP/s"]["baseline"] == peak["name"]
+        assert rows[f"{name} vitctl-jax"]["baseline"].startswith(name + " timm")
+    # The GFLOP/s row is the analytic FLOPs at the measured rate: images/s x FLOPs per image.
+    cfg = bench.MODES["tiny"].configs()["parallel"]
+    per_image = bench.flops(cfg, 1, train=True) / 1e9
+    train = "train parallel tiny fp32 b2 vitctl-jax"
+    assert rows[f"{train} GFLOP/s"]["value"] == pytest.approx(rows[train]["value"] * per_image, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- CLI and no timm
+def test_cli_json_and_table(cli):  # noqa: F811  (the imported fixture)
+    r = cli("bench", "--tiny", "--only", "gemm", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)  # the whole stdout is one JSON object
+    rows = _check_rows(out["rows"])
+    assert "GEMM XLA fp32" in rows and out["mode"] == "tiny"
+    assert "GEMM" in r.stderr  # progress on stderr
+    r = cli("bench", "--tiny", "--only", "gemm")
+    assert r.returncode == 0 and "GEMM torch fp32 (MKL)" in r.stdout and "load:" in r.stdout
+
+
+def test_cli_unknown_part(cli):  # noqa: F811
+    r = cli("bench", "--only", "gemm,nope")
+    assert r.returncode == 2 and "nope" in r.stderr and "Hint:" in r.stderr
+
+
+def test_without_timm_the_timm_rows_say_so(monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError, as if not installed
+    out = bench.run("tiny", ("torch-forward", "torch-train")).as_dict()
+    rows = _check_rows(out["rows"])
+    timm_rows = [r for r in rows.values() if r["name"].endswith(("timm", "timm+AdamW"))]
+    assert len(timm_rows) == 2 * (2 + 2) + 1  # per config fp32 and bf16 at b1 and b2 (no GEMM probe: every batch); train
+    assert all(r["value"] is None and r["note"] == "timm not installed" for r in timm_rows)
+    ours = [r for r in rows.values() if "vitctl-torch" in r["name"]]
+    assert ours and all(r["value"] > 0 and r["ratio"] is None for r in ours)
+    assert any("timm is not installed" in n for n in out["notes"])
