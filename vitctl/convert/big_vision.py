@@ -59,6 +59,7 @@ import numpy as np
 
 from vitctl.config import ViTConfig
 from vitctl.convert import mapping
+from vitctl.convert.fastcopy import scratch
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -257,7 +258,7 @@ class NpzReader:
         if fd is None:
             return self._read_zipfile(key)
         try:
-            flat = np.empty(math.prod(h.shape), dtype=h.stored)
+            flat = scratch((math.prod(h.shape),), h.stored)
             buf = memoryview(flat.view(np.uint8))
             crc = self._pread_into(key, fd, buf, offset, crc, 0, len(buf))
         finally:
@@ -286,7 +287,7 @@ class NpzReader:
             layer = math.prod(h.shape[1:])
             total = math.prod(h.shape) * h.stored.itemsize
             for i in range(h.shape[0]):
-                flat = np.empty(layer, dtype=h.stored)
+                flat = scratch((layer,), h.stored)
                 buf = memoryview(flat.view(np.uint8))
                 crc = self._pread_into(key, fd, buf, offset + i * len(buf), crc, i * len(buf), total)
                 if i == h.shape[0] - 1:

@@ -4,7 +4,8 @@ A reader lists its tensors from headers alone (`infos()`: name -> TensorInfo, no
 data read), then hands out one tensor at a time (`read(name)`). A writer is built
 from the full list of tensors it will receive (names, shapes, dtypes: the plan), so
 it lays out its files before any data arrives, then takes one tensor at a time in any
-order (`write(name, array)`), and `close()` checks that each was written exactly once.
+order (`write(name, array)`: any memory layout, e.g. a transposed view, cast to the
+planned dtype), and `close()` checks that each was written exactly once.
 Memory is bounded by one tensor (or one stored chunk), never by the checkpoint.
 
 - SafetensorsReader: `model.safetensors`, or HF shards `model-0000i-of-0000N.safetensors`
@@ -18,7 +19,8 @@ Memory is bounded by one tensor (or one stored chunk), never by the checkpoint.
 - OrbaxReader: `params/` as Orbax writes it (OCDBT + zarr, or their per-array and zarr3
   variants, from `_METADATA`), opened with tensorstore. Stacked block arrays
   (`blocks/q/kernel`, leading L axis) are exposed per layer (`blocks/{i}/q/kernel`)
-  and read as slices `[i]`, which touch only that layer's chunks.
+  and read as slices `[i]`, which touch only that layer's chunks, decoded by tensorstore
+  straight into a reused buffer (fastcopy.scratch), a few tensors ahead.
 - OrbaxWriter: `params/` written directly with tensorstore in Orbax's on-disk layout
   (one OCDBT database, zarr v2 arrays, zstd level 1, `_METADATA`, `_CHECKPOINT_METADATA`),
   one layer slice at a time. Orbax's own `save` needs the whole pytree in memory; its
@@ -48,6 +50,8 @@ from typing import Any, Protocol
 import ml_dtypes
 import numpy as np
 
+from vitctl.convert import fastcopy
+from vitctl.convert.fastcopy import scratch
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -264,7 +268,7 @@ class SafetensorsReader:
 
     def read(self, name: str) -> np.ndarray:
         info = self._infos[name]
-        out = np.empty(info.shape, info.dtype)
+        out = scratch(info.shape, info.dtype)  # a reused buffer: no page faults (fastcopy)
         f = self._files.get(info.file) or self._files.setdefault(info.file, open(info.file, "rb"))  # noqa: SIM115
         f.seek(self._offsets[name])
         got = f.readinto(_as_bytes(out)) if info.nbytes else 0
@@ -347,17 +351,18 @@ class SafetensorsWriter:
             header, offsets = _header_bytes([by_name[n] for n in names], metadata)
             path = self.directory / file
             self._handles[path] = _guarded(path, "the header", lambda p=path: open(p, "wb"))  # noqa: SIM115
-            _guarded(path, "the header", lambda f=self._handles[path], h=header: f.write(h))
+            _guarded(path, "the header", lambda f=self._handles[path], h=header: (f.write(h), f.flush()))
             self._where.update({n: (path, off) for n, off in offsets.items()})
         self.total_size = sum(_nbytes(s, d) for _, s, d in by_name.values())
 
     def write(self, name: str, array: np.ndarray) -> None:
+        """Writes `array` (any memory layout; cast to the planned dtype) at its offset, a block of rows at a
+        time: a transposed view is re-laid out block by block in a cache-sized buffer (fastcopy.write_array)."""
         _, shape, dtype = self._specs[name]
-        assert array.shape == shape and array.dtype == dtype and name not in self._written, (name, array.shape, array.dtype)
+        assert array.shape == shape and name not in self._written, (name, array.shape, shape)
         path, offset = self._where[name]
-        f = self._handles[path]
-        f.seek(offset)
-        _guarded(path, f"tensor '{name}'", lambda: f.write(_as_bytes(array)))
+        fd = self._handles[path].fileno()
+        _guarded(path, f"tensor '{name}'", lambda: fastcopy.write_array(fd, offset, array, dtype))
         self._written.add(name)
 
     def close(self) -> None:
@@ -452,7 +457,7 @@ class OrbaxReader:
     naming = "jax"
 
     def __init__(self, params: str | Path):
-        ts = _tensorstore()
+        ts = self._ts = _tensorstore()
         self.path = Path(params).absolute()
         meta = _read_orbax_metadata(self.path)
         ctx = _ts_context(ts)
@@ -499,15 +504,24 @@ class OrbaxReader:
     def _start(self, name: str):
         stacked, i = split_layer(name)
         arr = self._arrays[stacked] if i is not None else self._arrays[name]
-        future = (arr[i] if i is not None else arr).read()
-        future.force()  # tensorstore futures are lazy: start reading and decoding now
-        return future
-
-    def _finish(self, name: str, future) -> np.ndarray:
+        src = arr[i] if i is not None else arr
+        info = self._infos[name]
+        # Decoded straight into a reused buffer (fastcopy.scratch): no fresh pages to fault in.
+        out = scratch(info.shape, info.dtype)
         try:
-            return np.asarray(future.result())
+            future = self._ts.array(out, copy=False, write=True).write(src).commit
+        except Exception as e:  # noqa: BLE001  (as below)
+            raise _ts_error(self.path, f"tensor '{name}'", e) from None
+        future.force()  # tensorstore futures are lazy: start reading and decoding now
+        return out, future
+
+    def _finish(self, name: str, started) -> np.ndarray:
+        out, future = started
+        try:
+            future.result()
         except Exception as e:  # noqa: BLE001  (as above)
             raise _ts_error(self.path, f"tensor '{name}'", e) from None
+        return out
 
     def close(self) -> None:
         self._arrays.clear()
@@ -604,7 +618,8 @@ class OrbaxWriter:
         assert name in self._pending, f"'{name}' written twice or not planned"
         arr = self._arrays[stacked] if i is not None else self._arrays[name]
         target = arr[i] if i is not None else arr
-        assert tuple(target.shape) == array.shape and np.dtype(target.dtype.numpy_dtype) == array.dtype, (name, array.shape, array.dtype)
+        assert tuple(target.shape) == array.shape, (name, array.shape, tuple(target.shape))
+        array = fastcopy.contiguous(array, np.dtype(target.dtype.numpy_dtype))  # any layout in; the planned dtype out
         futures = self._ts_call(f"tensor '{name}'", lambda: target.write(array))
         self._ts_call(f"tensor '{name}'", futures.copy.result)  # `array` may be dropped from here on
         self._pending.discard(name)

@@ -198,7 +198,9 @@ def stack(flat: Mapping[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
     for name, per_layer in layers.items():
         if sorted(per_layer) != list(range(depth)):
             missing = sorted(set(range(depth)) - set(per_layer))
-            raise UnmappedParamError(f"blocks/*/{name}: missing layers {missing} of {depth}" if missing else f"blocks/*/{name}: layers beyond depth {depth}")
+            raise UnmappedParamError(
+                f"blocks/*/{name}: missing layers {missing} of {depth}" if missing else f"blocks/*/{name}: layers beyond depth {depth}"
+            )
         out[f"blocks/{name}"] = np.stack([per_layer[i] for i in range(depth)])
     return out
 

@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vitctl.config import ViTConfig
+from vitctl.convert.fastcopy import copy_into, scratch
 from vitctl.convert.mapping import check_coverage, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.posemb import posemb_sincos_2d
@@ -266,7 +267,6 @@ HEAD_RULES: tuple[TimmRule, ...] = (
 )
 
 
-
 class Part(NamedTuple):
     name: str  # vitctl torch state_dict key
     shape: tuple[int, ...]
@@ -322,7 +322,13 @@ def _assemble(t: TimmTensor, buffer: dict[str, np.ndarray], cfg: ViTConfig, dtyp
     """Pops t's parts from `buffer` (filling absent ones) and concatenates them along axis 0."""
     dtype = next((buffer[p.name].dtype for p in t.parts if p.present), dtype)
     arrays = [buffer.pop(p.name) if p.present else _fill(p, cfg, dtype) for p in t.parts]
-    out = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    if len(arrays) == 1:
+        out = arrays[0]
+    else:  # np.concatenate of transposed views copies element by element; copy_into transposes each part with BLAS
+        out, row = scratch(t.shape, dtype), 0
+        for a in arrays:
+            copy_into(out[row : row + a.shape[0]], a)
+            row += a.shape[0]
     assert out.shape == t.shape, (t.name, out.shape, t.shape)
     return out
 

@@ -1,0 +1,147 @@
+"""vitctl.convert.fastcopy: bit-exact copies of layout views (BLAS transpose and numpy tiles), the scratch pool."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from vitctl.convert import fastcopy
+from vitctl.convert.mapping import LAYOUTS
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def random_bits(shape, dtype, seed=0):
+    """Every bit pattern alike: NaNs (signalling and quiet, any payload), infinities, subnormals."""
+    dtype = np.dtype(dtype)
+    raw = np.random.default_rng(seed).integers(0, 256, int(np.prod(shape)) * dtype.itemsize, dtype=np.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def finite(shape, dtype, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def same_bits(got, want):
+    return got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == np.ascontiguousarray(want).tobytes()
+
+
+def test_contiguous_copies_views_exactly():
+    a = finite((70, 33, 5), np.float32)
+    for view in (a.transpose(2, 0, 1), a.reshape(70, -1).T, a[::2], a[..., 1], a):
+        for dtype in (np.dtype(np.float32), BF16):
+            got = fastcopy.contiguous(view, dtype)
+            assert got.flags.c_contiguous and same_bits(got, view.astype(dtype))
+    assert fastcopy.contiguous(a, a.dtype) is a
+    big = finite((1100, 2051), np.float32, 1)  # 9 MB: split between threads
+    for dtype in (np.dtype(np.float32), BF16):
+        assert same_bits(fastcopy.contiguous(big.T, dtype), big.T.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16, np.float16], ids=str)
+@pytest.mark.parametrize("make", [finite, random_bits], ids=["finite", "any-bits"])
+def test_every_layout_view_copies_bit_exactly(dtype, make):
+    """Both directions of every mapping layout, on every bit pattern (NaN payloads survive)."""
+    shapes = {
+        "same": (6, 10),
+        "dense": (48, 80),
+        "conv": (4, 4, 3, 16),
+        "heads_in": (16, 4, 8),
+        "heads_out": (4, 8, 16),
+        "heads_bias": (4, 8),
+    }
+    for layout in LAYOUTS:
+        w = make(shapes[layout.name], dtype)
+        t = layout.to_torch(w)
+        got = fastcopy.contiguous(t, np.dtype(dtype))
+        assert same_bits(got, t), layout.name
+        back = fastcopy.contiguous(layout.to_jax(got, w.shape), np.dtype(dtype))
+        assert same_bits(back, w), layout.name
+
+
+def numpy_wheel_has_openblas():
+    here = os.path.dirname(np.__file__)
+    return bool(glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*")) + glob.glob(os.path.join(here, ".dylibs", "*openblas*")))
+
+
+@pytest.mark.skipif(not numpy_wheel_has_openblas(), reason="this numpy bundles no OpenBLAS (conda/MKL, Accelerate)")
+def test_blas_transpose_is_used_and_keeps_signalling_nans():
+    assert fastcopy._omatcopy() is not None
+    w = finite((300, 2500), np.float32).T  # 3 MB, transposed view of (300, 2500)
+    out = np.empty(w.shape, w.dtype)
+    assert fastcopy._blas_transpose(out, w) and same_bits(out, w)
+    f64 = finite((64, 48, 3), np.float64).transpose(2, 0, 1)  # a transpose with k = 1 of a 3-D base
+    out64 = np.empty(f64.shape, f64.dtype)
+    assert fastcopy._blas_transpose(out64, f64) and same_bits(out64, f64)
+    # ?omatcopy computes 1.0 * a, which quiets a signalling NaN: such a tensor goes through numpy.
+    snan = finite((40, 60), np.float32)
+    snan.view(np.uint32)[3, 7] = 0x7F800001
+    assert not fastcopy._blas_transpose(np.empty((60, 40), np.float32), snan.T)
+    got = fastcopy.contiguous(snan.T, snan.dtype)
+    assert same_bits(got, snan.T) and got.view(np.uint32)[7, 3] == 0x7F800001
+    assert not fastcopy._blas_transpose(np.empty((6, 4, 3), np.float32), finite((4, 3, 6), np.float32).transpose(2, 0, 1)[:, ::1, ::-1])
+
+
+def test_scratch_reuses_only_buffers_nobody_holds():
+    n = fastcopy.SCRATCH_MIN_BYTES // 4
+    outside = fastcopy.scratch((n,), np.float32)
+    with fastcopy.pooled():
+        a = fastcopy.scratch((n,), np.float32)
+        view = a.reshape(2, -1)[1]
+        ptr = a.ctypes.data
+        del a
+        b = fastcopy.scratch((2, n // 2), np.float32)  # the view keeps a's buffer busy
+        assert b.ctypes.data != ptr
+        del view
+        c = fastcopy.scratch((n,), np.int32)  # now free: reused, in any dtype and shape of its size
+        assert c.ctypes.data == ptr and c.dtype == np.int32 and c.shape == (n,)
+        small = fastcopy.scratch((4,), np.float32)
+        assert small.base is None  # small arrays: plain np.empty
+        del b, c
+        idle = [fastcopy.scratch((4 * n + k,), np.uint8) for k in range(300)]  # 300 MiB (untouched) held, then dropped
+        del idle
+        kept = fastcopy.scratch((4 * n + 299,), np.uint8)  # the newest idle one, reused; the oldest let go
+        assert sum(x.nbytes for x in fastcopy._POOL._buffers) - kept.nbytes <= 2 * kept.nbytes  # idle: twice the largest
+        assert kept.base is fastcopy._POOL._buffers[-1] and len(fastcopy._POOL._buffers) < 300
+    assert not fastcopy._POOL._buffers and outside.base is None
+    after = fastcopy.scratch((n,), np.float32)
+    assert after.base is None  # outside pooled(): np.empty
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=str)
+def test_write_array_writes_every_layout_view_at_its_offset(tmp_path, dtype):
+    """Block by block (several blocks, two bands of rows for the large one), cast on the way."""
+    views = [LAYOUTS[1].to_torch(finite((48, 80), np.float32)), LAYOUTS[3].to_torch(finite((16, 4, 8), np.float32)),
+             LAYOUTS[2].to_torch(finite((4, 4, 3, 16), np.float32)), finite((5,), np.float32), finite((1100, 2051), np.float32).T,
+             random_bits((30, 20), np.float32).T]  # fmt: skip
+    path, offset = tmp_path / "out.bin", 17
+    for w in views:
+        want = np.ascontiguousarray(w).astype(dtype).tobytes()
+        with open(path, "wb") as f:
+            assert fastcopy.write_array(f.fileno(), offset, w, np.dtype(dtype)) == len(want)
+        assert path.read_bytes() == b"\0" * offset + want
+        got, n = bytearray(len(want)), 0
+        for off, b in fastcopy.iter_blocks(w, np.dtype(dtype), block_bytes=1000):
+            got[off : off + len(b)] = b  # a block is valid until the next one: copy it now
+            n += 1
+        assert bytes(got) == want and (n > 1 or len(want) <= 1000)
+
+
+@pytest.mark.parametrize("tile", [1, 7, 128])
+@pytest.mark.parametrize("blas", [True, False], ids=["blas", "numpy"])
+def test_contiguous_tiles_cover_every_element(monkeypatch, tile, blas):
+    monkeypatch.setattr(fastcopy, "_TILE", tile)
+    if not blas:
+        monkeypatch.setattr(fastcopy, "_omatcopy", lambda: None)  # the numpy fallback (other numpy builds)
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((300, 130, 3), dtype=np.float32)  # edges not multiples of the tile
+    big = rng.standard_normal((1027, 2049), dtype=np.float32)  # > 4 MiB: bands on threads, ragged last band
+    for view in (a.transpose(1, 0, 2), a.transpose(2, 1, 0), a.reshape(300, -1).T, a[::3, ::2], big.T):
+        for dtype in (np.dtype(np.float32), BF16):
+            if view.size > 10**6 and tile == 1:
+                continue  # element by element: slow
+            assert same_bits(fastcopy.contiguous(view, dtype), view.astype(dtype))
