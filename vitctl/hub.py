@@ -73,11 +73,15 @@ def parse_repo(spec: str) -> tuple[str, str | None]:
     return repo_id, rev or None
 
 
-def resolve_checkpoint(arg: str | os.PathLike, *, endpoint: str | None = None, backend: str = "all", offline: bool = False) -> Path:
-    """A checkpoint argument as a local directory: paths unchanged; `hf://org/name[@rev]` fetched
-    (only what `backend` needs: config, jax, torch or all) into the Hugging Face cache, pinned to
-    the commit SHA, checked, and returned as that snapshot's directory."""
+def resolve_checkpoint(
+    arg: str | os.PathLike, *, endpoint: str | None = None, backend: str = "all", offline: bool = False, must_exist: bool = False
+) -> Path:
+    """A checkpoint argument as a local directory: paths unchanged (a usage error if `must_exist` and
+    absent); `hf://org/name[@rev]` fetched (only what `backend` needs: config, jax, torch or all)
+    into the Hugging Face cache, pinned to the commit SHA, checked, and returned as that snapshot's directory."""
     if not is_hub_uri(arg):
+        if must_exist and not Path(arg).exists():
+            raise ConfigError(f"no such file or directory: {arg}", hint="give a checkpoint directory, a .npz file or hf://org/name[@rev]")
         return Path(arg)
     repo_id, rev = parse_repo(str(arg))
     return Path(fetch(repo_id, rev, backend=backend, offline=offline, endpoint=endpoint)["snapshot"])
@@ -102,6 +106,8 @@ def push(
     from huggingface_hub.hf_api import RepoFile
 
     endpoint = _endpoint(endpoint, hf)
+    if hf.constants.is_offline_mode():
+        raise HubError("offline mode is on (HF_HUB_OFFLINE), and a push needs the Hub", hint="unset HF_HUB_OFFLINE to push")
     api = hf.HfApi(endpoint=endpoint)
     branch = revision or "main"
     with _hub_errors(repo_id, branch, endpoint):

@@ -127,7 +127,7 @@ def _convert(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dty
     from vitctl.convert import convert as cv
     from vitctl.hub import resolve_checkpoint
 
-    src = resolve_checkpoint(src, backend="jax" if direction == "jax-to-torch" else "torch")
+    src = resolve_checkpoint(src, backend="jax" if direction == "jax-to-torch" else "torch", must_exist=True)
     cfg = resolve(model)[1] if model is not None else None
     source = source_format.value if source_format else None
     plan = cv.plan(src, dst, direction, fmt, dtype.value, max_shard_size, source, cfg, prefix, force)
