@@ -1,27 +1,88 @@
-"""`vitctl demo`, the README's main job: init -> convert -> verify, and --force reruns."""
+"""`vitctl demo`, the README's main job: train on digits -> convert -> verify, atomically,
+with an honest exit code; and the training plot that `vitctl train` leaves beside its run.
+
+A short run (--steps) of the demo's own model: the full 300-step recipe is `make demo`.
+The `vitctl train` call below uses the demo's model and compiled settings, so it reuses
+the compiled step functions of the demo run in the same process.
+"""
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip("jax")
 pytest.importorskip("torch")
+pytest.importorskip("sklearn")
 
-from vitctl.cli import main  # noqa: E402
+from vitctl.cli import demo as demo_cli
 
-
-def run(*args):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    return e.value.code
+STEPS = 6
 
 
-def test_demo_runs_the_path_and_reruns_with_force(tmp_path, capsys):
+def png(path):
+    """The decoded image (PIL verifies the PNG signature, chunks and CRCs)."""
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.load()
+        return np.asarray(im)
+
+
+def tamper(run):
+    """A CHECK step that changes one torch weight before verify runs: a real mismatch."""
+    from safetensors.numpy import load_file, save_file
+
+    f = run.root / "torch" / "model.safetensors"
+    tensors = load_file(f)
+    tensors["head.weight"] = tensors["head.weight"] + 1e-2
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+def test_demo_trains_converts_verifies_and_exit_codes(tmp_path, cli, monkeypatch):
     out = tmp_path / "demo"
-    assert run("demo", "--out", out) == 0
-    assert "PASSED" in capsys.readouterr().out
+    r = cli("demo", "--out", out, "--steps", STEPS)
+    assert r.returncode == 0, r.stderr
+    assert "PASSED" in r.stdout and "test accuracy" in r.stdout and "[3/3] verify" in r.stderr
+    summary = json.loads((out / "demo.json").read_text())
+    assert summary["passed"] and summary["failed"] == []
+    train = summary["steps"]["train"]
+    assert train["steps"] == STEPS and 0 <= train["test_accuracy"] <= 1 and np.isfinite(train["final_loss"])
     report = json.loads((out / "verify.json").read_text())
-    assert report["passed"] and report["max_abs"] < 1e-5
+    assert report["passed"] and report["max_abs"] < 1e-5 and report["weights"]["exactly_equal"] == report["weights"]["compared"]
+    rows = [json.loads(line) for line in (out / "jax" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    assert len(rows[-1]["attn_entropy"]) == demo_cli.MODEL["depth"]
     assert (out / "jax" / "params").is_dir() and (out / "torch" / "model.safetensors").is_file()
-    assert run("demo", "--out", out) == 2  # exists: nothing overwritten without --force
-    assert run("demo", "--out", out, "--force") == 0
+    assert png(out / "jax" / "metrics.png").ndim == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary left behind
+
+    assert cli("demo", "--out", out, "--steps", STEPS).returncode == 2  # exists: nothing overwritten without --force
+    assert json.loads((out / "demo.json").read_text()) == summary
+
+    # --force rebuilds it; a verify that finds a real mismatch fails the demo (exit 1) and says so.
+    monkeypatch.setattr(demo_cli, "CHECK", [("tamper", "change a torch weight", tamper), *demo_cli.CHECK])
+    r = cli("demo", "--out", out, "--steps", STEPS, "--force", "--json")
+    assert r.returncode == 1
+    result = json.loads(r.stdout)
+    assert result["passed"] is False and result["failed"] == ["verify"] and result["steps"]["train"]["steps"] == STEPS
+    assert json.loads((out / "demo.json").read_text()) == result and not json.loads((out / "verify.json").read_text())["passed"]
+
+
+def test_train_writes_a_plot_of_loss_and_attention_entropy(tmp_path, cli):
+    """`vitctl train` ends with OUT/metrics.png: a valid PNG with both panels (loss, attention entropy)."""
+    model = tmp_path / "model.json"
+    model.write_text(demo_cli.model_config().to_json())
+    t = demo_cli.TRAIN
+    args = ["--model", model, "--data", "digits", "--steps", STEPS, "--warmup", 0, "--batch-size", t["batch_size"], "--lr", t["lr"]]
+    args += ["--image-size", demo_cli.MODEL["image_size"]]  # as the demo sets it: the same compiled step
+    r = cli("train", *args, "--stats-every", 2, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    with_stats = png(tmp_path / "run" / "metrics.png")
+    r = cli("train", *args, "--stats-every", 0, "--out", tmp_path / "loss-only")
+    assert r.returncode == 0, r.stderr
+    loss_only = png(tmp_path / "loss-only" / "metrics.png")
+    assert with_stats.shape[1] > 1.5 * loss_only.shape[1]  # a second panel: attention entropy per layer
+    assert with_stats.std() > 0 and loss_only.std() > 0  # something drawn
