@@ -175,7 +175,7 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
 
 def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
     """The latest `vitctl verify --report` for this checkpoint: ckpt/verify.json, else the parent's
-    verify.json (where `vitctl demo` writes it) if one of its two sides is this checkpoint."""
+    verify.json (where `vitctl demo` writes it) if one of its two sides is this checkpoint (same path or name)."""
     here = ckpt.resolve()
     for path in (ckpt / VERIFY_REPORT, ckpt.parent / VERIFY_REPORT):
         try:
@@ -184,8 +184,9 @@ def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
             continue
         if not isinstance(report, dict) or "passed" not in report:
             continue
-        sides = [report.get(s, {}).get("path") for s in ("a", "b")]
-        if path.parent == ckpt or any(s and Path(s).resolve() == here for s in sides):
+        sides = [Path(p) for p in (report.get(s, {}).get("path") for s in ("a", "b")) if isinstance(p, str)]
+        # A side named like this checkpoint: `vitctl demo` verifies inside its temporary directory, then renames it.
+        if path.parent == ckpt or any(s.resolve() == here or s.name == ckpt.name for s in sides):
             return report
     return None
 

@@ -60,10 +60,10 @@ def test_model_card_is_valid_yaml_and_markdown(hub, vitctl, tmp_path):
     from vitctl.convert.mapping import param_counts
 
     src = torch_ckpt(tmp_path / "run/torch")
-    report = {"a": {"path": str(tmp_path / "run/jax")}, "b": {"path": str(src)}, "passed": True, "max_abs": 0.0,
+    report = {"a": {"path": str(tmp_path / ".run.tmp-1a2b/jax")}, "b": {"path": str(tmp_path / ".run.tmp-1a2b/torch")}, "passed": True, "max_abs": 0.0,
               "tolerance": 1e-5, "rtol": 1e-5, "first_divergent": None, "settings": {"precision": "fp32", "vitctl": "0.1.0"},
               "weights": {"compared": 9, "exactly_equal": 9}}  # fmt: skip
-    (tmp_path / "run/verify.json").write_text(json.dumps(report))  # where `vitctl demo` puts it: the parent
+    (tmp_path / "run/verify.json").write_text(json.dumps(report))  # where `vitctl demo` puts it: the parent (verified before its rename)
     r = vitctl("hub", "push", src, REPO, "--license", "apache-2.0")
     assert r.returncode == 0, r.stderr
     card = hub.content(REPO, "main", "README.md").decode()
@@ -227,3 +227,18 @@ def test_bad_repo_ids(spec, capsys):
     code, text = in_process("hub", "pull", spec, capsys=capsys)
     assert code == 2 and "is not a Hub repo id" in text and "Hint:" in text
     assert parse_repo("hf://org/name@v1") == ("org/name", "v1") and parse_repo("org/name") == ("org/name", None)
+
+
+def test_verify_report_belongs_to_the_checkpoint(tmp_path):
+    from vitctl.hub import find_verify_report
+
+    for d in ("run/torch", "run/other", "solo"):
+        (tmp_path / d).mkdir(parents=True)
+    report = {"a": {"path": "/elsewhere/jax"}, "b": {"path": "/elsewhere/torch"}, "passed": True}
+    (tmp_path / "run/verify.json").write_text(json.dumps(report))
+    assert find_verify_report(tmp_path / "run/torch") == report  # a side with its name
+    assert find_verify_report(tmp_path / "run/other") is None  # not one of the report's sides
+    (tmp_path / "solo/verify.json").write_text(json.dumps({**report, "passed": False}))
+    assert find_verify_report(tmp_path / "solo")["passed"] is False  # its own report, whatever the sides
+    (tmp_path / "solo/verify.json").write_text("{not json")
+    assert find_verify_report(tmp_path / "solo") is None
