@@ -731,19 +731,17 @@ class _Bench:
             prefix = f"forward {self.mode.label(key)} fp32 b{b}"
             self.log(f"compile {prefix} vitctl-jax ...")
             call, compile_s = jax_forward(cfg, b)
-            self.log(f"time {prefix} vitctl-jax ...")
-            s = self.timed({"jax": call})["jax"]
-            self.add(
-                Row(f"{prefix} vitctl-jax", b / s, "images/s", f"{prefix} timm", note=f"compile {compile_s:.1f} s"),
-                Row(
-                    f"{prefix} vitctl-jax GFLOP/s",
-                    flops(cfg, b) / s / 1e9,
-                    "GFLOP/s",
-                    self.peak_fp32,
-                    note="ratio: fraction of the GEMM peak",
-                ),
-            )
+            self._jax_rows(prefix, call, b, flops(cfg, b), "timm", f"compile {compile_s:.1f} s", "fraction of the GEMM peak")
             self._timm_baseline(f"{prefix} timm", lambda cfg=cfg: torch_forward(timm_model(cfg), cfg, b, "float32"), b)
+
+    def _jax_rows(self, prefix: str, call: Callable[[], None], batch: int, flop: int, timm: str, note: str, of_peak: str) -> None:
+        """Times a vitctl-jax call: images/s against the timm row `prefix timm`, GFLOP/s against the fp32 GEMM peak."""
+        self.log(f"time {prefix} vitctl-jax ...")
+        s = self.timed({"jax": call})["jax"]
+        self.add(
+            Row(f"{prefix} vitctl-jax", batch / s, "images/s", f"{prefix} {timm}", note=note),
+            Row(f"{prefix} vitctl-jax GFLOP/s", flop / s / 1e9, "GFLOP/s", self.peak_fp32, note=f"ratio: {of_peak}"),
+        )
 
     def _timm_baseline(self, name: str, make: Callable[[], Callable[[], None]], batch: int) -> None:
         """Adds the timm row `name` unless a section already measured it."""
@@ -774,24 +772,8 @@ class _Bench:
         prefix = f"train {self.mode.label('parallel')} fp32 b{b}"
         self.log(f"compile {prefix} vitctl-jax (vitctl train's step) ...")
         call, first_s = jax_train_step(cfg, b)
-        self.log(f"time {prefix} vitctl-jax ...")
-        s = self.timed({"jax": call})["jax"]
-        self.add(
-            Row(
-                f"{prefix} vitctl-jax",
-                b / s,
-                "images/s",
-                f"{prefix} timm+AdamW",
-                note=f"vitctl.train step, AdamW; compile+1st step {first_s:.1f} s",
-            ),
-            Row(
-                f"{prefix} vitctl-jax GFLOP/s",
-                flops(cfg, b, train=True) / s / 1e9,
-                "GFLOP/s",
-                self.peak_fp32,
-                note="ratio: MFU against the GEMM peak",
-            ),
-        )
+        note = f"vitctl.train step, AdamW; compile+1st step {first_s:.1f} s"
+        self._jax_rows(prefix, call, b, flops(cfg, b, train=True), "timm+AdamW", note, "MFU against the GEMM peak")
         self._timm_baseline(f"{prefix} timm+AdamW", lambda: torch_train_step(timm_model(cfg), cfg, b), b)
 
     def convert(self) -> None:

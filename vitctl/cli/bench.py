@@ -59,5 +59,5 @@ def bench(
     wide = Console(file=sys.stdout, width=max(out.width, 180), highlight=False)  # a pipe's 80 columns would cut the ratios off
     wide.print(lib.rows_table(title, report.rows))
     for note in report.notes:
-        out.print(f"note: {note}", markup=False)
-    out.print(f"load: {report.load['describe']}", markup=False)
+        wide.print(f"note: {note}", markup=False, soft_wrap=True)
+    wide.print(f"load: {report.load['describe']}", markup=False, soft_wrap=True)
