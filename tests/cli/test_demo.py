@@ -72,7 +72,7 @@ def test_demo_trains_converts_verifies_and_exit_codes(tmp_path, cli, monkeypatch
 
 
 def test_train_writes_a_plot_of_loss_and_attention_entropy(tmp_path, cli):
-    """`vitctl train` ends with OUT/metrics.png: a valid PNG with both panels (loss, attention entropy)."""
+    """`vitctl train` ends with OUT/metrics.png: a valid PNG with both panels (loss, attention entropy per layer)."""
     model = tmp_path / "model.json"
     model.write_text(demo_cli.model_config().to_json())
     t = demo_cli.TRAIN
@@ -80,9 +80,7 @@ def test_train_writes_a_plot_of_loss_and_attention_entropy(tmp_path, cli):
     args += ["--image-size", demo_cli.MODEL["image_size"]]  # as the demo sets it: the same compiled step
     r = cli("train", *args, "--stats-every", 2, "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
-    with_stats = png(tmp_path / "run" / "metrics.png")
-    r = cli("train", *args, "--stats-every", 0, "--out", tmp_path / "loss-only")
-    assert r.returncode == 0, r.stderr
-    loss_only = png(tmp_path / "loss-only" / "metrics.png")
-    assert with_stats.shape[1] > 1.5 * loss_only.shape[1]  # a second panel: attention entropy per layer
-    assert with_stats.std() > 0 and loss_only.std() > 0  # something drawn
+    image = png(tmp_path / "run" / "metrics.png")
+    height, width = image.shape[:2]
+    assert width > 1.5 * height  # two panels side by side (loss alone is one panel, about as wide as high)
+    assert image.std() > 0  # something drawn
