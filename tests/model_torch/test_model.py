@@ -1,5 +1,7 @@
 """The PyTorch model: shapes, the 22B model on the meta device, golden logits."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,7 @@ from tests.conftest import tiny, torch_model  # noqa: E402
 from tests.golden import CASES, golden_case  # noqa: E402
 from vitctl.config import ViTConfig  # noqa: E402
 from vitctl.convert import mapping  # noqa: E402
-from vitctl.model_torch.model import ViT  # noqa: E402
+from vitctl.model_torch.model import Norm, ViT  # noqa: E402
 
 
 @pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)])
@@ -43,8 +45,39 @@ def test_bf16_compute_with_fp32_params():
     assert logits.dtype == torch.bfloat16 and out["block01"].dtype == torch.bfloat16
 
 
-def test_backward():
-    model = ViT(tiny(head_zero_init=False))
-    logits, _ = model(torch.randn(2, 3, 16, 16))
-    logits.square().mean().backward()
+@pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm="layernorm", norm_bias=True)])
+def test_backward(kw):
+    """The fused forward accumulates projections in place (addmm_): autograd must see it."""
+    cfg = tiny(head_zero_init=False, **kw)
+    torch.manual_seed(0)
+    model = ViT(cfg)
+    x = torch.randn(2, 3, 16, 16)
+    model(x)[0].square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+    # The same gradients as the plain forward (fused=False: one `x + dense(a)` per branch).
+    plain = ViT(dataclasses.replace(cfg, fused=False))
+    plain.load_state_dict(model.state_dict())
+    plain(x)[0].square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_matches_its_formula(norm, dtype):
+    """Norm runs torch's fused kernels; they must compute PARITY.md's centered formula
+    (float32 inside, output in the input dtype), checked against float64."""
+    cfg = tiny(norm=norm, norm_bias=True, norm_eps=1e-3)
+    m = Norm(cfg, 40)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = (torch.randn(3, 5, 40) * 4 + 2).to(dtype)
+    y = x.double()
+    if norm == "layernorm":
+        y = y - y.mean(-1, keepdim=True)
+    y = y / torch.sqrt((y * y).mean(-1, keepdim=True) + 1e-3) * m.weight.double() + m.bias.double()
+    got = m(x)
+    assert got.dtype == dtype
+    tol = 2e-6 if dtype == torch.float32 else 8e-3 * y.abs().max().item()
+    torch.testing.assert_close(got.double(), y.to(dtype).double() if dtype != torch.float32 else y, atol=tol, rtol=0)

@@ -5,8 +5,9 @@ attribute names, so parameter paths differ only by separator and leaf
 (`blocks/q/kernel` <-> `blocks.3.q.weight`; see vitctl/convert/mapping.py).
 
 - Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
-  cfg.fused the forward runs the paper's fusion: QKV and MLP-in as one matmul,
-  attention-out and MLP-out as one (parameters stay separate).
+  cfg.fused the forward runs the paper's output fusion as split-K: attention-out and
+  MLP-out accumulate onto residual + biases in one buffer (parameters stay separate;
+  measurements in docs/performance.md).
 - Sequential block (classic big_vision ViT) with its second norm `mlp_norm`.
 - QK-norm over head_dim on queries and keys; optional biases everywhere (cfg).
 - Norms computed in float32 by one formula on both sides (centered for layernorm).
@@ -123,26 +124,28 @@ class Block(nnx.Module):
         cfg = self.cfg
         if cfg.block == "sequential":
             h = self.norm(x)
-            x = x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h)))
-            return x + self.mlp_out(self.gelu(self.mlp_in(self.mlp_norm(x))))
+            x = add_projections(x, (self.attend(self.q(h), self.k(h), self.v(h)), self.attn_out))
+            return add_projections(x, (self.gelu(self.mlp_in(self.mlp_norm(x))), self.mlp_out))
         h = self.norm(x)
         if not cfg.fused:
             return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(self.gelu(self.mlp_in(h)))
-        # The paper's fusion: one (D, 3NK+F) matmul in, one (NK+F, D) matmul out.
-        B, T, D = x.shape
-        N, K = cfg.num_heads, cfg.head_dim
-        dt = x.dtype
-        w_in = jnp.concatenate([m.kernel[...].reshape(D, -1) for m in (self.q, self.k, self.v, self.mlp_in)], 1)
-        y = h @ w_in.astype(dt)  # (B, T, 3NK + F)
-        q, k, v, u = jnp.split(y, [N * K, 2 * N * K, 3 * N * K], axis=-1)
-        q, k, v = (t if m.bias is None else t + m.bias[...].reshape(-1).astype(dt) for t, m in ((q, self.q), (k, self.k), (v, self.v)))
-        u = u if self.mlp_in.bias is None else u + self.mlp_in.bias[...].astype(dt)
-        a = self.attend(*(t.reshape(B, T, N, K) for t in (q, k, v)))
-        w_out = jnp.concatenate([self.attn_out.kernel[...].reshape(N * K, D), self.mlp_out.kernel[...]], 0)
-        y = jnp.concatenate([a.reshape(B, T, N * K), self.gelu(u)], -1) @ w_out.astype(dt)  # (B, T, D)
-        for m in (self.attn_out, self.mlp_out):
-            y = y if m.bias is None else y + m.bias[...].astype(dt)
-        return x + y
+        # The paper's fusion, in the form that is fastest for a CPU BLAS (docs/performance.md):
+        # attention-out and MLP-out accumulate into one (B, T, D) output, a split-K form of
+        # the one (NK+F, D) matmul. The in-projections run as four GEMMs on the same h:
+        # concatenating their weights costs a copy per call and gains nothing, since each
+        # GEMM already runs at the BLAS's peak at these sizes.
+        a = self.attend(self.q(h), self.k(h), self.v(h))
+        return add_projections(x, (a, self.attn_out), (self.gelu(self.mlp_in(h)), self.mlp_out))
+
+
+def add_projections(x, *pairs):
+    """x + sum(dense(a) for a, dense in pairs): the residual plus the biases, then each
+    projection's matmul added on (torch accumulates them in place into one buffer)."""
+    biases = [m.bias[...] for _, m in pairs if m.bias is not None]
+    y = x + sum(biases).astype(x.dtype) if biases else x
+    for a, m in pairs:
+        y = y + jnp.tensordot(a, m.kernel[...].astype(x.dtype), axes=m.n_in)
+    return y
 
 
 class MAPHead(nnx.Module):
