@@ -452,7 +452,7 @@ def probe(
 
     t = time.perf_counter()
     split = {"channels": cfg.channels, "test_fraction": test_fraction, "seed": split_seed}
-    train, test = (load_dataset(data, s, **split) for s in ("train", "test"))
+    train, test = (load_dataset(str(data), s, **split) for s in ("train", "test"))
     check_data(train, test, mode, shots)
     timings["load_data"] = time.perf_counter() - t
 
@@ -496,7 +496,7 @@ def probe(
 
     result: dict[str, Any] = {
         "checkpoint": {"path": str(side.path), "format": side.format, "sha256": ckpt_hash},
-        "data": data, "backend": backend, "layer": feats.layer, "pool": feats.pool, "mode": mode,
+        "data": str(data), "backend": backend, "layer": feats.layer, "pool": feats.pool, "mode": mode,
         "train_size": len(train), "test_size": len(test), "num_classes": train.num_classes, "feature_dim": int(x_train.shape[1]),
         "preprocess": {"image_size": cfg.image_size, **dataclasses.asdict(cfg.preprocess)}, "precision": precision.get("precision"),
         "cached": cached, "cache_file": str(entry) if use_cache else None,

@@ -45,7 +45,7 @@ def test_probe_prints_a_table_then_reads_the_cache(cli, model):
     r = cli("probe", model, "--data", "digits", "--mode", "fewshot", "--shots", "1,5")
     assert r.returncode == 0, r.stderr
     assert "5-shot" in r.stdout and "pre_logits, pool map, dim 48 (extracted" in r.stdout and "vitctl-torch" in r.stdout
-    r = cli("probe", model, "--data", "digits", "--json")  # the other mode: the same features
+    r = cli("probe", model, "--data", "digits", "--mode", "both", "--json")  # the other mode: the same features
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["cached"] and "features" not in out["timings"]
