@@ -27,8 +27,9 @@ QK-norm, RMSNorm; the class token instead of the MAP head, as timm's
 - quick: S/16 instead of B/16 everywhere (4x fewer FLOPs), forward at batch 1 and 8;
   1 warm-up + 1 timed round; GEMM probes of >= 0.1 s; no oneDNN GEMM probe; up to
   15 s waiting for a quiet machine.
-- tiny (tests): 2-layer width-32 models on 32 px images, batch 1 and 2, one round, no
-  waiting: checks that every part runs; its figures mean nothing.
+- tiny (tests; `vitctl bench --tiny`, hidden): 2-layer width-32 models on 32 px images,
+  batch 1 and 2, one round, one GEMM shape, no waiting: checks that every part runs;
+  its figures mean nothing.
 Where torch's bf16 GEMM runs below a quarter of its fp32 rate (no native bf16 on the
 CPU: a reference kernel), the torch bf16 forward rows run at the smallest batch only.
 
