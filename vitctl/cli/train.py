@@ -5,14 +5,25 @@ the stored OUT/train_config.json (with --resume), a --config YAML file (unknown 
 refused), and the flags. OUT ends up a checkpoint directory (config.json + params/)
 with state/, metrics.jsonl, train_config.json and metrics.png beside.
 
+Several processes (a pod's hosts, or processes on one machine): run the same command in
+each with --coordinator HOST:PORT --num-processes N --process-id I (or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed
+where JAX detects the cluster (Cloud TPU, SLURM, Open MPI); --out must be one directory
+that all of them see. Process 0 prints the results.
+
 --json output: {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out"}.
-Exit codes: 0 done; 2 usage or config error; 128+signal when stopped by SIGTERM/SIGINT
-(the state is saved first: continue with --resume).
+Exit codes: 0 done; 1 failed (e.g. no space for a checkpoint: the latest complete one is
+kept); 2 usage or config error; 128+signal when stopped by SIGTERM/SIGINT (the state is
+saved first: continue with --resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json as jsonlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -30,11 +41,13 @@ EXAMPLES = """Examples:
   vitctl train --model vit22b-mu/16 --data digits --out runs/digits --mesh data=2,fsdp=2,tensor=2 --batch-size 64
 
   vitctl train --config train.yaml --out runs/r1 --resume
+
+  vitctl train --data digits --out /shared/runs/r2 --mesh data=2,fsdp=4 --coordinator 10.0.0.1:5476 --num-processes 2 --process-id 0
 """
 
 
-def _opt(help: str, *names: str):
-    return typer.Option(*names, help=help, show_default=False)
+def _opt(help: str, *names: str, **kw):
+    return typer.Option(*names, help=help, show_default=False, **kw)
 
 
 @commands.command("train", epilog=EXAMPLES)
@@ -67,6 +80,15 @@ def train(
     remat: Annotated[bool | None, _opt("Recompute block activations in the backward pass.", "--remat/--no-remat")] = None,
     config: Annotated[Path | None, _opt("A YAML file of training settings (keys as the flags, with _).", "--config")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest saved state.")] = False,
+    coordinator: Annotated[
+        str | None,
+        _opt("Several processes: process 0's HOST:PORT (it runs the coordinator).", "--coordinator", envvar="JAX_COORDINATOR_ADDRESS"),
+    ] = None,
+    num_processes: Annotated[int | None, _opt("Several processes: how many.", "--num-processes", envvar="JAX_NUM_PROCESSES")] = None,
+    process_id: Annotated[int | None, _opt("Several processes: this one's index, 0..N-1.", "--process-id", envvar="JAX_PROCESS_ID")] = None,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="Join JAX's distributed runtime, settings detected (Cloud TPU, SLURM, Open MPI).")
+    ] = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -75,6 +97,13 @@ def train(
 
     from vitctl.train import loop
 
+    several = loop.init_distributed(coordinator, num_processes, process_id, auto=distributed)
+    if several:
+        import jax
+
+        primary = jax.process_index() == 0
+    else:
+        primary = True
     settings: dict = {}
     if resume:
         stored = out_dir / loop.TRAIN_CONFIG
@@ -83,19 +112,40 @@ def train(
         settings.update({k: v for k, v in jsonlib.loads(stored.read_text()).items() if k != "model_config"})
     if config is not None:
         settings.update(loop.load_yaml(config))
-    flags = dict(model=model, data=data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, schedule=schedule, cooldown=cooldown,
-                 optimizer=optimizer, loss=loss, label_smoothing=label_smoothing, weight_decay=weight_decay,
-                 head_weight_decay=head_weight_decay, clip_norm=clip_norm, mesh=mesh, seed=seed, save_every=save_every, keep=keep,
-                 stats_every=stats_every, image_size=image_size, num_classes=num_classes, dtype=dtype, remat=remat)  # fmt: skip
+    flags = {
+        "model": model,
+        "data": data,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "schedule": schedule,
+        "cooldown": cooldown,
+        "optimizer": optimizer,
+        "loss": loss,
+        "label_smoothing": label_smoothing,
+        "weight_decay": weight_decay,
+        "head_weight_decay": head_weight_decay,
+        "clip_norm": clip_norm,
+        "mesh": mesh,
+        "seed": seed,
+        "save_every": save_every,
+        "keep": keep,
+        "stats_every": stats_every,
+        "image_size": image_size,
+        "num_classes": num_classes,
+        "dtype": dtype,
+        "remat": remat,
+    }
     settings.update({k: v for k, v in flags.items() if v is not None})
     tcfg = loop.TrainConfig.from_dict(settings)
 
     progress = Progress(
         TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-        console=err, transient=json,
+        console=err, transient=json, disable=not primary,
     )  # fmt: skip
 
-    with progress:
+    with progress, _stdout_to_stderr(enabled=several):
         task = progress.add_task("train", total=tcfg.steps, info="compiling")
 
         def on_log(rec):
@@ -104,9 +154,17 @@ def train(
         result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log)
     summary = {k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}
     if result["interrupted"]:
-        err.print(f"stopped by signal {result['signal']} at step {result['steps']}; state saved in {out_dir / 'state'}", markup=False)
-        err.print(f"continue with: vitctl train --out {out_dir} --resume", markup=False)
-        raise typer.Exit(128 + int(result["signal"]))
+        from vitctl.cli import Interrupted
+
+        saved = result["saved_step"]
+        raise Interrupted(
+            f"signal {result['signal']} at step {result['steps']}; "
+            + (f"the training state of step {saved} is saved in {out_dir / loop.STATE}. " if saved is not None else "no state saved. ")
+            + f"Continue with: vitctl train --out {out_dir} --resume",
+            code=128 + int(result["signal"]),
+        )
+    if not primary:
+        return
     if json:
         print_json(summary)
         return
@@ -121,3 +179,24 @@ def train(
     )
     out.print(f"checkpoint: {out_dir}", markup=False)
     err.print(f"next: vitctl convert jax-to-torch {out_dir} {out_dir}-torch", markup=False)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """Points file descriptor 1 at stderr while training with several processes.
+
+    Gloo, JAX's CPU collectives, logs its connections from C++ straight to fd 1, which would
+    break the contract that stdout holds only results (one JSON object with --json).
+    """
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

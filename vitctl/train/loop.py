@@ -13,6 +13,11 @@
 - Resume restores into an abstract target built for the current mesh, so a run can move
   to another mesh shape; the data iterator's state is restored too, so on one machine
   the resumed losses are bit-identical to an uninterrupted run.
+- Several processes (init_distributed: jax.distributed with Gloo collectives on CPU): the
+  mesh spans every process's devices; each process loads its slice of every global batch
+  (process_rows, from the batch sharding) and jax.make_array_from_process_local_data
+  assembles it; each writes the checkpoint shards it holds and process 0 commits after a
+  barrier; a signal to any process stops all at the same step.
 - OUT/metrics.jsonl: one object per logged step (step, loss, lr, grad_norm, images_per_s);
   every --stats-every steps also the per-layer maximum attention logit and attention
   entropy on the current batch (arXiv:2302.05442 sec. 3.1: attention-logit growth is
@@ -38,7 +43,7 @@ import numpy as np
 
 from vitctl import checkpoint as ckpt
 from vitctl.config import PRESETS, ViTConfig, load_config
-from vitctl.errors import ConfigError
+from vitctl.errors import CheckpointError, ConfigError
 from vitctl.train import optim
 
 TRAIN_CONFIG, METRICS, STATE = "train_config.json", "metrics.jsonl", "state"
@@ -142,7 +147,7 @@ def model_config(tcfg: TrainConfig, image_hw: int, num_classes: int, channels: i
     cfg = base_model(tcfg)
     p = cfg.patch_size
     size = tcfg.image_size or p * math.ceil(max(image_hw, 16) / p)
-    over = dict(image_size=size, num_classes=tcfg.num_classes or num_classes)
+    over = {"image_size": size, "num_classes": tcfg.num_classes or num_classes}
     if channels is not None:
         over["channels"] = channels
     if tcfg.dtype is not None:
@@ -162,6 +167,11 @@ def mesh_for(spec: str):
     n = math.prod(sizes.values())
     if n > jax.device_count():
         raise ConfigError(f"mesh {spec!r} needs {n} devices, but {jax.device_count()} are available", hint="make the mesh smaller")
+    if jax.process_count() > 1 and n != jax.device_count():
+        raise ConfigError(
+            f"mesh {spec!r} has {n} devices, but the {jax.process_count()} processes have {jax.device_count()} together",
+            hint=f"with several processes the mesh spans all devices, e.g. --mesh data={jax.device_count()}",
+        )
     return make_mesh(sizes, devices=jax.devices()[:n])
 
 
@@ -172,6 +182,93 @@ def check_batch(batch_size: int, mesh) -> None:
             f"batch size {batch_size} does not divide over data x fsdp = {n} devices",
             hint=f"use a batch size that is a multiple of {n}",
         )
+
+
+def init_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+    timeout_s: int = 300,
+) -> bool:
+    """Joins JAX's distributed runtime (before any JAX computation); returns whether it did.
+
+    Nothing set and not `auto`: a single-process run. Otherwise jax.distributed.initialize
+    with what is given; JAX detects the rest (JAX_COORDINATOR_ADDRESS, Cloud TPU, SLURM, Open
+    MPI, Kubernetes). On CPU the processes' collectives run over Gloo (TCP), so two processes
+    on one machine (coordinator 127.0.0.1:PORT) train exactly as two hosts of a pod would.
+    """
+    import jax
+
+    if not auto and coordinator is None and num_processes is None and process_id is None:
+        return False
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise ConfigError(f"process id {process_id} is not in [0, {num_processes})", hint="process ids run from 0 to num_processes - 1")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=timeout_s)
+    except (RuntimeError, ValueError, TypeError) as e:  # JAX's words for: incomplete settings, already started, no coordinator
+        raise ConfigError(
+            f"cannot join the JAX distributed runtime: {e}",
+            hint="give --coordinator HOST:PORT --num-processes N --process-id I to every process (process 0 runs the "
+            "coordinator), before anything else uses JAX; or run on a cluster JAX detects (Cloud TPU, SLURM, Open MPI)",
+        ) from None
+    return True
+
+
+_SYNCS = [0]
+
+
+def sync(name: str) -> None:
+    """A barrier across processes (nothing in a single-process run).
+
+    Through the distributed runtime's coordination service (gRPC, minutes of timeout), not
+    a device collective: Gloo gives up connecting after a fixed, short wait, so processes
+    meet here before they run collectives from far-apart points (one still compiling).
+    """
+    import jax
+
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        _SYNCS[0] += 1  # every process makes the same calls in the same order: unique, matching names
+        multihost.get_barrier_sync_fn()(key=f"{name}-{_SYNCS[0]}", timeout_ms=600_000)
+
+
+def any_process(value: int) -> int:
+    """The largest of `value` over all processes (every process gets the same answer)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
+def process_rows(sharding, batch_size: int) -> tuple[int, int]:
+    """(index, count): this process feeds slice `index` of `count` equal, contiguous slices of each global batch.
+
+    Read from the batch sharding: the rows its addressable devices hold. One process: (0, 1);
+    data x fsdp spanning the processes in order: (process_index, process_count); a batch
+    replicated over processes: (0, 1) on each.
+    """
+    rows = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+                   for s in sharding.addressable_devices_indices_map((batch_size,)).values()})  # fmt: skip
+    lo, hi = rows[0][0], max(r[1] for r in rows)
+    covered = lo
+    for a, b in rows:
+        if a > covered:
+            break
+        covered = max(covered, b)
+    n = hi - lo
+    if covered != hi or batch_size % n or lo % n:
+        raise ConfigError(
+            f"this process's devices hold rows {rows} of the batch: not one contiguous equal slice",
+            hint="order the mesh so that each process's devices are consecutive along data x fsdp",
+        )
+    return lo // n, batch_size // n
 
 
 def _names(path) -> list[str]:
@@ -206,17 +303,21 @@ class Setup:
         repl = NamedSharding(mesh, PartitionSpec())
         shapes = {n: x.shape for n, x in ckpt._flatten(abs_params).items()}
 
-        def opt_sharding(path, x):  # a parameter's sharding for its moments; factored moments drop an axis
+        def opt_sharding(path, x):  # a moment gets its parameter's sharding; factored moments drop the reduced axis
             name = "/".join(n for n, k in zip(_names(path), path) if isinstance(k, jax.tree_util.DictKey))
             if name not in specs:
                 return repl
             spec, shape = tuple(specs[name]), shapes[name]
             if x.shape == shape:
                 return NamedSharding(mesh, PartitionSpec(*spec))
-            if len(shape) >= 2 and x.shape == shape[:-1]:  # optax factored_rms v_row
-                return NamedSharding(mesh, PartitionSpec(*spec[:-1]))
-            if len(shape) >= 2 and x.shape == shape[:-2] + shape[-1:]:  # v_col
-                return NamedSharding(mesh, PartitionSpec(*spec[:-2], spec[-1]))
+            field = next((n for n in reversed(_names(path)) if n in ("v_row", "v_col")), None)
+            if field is not None and len(shape) >= 2:
+                # optax scale_by_factored_rms: d1, d0 = the two largest axes (np.argsort(shape)[-2:]);
+                # v_row drops d0, v_col drops d1. Unfactored leaves hold a (1,) placeholder.
+                d1, d0 = (int(a) for a in np.argsort(shape)[-2:])
+                drop = d0 if field == "v_row" else d1
+                if x.shape == shape[:drop] + shape[drop + 1 :]:
+                    return NamedSharding(mesh, PartitionSpec(*spec[:drop], *spec[drop + 1 :]))
             return repl
 
         abs_opt = jax.eval_shape(self.tx.init, abs_params)
@@ -301,7 +402,7 @@ class Setup:
 
 _SETUPS: dict[Any, Setup] = {}
 # Fields that do not change the compiled functions: runs differing only in these share a Setup.
-_NOT_COMPILED = dict(model="", data="", seed=0, save_every=0, keep=1, stats_every=0, log_every=1, test_fraction=0.2)
+_NOT_COMPILED = {"model": "", "data": "", "seed": 0, "save_every": 0, "keep": 1, "stats_every": 0, "log_every": 1, "test_fraction": 0.2}
 
 
 def get_setup(cfg: ViTConfig, tcfg: TrainConfig, mesh) -> Setup:
@@ -351,15 +452,32 @@ def attention_stats(graphdef, params, images) -> dict[str, Any]:
 
 
 # Output directory.
-def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any]) -> None:
-    """OUT/params/ (+ config.json), replaced as a whole: written beside, then swapped in."""
+def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], tag: str = "") -> None:
+    """OUT/params/ (+ config.json), replaced as a whole: written beside, then swapped in.
+
+    With several processes every process calls this with the same `tag` (the step): each
+    writes the shards it holds into one temporary directory (Orbax), and process 0 swaps it
+    in once all have finished.
+    """
     import jax
 
-    tmp = out / f".params.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    primary = jax.process_index() == 0
+    tmp = out / f".params.tmp-{tag or secrets.token_hex(4)}"
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir()
+    sync(f"vitctl-params-begin-{tag}")
     try:
-        ckpt.save_jax(tmp, ckpt._flatten(params))
-        if jax.process_index() == 0:
+        try:
+            ckpt.save_jax(tmp, ckpt._flatten(params))
+        except Exception as e:  # Orbax and tensorstore raise many types for a failed write
+            raise CheckpointError(
+                f"cannot write {out / ckpt.PARAMS}: {e}",
+                hint="check the free disk space and the file size limit (ulimit -f); the training state under "
+                f"{out / STATE} is complete: continue with --resume once there is room",
+            ) from e
+        sync(f"vitctl-params-written-{tag}")
+        if primary:
             old = out / f".params.old-{secrets.token_hex(4)}"
             if (out / ckpt.PARAMS).exists():
                 (out / ckpt.PARAMS).rename(old)
@@ -367,7 +485,9 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any]) 
             shutil.rmtree(old, ignore_errors=True)
             ckpt.write_config(out, cfg, provenance)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+    sync(f"vitctl-params-done-{tag}")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -439,17 +559,30 @@ def train(
     on_log: Callable[[dict[str, Any]], None] | None = None,
     max_steps_this_run: int | None = None,
 ) -> dict[str, Any]:
-    """Trains per `tcfg` into `out`; returns {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out", "interrupted"}.
+    """Trains per `tcfg` into `out`; returns {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s",
+    "out", "interrupted", "signal", "saved_step"}.
 
     dataset/test_dataset/loader_cls/prepare_fn default to vitctl.train.data (load_dataset,
     Loader, prepare); tests pass small stand-ins. max_steps_this_run stops early (as a
-    signal would), for tests.
+    signal would), for tests. SIGTERM/SIGINT from the start of the call on: the current
+    step finishes, the state is saved, and the result says interrupted (saved_step: the
+    step of the last state saved, None if none was).
+
+    Several processes (after init_distributed) each call this with the same arguments:
+    each feeds its slice of every global batch, writes the checkpoint shards it holds, and
+    all stop at the same step when any of them is signalled. `out` must be one directory
+    that all processes see (a shared file system).
     """
+    with _StopFlag() as stop:
+        return _train(tcfg, Path(out), stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run)
+
+
+def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run):
     import jax
 
     from vitctl.train import state as tstate
 
-    out = Path(out)
+    primary = jax.process_index() == 0
     if dataset is None or loader_cls is None or prepare_fn is None:
         from vitctl.train import data as tdata
 
@@ -457,7 +590,7 @@ def train(
         prepare_fn = prepare_fn or tdata.prepare
         if dataset is None:
             channels = (load_config(out) if resume else base_model(tcfg)).channels
-            split = dict(channels=channels, test_fraction=tcfg.test_fraction, seed=tcfg.seed)
+            split = {"channels": channels, "test_fraction": tcfg.test_fraction, "seed": tcfg.seed}
             dataset = tdata.load_dataset(tcfg.data, split="train", **split)
             test_dataset = tdata.load_dataset(tcfg.data, split="test", **split)
     start = tstate.latest(out / STATE) if resume else None
@@ -470,44 +603,62 @@ def train(
         _, h, w, _ = dataset.images.shape
         cfg = model_config(tcfg, max(h, w), dataset.num_classes)
     if cfg.num_classes < dataset.num_classes:
-        raise ConfigError(f"num_classes {cfg.num_classes} is smaller than the data's {dataset.num_classes} classes")
+        raise ConfigError(
+            f"num_classes {cfg.num_classes} is smaller than the data's {dataset.num_classes} classes",
+            hint=f"use --num-classes {dataset.num_classes} or more, or a model config with that many",
+        )
     mesh = mesh_for(tcfg.mesh)
     setup = get_setup(cfg, tcfg, mesh)  # checks divisibility before compiling
-    if not resume:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        ckpt.write_config(out, cfg, {"source_format": "train", "source": tcfg.model, "created_by": "vitctl train", "data": tcfg.data})
-    ckpt.write_json(out / TRAIN_CONFIG, {**dataclasses.asdict(tcfg), "model_config": cfg.to_dict()})
     provenance = {"source_format": "train", "source": tcfg.model, "created_by": "vitctl train", "data": tcfg.data, "seed": tcfg.seed}
-
+    if any_process(stop.signum):  # signalled while loading and checking: nothing written yet
+        raise KeyboardInterrupt
+    sync("vitctl-train-checked")  # every process has checked `out` before process 0 changes it
+    if primary:
+        if not resume:
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            ckpt.write_config(out, cfg, {k: v for k, v in provenance.items() if k != "seed"})
+        ckpt.write_json(out / TRAIN_CONFIG, {**dataclasses.asdict(tcfg), "model_config": cfg.to_dict()})
+        if resume:
+            _truncate_metrics(out / METRICS, start)
+    index, count = process_rows(setup.labels_sharding, tcfg.batch_size)
     loader = loader_cls(dataset, cfg, tcfg.batch_size, seed=tcfg.seed, shuffle=True, drop_remainder=True,
-                        process_index=jax.process_index(), process_count=jax.process_count())  # fmt: skip
+                        process_index=index, process_count=count)  # fmt: skip
     if resume:
         state, meta = tstate.restore(out / STATE, start, setup.abstract)
         loader.restore(meta["data"])
-        _truncate_metrics(out / METRICS, start)
     else:
         state = setup.init_state(tcfg.seed)
         start = 0
+    sync("vitctl-train-ready")
+    saved = {"step": start if resume else None}
 
     def save(step: int, state) -> None:
-        meta = {"data": loader.state(), "mesh": dict(mesh.shape), "time": time.time()}
+        meta = {"data": loader.state(), "mesh": dict(mesh.shape), "processes": jax.process_count(), "time": time.time()}
         tstate.save(out / STATE, step, state, meta, keep=tcfg.keep)
-        write_params(out, cfg, state["params"], {**provenance, "step": step})
+        saved["step"] = step
+        write_params(out, cfg, state["params"], {**provenance, "step": step}, tag=f"{step:08d}")
 
     step, loss, t0, seen, interrupted = start, float("nan"), time.perf_counter(), 0, False
     t_log, n_log = time.perf_counter(), 0
     stop_at = tcfg.steps if max_steps_this_run is None else min(tcfg.steps, start + max_steps_this_run)
-    with _StopFlag() as stop, open(out / METRICS, "a") as log:
+    log = open(out / METRICS, "a") if primary else None  # noqa: SIM115 (closed below)
+    try:
         it = iter(loader)
         while step < stop_at:
+            stop.signum = any_process(stop.signum)  # one process signalled: all stop at this step
+            if stop.signum:
+                interrupted = True
+                break
             images, labels = next(it)
             x, y = setup.put_batch(images, labels)
+            if step == start:
+                sync("vitctl-first-step")  # all processes compile the step together
             batch_stats = setup.stats(state["params"], x) if tcfg.stats_every and (step + 1) % tcfg.stats_every == 0 else None
             state, metrics = setup.train_step(state, x, y)
             step += 1
-            n_log += len(labels) * jax.process_count()
+            n_log += tcfg.batch_size
             if step % tcfg.log_every == 0 or step == stop_at:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -520,24 +671,25 @@ def train(
                 if batch_stats is not None:
                     rec.update({k: [float(v) for v in np.asarray(a)] for k, a in jax.device_get(batch_stats).items()})
                 loss = m["loss"]
-                if jax.process_index() == 0:
+                if log is not None:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if on_log:
                     on_log(rec)
-            if stop.signum:
-                interrupted = True
-                break
             if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.steps:
                 save(step, state)
-        save(step, state)
+        if saved["step"] != step:
+            save(step, state)
+    finally:
+        if log is not None:
+            log.close()
+        if hasattr(loader, "close"):
+            loader.close()
     seconds = time.perf_counter() - t0
-    if hasattr(loader, "close"):
-        loader.close()
     accuracy = None
     if test_dataset is not None and step == tcfg.steps:
         accuracy = evaluate(setup, state["params"], test_dataset, prepare_fn)
-    if jax.process_index() == 0 and step == tcfg.steps:
+    if primary and step == tcfg.steps:
         plot(out)
     return {
         "steps": step,
@@ -548,6 +700,7 @@ def train(
         "out": str(out),
         "interrupted": interrupted,
         "signal": stop.signum or None,
+        "saved_step": saved["step"],
     }
 
 

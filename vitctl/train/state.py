@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -46,32 +45,61 @@ def latest(state_dir: str | Path) -> int | None:
 
 
 def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep: int = 3) -> Path:
-    """Writes state_dir/{step:08d} atomically; then deletes all but the newest `keep` (and stale temporaries)."""
+    """Writes state_dir/{step:08d} atomically; then deletes all but the newest `keep` (and stale temporaries).
+
+    With several processes every process calls this: each writes the shards it holds
+    (Orbax), and process 0 writes meta.json and renames the directory into place once all
+    have finished (barriers before and after, so no process runs ahead of the commit).
+    A failed write (a full disk, say) leaves the complete checkpoints as they were and
+    raises CheckpointError naming the latest one.
+    """
     import jax
 
+    from vitctl.train.loop import sync
+
     d = Path(state_dir).absolute()
-    d.mkdir(parents=True, exist_ok=True)
+    primary = jax.process_index() == 0
     final = d / f"{step:08d}"
-    tmp = d / f".tmp-{step:08d}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    # One name that every process computes alike (a random one would differ between processes).
+    tmp = d / f".tmp-{step:08d}"
+    if primary:
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        tmp.mkdir()
+    sync(f"vitctl-state-begin-{step}")
     try:
-        with _ocp().StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "tree", tree)
-            ckptr.wait_until_finished()
-        if jax.process_index() == 0:
-            (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
-            if final.exists():  # a rerun of the same step (after --resume): replace
-                shutil.rmtree(final)
-            tmp.rename(final)
+        try:
+            with _ocp().StandardCheckpointer() as ckptr:
+                ckptr.save(tmp / "tree", tree)
+                ckptr.wait_until_finished()
+            sync(f"vitctl-state-written-{step}")
+            if primary:
+                (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
+                if final.exists():  # a rerun of the same step: moved aside whole (deleting in place could leave half of it)
+                    shutil.rmtree(d / f".tmp-old-{step:08d}", ignore_errors=True)
+                    final.rename(d / f".tmp-old-{step:08d}")
+                tmp.rename(final)
+        except Exception as e:
+            last = latest(d)
+            raise CheckpointError(
+                f"cannot save the training state of step {step} in {d}: {e}",
+                hint="check the free disk space and the file size limit (ulimit -f); "
+                + (
+                    f"the latest complete state, step {last}, is intact: continue from it with --resume"
+                    if last is not None
+                    else "no complete training state was saved"
+                ),
+            ) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if jax.process_index() == 0:
+    if primary:
         for old in steps(d)[:-keep] if keep > 0 else []:
             shutil.rmtree(d / f"{old:08d}", ignore_errors=True)
         for stale in d.glob(".tmp-*"):
-            if stale != tmp:
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(stale, ignore_errors=True)
+    sync(f"vitctl-state-done-{step}")
     return final
 
 
