@@ -1,4 +1,4 @@
-"""`vitctl demo`, the README's main job: train on digits -> convert -> verify, atomically,
+"""`vitctl demo`, the README's main job: train on digits -> convert -> verify -> probe, atomically,
 with an honest exit code; and the training plot that `vitctl train` leaves beside its run.
 
 A short run (--steps) of the demo's own model: the full 300-step recipe is `make demo`.
@@ -45,7 +45,8 @@ def test_demo_trains_converts_verifies_and_exit_codes(tmp_path, cli, monkeypatch
     out = tmp_path / "demo"
     r = cli("demo", "--out", out, "--steps", STEPS)
     assert r.returncode == 0, r.stderr
-    assert "PASSED" in r.stdout and "test accuracy" in r.stdout and "[3/3] verify" in r.stderr
+    assert "PASSED" in r.stdout and "test accuracy" in r.stdout and "[3/4] verify" in r.stderr and "[4/4] probe" in r.stderr
+    assert "probe:   linear" in r.stdout and "5-shot" in r.stdout
     summary = json.loads((out / "demo.json").read_text())
     assert summary["passed"] and summary["failed"] == []
     train = summary["steps"]["train"]
@@ -55,6 +56,9 @@ def test_demo_trains_converts_verifies_and_exit_codes(tmp_path, cli, monkeypatch
     rows = [json.loads(line) for line in (out / "jax" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
     assert len(rows[-1]["attn_entropy"]) == demo_cli.MODEL["depth"]
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["backend"] == "torch" and probe["train_size"] + probe["test_size"] == 1797 and 0 <= probe["linear"]["accuracy"] <= 1
+    assert summary["steps"]["probe"]["linear_accuracy"] == probe["linear"]["accuracy"] and set(probe["fewshot"]) == {"1", "5", "10", "25"}
     assert (out / "jax" / "params").is_dir() and (out / "torch" / "model.safetensors").is_file()
     assert png(out / "jax" / "metrics.png").ndim == 3
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary left behind

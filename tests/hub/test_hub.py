@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -242,3 +243,28 @@ def test_verify_report_belongs_to_the_checkpoint(tmp_path):
     assert find_verify_report(tmp_path / "solo")["passed"] is False  # its own report, whatever the sides
     (tmp_path / "solo/verify.json").write_text("{not json")
     assert find_verify_report(tmp_path / "solo") is None
+
+
+def test_probe_takes_an_hf_uri(hub, vitctl, tmp_path):
+    """`vitctl probe hf://...` fetches the checkpoint (pinned) and probes it like a local directory."""
+    sha = hub.seed(REPO, repo_files(torch_ckpt(tmp_path / "src")))
+    data = tmp_path / "data.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.integers(0, 255, (40, CFG.image_size, CFG.image_size, 3), dtype=np.uint8), labels=np.arange(40) % 2)
+    env = {"VITCTL_CACHE": str(tmp_path / "cache")}
+    r = vitctl("probe", f"hf://{REPO}@{sha}", "--data", data, "--mode", "fewshot", "--shots", "1,5", "--seeds", "1", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["fewshot"]["5"]["train_size"] == 10
+    no_token(r)
+
+
+@pytest.mark.slow
+def test_demo_pushes_to_the_endpoint_it_is_given(hub, vitctl, tmp_path):
+    """`vitctl demo --endpoint URL` ends by pushing the PyTorch checkpoint, its card carrying the verify report."""
+    r = vitctl("demo", "--out", tmp_path / "demo", "--steps", "2", "--endpoint", hub.url, "--repo-id", REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "[5/5] push" in r.stderr and f"push:    {REPO} @ {hub.repos[REPO].branches['main']}" in r.stdout
+    card = hub.content(REPO, "main", "README.md").decode()
+    assert "verify" in card.lower() and "passed" in card
+    assert hub.content(REPO, "main", "model.safetensors") == (tmp_path / "demo/torch/model.safetensors").read_bytes()
+    no_token(r)

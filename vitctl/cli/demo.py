@@ -7,6 +7,10 @@ Steps (a list, so more join by appending):
     convert  jax-to-torch -> OUT/torch
   CHECK, on the finished directory (each may fail the demo, exit 1):
     verify   both checkpoints on the same inputs, layer by layer -> OUT/verify.json
+    probe    linear probe and few-shot accuracy of the trained model's frozen features on
+             digits, on the PyTorch side (the converted checkpoint) -> OUT/probe.json
+    push     only with --endpoint: `vitctl hub push OUT/torch REPO` (model card with the
+             verify report) to that Hub, and a check of the remote hashes
 OUT/demo.json holds every step's summary.
 
 Recipe (measured, see README): D=64, L=4, F=256, 4 heads, patch 4 at 16 px (digits are
@@ -51,6 +55,8 @@ class Run:
     out: Path
     root: Path
     steps: int
+    endpoint: str | None = None
+    repo_id: str = "vitctl-demo"
     results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     failed: list[str] = dataclasses.field(default_factory=list)
 
@@ -99,6 +105,22 @@ def step_verify(run: Run) -> None:
         run.failed.append("verify")
 
 
+def step_probe(run: Run) -> None:
+    from vitctl import checkpoint as ckpt
+    from vitctl.cli.probe import run as run_probe
+
+    r = run_probe(run.root / "torch", TRAIN["data"], backend="torch", use_cache=False)
+    ckpt.write_json(run.root / "probe.json", r)
+    run.results["probe"] = {"linear_accuracy": r["linear"]["accuracy"], "fewshot": {k: v["accuracy"] for k, v in r["fewshot"].items()}}
+
+
+def step_push(run: Run) -> None:
+    from vitctl.hub import push
+
+    r = push(run.root / "torch", run.repo_id, endpoint=run.endpoint, message="vitctl demo")
+    run.results["push"] = {k: r[k] for k in ("repo_id", "commit", "url") if k in r}
+
+
 # (name, what it does, function). BUILD writes the directory; CHECK reads the finished one.
 Step = tuple[str, str, Callable[[Run], None]]
 BUILD: list[Step] = [
@@ -107,7 +129,9 @@ BUILD: list[Step] = [
 ]
 CHECK: list[Step] = [
     ("verify", "verify jax/ against torch/ -> verify.json", step_verify),
+    ("probe", "linear probe and few-shot on digits, torch/ backend -> probe.json", step_probe),
 ]
+PUSH: Step = ("push", "hub push torch/ (with its model card) -> --endpoint", step_push)
 
 
 def do(run: Run, step: Step, i: int, n: int) -> None:
@@ -122,15 +146,20 @@ def do(run: Run, step: Step, i: int, n: int) -> None:
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory for the demo's checkpoints and reports.")] = Path("runs/demo"),
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps (fewer than the recipe's for a quick check).")] = STEPS,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="A Hub to push the PyTorch checkpoint to (skipped when not given).", show_default=False)
+    ] = None,
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Repository to push to (with --endpoint).")] = "vitctl-demo",
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Train a small ViT-22B-style model on digits, convert it to PyTorch, verify parity."""
+    """Train a small ViT-22B-style model on digits, convert it to PyTorch, verify parity, probe its features."""
     from vitctl import checkpoint as ckpt
 
     t0 = time.perf_counter()
-    run = Run(out=out_dir, root=out_dir, steps=steps)
-    n = len(BUILD) + len(CHECK)
+    run = Run(out=out_dir, root=out_dir, steps=steps, endpoint=endpoint, repo_id=repo_id)
+    check = CHECK + ([PUSH] if endpoint else [])
+    n = len(BUILD) + len(check)
     m = model_config()
     err.print(
         f"model: the paper's block, D={m.width} L={m.depth} F={m.mlp_dim} heads={m.num_heads}, patch {m.patch_size} at {m.image_size} px"
@@ -141,7 +170,7 @@ def demo(
             do(run, step, i, n)
         ckpt.write_json(tmp / ckpt.RUN_MARKER, {"created_by": "vitctl demo", "model": m.to_dict()})
     run.root = out_dir
-    for i, step in enumerate(CHECK, len(BUILD) + 1):
+    for i, step in enumerate(check, len(BUILD) + 1):
         do(run, step, i, n)
     seconds = round(time.perf_counter() - t0, 1)
     summary = {"out": str(out_dir), "passed": not run.failed, "failed": run.failed, "seconds": seconds, "steps": run.results}
@@ -170,4 +199,10 @@ def show(run: Run, total: float) -> None:
         v = r["verify"]
         diff = f", logits max-abs {v['max_abs']:.3g}" if v["max_abs"] is not None else ""
         out.print(f"verify:  {'PASSED' if v['passed'] else 'FAILED'}{diff} ({v['seconds']:.0f} s)", markup=False)
-    out.print(f"{run.out}: jax/ (with metrics.jsonl, metrics.png), torch/, verify.json, demo.json ({total:.0f} s)", markup=False)
+    if "probe" in r:
+        p = r["probe"]
+        shots = ", ".join(f"{k}-shot {v:.2%}" for k, v in p["fewshot"].items())
+        out.print(f"probe:   linear {p['linear_accuracy']:.2%}; {shots} ({p['seconds']:.0f} s)", markup=False)
+    if "push" in r:
+        out.print(f"push:    {r['push'].get('repo_id')} @ {r['push'].get('commit', '?')} ({r['push']['seconds']:.0f} s)", markup=False)
+    out.print(f"{run.out}: jax/ (with metrics.jsonl, metrics.png), torch/, verify.json, probe.json, demo.json ({total:.0f} s)", markup=False)

@@ -55,7 +55,9 @@ def parse_shots(text: str) -> list[int]:
 
 @commands.command(epilog=EXAMPLES)
 def probe(
-    ckpt: Annotated[Path, typer.Argument(help="Checkpoint: a vitctl directory (JAX or torch) or a big_vision .npz.", show_default=False)],
+    ckpt: Annotated[
+        str, typer.Argument(help="Checkpoint: a vitctl directory (JAX or torch), a big_vision .npz, or hf://org/name[@rev].", show_default=False)
+    ],
     data: Annotated[
         str, typer.Option("--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", show_default=False)
     ],
@@ -84,6 +86,9 @@ def probe(
     json_: JsonOpt = False,
 ) -> None:
     """Linear-probe and few-shot accuracy of a checkpoint's frozen features, on either backend."""
+    from vitctl.hub import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(ckpt, backend=backend.value if backend else "all", must_exist=True)
     result = run(
         ckpt, data, quiet=json_, backend=backend.value if backend else None, layer=layer, pool=pool.value if pool else None,
         mode=mode.value, shots=parse_shots(shots), seeds=seeds, l2=l2, batch_size=batch_size, use_cache=not no_cache,
