@@ -16,7 +16,7 @@ import traceback
 import typer
 from rich.text import Text
 
-from vitctl.cli import convert, demo, hub, models, plan, train, verify
+from vitctl.cli import bench, convert, demo, hub, models, plan, probe, train, verify
 from vitctl.cli._options import err
 from vitctl.errors import VitctlError
 
@@ -31,6 +31,8 @@ app.add_typer(verify.commands)  # `vitctl verify`
 app.add_typer(demo.commands)  # `vitctl demo`
 app.add_typer(plan.commands)  # `vitctl plan`
 app.add_typer(train.commands)  # `vitctl train`
+app.add_typer(probe.commands)  # `vitctl probe`
+app.add_typer(bench.commands)  # `vitctl bench`
 app.add_typer(convert.commands, name="convert")
 app.add_typer(hub.commands, name="hub")
 
@@ -40,6 +42,15 @@ ERROR_MAPPINGS: tuple[tuple[type[BaseException], int, str], ...] = (
     (OSError, 1, "check the path, its permissions and the free disk space"),
     (Exception, 1, "this is a bug in vitctl; rerun with VITCTL_DEBUG=1 for the traceback and report it"),
 )
+
+
+class Interrupted(Exception):
+    """Raised by a command that a signal stopped after it saved something: main() prints
+    `Interrupted: <message>` (what was saved) instead of "nothing was written", and exits `code`."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 def _report(message: str, hint: str | None) -> None:
@@ -60,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("Interrupted: nothing was written.", soft_wrap=True)
         sys.exit(130)
+    except Interrupted as e:
+        err.print(f"Interrupted: {e}", soft_wrap=True, markup=False)
+        sys.exit(e.code)
     except VitctlError as e:
         if debug:
             traceback.print_exc()
