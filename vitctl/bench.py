@@ -698,7 +698,7 @@ class _Bench:
         self.peak_fp32 = max((n for n in rates if "fp32" in n), key=rates.get)
         if rates["GEMM torch bf16"] < 0.25 * rates["GEMM torch fp32 (MKL)"]:
             self.torch_bf16_batches = m.batches[:1]
-            self.notes.append(
+            self.bf16_note = (
                 f"torch's bf16 GEMM runs at {rates['GEMM torch bf16']:.1f} GFLOP/s here against {rates['GEMM torch fp32 (MKL)']:.1f} "
                 f"fp32 (no native bf16 kernel on this CPU): the torch bf16 forward rows run at batch {m.batches[0]} only"
             )
@@ -707,6 +707,8 @@ class _Bench:
         self.add(*(Row(n, None, unit, note=TIMM_MISSING) for n in names))
 
     def torch_forward(self) -> None:
+        if self.torch_bf16_batches != self.mode.batches:
+            self.notes.append(self.bf16_note)
         for dtype in ("float32", "bfloat16"):
             d = DT_SHORT[dtype]
             for key, base in self.cfgs.items():
