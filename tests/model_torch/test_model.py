@@ -45,6 +45,30 @@ def test_bf16_compute_with_fp32_params():
     assert logits.dtype == torch.bfloat16 and out["block01"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, mlp_bias=True, attn_out_bias=True)])
+def test_bf16_gemms_in_fp32_match_bf16_gemms(kw, monkeypatch):
+    """Without bf16 units the GEMMs multiply the bf16 values in fp32 and round once; that is what
+    torch's own bf16 GEMM (fp32 accumulation) computes, up to accumulation order: the same
+    output within a few bf16 ulps, with every GEMM input rounded to bf16 exactly as before."""
+    from vitctl.model_torch import model as m
+
+    cfg = tiny(dtype="bfloat16", head_zero_init=False, **kw)
+    torch.manual_seed(0)
+    model = ViT(cfg).eval()
+    x = torch.randn(4, 3, 16, 16).bfloat16()
+    outs = {}
+    for native in (True, False):
+        monkeypatch.setattr(m, "CPU_BF16", native)
+        assert m.gemm_in_fp32(x) is (not native)
+        with torch.no_grad():
+            outs[native] = model(x)
+    for name, a in outs[True][1].items():
+        b = outs[False][1][name]
+        assert b.dtype == torch.bfloat16
+        scale = a.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 2 ** -6 * scale, name  # 2 bf16 ulps of the tensor's scale
+
+
 @pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm="layernorm", norm_bias=True)])
 def test_backward(kw):
     """The fused forward accumulates projections in place (addmm_): autograd must see it."""

@@ -13,6 +13,10 @@ attribute names, so state_dict keys differ from JAX paths only by separator and 
 - Norms computed in float32 by one formula on both sides (centered for layernorm), here
   with torch's fused F.layer_norm / F.rms_norm kernels.
 - Attention: F.scaled_dot_product_attention (softmax accumulates in float32).
+- bf16 compute on a CPU without bf16 units (no AVX512_BF16 or AMX: torch's bf16 GEMM
+  then runs ~6x slower than its fp32 GEMM): every GEMM multiplies the bf16 values in
+  fp32 and rounds the result to bf16 once, which is what a bf16 GEMM with fp32
+  accumulation computes (`linear`, `add_projections`; docs/performance.md).
 - Blocks are an nn.ModuleList (JAX stores them stacked; the mapping unstacks).
 
 Input images are NCHW (torchvision). Shapes: B batch, T tokens, D width, N heads,
@@ -33,6 +37,28 @@ from vitctl.posemb import posemb_sincos_2d
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def _cpu_has_bf16() -> bool:
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+CPU_BF16 = _cpu_has_bf16()
+
+
+def gemm_in_fp32(x) -> bool:
+    """True when a bf16 GEMM on x's device is better run in fp32 on the bf16 values (see above)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not CPU_BF16
+
+
+def linear(x, weight, bias=None):
+    """F.linear in x's dtype, weights cast to it (fp32 parameters serve bf16 compute)."""
+    dt = x.dtype
+    b = None if bias is None else bias.to(dt)
+    if gemm_in_fp32(x):
+        return F.linear(x.float(), weight.to(dt).float(), None if b is None else b.float()).to(dt)
+    return F.linear(x, weight.to(dt), b)
+
+
 class Dense(nn.Linear):
     """nn.Linear (weight (d_out, d_in), the transpose of JAX's flattened kernel) that
     computes in the input's dtype, so fp32 parameters serve bf16 compute."""
@@ -41,7 +67,7 @@ class Dense(nn.Linear):
         super().__init__(d_in, d_out, bias=bias, dtype=DTYPES[cfg.param_dtype])
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return linear(x, self.weight, self.bias)
 
 
 class Norm(nn.Module):
@@ -88,7 +114,7 @@ class PatchEmbed(nn.Module):
         P = self.patch_size
         x = images.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, P, P)
         w = self.proj.weight.reshape(self.proj.out_channels, -1).to(x.dtype)  # (D, C*P*P)
-        return F.linear(x.reshape(B, -1, C * P * P), w, self.proj.bias.to(x.dtype))
+        return linear(x.reshape(B, -1, C * P * P), w, self.proj.bias)
 
 
 class Block(nn.Module):
@@ -142,12 +168,13 @@ def add_projections(x, *pairs):
     residual plus the biases, then each GEMM accumulates into it (addmm_, beta=1). This
     saves the bias copy and the separate add pass of `x + dense(a)` per projection."""
     dt = x.dtype
+    acc = torch.float32 if gemm_in_fp32(x) else dt  # bf16 on a CPU without bf16 units: accumulate in fp32, round once
     biases = [m.bias for _, m in pairs if m.bias is not None]
-    y = x + sum(biases).to(dt) if biases else x.clone()
+    y = x.to(acc) + sum(biases).to(dt).to(acc) if biases else x.to(acc, copy=True)
     flat = y.view(-1, y.shape[-1])
     for a, m in pairs:
-        flat.addmm_(a.reshape(-1, a.shape[-1]), m.weight.to(dt).t())
-    return y
+        flat.addmm_(a.reshape(-1, a.shape[-1]).to(acc), m.weight.to(dt).to(acc).t())
+    return y.to(dt)
 
 
 class MAPHead(nn.Module):
