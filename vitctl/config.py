@@ -123,7 +123,7 @@ class ViTConfig:
     param_dtype: str = "float32"
     head_zero_init: bool = True  # big_vision default; logits are 0 at init
     # Forward-pass options that do not change the function.
-    fused: bool = True  # parallel block: QKV+MLP-in and attn-out+MLP-out as one matmul each
+    fused: bool = True  # parallel block: attn-out and MLP-out accumulate into one output (the paper's output fusion, split-K)
     scan_layers: bool = True  # JAX: lax.scan over the stacked blocks (compile time flat in L)
     remat: bool = False  # JAX: recompute block activations in the backward pass
     preprocess: Preprocess = dataclasses.field(default_factory=Preprocess)

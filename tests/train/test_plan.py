@@ -57,7 +57,6 @@ def test_vit22b_grads_optimizer_activations(pod_plan):
     assert terms["norm: float32 input, normalised, output 3x(b,T,D)"] == 3 * b * T * D * 4
     assert terms["softmax exp and probabilities 2x(b,n,T,T)"] == 2 * b * n * T * T * 4
     assert terms["MLP hidden and GELU intermediates 4x(b,T,f)"] == 4 * b * T * f * 4
-    assert terms["fused kernels (one layer's shard)"] == 4 * (4 * D * D + 2 * D * 24576) // 1024
     layer, outside = sum(terms.values()), p["activations"] - 48 * sum(terms.values())
     assert p["activations_remat"] == 48 * b * T * D * 4 + layer + outside  # the L scan carries + one layer
     assert p["activations_remat"] < p["activations"] / 4

@@ -29,8 +29,7 @@ the compute dtype `a`, of the softmax `s` (4 when cfg.softmax_dtype is float32))
   exp and probabilities (b,n,T,T)*(s + a), or only the softmax statistics (b,n,T)
   float32 with flash-style attention (--flash-attention; vitctl's model does not use
   it); attention output (b,T,n*K)*a; the MLP hidden and GELU's intermediates,
-  4*(b,T,f)*a for the erf form, 6 for tanh; the fused forward's concatenated kernels,
-  one layer's shard at a; the sequential block a second norm instead. Statistics of
+  4*(b,T,f)*a for the erf form, 6 for tanh; the sequential block a second norm. Statistics of
   size (b,T) or (b,n,T) are left out. Without remat all L layers keep these; with full
   remat (nnx.remat over the block, nothing saveable) only the L block inputs (b,T,D)*a
   stay, plus one layer's set, recomputed in the backward pass. The stem and head are
@@ -133,15 +132,14 @@ def validate(cfg: ViTConfig, mesh: dict[str, int], batch_size: int) -> None:
 
 
 def activation_terms(
-    cfg: ViTConfig, mesh: dict[str, int], batch_size: int, dtype: str, flash: bool = False, fused_weights: int = 0
+    cfg: ViTConfig, mesh: dict[str, int], batch_size: int, dtype: str, flash: bool = False
 ) -> dict[str, int]:
     """Bytes per device that one block saves for its backward pass, by term (see module docstring).
 
     The terms are the residuals jax.grad keeps for vitctl's Block (as listed by jax's
     saved-residuals tool), so they follow the model's numerics: norms computed in
-    float32, softmax exp at the softmax dtype, GELU's own intermediates.
-    fused_weights: elements of one layer's block kernels held per device (the fused
-    forward saves their concatenation at the compute dtype).
+    float32, softmax exp at the softmax dtype, GELU's own intermediates. (The fused
+    forward adds nothing: it accumulates the output projections, it concatenates no kernels.)
     """
     b = batch_size // (mesh["data"] * mesh["fsdp"])
     T, D, K = cfg.seq_len, cfg.width, cfg.head_dim
@@ -164,8 +162,6 @@ def activation_terms(
     terms[f"MLP hidden and GELU intermediates {gelu}x(b,T,f)"] = gelu * U * a
     if cfg.block == "sequential":
         terms["second norm 3x(b,T,D)"] = norm
-    elif cfg.fused:
-        terms["fused kernels (one layer's shard)"] = fused_weights * a
     return terms
 
 
@@ -211,7 +207,7 @@ def plan(
     validate(cfg, sizes, batch_size)
     pbytes = BYTES[param_dtype]
 
-    params = opt = layer_weights = layer_kernels = 0
+    params = opt = layer_weights = 0
     bad: list[dict[str, Any]] = []
     for pname, (shape, spec) in param_specs(cfg).items():
         params += math.prod(shard_shape(shape, spec, sizes)) * pbytes
@@ -220,11 +216,9 @@ def plan(
         if pname.startswith("blocks/"):  # one layer, gathered over data/fsdp, still split over tensor
             tp_only = tuple(tuple(a for a in axes if a == "tensor") for axes in spec[1:])
             layer_weights += math.prod(shard_shape(shape[1:], tp_only, sizes)) * pbytes
-            if pname.endswith("/kernel"):
-                layer_kernels += math.prod(shard_shape(shape[1:], spec[1:], sizes))
     opt += 4  # the step count (int32), replicated
 
-    terms = activation_terms(cfg, sizes, batch_size, dtype, flash, layer_kernels)
+    terms = activation_terms(cfg, sizes, batch_size, dtype, flash)
     layer = sum(terms.values())
     carry = (batch_size // (sizes["data"] * sizes["fsdp"])) * cfg.seq_len * cfg.width * BYTES[dtype]  # (b,T,D)
     outside = stem_head_activations(cfg, sizes, batch_size, dtype)
