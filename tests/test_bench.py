@@ -159,12 +159,48 @@ def test_tiny_run_jax_rows(tiny_report):
     peak = max((r for r in rows.values() if r["name"].startswith("GEMM") and "fp32" in r["name"]), key=lambda r: r["value"])
     for name in ("forward classic tiny fp32 b2", "forward parallel tiny fp32 b2", "train parallel tiny fp32 b2"):
         assert rows[f"{name} vitctl-jax GFLOP/s"]["baseline"] == peak["name"]
-        assert rows[f"{name} vitctl-jax"]["baseline"].startswith(name + " timm")
+    for config in ("classic", "parallel"):  # forward: against the plain Flax model, which is against timm
+        name = f"forward {config} tiny fp32 b2"
+        assert rows[f"{name} vitctl-jax"]["baseline"] == f"{name} plain-flax" and rows[f"{name} vitctl-jax"]["ratio"] > 0
+        assert rows[f"{name} plain-flax"]["baseline"] == f"{name} timm" and rows[f"{name} plain-flax"]["value"] > 0
+    assert rows["train parallel tiny fp32 b2 vitctl-jax"]["baseline"] == "train parallel tiny fp32 b2 timm+AdamW"
     # The GFLOP/s row is the analytic FLOPs at the measured rate: images/s x FLOPs per image.
     cfg = bench.MODES["tiny"].configs()["parallel"]
     per_image = bench.flops(cfg, 1, train=True) / 1e9
     train = "train parallel tiny fp32 b2 vitctl-jax"
     assert rows[f"{train} GFLOP/s"]["value"] == pytest.approx(rows[train]["value"] * per_image, rel=1e-3)
+
+
+_SMALL = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "patch_size": 8, "image_size": 32, "num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    "variant, extra",
+    [("mu/16", {}), ("vit22b-mu/16", {"posemb": "sincos2d"})],  # classic; parallel + QK-norm + MAP head (tok: the tiny run)
+    ids=["classic", "parallel-map"],
+)
+def test_plain_flax_baseline_computes_vitctl_jax_function(variant, extra):
+    """The plain Flax baseline, loaded with vitctl-jax's weights, gives vitctl-jax's logits: the
+    benchmark compares two implementations of one function, not two functions."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from vitctl.model_jax.model import abstract_model, load_flat_params
+
+    cfg = ViTConfig.from_variant(variant, **_SMALL, **extra)
+    flat = bench.random_weights(cfg)
+    ours = abstract_model(cfg)
+    load_flat_params(ours, flat)
+    plain = bench.plain_flax_model(cfg, flat)
+    assert len(plain.blocks) == cfg.depth and isinstance(plain.patch_embed, nnx.Conv)  # the straightforward form
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)), jnp.float32)
+    (g1, s1), (g2, s2) = nnx.split(plain), nnx.split(ours)
+    theirs = jax.jit(lambda s, x: nnx.merge(g1, s)(x))(s1, x)
+    logits = jax.jit(lambda s, x: nnx.merge(g2, s)(x)[0])(s2, x)
+    assert theirs.shape == (2, 10) and float(jnp.abs(logits).max()) > 0.5  # non-trivial logits
+    np.testing.assert_allclose(np.asarray(theirs), np.asarray(logits), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- CLI and no timm

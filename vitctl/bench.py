@@ -12,8 +12,12 @@ another row (or is None) and `ratio = value / that row's value`. So:
   shapes); no baseline.
 - forward / train rows of vitctl-torch: images/s, baseline the timm row of the same
   configuration, dtype and batch (ratio > 1: vitctl is faster).
-- vitctl-jax rows: images/s against timm, and GFLOP/s against the best fp32 GEMM row
-  of the run (ratio = the fraction of the GEMM peak reached; the train-step one is MFU).
+- vitctl-jax rows: images/s against plain-flax (forward) or timm + AdamW (train step), and
+  GFLOP/s against the best fp32 GEMM row of the run (ratio = the fraction of the GEMM peak
+  reached; the train-step one is MFU).
+- plain-flax rows (forward): the same configuration written the straightforward way in
+  Flax NNX (`plain_flax_model`, loaded with the same weights), timed interleaved with
+  vitctl-jax; images/s against timm.
 - convert: GB/s of `vitctl convert jax-to-torch` against `cp -r` of the same bytes.
 - info / plan vit-22b: seconds and peak RSS of the command, against `vitctl --help`.
 
@@ -431,6 +435,126 @@ def jax_train_step(cfg, batch: int) -> tuple[Callable[[], None], float]:
     return call, time.perf_counter() - t0
 
 
+# ----------------------------------------------------------------------------- the plain Flax baseline
+def plain_flax_model(cfg, flat: dict | None = None):
+    """The issue's baseline: the same ViT written the straightforward way in Flax NNX, as a
+    user would from the paper, without vitctl's tricks (no fused/split-K projections, no
+    reshape-matmul patch embedding, no stacked blocks or scan, no dot_product_attention):
+    nnx.Conv patches, nnx.Linear q/k/v/out and MLP, nnx.LayerNorm / nnx.RMSNorm, a Python
+    list of blocks, softmax attention by jnp.einsum. fp32 only. Built shapes-only
+    (nnx.eval_shape) and filled from `flat`, vitctl-jax's flat params (default:
+    random_weights(cfg)), so it computes the same function as vitctl-jax's model;
+    attribute names follow vitctl's so the parameters map by name."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vitctl.posemb import posemb_sincos_2d
+
+    D, N, K, F = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    if cfg.dtype != "float32" or (cfg.norm == "rmsnorm" and cfg.norm_bias):
+        raise ValueError("the plain Flax baseline supports fp32 and RMSNorm without bias only")
+
+    def norm(dim, rngs):
+        if cfg.norm == "layernorm":
+            return nnx.LayerNorm(dim, epsilon=cfg.norm_eps, use_bias=cfg.norm_bias, rngs=rngs)
+        return nnx.RMSNorm(dim, epsilon=cfg.norm_eps, rngs=rngs)
+
+    class Attention(nnx.Module):  # q from x_q, k and v from x_kv; the probe of a MAP head is x_q
+        def __init__(self, rngs, qk_norm=False):
+            self.q, self.k, self.v = (nnx.Linear(D, D, use_bias=cfg.qkv_bias, rngs=rngs) for _ in range(3))
+            self.q_norm, self.k_norm = (norm(K, rngs), norm(K, rngs)) if qk_norm else (None, None)
+            self.attn_out = nnx.Linear(D, D, use_bias=cfg.attn_out_bias, rngs=rngs)
+
+        def __call__(self, xq, xkv):
+            B, S, T = xq.shape[0], xq.shape[1], xkv.shape[1]
+            q, k, v = self.q(xq).reshape(B, S, N, K), self.k(xkv).reshape(B, T, N, K), self.v(xkv).reshape(B, T, N, K)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            probs = jax.nn.softmax(jnp.einsum("bsnk,btnk->bnst", q, k) / K**0.5, axis=-1)
+            return self.attn_out(jnp.einsum("bnst,btnk->bsnk", probs, v).reshape(B, S, D))
+
+    class AttentionMLP(Attention):  # + a norm and a GELU MLP
+        def __init__(self, rngs, qk_norm=False):
+            super().__init__(rngs, qk_norm)
+            self.norm = norm(D, rngs)
+            self.mlp_in = nnx.Linear(D, F, use_bias=cfg.mlp_bias, rngs=rngs)
+            self.mlp_out = nnx.Linear(F, D, use_bias=cfg.mlp_bias, rngs=rngs)
+
+        def mlp(self, h):
+            return self.mlp_out(jax.nn.gelu(self.mlp_in(h), approximate=cfg.gelu_approximate))
+
+    class Block(AttentionMLP):
+        def __init__(self, rngs):
+            super().__init__(rngs, qk_norm=cfg.qk_norm)
+            self.mlp_norm = norm(D, rngs) if cfg.block == "sequential" else None
+
+        def __call__(self, x):
+            h = self.norm(x)
+            if cfg.block == "parallel":  # y = x + Attn(N(x)) + MLP(N(x))
+                return x + super().__call__(h, h) + self.mlp(h)
+            x = x + super().__call__(h, h)
+            return x + self.mlp(self.mlp_norm(x))
+
+    class MAPHead(AttentionMLP):  # big_vision's: a learned probe attends over the tokens
+        def __init__(self, rngs):
+            super().__init__(rngs)
+            self.probe = nnx.Param(jnp.zeros((1, 1, D)))
+
+        def __call__(self, x):
+            x = super().__call__(jnp.broadcast_to(self.probe[...], (x.shape[0], 1, D)), x)
+            return (x + self.mlp(self.norm(x)))[:, 0]
+
+    class PlainViT(nnx.Module):
+        def __init__(self, rngs):
+            P = cfg.patch_size
+            self.patch_embed = nnx.Conv(cfg.channels, D, (P, P), strides=(P, P), padding="VALID", rngs=rngs)
+            self.pos_embed = nnx.Param(jnp.zeros((1, cfg.num_patches, D))) if cfg.posemb == "learn" else None
+            self.cls_token = nnx.Param(jnp.zeros((1, 1, D))) if cfg.pool == "tok" else None
+            self.blocks = nnx.List([Block(rngs) for _ in range(cfg.depth)])
+            self.norm = norm(D, rngs)
+            self.map_head = MAPHead(rngs) if cfg.pool == "map" else None
+            self.head = nnx.Linear(D, cfg.num_classes, rngs=rngs) if cfg.num_classes else None
+
+        def __call__(self, images):  # [B, H, W, C] -> logits
+            x = self.patch_embed(images).reshape(images.shape[0], -1, D)
+            x = x + (self.pos_embed[...] if self.pos_embed is not None else posemb_sincos_2d(cfg.grid, cfg.grid, D))
+            if self.cls_token is not None:
+                x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, D)), x], 1)
+            for block in self.blocks:
+                x = block(x)
+            x = self.norm(x)
+            x = self.map_head(x) if cfg.pool == "map" else x.mean(1) if cfg.pool == "gap" else x[:, 0]
+            return self.head(x) if self.head is not None else x
+
+    model = nnx.eval_shape(lambda: PlainViT(nnx.Rngs(0)))
+    flat = random_weights(cfg) if flat is None else flat
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):  # "blocks/3/q/kernel" <- vitctl's "blocks/q/kernel"[3]
+        path = [str(p) for p in path]
+        name = "/".join(["blocks", *path[2:]] if path[0] == "blocks" else path).replace("patch_embed/", "patch_embed/proj/")
+        w = flat[name][int(path[1])] if path[0] == "blocks" else flat[name]
+        var.set_value(jnp.asarray(w, jnp.float32).reshape(var.get_value().shape))  # (D, N, K) -> (D, N*K) etc.
+    nnx.update(model, state)
+    return model
+
+
+def plain_flax_forward(cfg, batch: int) -> tuple[Callable[[], None], float]:
+    """plain_flax_model jitted over its split state, as jax_forward does vitctl-jax's; on the same
+    input; returns (synchronised call, compile seconds)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    graphdef, state = nnx.split(plain_flax_model(cfg))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, cfg.image_size, cfg.image_size, cfg.channels)), jnp.float32)
+    t0 = time.perf_counter()
+    compiled = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)).lower(state, x).compile()
+    compile_s = time.perf_counter() - t0
+    return (lambda: jax.block_until_ready(compiled(state, x))), compile_s
+
+
 def random_weights(cfg, seed: int = 0) -> dict:
     """Non-trivial float32 numpy weights under vitctl-jax's names (stacked blocks):
     kernels ~ N(0, 1/fan_in), scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.1), others N(0, 0.5^2)."""
@@ -732,19 +856,28 @@ class _Bench:
         b = self.mode.train_batch
         for key, cfg in self.cfgs.items():
             prefix = f"forward {self.mode.label(key)} fp32 b{b}"
-            self.log(f"compile {prefix} vitctl-jax ...")
+            self.log(f"compile {prefix} vitctl-jax and plain-flax ...")
             call, compile_s = jax_forward(cfg, b)
-            self._jax_rows(prefix, call, b, flops(cfg, b), "timm", f"compile {compile_s:.1f} s", "fraction of the GEMM peak")
+            plain, plain_s = plain_flax_forward(cfg, b)
+            note, of_peak = f"compile {compile_s:.1f} s", "fraction of the GEMM peak"
+            s = self._jax_rows(prefix, call, b, flops(cfg, b), "plain-flax", note, of_peak, {"plain-flax": plain})
+            plain_note = f"bench.plain_flax_model: nnx.Conv/Linear/norms, einsum attention, loop over blocks; compile {plain_s:.1f} s"
+            self.add(Row(f"{prefix} plain-flax", b / s["plain-flax"], "images/s", f"{prefix} timm", note=plain_note))
             self._timm_baseline(f"{prefix} timm", lambda cfg=cfg: torch_forward(timm_model(cfg), cfg, b, "float32"), b)
 
-    def _jax_rows(self, prefix: str, call: Callable[[], None], batch: int, flop: int, timm: str, note: str, of_peak: str) -> None:
-        """Times a vitctl-jax call: images/s against the timm row `prefix timm`, GFLOP/s against the fp32 GEMM peak."""
-        self.log(f"time {prefix} vitctl-jax ...")
-        s = self.timed({"jax": call})["jax"]
+    def _jax_rows(
+        self, prefix: str, call: Callable[[], None], batch: int, flop: int, base: str, note: str, of_peak: str, rivals: dict | None = None
+    ) -> dict[str, float]:
+        """Times a vitctl-jax call, interleaved with `rivals` ({name: call}): images/s against the row
+        `prefix base`, GFLOP/s against the fp32 GEMM peak; returns best seconds per call by name."""
+        self.log(f"time {prefix} vitctl-jax{''.join(', ' + r for r in rivals or ())} ...")
+        best = self.timed({"vitctl-jax": call, **(rivals or {})})
+        s = best["vitctl-jax"]
         self.add(
-            Row(f"{prefix} vitctl-jax", batch / s, "images/s", f"{prefix} {timm}", note=note),
+            Row(f"{prefix} vitctl-jax", batch / s, "images/s", f"{prefix} {base}", note=note),
             Row(f"{prefix} vitctl-jax GFLOP/s", flop / s / 1e9, "GFLOP/s", self.peak_fp32, note=f"ratio: {of_peak}"),
         )
+        return best
 
     def _timm_baseline(self, name: str, make: Callable[[], Callable[[], None]], batch: int) -> None:
         """Adds the timm row `name` unless a section already measured it."""
