@@ -33,6 +33,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,18 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
         else:
             tmp.rename(dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path, tries: int = 20) -> None:
+    """rmtree, repeated while the tree still exists: a library thread still finishing a write
+    (tensorstore's, after an interrupt) may add an entry while the tree is being removed."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05)
 
 
 def check_output(dst: str | Path, force: bool) -> None:
@@ -236,9 +247,11 @@ def load_jax(ckpt: str | Path, cfg: ViTConfig) -> dict[str, np.ndarray]:
             raise CheckpointError(f"cannot read the Orbax metadata of {path}: {e}") from None
         check_coverage({n: tuple(m.shape) for n, m in stored.items()}, expected, f"{path}")
         dtype = jax.numpy.dtype(cfg.param_dtype)
-        target = _nest({n: jax.ShapeDtypeStruct(s, dtype) for n, s in expected.items()})
+        # One local device, whatever the writer's topology (a multi-process save records its own).
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = _nest({n: jax.ShapeDtypeStruct(s, dtype, sharding=one) for n, s in expected.items()})
         try:
-            restored = ckptr.restore(path, target)  # ShapeDtypeStruct without sharding -> np.ndarray
+            restored = ckptr.restore(path, target)
         except Exception as e:
             raise CheckpointError(f"cannot restore {path}: {e}") from None
     return {n: np.asarray(a) for n, a in _flatten(restored).items()}

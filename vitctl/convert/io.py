@@ -621,10 +621,10 @@ class OrbaxWriter:
         assert tuple(target.shape) == array.shape, (name, array.shape, tuple(target.shape))
         array = fastcopy.contiguous(array, np.dtype(target.dtype.numpy_dtype))  # any layout in; the planned dtype out
         futures = self._ts_call(f"tensor '{name}'", lambda: target.write(array))
+        self._inflight.append((name, futures.commit))  # first: abort() must wait for it whatever interrupts us below
         self._ts_call(f"tensor '{name}'", futures.copy.result)  # `array` may be dropped from here on
         self._pending.discard(name)
         futures.commit.force()  # lazy until forced: start compressing and storing now
-        self._inflight.append((name, futures.commit))
         while len(self._inflight) > self.max_inflight:  # compress and store in the background, a few tensors deep
             done, commit = self._inflight.popleft()
             self._ts_call(f"tensor '{done}'", commit.result)
@@ -663,6 +663,7 @@ class OrbaxWriter:
         """Waits out the background writes, so none lands after the caller deletes the directory."""
         for _, commit in self._inflight:  # not cancel(): a cancelled future returns before its write stops
             with contextlib.suppress(Exception):
+                commit.force()
                 commit.result()
         self._inflight.clear()
         self._arrays.clear()
