@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench/forward.py
+	$(VENV)/bin/vitctl bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
