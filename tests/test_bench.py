@@ -231,3 +231,20 @@ def test_without_timm_the_timm_rows_say_so(monkeypatch):
     ours = [r for r in rows.values() if "vitctl-torch" in r["name"]]
     assert ours and all(r["value"] > 0 and r["ratio"] is None for r in ours)
     assert any("timm is not installed" in n for n in out["notes"])
+
+
+def test_gpu_check_script_runs(tmp_path):
+    """bench/gpu.py (issue 8's GPU check) runs end to end on a tiny config on this machine's device."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    p = subprocess.run([sys.executable, str(script), "--smoke", "--json"], capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert not r["skipped"], r["skipped"]
+    got = {(row["what"], row["impl"]) for row in r["rows"]}
+    assert {("forward", "vitctl-torch"), ("train", "vitctl-torch"), ("forward", "vitctl-jax"), ("train", "vitctl-jax")} <= got
+    assert all(row["images_per_s"] > 0 and row["tflops"] > 0 for row in r["rows"])
+    no_gpu = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False)
+    assert no_gpu.returncode == 2 and "no GPU found" in no_gpu.stderr or no_gpu.returncode == 0
