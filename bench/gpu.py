@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitctl import bench  # noqa: E402
-from vitctl.config import ViTConfig  # noqa: E402
+from vitctl import bench
+from vitctl.config import ViTConfig
 
 PEAKS_TFLOPS = {"H200": 790.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 MODELS = {"B/16": ("vit22b-B/16", 256), "1B/14": ("vit22b-1B/14", 64)}  # preset, batch
@@ -83,7 +83,6 @@ def torch_rows(cfg, batch, args, out):
         opt.zero_grad(set_to_none=True)
 
     out.append(("train", "vitctl-torch", batch, best_seconds(step, sync, args.warmup, args.reps), bench.flops(cfg, batch, train=True)))
-    del train, opt
     if dev == "cuda":
         torch.cuda.empty_cache()
 
