@@ -46,26 +46,11 @@ def _fp32_exact():
 
 
 def random_params(cfg: ViTConfig, seed: int = 0):
-    """JAX-named (stacked) float32 numpy parameters where every tensor holds distinct,
-    non-trivial values: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1), biases
-    ~ N(0, 0.1). Fast (no XLA compile) and the same on every backend."""
-    import numpy as np
+    """JAX-named (stacked) float32 numpy parameters with distinct, non-trivial values
+    (vitctl.bench.random_weights: no XLA compile, the same on every backend)."""
+    from vitctl.bench import random_weights
 
-    from vitctl.convert.mapping import jax_param_shapes
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in jax_param_shapes(cfg).items():
-        per_layer = shape[1:] if name.startswith("blocks/") else shape
-        if name.endswith("/kernel"):
-            fan_in = per_layer[0] if name.split("/")[-2] in ("q", "k", "v") else int(np.prod(per_layer[:-1]))
-            w = rng.normal(0, fan_in**-0.5, shape)
-        elif name.endswith("/scale"):
-            w = 1 + rng.normal(0, 0.1, shape)
-        else:  # biases, position embedding, class token, MAP probe
-            w = rng.normal(0, 0.1 if name.endswith("/bias") else 0.5, shape)
-        out[name] = w.astype(np.float32)
-    return out
+    return random_weights(cfg, seed)
 
 
 def jax_model(cfg: ViTConfig, params):

@@ -556,8 +556,10 @@ def plain_flax_forward(cfg, batch: int) -> tuple[Callable[[], None], float]:
 
 
 def random_weights(cfg, seed: int = 0) -> dict:
-    """Non-trivial float32 numpy weights under vitctl-jax's names (stacked blocks):
-    kernels ~ N(0, 1/fan_in), scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.1), others N(0, 0.5^2)."""
+    """JAX-named (stacked) float32 numpy weights where every tensor holds distinct, non-trivial
+    values: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.1), the rest
+    (position embedding, class token, MAP probe) N(0, 0.5^2). No XLA compile, the same on every
+    backend; the test suite's parameters too (tests/conftest.py, whose golden logits pin them)."""
     import numpy as np
 
     from vitctl.convert.mapping import jax_param_shapes
@@ -568,12 +570,12 @@ def random_weights(cfg, seed: int = 0) -> dict:
         per_layer = shape[1:] if name.startswith("blocks/") else shape
         if name.endswith("/kernel"):
             fan_in = per_layer[0] if name.split("/")[-2] in ("q", "k", "v") else int(np.prod(per_layer[:-1]))
-            w = rng.standard_normal(shape, np.float32) * np.float32(fan_in**-0.5)
+            w = rng.normal(0, fan_in**-0.5, shape)
         elif name.endswith("/scale"):
-            w = 1 + 0.1 * rng.standard_normal(shape, np.float32)
+            w = 1 + rng.normal(0, 0.1, shape)
         else:
-            w = (0.1 if name.endswith("/bias") else 0.5) * rng.standard_normal(shape, np.float32)
-        out[name] = w
+            w = rng.normal(0, 0.1 if name.endswith("/bias") else 0.5, shape)
+        out[name] = w.astype(np.float32)
     return out
 
 
