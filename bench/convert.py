@@ -103,10 +103,12 @@ class SourceKind:
     preset: str  # the block design; sizes are overridden
     dtype: str
     layout: str  # orbax | safetensors | shards | npz | npz-scanned
+    compress: bool = False  # orbax: zstd level 1 on every chunk (Orbax's own default; vitctl writes params/ uncompressed)
 
 
 SOURCES = {
     "jax": SourceKind("vitctl-jax (Orbax params/)", "vit22b-1B/14", "float32", "orbax"),
+    "jaxz": SourceKind("Orbax params/, zstd", "vit22b-1B/14", "float32", "orbax", compress=True),
     "torch": SourceKind("vitctl-torch (model.safetensors)", "vit22b-1B/14", "float32", "safetensors"),
     "shards": SourceKind("vitctl-torch (HF shards)", "vit22b-1B/14", "float32", "shards"),
     "npz": SourceKind("big_vision .npz fp32", "L/14", "float32", "npz"),
@@ -116,6 +118,7 @@ SOURCES = {
 CASES = [
     Case("jax-torch", "jax", "jax-to-torch", (), "vitctl-torch"),
     Case("jax-timm", "jax", "jax-to-torch", ("--format", "timm"), "timm"),
+    Case("jaxz-torch", "jaxz", "jax-to-torch", (), "vitctl-torch"),
     Case("torch-jax", "torch", "torch-to-jax", (), "vitctl-jax"),
     Case("shards-jax", "shards", "torch-to-jax", (), "vitctl-jax"),
     Case("npz-torch", "npz", "jax-to-torch", (), "vitctl-torch"),
@@ -180,7 +183,7 @@ def build(kind_key: str, path: Path, size_bytes: int) -> dict:
     if kind.layout == "orbax":
         path.mkdir()
         specs = [(n, s, dt) for n, s in per_layer.items()]
-        writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES)
+        writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=kind.compress)
         for n, s, _ in specs:
             writer.write(n, _random(rng, s, kind.dtype))
         writer.close()

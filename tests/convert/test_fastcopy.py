@@ -77,12 +77,19 @@ def test_blas_transpose_is_used_and_keeps_signalling_nans():
     f64 = finite((64, 48, 3), np.float64).transpose(2, 0, 1)  # a transpose with k = 1 of a 3-D base
     out64 = np.empty(f64.shape, f64.dtype)
     assert fastcopy._blas_transpose(out64, f64) and same_bits(out64, f64)
-    # ?omatcopy computes 1.0 * a, which quiets a signalling NaN: such a tensor goes through numpy.
-    snan = finite((40, 60), np.float32)
-    snan.view(np.uint32)[3, 7] = 0x7F800001
-    assert not fastcopy._blas_transpose(np.empty((60, 40), np.float32), snan.T)
+    # ?omatcopy computes 1.0 * a, which quiets a signalling NaN: a block holding a NaN is copied again by numpy.
+    snan = finite((600, 2000), np.float32)  # 4.8 MB: three blocks of rows of the transposed (2000, 600)
+    snan.view(np.uint32)[3, 1500] = 0x7F800001  # in the last block
+    snan.view(np.uint32)[5, 7] = 0xFFC00000  # a quiet NaN of the other sign, in the first
+    quieted = np.empty((2000, 600), np.float32)
+    fastcopy._omatcopy()[np.dtype(np.float32)](600, 2000, snan.ctypes.data, 2000, quieted.ctypes.data, 600)
+    assert quieted.view(np.uint32)[1500, 3] == 0x7FC00001  # what BLAS alone would write
+    for threads in (False, True):
+        got = np.empty((2000, 600), np.float32)
+        assert fastcopy._blas_transpose(got, snan.T, threads) and same_bits(got, snan.T)
+        assert got.view(np.uint32)[1500, 3] == 0x7F800001 and got.view(np.uint32)[7, 5] == 0xFFC00000
     got = fastcopy.contiguous(snan.T, snan.dtype)
-    assert same_bits(got, snan.T) and got.view(np.uint32)[7, 3] == 0x7F800001
+    assert same_bits(got, snan.T)
     assert not fastcopy._blas_transpose(np.empty((6, 4, 3), np.float32), finite((4, 3, 6), np.float32).transpose(2, 0, 1)[:, ::1, ::-1])
 
 
@@ -114,7 +121,7 @@ def test_scratch_reuses_only_buffers_nobody_holds():
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=str)
 def test_write_array_writes_every_layout_view_at_its_offset(tmp_path, dtype):
-    """Block by block (several blocks, two bands of rows for the large one), cast on the way."""
+    """Block by block (several blocks for the large one), cast on the way."""
     views = [LAYOUTS[1].to_torch(finite((48, 80), np.float32)), LAYOUTS[3].to_torch(finite((16, 4, 8), np.float32)),
              LAYOUTS[2].to_torch(finite((4, 4, 3, 16), np.float32)), finite((5,), np.float32), finite((1100, 2051), np.float32).T,
              random_bits((30, 20), np.float32).T]  # fmt: skip
@@ -129,6 +136,35 @@ def test_write_array_writes_every_layout_view_at_its_offset(tmp_path, dtype):
             got[off : off + len(b)] = b  # a block is valid until the next one: copy it now
             n += 1
         assert bytes(got) == want and (n > 1 or len(want) <= 1000)
+
+
+def test_block_writer_queues_every_layout_and_reports_a_failed_write(tmp_path):
+    """Blocks (re-laid out or in place) written by the background thread at their offsets, with fewer
+    buffers than blocks; a failing os.pwrite surfaces, labelled, at the next call, and nothing after it is written."""
+    arrays = [(LAYOUTS[1].to_torch(finite((480, 800), np.float32)), np.dtype(np.float32)),  # transposed, BLAS
+              (finite((1000, 300), np.float32), np.dtype(np.float32)),  # C-contiguous: written in place
+              (finite((1100, 205), np.float32).T, BF16), (finite((7,), np.float32), BF16),  # cast on the way
+              (random_bits((30, 200), np.float32).T, np.dtype(np.float32))]  # NaNs of every kind  # fmt: skip
+    wants = [np.ascontiguousarray(w).astype(d).tobytes() for w, d in arrays]
+    offsets = np.cumsum([3] + [len(b) for b in wants]).tolist()
+    path = tmp_path / "out.bin"
+    writer = fastcopy.BlockWriter(block_bytes=4096, depth=2)
+    with open(path, "wb") as f:
+        for (w, d), off in zip(arrays, offsets):
+            assert writer.write(f.fileno(), off, w, d, label=off) == np.ascontiguousarray(w).astype(d).nbytes
+        writer.close()
+    assert writer._made <= 3 and path.read_bytes()[3:] == b"".join(wants)
+
+    writer = fastcopy.BlockWriter(block_bytes=4096, depth=2)
+    with open(path, "rb") as f:  # read-only: every os.pwrite fails (EBADF)
+        with pytest.raises(fastcopy.WriteFailed) as e:
+            writer.write(f.fileno(), 0, arrays[0][0], arrays[0][1], label=("out.bin", "tensor 'a'"))
+            writer.flush()
+        assert e.value.label == ("out.bin", "tensor 'a'") and isinstance(e.value.error, OSError)
+        with pytest.raises(fastcopy.WriteFailed):
+            writer.write(f.fileno(), 0, arrays[1][0], arrays[1][1], label="b")
+        writer.abort()
+    assert not writer._thread.is_alive()
 
 
 @pytest.mark.parametrize("tile", [1, 7, 128])

@@ -262,6 +262,9 @@ def test_reader_detects_truncation_after_the_header_was_read(tmp_path):
 
 # Orbax params/.
 def zarr_metadata(params_dir):
+    """{stored array name: its .zarray}, from an OCDBT database or from one directory per array."""
+    if not (params_dir / "manifest.ocdbt").exists():
+        return {z.parent.name: json.loads(z.read_text()) for z in params_dir.glob("*/.zarray")}
     ts = pytest.importorskip("tensorstore")
     kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{params_dir.absolute()}/"}).result()
     return {k.decode()[: -len("/.zarray")]: json.loads(kv.read(k).result().value) for k in kv.list().result() if k.endswith(b"/.zarray")}
@@ -314,6 +317,92 @@ def test_orbax_writer_bounds_chunks(tmp_path):
         assert np.prod(m["chunks"]) * 4 <= 1024 and all(s % c == 0 for s, c in zip(a.shape, m["chunks"])), (n, m["chunks"])
         if n.startswith("blocks/"):
             assert m["chunks"][0] == 1, n
+
+
+def write_orbax_files(params_dir, flat, depth, chunk_bytes=ckpt.CHUNK_BYTES, order=None):
+    per_layer = dict(unstack(flat, depth))
+    w = io.OrbaxFilesWriter(params_dir, specs(per_layer), chunk_bytes)
+    for n in order or per_layer:
+        w.write(n, per_layer[n])
+    w.close()
+    return per_layer
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_orbax_files_writer_restores_with_orbax_and_reads_without_tensorstore(tmp_path, param_dtype):
+    """One directory per array (Orbax's use_ocdbt=False layout), chunks of contiguous bytes, any write order;
+    Orbax restores it, and OrbaxReader reads every array straight from its chunk files, bit-exact."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    cfg = tiny(param_dtype=param_dtype, depth=3)
+    flat = {n: a.astype(BF16 if param_dtype == "bfloat16" else np.float32) for n, a in random_params(cfg).items()}
+    names = [n for n, _ in unstack(flat, cfg.depth)]
+    per_layer = write_orbax_files(tmp_path / "params", flat, cfg.depth, chunk_bytes=4096, order=names[::-1])
+    meta = zarr_metadata(tmp_path / "params")
+    assert sorted(meta) == sorted(n.replace("/", ".") for n in flat)
+    for n, a in flat.items():
+        m = meta[n.replace("/", ".")]
+        assert (
+            tuple(m["shape"]) == a.shape
+            and m["compressor"] is None
+            and m["chunks"] == list(io.slab_chunks(a.shape, a.itemsize, 4096, n.startswith("blocks/")))
+        )
+        assert io._is_slab(a.shape, m["chunks"]) and (np.prod(m["chunks"]) * a.itemsize <= 4096 or m["chunks"][-1] == 1)
+    ckpt.write_config(tmp_path, cfg, {})
+    assert ckpt.detect_formats(tmp_path) == [ckpt.JAX]
+    assert_bitwise(ckpt.load_jax(tmp_path, cfg), flat)  # restored by Orbax
+    with ocp.StandardCheckpointer() as c:
+        restored = c.restore((tmp_path / "params").absolute())
+    assert restored["blocks"]["mlp_in"]["kernel"].tobytes() == flat["blocks/mlp_in/kernel"].tobytes()
+    r = io.OrbaxReader(tmp_path / "params")
+    assert sorted(r._files) == sorted(flat) and not r._arrays  # no tensorstore
+    assert_bitwise(dict(r.iter_tensors(names)), per_layer)
+
+
+@pytest.mark.parametrize(
+    "shape,stacked,limit,want",
+    [
+        ((12, 48, 3, 16), True, 2**20, (1, 48, 3, 16)),  # one layer per chunk
+        ((12, 48, 3, 16), True, 4 * 3 * 16 * 10, (1, 8, 3, 16)),  # rows of a layer: the largest divisor of 48 that fits
+        ((48, 80), False, 4 * 48 * 40, (24, 80)),
+        ((5, 7), False, 4 * 7 * 2, (1, 7)),  # 5 is prime
+        ((4, 1000), False, 64, (1, 10)),  # a row is larger than the limit: cut along the last axis (10 divides 1000)
+        ((8,), False, 8, (2,)),
+        ((), False, 8, ()),
+    ],
+)
+def test_slab_chunks(shape, stacked, limit, want):
+    assert io.slab_chunks(shape, 4, limit, stacked) == want
+    assert io._is_slab(shape, want)
+    runs = list(io._chunk_runs(shape, want, 4))
+    assert [b - a for _, a, b in runs] == [int(np.prod(want)) * 4] * len(runs) and runs[-1][2] == int(np.prod(shape)) * 4
+
+
+def test_orbax_files_reader_names_a_truncated_or_missing_chunk(tmp_path):
+    cfg = tiny()
+    flat = random_params(cfg)
+    per_layer = write_orbax_files(tmp_path / "params", flat, cfg.depth, chunk_bytes=4096)
+    chunk = tmp_path / "params" / "blocks.mlp_in.kernel" / "1.0.0"
+    chunk.write_bytes(chunk.read_bytes()[:-4])
+    r = io.OrbaxReader(tmp_path / "params")
+    with pytest.raises(CheckpointError, match=f"cannot read tensor 'blocks/1/mlp_in/kernel' from {chunk}: the chunk file holds") as e:
+        dict(r.iter_tensors(list(per_layer)))
+    assert "re-create" in e.value.hint
+    chunk.unlink()
+    with pytest.raises(CheckpointError, match=f"cannot read tensor 'blocks/1/mlp_in/kernel': chunk file {chunk} is missing"):
+        r.read("blocks/1/mlp_in/kernel")
+    assert r.read("blocks/0/mlp_in/kernel").tobytes() == flat["blocks/mlp_in/kernel"][0].tobytes()
+
+
+def test_orbax_files_writer_abort_stops_writing(tmp_path):
+    cfg = tiny(depth=4)
+    per_layer = dict(unstack(random_params(cfg), cfg.depth))
+    w = io.OrbaxFilesWriter(tmp_path / "params", specs(per_layer), ckpt.CHUNK_BYTES)
+    for n in list(per_layer)[:10]:
+        w.write(n, per_layer[n])
+    w.abort()
+    assert not w._blocks._thread.is_alive()
+    with pytest.raises(AssertionError, match="never written"):
+        w.close()
 
 
 @pytest.mark.parametrize(

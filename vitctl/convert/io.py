@@ -20,8 +20,12 @@ Memory is bounded by one tensor (or one stored chunk), never by the checkpoint.
   variants, from `_METADATA`), opened with tensorstore. Stacked block arrays
   (`blocks/q/kernel`, leading L axis) are exposed per layer (`blocks/{i}/q/kernel`)
   and read as slices `[i]`, which touch only that layer's chunks, decoded by tensorstore
-  straight into a reused buffer (fastcopy.scratch), a few tensors ahead.
-- OrbaxWriter: `params/` written directly with tensorstore in Orbax's on-disk layout
+  straight into a reused buffer (fastcopy.scratch), a few tensors ahead. An uncompressed
+  per-array zarr v2 array whose chunks are runs of its bytes (what OrbaxFilesWriter
+  writes) is read without tensorstore: its chunk files straight into the buffer.
+- OrbaxFilesWriter (what `vitctl convert` writes): `params/` in Orbax's one-directory-per-array
+  layout (`use_ocdbt: false`), uncompressed, written as plain files through fastcopy.BlockWriter.
+- OrbaxWriter (with zstd, as Orbax's default): `params/` written directly with tensorstore in Orbax's on-disk layout
   (one OCDBT database, zarr v2 arrays, zstd level 1, `_METADATA`, `_CHECKPOINT_METADATA`),
   one layer slice at a time. Orbax's own `save` needs the whole pytree in memory; its
   experimental partial save adds whole leaves only, so a stacked (L, ...) array would
@@ -36,11 +40,14 @@ no torch, no pickle.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -354,20 +361,31 @@ class SafetensorsWriter:
             _guarded(path, "the header", lambda f=self._handles[path], h=header: (f.write(h), f.flush()))
             self._where.update({n: (path, off) for n, off in offsets.items()})
         self.total_size = sum(_nbytes(s, d) for _, s, d in by_name.values())
+        self._blocks = fastcopy.BlockWriter()
 
     def write(self, name: str, array: np.ndarray) -> None:
-        """Writes `array` (any memory layout; cast to the planned dtype) at its offset, a block of rows at a
-        time: a transposed view is re-laid out block by block in a cache-sized buffer (fastcopy.write_array)."""
+        """Queues `array` (any memory layout; cast to the planned dtype) for writing at its offset: a
+        transposed view is re-laid out block by block into cache-sized buffers here, while a
+        background thread writes the blocks (fastcopy.BlockWriter). Returns before the bytes are
+        written; a failed write is raised (naming its file and tensor) by a later `write` or `close`."""
         _, shape, dtype = self._specs[name]
         assert array.shape == shape and name not in self._written, (name, array.shape, shape)
         path, offset = self._where[name]
         fd = self._handles[path].fileno()
-        _guarded(path, f"tensor '{name}'", lambda: fastcopy.write_array(fd, offset, array, dtype))
+        self._blocks_call(lambda: self._blocks.write(fd, offset, array, dtype, (path, f"tensor '{name}'")))
         self._written.add(name)
+
+    def _blocks_call(self, fn) -> None:
+        try:
+            fn()
+        except fastcopy.WriteFailed as e:
+            path, what = e.label
+            raise _write_error(path, what, e.error) from None
 
     def close(self) -> None:
         missing = sorted(set(self._specs) - self._written)
         assert not missing, f"tensors never written: {missing[:8]}"
+        self._blocks_call(self._blocks.close)
         for path, f in self._handles.items():
             _guarded(path, "the end of the file", f.close)
         if len(self.files) > 1:
@@ -377,6 +395,7 @@ class SafetensorsWriter:
             self.files.append(INDEX)
 
     def abort(self) -> None:
+        self._blocks.abort()  # no write lands after this returns
         for f in self._handles.values():
             f.close()
 
@@ -386,9 +405,13 @@ def _guarded(path: Path, what: str, fn):
     try:
         return fn()
     except OSError as e:
-        raise CheckpointError(
-            f"cannot write {what} to {path}: {e.strerror or e}", hint="check the free disk space and the file size limit (ulimit -f)"
-        ) from None
+        raise _write_error(path, what, e) from None
+
+
+def _write_error(path: Path, what: str, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write {what} to {path}: {e.strerror or e}", hint="check the free disk space and the file size limit (ulimit -f)"
+    )
 
 
 # Orbax params/: layout constants (orbax-checkpoint 0.12.8, StandardCheckpointer).
@@ -463,8 +486,15 @@ class OrbaxReader:
         ctx = _ts_context(ts)
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self._arrays: dict[str, Any] = {}
+        self._files: dict[str, _SlabArray] = {}  # arrays read straight from their chunk files
         self._infos: dict[str, TensorInfo] = {}
         for name, stored in _orbax_names(self.path, meta).items():
+            if not meta.get("use_ocdbt", True) and not meta.get("use_zarr3"):
+                slab = _SlabArray.open(self.path / stored)
+                if slab is not None:
+                    self._files[name] = slab
+                    self._add_infos(name, slab.shape, slab.dtype, _nbytes(slab.chunks, slab.dtype))
+                    continue
             spec = {"driver": driver, "kvstore": _kvstore(self.path, stored, meta.get("use_ocdbt", True))}
             try:
                 arr = ts.open(spec, open=True, read=True, write=False, context=ctx).result()
@@ -503,6 +533,10 @@ class OrbaxReader:
 
     def _start(self, name: str):
         stacked, i = split_layer(name)
+        key = stacked if i is not None else name
+        if key in self._files:  # pread straight into a reused buffer, on the reader thread
+            out = scratch(self._infos[name].shape, self._infos[name].dtype)
+            return out, _reader_thread().submit(self._files[key].read_into, out, i, name)
         arr = self._arrays[stacked] if i is not None else self._arrays[name]
         src = arr[i] if i is not None else arr
         info = self._infos[name]
@@ -519,12 +553,70 @@ class OrbaxReader:
         out, future = started
         try:
             future.result()
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001  (as above)
             raise _ts_error(self.path, f"tensor '{name}'", e) from None
         return out
 
     def close(self) -> None:
         self._arrays.clear()
+        self._files.clear()
+
+
+@functools.cache
+def _reader_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vitctl-read")
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlabArray:
+    """An uncompressed zarr v2 array whose chunks are runs of its C-order bytes (as OrbaxFilesWriter writes)."""
+
+    folder: Path
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def open(cls, folder: Path) -> _SlabArray | None:
+        """The array in `folder` if it has that form (else None: tensorstore reads it)."""
+        try:
+            z = json.loads((folder / ".zarray").read_text())
+            dtype = {v: k for k, v in _ZARR_DTYPE.items()}.get(z["dtype"]) or np.dtype(z["dtype"])
+            shape, chunks = tuple(int(d) for d in z["shape"]), tuple(int(c) for c in z["chunks"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            return None  # tensorstore names what is wrong
+        plain = z.get("compressor") is None and z.get("filters") is None and z.get("order", "C") == "C" and z.get("zarr_format") == 2
+        ok = plain and z.get("dimension_separator", ".") == "." and dtype.byteorder in "=<|" and dtype in _SLAB_DTYPES
+        return cls(folder, shape, chunks, dtype) if ok and _is_slab(shape, chunks) and 0 not in shape else None
+
+    def read_into(self, out: np.ndarray, layer: int | None, name: str) -> None:
+        """Reads the array (or layer `layer` of it) into C-contiguous `out`, one chunk file at a time."""
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        base = 0 if layer is None else layer * len(buf)
+        for key, a, b in _chunk_runs(self.shape, self.chunks, self.dtype.itemsize):
+            if not base <= a < base + len(buf):
+                continue
+            path = self.folder / key
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size != b - a:
+                        raise CheckpointError(
+                            f"cannot read tensor '{name}' from {path}: the chunk file holds {size} bytes, not {b - a}",
+                            hint="the Orbax checkpoint is truncated or corrupt: re-create it",
+                        )
+                    got = f.readinto(buf[a - base : b - base])
+            except FileNotFoundError:
+                raise CheckpointError(
+                    f"cannot read tensor '{name}': chunk file {path} is missing", hint="the Orbax checkpoint is incomplete: re-create it"
+                ) from None
+            if got != b - a:
+                raise CheckpointError(f"cannot read tensor '{name}' from {path}: {got} of {b - a} bytes", hint="re-create the checkpoint")
+
+
+_SLAB_DTYPES = frozenset(ST_DTYPES.values())
 
 
 def _read_orbax_metadata(params: Path) -> dict[str, Any]:
@@ -635,29 +727,7 @@ class OrbaxWriter:
             done, commit = self._inflight.popleft()
             self._ts_call(f"tensor '{done}'", commit.result)
         self._arrays.clear()
-        tree = {str(tuple(name.split("/"))): _tree_entry(name) for name in self._names}
-        meta = {
-            "tree_metadata": tree,
-            "use_ocdbt": True,
-            "use_zarr3": False,
-            "store_array_data_equal_to_fill_value": True,
-            "custom_metadata": None,
-        }
-        now = time.time_ns()
-        ckpt_meta = {
-            "item_handlers": ORBAX_HANDLER,
-            "metrics": {},
-            "performance_metrics": {},
-            "init_timestamp_nsecs": now,
-            "commit_timestamp_nsecs": now,
-            "custom_metadata": {},
-        }
-        _guarded(self.path / METADATA, "the Orbax metadata", lambda: (self.path / METADATA).write_text(json.dumps(meta)))
-        _guarded(
-            self.path / CHECKPOINT_METADATA,
-            "the Orbax metadata",
-            lambda: (self.path / CHECKPOINT_METADATA).write_text(json.dumps(ckpt_meta)),
-        )
+        _write_orbax_metadata(self.path, self._names, use_ocdbt=True)
 
     def abort(self) -> None:
         """Waits out the background writes, so none lands after the caller deletes the directory."""
@@ -667,6 +737,141 @@ class OrbaxWriter:
                 commit.result()
         self._inflight.clear()
         self._arrays.clear()
+
+
+_ZARR_DTYPE = {np.dtype(ml_dtypes.bfloat16): "bfloat16"}  # tensorstore's zarr v2 name (numpy's would be a void type)
+
+
+def slab_chunks(shape: Sequence[int], itemsize: int, max_bytes: int, stacked: bool) -> tuple[int, ...]:
+    """A zarr chunk shape (1, ..., 1, c, *shape[j + 1:]) dividing `shape`: every chunk is one run of
+    the array's C-order bytes, at most max_bytes where one element row allows; stacked: one layer at most.
+
+    The outermost axis j at which the rest fits is cut to its largest divisor c that fits.
+    """
+    shape = [max(1, int(d)) for d in shape]
+    first = 1 if stacked else 0
+    for j in range(first, len(shape)):
+        inner = math.prod(shape[j + 1 :]) * itemsize
+        if inner <= max_bytes or j == len(shape) - 1:
+            c = max((d for d in range(1, shape[j] + 1) if shape[j] % d == 0 and d * inner <= max_bytes), default=1)
+            return (1,) * j + (c, *shape[j + 1 :])
+    return (1,) * len(shape)
+
+
+def _chunk_runs(shape: Sequence[int], chunks: Sequence[int], itemsize: int) -> Iterator[tuple[str, int, int]]:
+    """(zarr chunk key, byte start, byte stop) of every chunk of slab_chunks form, in C order of the array's bytes."""
+    if not shape:
+        yield "0", 0, itemsize
+        return
+    grid = [s // c for s, c in zip(shape, chunks)]
+    nbytes = math.prod(chunks) * itemsize
+    for k, index in enumerate(itertools.product(*map(range, grid))):
+        yield ".".join(map(str, index)), k * nbytes, (k + 1) * nbytes
+
+
+def _is_slab(shape: Sequence[int], chunks: Sequence[int]) -> bool:
+    """Whether each chunk is one contiguous run of C-order bytes and the chunks tile the shape exactly."""
+    if len(shape) != len(chunks) or any(c <= 0 or s % c for s, c in zip(shape, chunks)):
+        return False
+    cut = [a for a, (s, c) in enumerate(zip(shape, chunks)) if c != s]
+    return not cut or all(chunks[a] == 1 for a in cut[:-1]) and all(chunks[a] == shape[a] for a in range(cut[-1] + 1, len(shape)))
+
+
+class OrbaxFilesWriter:
+    """params/ in Orbax's one-directory-per-array layout (`use_ocdbt: false`, zarr v2), uncompressed,
+    written with plain files: `params/<dotted name>/.zarray` and one file per chunk.
+
+    Chunks are runs of C-order bytes (slab_chunks), so a tensor's bytes go to its chunk files
+    block by block through a fastcopy.BlockWriter: laid out here, written by its thread,
+    os.pwrite 512 KiB at a time. (tensorstore's OCDBT writer hands the kernel 16 MiB+ writes,
+    each copied into large page-cache folios: 2-4x the CPU of small writes here; and it copies
+    every tensor into its own buffers first.) Orbax restores this layout, and
+    OrbaxReader reads it straight into its buffers.
+
+    Args: as OrbaxWriter (no compression).
+    """
+
+    def __init__(self, params: str | Path, specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], chunk_bytes: int):
+        self.path = Path(params).absolute()
+        self.files = [self.path.name + "/"]
+        _guarded(self.path, "the directory", self.path.mkdir)
+        self._pending: set[str] = {n for n, _, _ in specs}
+        self._arrays = _stack_specs(specs)
+        self._names = sorted(self._arrays)
+        self._chunks: dict[str, tuple[int, ...]] = {}
+        for name, (shape, dtype) in self._arrays.items():
+            chunks = slab_chunks(shape, dtype.itemsize, chunk_bytes, is_stacked(name))
+            self._chunks[name] = chunks
+            zarray = {
+                "chunks": list(chunks), "compressor": None, "dimension_separator": ".", "dtype": _ZARR_DTYPE.get(dtype, dtype.str),
+                "fill_value": None, "filters": None, "order": "C", "shape": list(shape), "zarr_format": 2,
+            }  # fmt: skip
+            folder = self.path / name.replace("/", ".")
+            _guarded(folder, "the array metadata", lambda f=folder, z=zarray: (f.mkdir(), (f / ".zarray").write_text(json.dumps(z))))
+        self._blocks = fastcopy.BlockWriter()
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        stacked, i = split_layer(name)
+        key = stacked if i is not None else name
+        assert name in self._pending, f"'{name}' written twice or not planned"
+        shape, dtype = self._arrays[key]
+        chunks = self._chunks[key]
+        assert (shape[1:] if i is not None else shape) == array.shape, (name, array.shape, shape)
+        folder = self.path / key.replace("/", ".")
+        runs = _chunk_runs(shape, chunks, dtype.itemsize)
+        if i is not None:  # this layer's runs, from the start of the layer
+            layer = math.prod(shape[1:]) * dtype.itemsize
+            runs = [(k, a - i * layer, b - i * layer) for k, a, b in runs if i * layer <= a < (i + 1) * layer]
+        segments, label = [], (folder, f"tensor '{name}'")
+        try:
+            for k, a, b in runs:
+                fd = _guarded(folder / k, f"tensor '{name}'", lambda p=folder / k: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+                segments.append((a, b, fd, 0))
+            if array.size:
+                self._blocks_call(lambda: self._blocks.write_segments(segments, array, dtype, label))
+        finally:
+            for _, _, fd, _ in segments:
+                self._blocks.close_file(fd, label)
+        self._pending.discard(name)
+
+    def _blocks_call(self, fn) -> None:
+        try:
+            fn()
+        except fastcopy.WriteFailed as e:
+            folder, what = e.label
+            raise _write_error(folder, what, e.error) from None
+
+    def close(self) -> None:
+        assert not self._pending, f"tensors never written: {sorted(self._pending)[:8]}"
+        self._blocks_call(self._blocks.close)
+        _write_orbax_metadata(self.path, self._names, use_ocdbt=False)
+
+    def abort(self) -> None:
+        """Stops the writing thread: no write lands after this returns."""
+        self._blocks.abort()
+
+
+def _write_orbax_metadata(path: Path, names: Iterable[str], use_ocdbt: bool) -> None:
+    """params/_METADATA (the tree: dict keys, numpy leaves) and _CHECKPOINT_METADATA, as Orbax writes them."""
+    tree = {str(tuple(name.split("/"))): _tree_entry(name) for name in names}
+    meta = {
+        "tree_metadata": tree,
+        "use_ocdbt": use_ocdbt,
+        "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+    now = time.time_ns()
+    ckpt_meta = {
+        "item_handlers": ORBAX_HANDLER,
+        "metrics": {},
+        "performance_metrics": {},
+        "init_timestamp_nsecs": now,
+        "commit_timestamp_nsecs": now,
+        "custom_metadata": {},
+    }
+    _guarded(path / METADATA, "the Orbax metadata", lambda: (path / METADATA).write_text(json.dumps(meta)))
+    _guarded(path / CHECKPOINT_METADATA, "the Orbax metadata", lambda: (path / CHECKPOINT_METADATA).write_text(json.dumps(ckpt_meta)))
 
 
 def _tree_entry(name: str) -> dict[str, Any]:
