@@ -4,8 +4,11 @@ of the converting process and its throughput next to `cp` of the same bytes, in 
     python bench/convert.py [--size-gib 4] [--json] [--keep] [--workdir DIR] [--cases a,b,...] [--max-wait 300]
 
 Cases (source -> target; `--cases` takes the short names):
-    jax-torch      vitctl-jax (Orbax params/)            -> vitctl-torch    jax-to-torch
-    jax-timm       vitctl-jax (Orbax params/)            -> timm            jax-to-torch --format timm
+    jax-torch      vitctl-jax (Orbax params/ as convert writes it: a directory per array, uncompressed)
+                                                         -> vitctl-torch    jax-to-torch
+    jax-timm       the same                              -> timm            jax-to-torch --format timm
+    jaxz-torch     vitctl-jax (Orbax params/ as Orbax, so `vitctl train`, writes it: OCDBT, zstd level 1)
+                                                         -> vitctl-torch    jax-to-torch
     torch-jax      vitctl-torch (one model.safetensors)  -> vitctl-jax      torch-to-jax
     shards-jax     vitctl-torch (HF shards + index)      -> vitctl-jax      torch-to-jax
     npz-torch      big_vision .npz, per-layer keys, fp32 -> vitctl-torch    jax-to-torch
@@ -103,12 +106,12 @@ class SourceKind:
     preset: str  # the block design; sizes are overridden
     dtype: str
     layout: str  # orbax | safetensors | shards | npz | npz-scanned
-    compress: bool = False  # orbax: zstd level 1 on every chunk (Orbax's own default; vitctl writes params/ uncompressed)
+    compress: bool = False  # orbax: Orbax's own default (OCDBT, zstd level 1), not convert's per-array files
 
 
 SOURCES = {
-    "jax": SourceKind("vitctl-jax (Orbax params/)", "vit22b-1B/14", "float32", "orbax"),
-    "jaxz": SourceKind("Orbax params/, zstd", "vit22b-1B/14", "float32", "orbax", compress=True),
+    "jax": SourceKind("vitctl-jax (Orbax params/, as convert writes)", "vit22b-1B/14", "float32", "orbax"),
+    "jaxz": SourceKind("vitctl-jax (Orbax params/ OCDBT+zstd, as train writes)", "vit22b-1B/14", "float32", "orbax", compress=True),
     "torch": SourceKind("vitctl-torch (model.safetensors)", "vit22b-1B/14", "float32", "safetensors"),
     "shards": SourceKind("vitctl-torch (HF shards)", "vit22b-1B/14", "float32", "shards"),
     "npz": SourceKind("big_vision .npz fp32", "L/14", "float32", "npz"),
@@ -183,7 +186,10 @@ def build(kind_key: str, path: Path, size_bytes: int) -> dict:
     if kind.layout == "orbax":
         path.mkdir()
         specs = [(n, s, dt) for n, s in per_layer.items()]
-        writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=kind.compress)
+        if kind.compress:  # as Orbax itself saves (vitctl train / init): OCDBT, zstd level 1
+            writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=True)
+        else:  # as vitctl convert writes vitctl-jax: one directory per array, uncompressed
+            writer = io.OrbaxFilesWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES)
         for n, s, _ in specs:
             writer.write(n, _random(rng, s, kind.dtype))
         writer.close()

@@ -16,25 +16,47 @@ import traceback
 import typer
 from rich.text import Text
 
-from vitctl.cli import bench, convert, demo, hub, models, plan, probe, train, verify
 from vitctl.cli._options import err
 from vitctl.errors import VitctlError
 
-app = typer.Typer(
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    help="Toolkit and checkpoint converter for ViT-22B-style Vision Transformers (JAX and PyTorch).",
-)
-app.add_typer(models.commands)  # no name: models, info, init are top-level commands
-app.add_typer(verify.commands)  # `vitctl verify`
-app.add_typer(demo.commands)  # `vitctl demo`
-app.add_typer(plan.commands)  # `vitctl plan`
-app.add_typer(train.commands)  # `vitctl train`
-app.add_typer(probe.commands)  # `vitctl probe`
-app.add_typer(bench.commands)  # `vitctl bench`
-app.add_typer(convert.commands, name="convert")
-app.add_typer(hub.commands, name="hub")
+HELP = "Toolkit and checkpoint converter for ViT-22B-style Vision Transformers (JAX and PyTorch)."
+# Command -> (module under vitctl.cli, group name or None for top-level commands), in --help order.
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "models": ("models", None), "info": ("models", None), "init": ("models", None), "verify": ("verify", None),
+    "demo": ("demo", None), "plan": ("plan", None), "train": ("train", None), "probe": ("probe", None),
+    "bench": ("bench", None), "convert": ("convert", "convert"), "hub": ("hub", "hub"),
+}  # fmt: skip
+
+
+def build_app(modules: list[str] | None = None) -> typer.Typer:
+    """The Typer app with the commands of `modules` (default: all). main() builds only the
+    invoked command's module: building every command costs ~0.1 s at each start."""
+    import importlib
+
+    app = typer.Typer(
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        help=HELP,
+    )
+    app.callback()(_group)  # a group even with one command: `vitctl verify A B` keeps its command name
+    for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
+        if modules is None or module in modules:
+            group = next(g for m, g in COMMANDS.values() if m == module)
+            app.add_typer(importlib.import_module(f"vitctl.cli.{module}").commands, name=group)
+    return app
+
+
+def _group() -> None:
+    pass
+
+
+def __getattr__(name: str):
+    if name == "app":  # the full app, built on first use (tests, completion)
+        globals()["app"] = build_app()
+        return globals()["app"]
+    raise AttributeError(name)
+
 
 # Exception type -> (exit code, hint), most specific first. VitctlError carries its own.
 ERROR_MAPPINGS: tuple[tuple[type[BaseException], int, str], ...] = (
@@ -62,8 +84,10 @@ def _report(message: str, hint: str | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Runs the app; maps exceptions to `Error: ...` + hint on stderr and an exit code."""
     debug = os.environ.get("VITCTL_DEBUG", "") not in ("", "0")
+    args = sys.argv[1:] if argv is None else argv
+    only = [COMMANDS[args[0]][0]] if args and args[0] in COMMANDS else None  # else: --help, a typo: every command
     try:
-        app(args=argv, prog_name="vitctl")
+        build_app(only)(args=args, prog_name="vitctl")
     except SystemExit as e:
         if e.code == 130:  # Typer turns a KeyboardInterrupt inside a command into exit 130
             err.print("Interrupted: nothing was written.", soft_wrap=True)
@@ -79,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         _report(e.message, e.hint)
         sys.exit(e.exit_code)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (mapped to an exit code and a hint)
         if debug:
             traceback.print_exc()
         code, hint = next((c, h) for t, c, h in ERROR_MAPPINGS if isinstance(e, t))

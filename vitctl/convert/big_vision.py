@@ -29,7 +29,7 @@ Reading: `np.load` on an `.npz` ignores `mmap_mode` and a naive `dict(np.load(..
 whole checkpoint in memory (numpy#28795). `NpzReader` reads every member's `.npy` header (shape,
 dtype) without its data (zipfile reads the first 4 KiB), and one member's data only when asked.
 A stored member (np.savez does not compress) is read with positioned reads at its data offset
-straight into the result, its zip CRC-32 computed over the same bytes (zlib releases the GIL).
+straight into the result, its zip CRC-32 computed over the same bytes (ISA-L's, else zlib's; both release the GIL).
 A scanned member is one stacked tensor (L, ...); stored in C order, layer i is the next
 contiguous run of its bytes, so `NpzReader.iter_layers` reads it one layer at a time (the CRC
 accumulates and is checked after the last layer) and the peak memory is one layer. A deflated
@@ -56,6 +56,11 @@ from typing import Any, Self
 
 import ml_dtypes
 import numpy as np
+
+try:  # Intel ISA-L's CRC-32 (a dependency where it has wheels): 3x zlib's; same values
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover
+    from zlib import crc32
 
 from vitctl.config import ViTConfig
 from vitctl.convert import mapping
@@ -217,7 +222,7 @@ class NpzReader:
         except OSError:
             os.close(fd)
             raise
-        return h, fd, offset, zlib.crc32(head)
+        return h, fd, offset, crc32(head)
 
     def _pread_into(self, key: str, fd: int, buf: memoryview, offset: int, crc: int, done: int, total: int) -> int:
         """Fills `buf` from the file at `offset` (positioned reads, no intermediate copy); returns the running CRC-32."""
@@ -227,7 +232,7 @@ class NpzReader:
                 n = os.preadv(fd, [buf[pos : pos + self.CHUNK]], offset + pos)
                 if not n:
                     raise EOFError(f"data ends after {done + pos} of {total} bytes")
-                crc = zlib.crc32(buf[pos : pos + n], crc)  # releases the GIL on large buffers
+                crc = crc32(buf[pos : pos + n], crc)  # releases the GIL on large buffers
                 pos += n
         except OSError as e:
             raise self._error(key, str(e)) from None

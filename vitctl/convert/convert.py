@@ -112,10 +112,13 @@ class Source:
 
     def iter_hub(self) -> Iterator[tuple[str, np.ndarray]]:
         """(hub name, array with the hub shape) for every tensor, each read once."""
+        tensors = self.reader.iter_tensors(list(self._names.values()))
+        if not isinstance(self.reader, io.OrbaxReader):  # (which reads ahead on its own threads)
+            tensors = fastcopy.read_ahead(tensors)
         if self.reader.naming == "jax":
-            yield from self.reader.iter_tensors(list(self._names.values()))
+            yield from tensors
             return
-        for name, w in self.reader.iter_tensors(list(self._names.values())):
+        for name, w in tensors:
             hub, layout = rename(name, "torch")
             out = layout.to_jax(w, self.hub_shapes[hub])
             del w  # hold one tensor, not two, while the next one is read

@@ -231,42 +231,37 @@ def _tile_copy(out: np.ndarray, w: np.ndarray) -> None:
 
 
 def iter_blocks(
-    w: np.ndarray, dtype: np.dtype, start: int = 0, stop: int | None = None, block_bytes: int = BLOCK_BYTES,
-    buffers: Callable[[int], np.ndarray] | None = None,
-) -> Iterator[tuple[int, memoryview]]:  # fmt: skip
-    """(byte offset, bytes) of rows start:stop of C-contiguous `w` cast to `dtype`, in order, a block at a time.
+    w: np.ndarray, dtype: np.dtype, block_bytes: int = BLOCK_BYTES, buffers: Callable[[int], np.ndarray] | None = None
+) -> Iterator[tuple[int, memoryview]]:
+    """(byte offset, bytes) of C-contiguous `w` cast to `dtype`, in order, a block at a time.
 
-    Offsets count from the start of the whole array. A C-contiguous `w` of `dtype` is handed
-    out in place. Otherwise each block of rows is copied into a small buffer (it stays in the
-    CPU cache until the caller has written it out), with BLAS for a transposed view, else
-    numpy: one reused buffer, valid until the next block is requested, or, with `buffers`,
-    `buffers(nbytes)` for each block (a uint8 array the caller owns).
+    A C-contiguous `w` of `dtype` is handed out in place. Otherwise each block of rows is
+    copied into a small buffer (it stays in the CPU cache until the caller has written it
+    out): with BLAS for a transposed view (rows of its 2-D form, see _blas_plan), else numpy
+    (rows of `w`). One reused buffer, valid until the next block is requested, or, with
+    `buffers`, `buffers(nbytes)` for each block (a uint8 array the caller owns).
     """
     dtype = np.dtype(dtype)
-    n = w.shape[0] if w.ndim else 1
-    stop = n if stop is None else stop
-    row_bytes = math.prod(w.shape[1:]) * dtype.itemsize if w.ndim else dtype.itemsize
     if w.ndim < 2 or (w.flags.c_contiguous and w.dtype == dtype):
         flat = memoryview(np.ascontiguousarray(w, dtype).reshape(-1).view(np.uint8))
-        for lo in range(start * row_bytes, stop * row_bytes, block_bytes):
-            yield lo, flat[lo : min(lo + block_bytes, stop * row_bytes)]
+        for lo in range(0, len(flat), block_bytes):
+            yield lo, flat[lo : lo + block_bytes]
         return
-    rows = max(1, block_bytes // max(row_bytes, 1))
-    shared = None if buffers else np.empty((min(rows, stop - start), *w.shape[1:]), dtype)
     blas = _blas_plan(w) if w.dtype == dtype else None
-    if blas is not None and blas[1] != n:  # the 2-D form's rows are not w's rows
-        blas = None
-    for lo in range(start, stop, rows):
-        hi = min(lo + rows, stop)
-        if shared is not None:
-            out = shared[: hi - lo]
-        else:
-            out = buffers((hi - lo) * row_bytes).view(dtype).reshape(hi - lo, *w.shape[1:])
-        if blas is not None:
-            blas[0](out, lo, hi)
+    copy, n = blas if blas is not None else (None, w.shape[0])
+    row_shape = (w.size // n,) if blas is not None else w.shape[1:]
+    row_bytes = math.prod(row_shape) * dtype.itemsize
+    rows = max(1, block_bytes // max(row_bytes, 1))
+    shared = None if buffers else np.empty(min(rows, n) * row_bytes, np.uint8)
+    for lo in range(0, n, rows):
+        hi = min(lo + rows, n)
+        raw = shared[: (hi - lo) * row_bytes] if shared is not None else buffers((hi - lo) * row_bytes)
+        out = raw.view(dtype).reshape(hi - lo, *row_shape)
+        if copy is not None:
+            copy(out, lo, hi)
         else:
             copy_into(out, w[lo:hi], threads=False)
-        yield lo * row_bytes, memoryview(out.reshape(-1).view(np.uint8))
+        yield lo * row_bytes, memoryview(raw)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -409,6 +404,50 @@ class BlockWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+
+
+def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """The items of `items`, produced on a background thread up to `depth` ahead of the consumer
+    (a reader's positioned reads and checksums run while the caller re-lays out the previous
+    tensor). An exception of the producer is raised here, in order; closing this generator
+    (or an exception in the consumer) stops the producer after its current item and waits for it."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                del item
+                if stop.is_set():
+                    return
+            ready.put((done, None))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+            ready.put((done, e))
+
+    thread = threading.Thread(target=produce, name="vitctl-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+            del item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a blocked put finish, then wait for the thread
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        thread.join()
 
 
 def copy_into(out: np.ndarray, w: np.ndarray, threads: bool = True) -> None:
