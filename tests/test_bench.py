@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +249,27 @@ def test_gpu_check_script_runs(tmp_path):
     assert all(row["images_per_s"] > 0 and row["tflops"] > 0 for row in r["rows"])
     no_gpu = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False)
     assert no_gpu.returncode == 2 and "no GPU found" in no_gpu.stderr or no_gpu.returncode == 0
+
+
+def test_convert_benchmark_script_runs(tmp_path):
+    """bench/convert.py (issue 3's benchmark) end to end on tiny sources: every case converts, and the
+    JSON has a throughput row against cp and a peak-RSS row per case."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "convert.py"
+    cases = "jax-torch,jaxz-torch,torch-jax,npz16-torch,scan-torch"
+    p = subprocess.run(
+        [sys.executable, str(script), "--size-gib", "0.01", "--repeat", "2", "--cases", cases, "--workdir", str(tmp_path), "--max-wait", "0", "--json"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert not report["failures"], report["failures"]
+    assert [c["case"] for c in report["cases"]] == cases.split(",")
+    for c in report["cases"]:
+        assert len(c["convert_seconds"]) == 2 and len(c["cp_seconds"]) == 3 and c["best_convert_seconds"] == min(c["convert_seconds"])
+    rows = {r["name"]: r for r in report["rows"]}
+    speed = [r for n, r in rows.items() if n.endswith(" GB/s") and not n.startswith("cp ")]
+    assert len(speed) == 5 and all(r["baseline"].startswith("cp ") and r["ratio"] > 0 for r in speed)
+    assert sum(n.endswith(" peak RSS") for n in rows) == 5
+    assert not list(tmp_path.glob("*/out-*")) and not list(tmp_path.glob("*/src-*"))  # outputs and sources removed
