@@ -93,6 +93,25 @@ def test_blas_transpose_is_used_and_keeps_signalling_nans():
     assert not fastcopy._blas_transpose(np.empty((6, 4, 3), np.float32), finite((4, 3, 6), np.float32).transpose(2, 0, 1)[:, ::1, ::-1])
 
 
+@pytest.mark.skipif(not numpy_wheel_has_openblas(), reason="this numpy bundles no OpenBLAS (conda/MKL, Accelerate)")
+@pytest.mark.parametrize("dtype", [BF16, np.float16], ids=str)
+def test_two_byte_transposes_move_as_float32_pairs_bit_exactly(dtype):
+    """bfloat16/float16 transposes go through ?omatcopy as pairs; a pair whose bits are a float32
+    NaN (any bfloat16 infinity or NaN in its upper half) is copied by numpy, so every pattern survives."""
+    for base, k in [(finite((600, 2000), np.float32).astype(dtype), 1), (random_bits((300, 4, 64), dtype), 2),
+                    (random_bits((50, 6), dtype), 1)]:  # fmt: skip
+        w = base.transpose(*range(k, base.ndim), *range(k))  # (A..., B...) view of the C-contiguous base
+        plan = fastcopy._blas_plan(w)
+        assert plan is not None and plan[2] == 2
+        for threads in (False, True):
+            got = np.empty(w.shape, dtype)
+            assert fastcopy._blas_transpose(got, w, threads) and same_bits(got, w)
+        blocks = b"".join(bytes(b) for _, b in fastcopy.iter_blocks(w, np.dtype(dtype), block_bytes=1000))
+        assert blocks == np.ascontiguousarray(w).tobytes()
+    odd = finite((10, 7), np.float32).astype(dtype).T  # 7 rows: no pairs; numpy's copy
+    assert fastcopy._blas_plan(odd) is None and same_bits(fastcopy.contiguous(odd, np.dtype(dtype)), odd)
+
+
 def test_scratch_reuses_only_buffers_nobody_holds():
     n = fastcopy.SCRATCH_MIN_BYTES // 4
     outside = fastcopy.scratch((n,), np.float32)

@@ -173,24 +173,34 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="vitctl-copy")
 
 
-def _blas_plan(w: np.ndarray) -> tuple[Callable[[np.ndarray, int, int], None], int] | None:
-    """(copy, A) if `w` is a transposed view of a C-contiguous float32/float64 array, else None.
+def _blas_plan(w: np.ndarray) -> tuple[Callable[[np.ndarray, int, int], None], int, int] | None:
+    """(copy, A, align) if `w` is a transposed view of a C-contiguous array of 2, 4 or 8-byte
+    elements that ?omatcopy can move, else None.
 
     Flattened, C-contiguous w is a 2-D (A, B) matrix, the transpose of its base's (B, A);
-    copy(out, lo, hi) writes rows lo:hi of that matrix into C-contiguous `out`, exactly:
-    block by block with ?omatcopy, each block checked for NaN while it is still in the cache
-    (?omatcopy would quiet a signalling NaN) and, if it holds one, copied again by numpy.
+    copy(out, lo, hi) writes rows lo:hi (multiples of `align`, or hi = A) of that matrix into
+    C-contiguous `out`, exactly: block by block with ?omatcopy, each block checked for NaN
+    while it is still in the cache (?omatcopy computes 1.0 * a, which quiets a signalling
+    NaN) and, if it holds one, copied again by numpy. float32 and float64 move as they are;
+    2-byte elements (bfloat16, float16) move as float32 pairs of adjacent base columns, which
+    land as pairs of output rows and are then de-interleaved in the cache (1.3 GB/s here,
+    against 0.4 for numpy's tiled copy).
     """
     fns = _omatcopy()
-    if fns is None or w.dtype not in fns or w.size == 0:
+    pairs = w.dtype.itemsize == 2 and sys.byteorder == "little"
+    if fns is None or w.size == 0 or not (pairs or w.dtype in fns):
         return None
     t = _as_transpose(w)
     if t is None:
         return None
     base, k = t
     A, B = math.prod(w.shape[:k]), math.prod(w.shape[k:])
-    fn, isz, a_ptr = fns[w.dtype], w.dtype.itemsize, base.ctypes.data
+    if pairs and A % 2:
+        return None
     view = base.reshape(B, A).T  # (A, B): row r of `w`, flattened
+    if pairs:
+        return _pair_copy(fns[np.dtype(np.float32)], base.ctypes.data, view, A, B), A, 2
+    fn, isz, a_ptr = fns[w.dtype], w.dtype.itemsize, base.ctypes.data
     step = max(1, BLOCK_BYTES // (B * isz))
 
     def copy(out: np.ndarray, lo: int, hi: int) -> None:  # rows lo:hi = base columns lo:hi
@@ -203,7 +213,37 @@ def _blas_plan(w: np.ndarray) -> tuple[Callable[[np.ndarray, int, int], None], i
             if np.isnan(block.max()):  # rare: keep every NaN's bits
                 _tile_copy(block, view[r:e])
 
-    return copy, A
+    return copy, A, 1
+
+
+_local = threading.local()
+
+
+def _pair_copy(fn: Callable, a_ptr: int, view: np.ndarray, A: int, B: int) -> Callable[[np.ndarray, int, int], None]:
+    """copy(out, lo, hi) for 2-byte elements (see _blas_plan): base viewed as (B, A/2) float32
+    pairs; rows lo:hi of the (A, B) matrix are pair rows lo/2:hi/2 of its transpose, de-interleaved."""
+    step = max(1, BLOCK_BYTES // (B * 8))  # pair rows per block: two output rows each
+
+    def copy(out: np.ndarray, lo: int, hi: int) -> None:
+        assert out.flags.c_contiguous and out.size == (hi - lo) * B and lo % 2 == 0 and hi % 2 == 0
+        flat = out.reshape(hi - lo, B).view(np.uint16)
+        buf = getattr(_local, "pairs", None)
+        if buf is None or buf.size < step * B:
+            buf = _local.pairs = np.empty(step * B, np.uint32)
+        for p in range(lo // 2, hi // 2, step):
+            q = min(p + step, hi // 2)
+            block = buf[: (q - p) * B].reshape(q - p, B)
+            fn(B, q - p, a_ptr + p * 4, A // 2, block.ctypes.data, B)
+            rows = flat[2 * p - lo : 2 * q - lo]
+            if np.isnan(block.view(np.float32).max()):  # a pair whose bits are a float32 NaN: numpy keeps them
+                _tile_copy(rows, view[2 * p : 2 * q].view(np.uint16))
+                continue
+            halves = block.view(np.uint16).reshape(q - p, B, 2)
+            pair_rows = rows.reshape(q - p, 2, B)
+            pair_rows[:, 0] = halves[..., 0]
+            pair_rows[:, 1] = halves[..., 1]
+
+    return copy
 
 
 def _blas_transpose(out: np.ndarray, w: np.ndarray, threads: bool = True) -> bool:
@@ -211,11 +251,11 @@ def _blas_transpose(out: np.ndarray, w: np.ndarray, threads: bool = True) -> boo
     plan = _blas_plan(w) if w.dtype == out.dtype else None
     if plan is None:
         return False
-    copy, A = plan
+    copy, A, align = plan
     flat = out.reshape(A, -1)
-    parts = min(COPY_THREADS, max(1, w.nbytes // (4 << 20)), A) if threads else 1
-    bounds = [A * p // parts for p in range(parts + 1)]
-    if parts == 1:
+    parts = min(COPY_THREADS, max(1, w.nbytes // (4 << 20)), A // align) if threads else 1
+    bounds = [A * p // parts // align * align for p in range(parts)] + [A]
+    if parts <= 1:
         copy(flat, 0, A)
     else:
         list(_pool().map(lambda lo, hi: copy(flat[lo:hi], lo, hi), bounds[:-1], bounds[1:]))
@@ -248,10 +288,10 @@ def iter_blocks(
             yield lo, flat[lo : lo + block_bytes]
         return
     blas = _blas_plan(w) if w.dtype == dtype else None
-    copy, n = blas if blas is not None else (None, w.shape[0])
+    copy, n, align = blas if blas is not None else (None, w.shape[0], 1)
     row_shape = (w.size // n,) if blas is not None else w.shape[1:]
     row_bytes = math.prod(row_shape) * dtype.itemsize
-    rows = max(1, block_bytes // max(row_bytes, 1))
+    rows = max(align, block_bytes // max(row_bytes, 1) // align * align)
     shared = None if buffers else np.empty(min(rows, n) * row_bytes, np.uint8)
     for lo in range(0, n, rows):
         hi = min(lo + rows, n)
