@@ -4,10 +4,12 @@ of the converting process and its throughput next to `cp` of the same bytes, in 
     python bench/convert.py [--size-gib 4] [--repeat 3] [--json] [--keep] [--workdir DIR] [--cases a,b,...] [--max-wait 300]
 
 Cases (source -> target; `--cases` takes the short names):
-    jax-torch      vitctl-jax (Orbax params/ as convert writes it: a directory per array, uncompressed)
+    jax-torch      vitctl-jax as init/train write it (Orbax OCDBT, uncompressed)
                                                          -> vitctl-torch    jax-to-torch
     jax-timm       the same                              -> timm            jax-to-torch --format timm
-    jaxz-torch     vitctl-jax (Orbax params/ as Orbax, so `vitctl train`, writes it: OCDBT, zstd level 1)
+    jaxf-torch     vitctl-jax as convert writes it (Orbax, one directory per array, uncompressed)
+                                                         -> vitctl-torch    jax-to-torch
+    jaxz-torch     Orbax's default from other tools (OCDBT, zstd level 1)
                                                          -> vitctl-torch    jax-to-torch
     torch-jax      vitctl-torch (one model.safetensors)  -> vitctl-jax      torch-to-jax
     shards-jax     vitctl-torch (HF shards + index)      -> vitctl-jax      torch-to-jax
@@ -108,13 +110,14 @@ class SourceKind:
     label: str
     preset: str  # the block design; sizes are overridden
     dtype: str
-    layout: str  # orbax | safetensors | shards | npz | npz-scanned
-    compress: bool = False  # orbax: Orbax's own default (OCDBT, zstd level 1), not convert's per-array files
+    layout: str  # orbax (OCDBT) | orbax-files | safetensors | shards | npz | npz-scanned
+    compress: bool = False  # orbax: zstd level 1 on every chunk, Orbax's own default (vitctl writes no compression)
 
 
 SOURCES = {
-    "jax": SourceKind("vitctl-jax (Orbax params/, as convert writes)", "vit22b-1B/14", "float32", "orbax"),
-    "jaxz": SourceKind("vitctl-jax (Orbax params/ OCDBT+zstd, as train writes)", "vit22b-1B/14", "float32", "orbax", compress=True),
+    "jax": SourceKind("vitctl-jax (OCDBT, as init/train write)", "vit22b-1B/14", "float32", "orbax"),
+    "jaxf": SourceKind("vitctl-jax (per-array files, as convert writes)", "vit22b-1B/14", "float32", "orbax-files"),
+    "jaxz": SourceKind("Orbax default (OCDBT + zstd)", "vit22b-1B/14", "float32", "orbax", compress=True),
     "torch": SourceKind("vitctl-torch (model.safetensors)", "vit22b-1B/14", "float32", "safetensors"),
     "shards": SourceKind("vitctl-torch (HF shards)", "vit22b-1B/14", "float32", "shards"),
     "npz": SourceKind("big_vision .npz fp32", "L/14", "float32", "npz"),
@@ -124,6 +127,7 @@ SOURCES = {
 CASES = [
     Case("jax-torch", "jax", "jax-to-torch", (), "vitctl-torch"),
     Case("jax-timm", "jax", "jax-to-torch", ("--format", "timm"), "timm"),
+    Case("jaxf-torch", "jaxf", "jax-to-torch", (), "vitctl-torch"),
     Case("jaxz-torch", "jaxz", "jax-to-torch", (), "vitctl-torch"),
     Case("torch-jax", "torch", "torch-to-jax", (), "vitctl-jax"),
     Case("shards-jax", "shards", "torch-to-jax", (), "vitctl-jax"),
@@ -186,11 +190,11 @@ def build(kind_key: str, path: Path, size_bytes: int) -> dict:
     itemsize = dt.itemsize
     largest_stored = 0
     provenance = {"source_format": "synthetic", "created_by": "bench/convert.py", "seed": SEED}
-    if kind.layout == "orbax":
+    if kind.layout.startswith("orbax"):
         path.mkdir()
         specs = [(n, s, dt) for n, s in per_layer.items()]
-        if kind.compress:  # as Orbax itself saves (vitctl train / init): OCDBT, zstd level 1
-            writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=True)
+        if kind.layout == "orbax":  # OCDBT, as Orbax saves it (vitctl init / train: uncompressed; Orbax's default: zstd)
+            writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=kind.compress)
         else:  # as vitctl convert writes vitctl-jax: one directory per array, uncompressed
             writer = io.OrbaxFilesWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES)
         for n, s, _ in specs:

@@ -257,7 +257,7 @@ def test_convert_benchmark_script_runs(tmp_path):
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "bench" / "convert.py"
-    cases = "jax-torch,jaxz-torch,torch-jax,npz16-torch,scan-torch"
+    cases = "jax-torch,jaxf-torch,jaxz-torch,torch-jax,npz16-torch,scan-torch"
     p = subprocess.run(
         [sys.executable, str(script), "--size-gib", "0.01", "--repeat", "2", "--cases", cases, "--workdir", str(tmp_path), "--max-wait", "0", "--json"],
         capture_output=True, text=True, timeout=600, check=False,
@@ -270,6 +270,6 @@ def test_convert_benchmark_script_runs(tmp_path):
         assert len(c["convert_seconds"]) == 2 and len(c["cp_seconds"]) == 3 and c["best_convert_seconds"] == min(c["convert_seconds"])
     rows = {r["name"]: r for r in report["rows"]}
     speed = [r for n, r in rows.items() if n.endswith(" GB/s") and not n.startswith("cp ")]
-    assert len(speed) == 5 and all(r["baseline"].startswith("cp ") and r["ratio"] > 0 for r in speed)
-    assert sum(n.endswith(" peak RSS") for n in rows) == 5
+    assert len(speed) == 6 and all(r["baseline"].startswith("cp ") and r["ratio"] > 0 for r in speed)
+    assert sum(n.endswith(" peak RSS") for n in rows) == 6
     assert not list(tmp_path.glob("*/out-*")) and not list(tmp_path.glob("*/src-*"))  # outputs and sources removed
