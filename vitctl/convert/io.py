@@ -372,20 +372,13 @@ class SafetensorsWriter:
         assert array.shape == shape and name not in self._written, (name, array.shape, shape)
         path, offset = self._where[name]
         fd = self._handles[path].fileno()
-        self._blocks_call(lambda: self._blocks.write(fd, offset, array, dtype, (path, f"tensor '{name}'")))
+        _block_writes(lambda: self._blocks.write(fd, offset, array, dtype, (path, f"tensor '{name}'")))
         self._written.add(name)
-
-    def _blocks_call(self, fn) -> None:
-        try:
-            fn()
-        except fastcopy.WriteFailed as e:
-            path, what = e.label
-            raise _write_error(path, what, e.error) from None
 
     def close(self) -> None:
         missing = sorted(set(self._specs) - self._written)
         assert not missing, f"tensors never written: {missing[:8]}"
-        self._blocks_call(self._blocks.close)
+        _block_writes(self._blocks.close)
         for path, f in self._handles.items():
             _guarded(path, "the end of the file", f.close)
         if len(self.files) > 1:
@@ -406,6 +399,16 @@ def _guarded(path: Path, what: str, fn):
         return fn()
     except OSError as e:
         raise _write_error(path, what, e) from None
+
+
+def _block_writes(fn) -> None:
+    """Runs fn (queueing or flushing fastcopy.BlockWriter writes labelled (path, what)); a failed
+    write becomes a CheckpointError naming its file and tensor."""
+    try:
+        fn()
+    except fastcopy.WriteFailed as e:
+        path, what = e.label
+        raise _write_error(path, what, e.error) from None
 
 
 def _write_error(path: Path, what: str, e: OSError) -> CheckpointError:
@@ -828,22 +831,15 @@ class OrbaxFilesWriter:
                 fd = _guarded(folder / k, f"tensor '{name}'", lambda p=folder / k: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
                 segments.append((a, b, fd, 0))
             if array.size:
-                self._blocks_call(lambda: self._blocks.write_segments(segments, array, dtype, label))
+                _block_writes(lambda: self._blocks.write_segments(segments, array, dtype, label))
         finally:
             for _, _, fd, _ in segments:
                 self._blocks.close_file(fd, label)
         self._pending.discard(name)
 
-    def _blocks_call(self, fn) -> None:
-        try:
-            fn()
-        except fastcopy.WriteFailed as e:
-            folder, what = e.label
-            raise _write_error(folder, what, e.error) from None
-
     def close(self) -> None:
         assert not self._pending, f"tensors never written: {sorted(self._pending)[:8]}"
-        self._blocks_call(self._blocks.close)
+        _block_writes(self._blocks.close)
         _write_orbax_metadata(self.path, self._names, use_ocdbt=False)
 
     def abort(self) -> None:
