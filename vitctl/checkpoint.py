@@ -90,18 +90,19 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
         else:
             tmp.rename(dst)
     except BaseException:
-        _remove(tmp)
+        remove_tree(tmp)
         raise
 
 
-def _remove(path: Path, tries: int = 20) -> None:
+def remove_tree(path: Path, tries: int = 40) -> None:
     """rmtree, repeated while the tree still exists: a library thread still finishing a write
-    (tensorstore's, after an interrupt) may add an entry while the tree is being removed."""
-    for _ in range(tries):
+    (tensorstore's or Orbax's, after an interrupt or a failed save) may add an entry while the
+    tree is being removed. Waits at most ~8 s in all."""
+    for k in range(tries):
         shutil.rmtree(path, ignore_errors=True)
         if not path.exists():
             return
-        time.sleep(0.05)
+        time.sleep(min(0.25, 0.05 * (k + 1)))
 
 
 def check_output(dst: str | Path, force: bool) -> None:

@@ -486,7 +486,7 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], 
             ckpt.write_config(out, cfg, provenance)
     finally:
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt.remove_tree(tmp)  # retried: Orbax's threads may still be adding files of a failed save
     sync(f"vitctl-params-done-{tag}")
 
 

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vitctl.checkpoint import remove_tree
 from vitctl.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^\d{8}$")
@@ -92,7 +93,7 @@ def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep
             ) from e
     except BaseException:
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)  # retried: Orbax's threads may still be adding files of the failed save
         raise
     if primary:
         for old in steps(d)[:-keep] if keep > 0 else []:
