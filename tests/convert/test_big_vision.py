@@ -474,10 +474,15 @@ def test_scanned_member_is_read_per_layer(saved, monkeypatch):
         key = "Transformer/encoderblock/MlpBlock_0/Dense_0/kernel"
         (L, *rest), _ = r.header(key)
         sizes = []
-        original = bv.NpzReader._pread_into
-        monkeypatch.setattr(bv.NpzReader, "_pread_into", lambda self, k, fd, buf, *a: sizes.append(len(buf)) or original(self, k, fd, buf, *a))
+        original = bv.NpzReader._read_span
+        monkeypatch.setattr(
+            bv.NpzReader,
+            "_read_span",
+            lambda self, k, h, fd, off, count, *a: sizes.append(count) or original(self, k, h, fd, off, count, *a),
+        )
         layers = list(r.iter_layers(key))
-        assert len(layers) == L and sizes == [int(np.prod(rest)) * 4] * L  # one layer's bytes per read, never the stack
+        assert len(layers) == L and sizes == [int(np.prod(rest))] * L  # one layer per read (mapped), never the stack
+        assert all(not a.flags.writeable for a in layers)  # views of the file's pages
         with np.load(path) as z:
             assert np.array_equal(np.stack(layers), z[key])
 

@@ -200,3 +200,34 @@ def test_contiguous_tiles_cover_every_element(monkeypatch, tile, blas):
             if view.size > 10**6 and tile == 1:
                 continue  # element by element: slow
             assert same_bits(fastcopy.contiguous(view, dtype), view.astype(dtype))
+
+
+def _maps_of(path) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(str(path) in line for line in f)
+
+
+def test_mapped_views_file_pieces_without_copying_and_unmaps_with_the_last_view(tmp_path):
+    page = fastcopy._PAGE
+    data = np.random.default_rng(0).integers(0, 256, 5 * page, dtype=np.uint8)
+    path = tmp_path / "data"
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        one = fastcopy.mapped([(fd, 3 * page + 12, 100)])  # one piece: any offset
+        assert one.tobytes() == data[3 * page + 12 :][:100].tobytes() and not one.flags.writeable
+        if not fastcopy._libc():
+            pytest.skip("joining pieces needs Linux")
+        pieces = [(fd, 2 * page, page), (fd, 0, 2 * page), (fd, 4 * page, 100)]  # out of file order, last one short
+        joined = fastcopy.mapped(pieces)
+        want = np.concatenate([data[2 * page : 3 * page], data[: 2 * page], data[4 * page :][:100]])
+        assert joined.tobytes() == want.tobytes() and not joined.flags.writeable
+        assert fastcopy.mapped([(fd, 12, page), (fd, page, 100)]) is None  # not on a page boundary: the caller copies
+        assert fastcopy.mapped([(fd, 0, 100), (fd, page, 100)]) is None  # a short piece before the last
+    finally:
+        os.close(fd)
+    view = joined.view(np.float32)[3:]
+    del joined, one
+    assert _maps_of(path) > 0  # `view` still holds the mapping
+    del view
+    assert _maps_of(path) == 0

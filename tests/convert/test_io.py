@@ -349,7 +349,7 @@ def test_orbax_files_writer_restores_with_orbax_and_reads_without_tensorstore(tm
         restored = c.restore((tmp_path / "params").absolute())
     assert restored["blocks"]["mlp_in"]["kernel"].tobytes() == flat["blocks/mlp_in/kernel"].tobytes()
     r = io.OrbaxReader(tmp_path / "params")
-    assert sorted(r._files) == sorted(flat) and not r._arrays  # no tensorstore
+    assert sorted(r._plain) == sorted(flat) and not r._arrays  # no tensorstore
     assert_bitwise(dict(r.iter_tensors(names)), per_layer)
 
 
@@ -370,6 +370,17 @@ def test_slab_chunks(shape, stacked, limit, want):
     assert io._is_slab(shape, want)
     runs = list(io._chunk_runs(shape, want, 4))
     assert [b - a for _, a, b in runs] == [int(np.prod(want)) * 4] * len(runs) and runs[-1][2] == int(np.prod(shape)) * 4
+
+
+def test_orbax_reader_maps_page_sized_chunks(tmp_path):
+    """Chunks that are whole pages are mapped in order into one array (no copy); others are read in place."""
+    arrays = {"blocks/w": np.arange(3 * 2 * 1024, dtype=np.float32).reshape(3, 2, 1024), "x": np.arange(6, dtype=np.float32)}
+    write_orbax_files(tmp_path / "params", arrays, 3, chunk_bytes=4096)
+    r = io.OrbaxReader(tmp_path / "params")
+    assert r._plain["blocks/w"].chunks == (1, 1, 1024)  # two 4 KiB chunk files per layer
+    got = dict(r.iter_tensors(list(r.infos())))
+    assert not got["blocks/1/w"].flags.writeable  # a view of the chunk files' pages
+    assert got["blocks/1/w"].tobytes() == arrays["blocks/w"][1].tobytes() and got["x"].tobytes() == arrays["x"].tobytes()
 
 
 def test_orbax_files_reader_names_a_truncated_or_missing_chunk(tmp_path):
@@ -418,8 +429,44 @@ def test_orbax_reader_streams_save_jax_output(tmp_path, arrays):
     infos = r.infos()
     assert {n: (i.shape, i.dtype) for n, i in infos.items()} == {n: (a.shape, BF16) for n, a in per_layer.items()}
     assert infos["blocks/1/mlp_in/kernel"].chunk_bytes == 48 * 80 * 2  # one layer per chunk
+    assert sorted(r._plain) == sorted(flat) and not r._arrays  # uncompressed: read from the data files, not by tensorstore
     assert_bitwise(dict(r.iter_tensors(list(per_layer))), per_layer)
     assert r.read("blocks/2/q/kernel").tobytes() == flat["blocks/q/kernel"][2].tobytes()
+
+
+@pytest.mark.parametrize("chunk_bytes", [ckpt.CHUNK_BYTES, 1024, 96])
+@pytest.mark.parametrize("direct", [True, False], ids=["in-place", "via-copy"])
+def test_orbax_reader_reads_uncompressed_ocdbt_chunks_in_place(tmp_path, chunk_bytes, direct, monkeypatch):
+    """Chunks cut along any axes (Orbax's subchunking): each chunk's rows land in place (os.preadv) or,
+    when short, through a copy; inline values (small arrays) too. Bit-exact against Orbax's own restore."""
+    monkeypatch.setattr(io, "_DIRECT_RUN_BYTES", 1 if direct else 1 << 30)
+    cfg = tiny(depth=2)
+    flat = random_params(cfg)
+    ckpt.save_jax(tmp_path, flat, chunk_bytes=chunk_bytes)
+    r = io.OrbaxReader(tmp_path / "params")
+    assert sorted(r._plain) == sorted(flat) and not r._arrays
+    chunks = {n: a.chunks for n, a in r._plain.items()}
+    assert (chunk_bytes > 4096) == (chunks["blocks/mlp_in/kernel"] == (1, 48, 80)), chunks  # else cut inside a layer
+    per_layer = dict(unstack(flat, cfg.depth))
+    assert_bitwise(dict(r.iter_tensors(list(per_layer))), per_layer)
+    r.close()
+
+
+def test_orbax_reader_names_a_truncated_ocdbt_data_file(tmp_path):
+    cfg = tiny(depth=2)
+    flat = random_params(cfg)
+    ckpt.save_jax(tmp_path, flat)
+    r = io.OrbaxReader(tmp_path / "params")
+    names = list(r.infos())
+    biggest = data_files(tmp_path / "params")[-1]
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"cannot read tensor '.*' from {biggest}: chunk .* past the end of the file") as e:
+        list(r.iter_tensors(names))
+    assert "re-create" in e.value.hint
+    biggest.unlink()
+    r = io.OrbaxReader(tmp_path / "params")
+    with pytest.raises(CheckpointError, match=f"cannot read tensor '.*': data file {biggest} is missing"):
+        list(r.iter_tensors(names))
 
 
 @pytest.mark.parametrize("use_ocdbt,use_zarr3", [(False, False), (True, True), (False, True)])

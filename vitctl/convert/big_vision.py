@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover
     from zlib import crc32
 
 from vitctl.config import ViTConfig
-from vitctl.convert import mapping
+from vitctl.convert import fastcopy, mapping
 from vitctl.convert.fastcopy import scratch
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 
@@ -254,22 +254,31 @@ class NpzReader:
         return total // shape[0] if per_layer and stored and shape and shape[0] else total
 
     def read(self, key: str) -> np.ndarray:
-        """One member's array, read straight into the result (CRC-checked).
+        """One member's array, CRC-checked.
 
-        A stored (np.savez) member is read with positioned reads at its data offset into the
-        result's buffer, its CRC-32 computed over those bytes; a deflated one goes through zipfile.
+        A stored (np.savez) member in native byte order is mapped (fastcopy.mapped: the result
+        views the file's pages, read-only, no copy) and its CRC-32 computed over them; other
+        stored members are read with positioned reads into the result's buffer; a deflated
+        one goes through zipfile.
         """
         h, fd, offset, crc = self._open_stored(key)
         if fd is None:
             return self._read_zipfile(key)
         try:
-            flat = scratch((math.prod(h.shape),), h.stored)
-            buf = memoryview(flat.view(np.uint8))
-            crc = self._pread_into(key, fd, buf, offset, crc, 0, len(buf))
+            flat, crc = self._read_span(key, h, fd, offset, math.prod(h.shape), crc, 0, math.prod(h.shape) * h.stored.itemsize)
         finally:
             os.close(fd)
         self._check_crc(key, crc)
         return self._finish(flat, h, h.shape)
+
+    def _read_span(self, key: str, h: _Header, fd: int, offset: int, count: int, crc: int, done: int, total: int) -> tuple[np.ndarray, int]:
+        """`count` items of the member from byte `offset` of the file, and the running CRC-32."""
+        nbytes = count * h.stored.itemsize
+        if h.stored.isnative and offset + nbytes <= os.fstat(fd).st_size:
+            flat = fastcopy.mapped([(fd, offset, nbytes)]).view(h.stored)
+            return flat, crc32(flat.view(np.uint8), crc)  # (ISA-L and zlib release the GIL on large buffers)
+        flat = scratch((count,), h.stored)
+        return flat, self._pread_into(key, fd, memoryview(flat.view(np.uint8)), offset, crc, done, total)
 
     def iter_layers(self, key: str) -> Iterator[np.ndarray]:
         """The slices [0], [1], ... of a member along its leading axis, one fresh array each.
@@ -291,14 +300,13 @@ class NpzReader:
         try:
             layer = math.prod(h.shape[1:])
             total = math.prod(h.shape) * h.stored.itemsize
+            step = layer * h.stored.itemsize
             for i in range(h.shape[0]):
-                flat = scratch((layer,), h.stored)
-                buf = memoryview(flat.view(np.uint8))
-                crc = self._pread_into(key, fd, buf, offset + i * len(buf), crc, i * len(buf), total)
+                flat, crc = self._read_span(key, h, fd, offset + i * step, layer, crc, i * step, total)
                 if i == h.shape[0] - 1:
                     self._check_crc(key, crc)
                 yield self._finish(flat, h, h.shape[1:])
-                del flat, buf
+                del flat
             if h.shape[0] == 0:
                 self._check_crc(key, crc)
         finally:

@@ -12,7 +12,8 @@ Memory is bounded by one tensor (or one stored chunk), never by the checkpoint.
   + `model.safetensors.index.json`. Headers are parsed and validated by hand (offsets
   inside the file, sizes matching shapes, index consistent with the shards), so a
   truncated or corrupt file fails before any data is read, naming file and tensor.
-  Data is read with one positioned read per tensor (no mmap, so RSS stays at one tensor).
+  Each tensor is mapped (fastcopy.mapped: a read-only view of the file's pages, no copy),
+  and unmapped with its last view, so RSS stays at the tensors in flight.
 - SafetensorsWriter: shards planned upfront (HF semantics: a new shard when the next
   tensor would exceed the limit; a larger tensor gets a shard alone); each shard's
   header is written first, then each tensor's bytes at their offset.
@@ -20,9 +21,11 @@ Memory is bounded by one tensor (or one stored chunk), never by the checkpoint.
   variants, from `_METADATA`), opened with tensorstore. Stacked block arrays
   (`blocks/q/kernel`, leading L axis) are exposed per layer (`blocks/{i}/q/kernel`)
   and read as slices `[i]`, which touch only that layer's chunks, decoded by tensorstore
-  straight into a reused buffer (fastcopy.scratch), a few tensors ahead. An uncompressed
-  per-array zarr v2 array whose chunks are runs of its bytes (what OrbaxFilesWriter
-  writes) is read without tensorstore: its chunk files straight into the buffer.
+  straight into a reused buffer (fastcopy.scratch), a few tensors ahead. Uncompressed zarr v2
+  arrays (what `vitctl init/train` and OrbaxFilesWriter write) are read without tensorstore's
+  decoder: where each chunk lies comes from the OCDBT B-tree (tensorstore.ocdbt.dump) or is
+  a chunk file; chunks that are runs of the array's bytes are mapped into one array in order
+  (no copy), others are read in place (os.preadv, one iovec per chunk row).
 - OrbaxFilesWriter (what `vitctl convert` writes): `params/` in Orbax's one-directory-per-array
   layout (`use_ocdbt: false`), uncompressed, written as plain files through fastcopy.BlockWriter.
 - OrbaxWriter (with zstd, as Orbax's default): `params/` written directly with tensorstore in Orbax's on-disk layout
@@ -49,8 +52,10 @@ import json
 import math
 import os
 import re
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -274,14 +279,17 @@ class SafetensorsReader:
         return dict(self._infos)
 
     def read(self, name: str) -> np.ndarray:
+        """The tensor, read-only: a view of the file's pages (fastcopy.mapped), not a copy."""
         info = self._infos[name]
-        out = scratch(info.shape, info.dtype)  # a reused buffer: no page faults (fastcopy)
         f = self._files.get(info.file) or self._files.setdefault(info.file, open(info.file, "rb"))  # noqa: SIM115
-        f.seek(self._offsets[name])
-        got = f.readinto(_as_bytes(out)) if info.nbytes else 0
-        if got != info.nbytes:
-            raise _fail(info.file, f"tensor '{name}' is cut short ({got} of {info.nbytes} bytes): the file is truncated")
-        return out
+        size, end = os.fstat(f.fileno()).st_size, self._offsets[name] + info.nbytes
+        if end > size:
+            raise _fail(
+                info.file,
+                f"tensor '{name}' is cut short ({max(0, size - self._offsets[name])} of {info.nbytes} bytes): the file is truncated",
+            )
+        data = fastcopy.mapped([(f.fileno(), self._offsets[name], info.nbytes)])
+        return data.view(info.dtype).reshape(info.shape)
 
     iter_tensors = iter_by_name
 
@@ -488,17 +496,20 @@ class OrbaxReader:
         meta = _read_orbax_metadata(self.path)
         ctx = _ts_context(ts)
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
-        self._arrays: dict[str, Any] = {}
-        self._files: dict[str, _SlabArray] = {}  # arrays read straight from their chunk files
+        self._arrays: dict[str, Any] = {}  # arrays tensorstore reads
+        self._plain: dict[str, _PlainArray] = {}  # arrays read straight from their files
+        self._open_files = _OpenFiles()
+        self._reading: set[concurrent.futures.Future] = set()
         self._infos: dict[str, TensorInfo] = {}
+        ocdbt, zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
+        index = _ocdbt_index(ts, self.path, ctx) if ocdbt and not zarr3 else None
         for name, stored in _orbax_names(self.path, meta).items():
-            if not meta.get("use_ocdbt", True) and not meta.get("use_zarr3"):
-                slab = _SlabArray.open(self.path / stored)
-                if slab is not None:
-                    self._files[name] = slab
-                    self._add_infos(name, slab.shape, slab.dtype, _nbytes(slab.chunks, slab.dtype))
-                    continue
-            spec = {"driver": driver, "kvstore": _kvstore(self.path, stored, meta.get("use_ocdbt", True))}
+            plain = None if zarr3 else self._plain_array(stored, index) if ocdbt else self._plain_files(stored)
+            if plain is not None and (plain.chunks[:1] == (1,) or not is_stacked(name)):
+                self._plain[name] = plain
+                self._add_infos(name, plain.shape, plain.dtype, _nbytes(plain.chunks, plain.dtype))
+                continue
+            spec = {"driver": driver, "kvstore": _kvstore(self.path, stored, ocdbt)}
             try:
                 arr = ts.open(spec, open=True, read=True, write=False, context=ctx).result()
                 dtype, chunks = np.dtype(arr.dtype.numpy_dtype), tuple(arr.chunk_layout.read_chunk.shape)
@@ -506,6 +517,22 @@ class OrbaxReader:
                 raise _ts_error(self.path, f"array '{name}'", e) from None
             self._arrays[name] = arr
             self._add_infos(name, tuple(arr.shape), dtype, _nbytes(chunks, dtype))
+
+    def _plain_files(self, stored: str) -> _PlainArray | None:
+        folder = self.path / stored
+        try:
+            zarray = (folder / ".zarray").read_bytes()
+        except OSError:
+            return None  # tensorstore names what is wrong
+        return _PlainArray.parse(zarray, _chunk_files(folder))
+
+    def _plain_array(self, stored: str, index: Mapping[str, Location] | None) -> _PlainArray | None:
+        """An array of the OCDBT database whose chunks are all stored, uncompressed (else None)."""
+        zarray = index.get(f"{stored}/.zarray") if index is not None else None
+        if not isinstance(zarray, bytes):  # (Orbax's .zarray, ~160 bytes, is always inline)
+            return None
+        plain = _PlainArray.parse(zarray, lambda key: index.get(f"{stored}/{key}"))
+        return plain if plain is not None and all(f"{stored}/{k}" in index for k in plain.keys()) else None
 
     def _add_infos(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> None:
         if not is_stacked(name):
@@ -537,9 +564,11 @@ class OrbaxReader:
     def _start(self, name: str):
         stacked, i = split_layer(name)
         key = stacked if i is not None else name
-        if key in self._files:  # pread straight into a reused buffer, on the reader thread
-            out = scratch(self._infos[name].shape, self._infos[name].dtype)
-            return out, _reader_thread().submit(self._files[key].read_into, out, i, name)
+        if key in self._plain:  # read straight into a reused buffer, on the reader thread
+            future = _reader_thread().submit(self._plain[key].read, i, name, self._open_files)
+            self._reading.add(future)
+            future.add_done_callback(self._reading.discard)
+            return None, future
         arr = self._arrays[stacked] if i is not None else self._arrays[name]
         src = arr[i] if i is not None else arr
         info = self._infos[name]
@@ -555,16 +584,18 @@ class OrbaxReader:
     def _finish(self, name: str, started) -> np.ndarray:
         out, future = started
         try:
-            future.result()
+            result = future.result()
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001  (as above)
             raise _ts_error(self.path, f"tensor '{name}'", e) from None
-        return out
+        return result if out is None else out
 
     def close(self) -> None:
+        concurrent.futures.wait(list(self._reading))  # reads still running use the open files
         self._arrays.clear()
-        self._files.clear()
+        self._plain.clear()
+        self._open_files.close()
 
 
 @functools.cache
@@ -572,54 +603,246 @@ def _reader_thread() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vitctl-read")
 
 
-@dataclasses.dataclass(frozen=True)
-class _SlabArray:
-    """An uncompressed zarr v2 array whose chunks are runs of its C-order bytes (as OrbaxFilesWriter writes)."""
+# Where one stored chunk lies: (file, byte offset, byte length or None for "the whole file"), or its
+# bytes when the OCDBT B-tree holds them inline. None: not stored.
+Location = tuple[Path, int, int | None] | bytes
+_IOV_MAX = 1024  # iovecs per os.preadv (Linux's UIO_MAXIOV)
+_DIRECT_RUN_BYTES = 16 << 10  # chunk rows at least this long are read straight into place; shorter ones via a copy
 
-    folder: Path
+
+@dataclasses.dataclass(frozen=True)
+class _PlainArray:
+    """An uncompressed zarr v2 array (C order, no filters, no fill value) whose chunks tile its shape,
+    read without tensorstore: every chunk's rows go from the file straight to their place in the
+    caller's buffer (one os.preadv per chunk), so the bytes are copied once, by the kernel.
+
+    `locate(key)` says where the chunk with zarr key `key` ("i.j.k") lies: chunk files of the
+    per-array layout, or values in the data files of an OCDBT database (_ocdbt_index).
+    """
+
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     dtype: np.dtype
+    locate: Callable[[str], Location | None]
 
     @classmethod
-    def open(cls, folder: Path) -> _SlabArray | None:
-        """The array in `folder` if it has that form (else None: tensorstore reads it)."""
+    def parse(cls, zarray: bytes | str, locate: Callable[[str], Location | None]) -> _PlainArray | None:
+        """The array that `.zarray` describes if it has that form (else None: tensorstore reads it)."""
         try:
-            z = json.loads((folder / ".zarray").read_text())
+            z = json.loads(zarray)
             dtype = {v: k for k, v in _ZARR_DTYPE.items()}.get(z["dtype"]) or np.dtype(z["dtype"])
             shape, chunks = tuple(int(d) for d in z["shape"]), tuple(int(c) for c in z["chunks"])
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
             return None  # tensorstore names what is wrong
         plain = z.get("compressor") is None and z.get("filters") is None and z.get("order", "C") == "C" and z.get("zarr_format") == 2
-        ok = plain and z.get("dimension_separator", ".") == "." and dtype.byteorder in "=<|" and dtype in _SLAB_DTYPES
-        return cls(folder, shape, chunks, dtype) if ok and _is_slab(shape, chunks) and 0 not in shape else None
+        plain = plain and z.get("fill_value") is None and z.get("dimension_separator", ".") == "."
+        tiles = len(shape) == len(chunks) and all(c > 0 and s % c == 0 for s, c in zip(shape, chunks)) and 0 not in shape
+        ok = plain and tiles and dtype.byteorder in "=<|" and dtype in _PLAIN_DTYPES
+        return cls(shape, chunks, dtype, locate) if ok else None
 
-    def read_into(self, out: np.ndarray, layer: int | None, name: str) -> None:
-        """Reads the array (or layer `layer` of it) into C-contiguous `out`, one chunk file at a time."""
+    def read(self, layer: int | None, name: str, files: _OpenFiles) -> np.ndarray:
+        """The array, or layer `layer` of it (chunks[0] must then be 1), C-contiguous.
+
+        When its chunks are runs of its bytes (slabs) stored in files, page-aligned, the result
+        maps them in order (fastcopy.mapped: read-only, no copy); else it is a reused buffer that
+        each chunk is read into in place."""
+        shape, chunks, prefix = self.shape, self.chunks, ""
+        if layer is not None:
+            assert chunks[0] == 1, (name, chunks)
+            shape, chunks, prefix = shape[1:], chunks[1:], f"{layer}."
+        nbytes = math.prod(chunks) * self.dtype.itemsize
+        with contextlib.ExitStack() as opened:
+            if shape and _is_slab(shape, chunks):
+                pieces = [self._open_chunk(prefix + key, nbytes, name, files, opened) for key in self._grid_keys(shape, chunks)]
+                if all(isinstance(p, tuple) for p in pieces):
+                    data = fastcopy.mapped([(fd, offset, nbytes) for fd, offset in pieces])  # type: ignore[misc]
+                    if data is not None:
+                        return data.view(self.dtype).reshape(shape)
+            out = scratch(shape, self.dtype)
+            self._read_into(out, shape, chunks, prefix, name, files, opened)
+            return out
+
+    @staticmethod
+    def _grid_keys(shape: Sequence[int], chunks: Sequence[int]) -> Iterator[str]:
+        for index in itertools.product(*(range(s // c) for s, c in zip(shape, chunks))):
+            yield ".".join(map(str, index))
+
+    def keys(self) -> Iterator[str]:
+        """The zarr key of every chunk."""
+        return self._grid_keys(self.shape, self.chunks) if self.shape else iter(["0"])
+
+    def _read_into(self, out, shape, chunks, prefix: str, name: str, files: _OpenFiles, opened: contextlib.ExitStack) -> None:
+        size = self.dtype.itemsize
         buf = memoryview(out.reshape(-1).view(np.uint8))
-        base = 0 if layer is None else layer * len(buf)
-        for key, a, b in _chunk_runs(self.shape, self.chunks, self.dtype.itemsize):
-            if not base <= a < base + len(buf):
-                continue
-            path = self.folder / key
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size != b - a:
-                        raise CheckpointError(
-                            f"cannot read tensor '{name}' from {path}: the chunk file holds {size} bytes, not {b - a}",
-                            hint="the Orbax checkpoint is truncated or corrupt: re-create it",
-                        )
-                    got = f.readinto(buf[a - base : b - base])
-            except FileNotFoundError:
+        if not shape:
+            self._read_chunk(prefix + "0", [buf], name, files, opened)
+            return
+        strides = [math.prod(shape[a + 1 :]) * size for a in range(len(shape))]
+        cut = [a for a in range(len(shape)) if chunks[a] != shape[a]]
+        j = cut[-1] if cut else 0  # chunk rows: contiguous runs of chunks[j:] elements
+        run = chunks[j] * strides[j]
+        rows = np.zeros((), np.int64)  # offsets of a chunk's rows from its first byte, in its C order
+        for a in range(j):
+            rows = np.add.outer(rows, np.arange(chunks[a], dtype=np.int64) * strides[a])
+        rows = rows.reshape(-1)
+        direct = run >= _DIRECT_RUN_BYTES or len(rows) == 1
+        whole = out.reshape(shape)
+        for index in itertools.product(*(range(s // c) for s, c in zip(shape, chunks))):
+            key = prefix + ".".join(map(str, index))
+            if direct:  # each row of the chunk straight to its place (os.preadv)
+                start = sum(i * c * s for i, c, s in zip(index, chunks, strides))
+                self._read_chunk(key, [buf[o : o + run] for o in (rows + start).tolist()], name, files, opened)
+            else:  # short rows: read the chunk whole, then copy it into place
+                tile = scratch(chunks, self.dtype)
+                self._read_chunk(key, [memoryview(tile.reshape(-1).view(np.uint8))], name, files, opened)
+                whole[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks))] = tile
+
+    def _read_chunk(self, key: str, views: list[memoryview], name: str, files: _OpenFiles, opened: contextlib.ExitStack) -> None:
+        where = self._open_chunk(key, sum(map(len, views)), name, files, opened)
+        if isinstance(where, bytes):  # inline in the OCDBT B-tree
+            data = memoryview(where)
+            for v in views:
+                v[:], data = data[: len(v)], data[len(v) :]
+            return
+        fd, offset = where
+        try:
+            complete = _preadv_all(fd, views, offset)
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor '{name}' from {files.path(fd)}: {e.strerror or e}", hint=_RECREATE) from None
+        if not complete:
+            raise CheckpointError(f"cannot read tensor '{name}' from {files.path(fd)}: the file ended inside chunk {key}", hint=_RECREATE)
+
+    def _open_chunk(self, key: str, nbytes: int, name: str, files: _OpenFiles, opened: contextlib.ExitStack) -> tuple[int, int] | bytes:
+        """(fd, offset) of chunk `key`'s `nbytes` bytes, checked to lie inside their file, or its inline value."""
+        where = self.locate(key)
+        if isinstance(where, bytes):
+            if len(where) != nbytes:
+                raise CheckpointError(f"cannot read tensor '{name}': chunk {key} holds {len(where)} bytes, not {nbytes}", hint=_RECREATE)
+            return where
+        if where is None:
+            raise CheckpointError(f"cannot read tensor '{name}': chunk {key} is not stored", hint=_RECREATE)
+        path, offset, length = where
+        if length is None:  # a chunk file (per-array layout): each is read once
+            fd, size = opened.enter_context(files.opened(path, name, "chunk file"))
+            if size != nbytes:
                 raise CheckpointError(
-                    f"cannot read tensor '{name}': chunk file {path} is missing", hint="the Orbax checkpoint is incomplete: re-create it"
-                ) from None
-            if got != b - a:
-                raise CheckpointError(f"cannot read tensor '{name}' from {path}: {got} of {b - a} bytes", hint="re-create the checkpoint")
+                    f"cannot read tensor '{name}' from {path}: the chunk file holds {size} bytes, not {nbytes}", hint=_RECREATE
+                )
+            return fd, 0
+        fd, size = files.open(path, name, "data file")  # an OCDBT data file: kept open, it holds many chunks
+        if length != nbytes or offset + length > size:
+            what = (
+                f"holds {length} bytes, not {nbytes}"
+                if length != nbytes
+                else f"ends at byte {offset + length}, past the end of the file ({size} bytes)"
+            )
+            raise CheckpointError(f"cannot read tensor '{name}' from {path}: chunk {key} {what}", hint=_RECREATE)
+        return fd, offset
 
 
-_SLAB_DTYPES = frozenset(ST_DTYPES.values())
+_RECREATE = "the Orbax checkpoint is truncated or corrupt: re-create it"
+_PLAIN_DTYPES = frozenset(ST_DTYPES.values())
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int) -> bool:
+    """Fills `views` from consecutive bytes of `fd` at `offset` (consumes the list); False at end of file."""
+    i = 0
+    while i < len(views):
+        n = os.preadv(fd, views[i : i + _IOV_MAX], offset)
+        if n == 0:
+            return False
+        offset += n
+        while n and i < len(views):
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i], n = views[i][n:], 0
+    return True
+
+
+class _OpenFiles:
+    """File descriptors (and sizes) of the files a reader reads from."""
+
+    def __init__(self):
+        self._fds: dict[Path, tuple[int, int]] = {}
+        self._paths: dict[int, Path] = {}
+        self._lock = threading.Lock()
+
+    def open(self, path: Path, name: str, what: str) -> tuple[int, int]:
+        """(fd, size) of `path`, opened on first use and kept open until close()."""
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = self._open(path, name, what)
+            return self._fds[path]
+
+    @contextlib.contextmanager
+    def opened(self, path: Path, name: str, what: str) -> Iterator[tuple[int, int]]:
+        """(fd, size) of `path`, closed on leaving."""
+        fd, size = self._open(path, name, what)
+        try:
+            yield fd, size
+        finally:
+            with self._lock:
+                del self._paths[fd]
+            os.close(fd)
+
+    def path(self, fd: int) -> Path:
+        return self._paths[fd]
+
+    def _open(self, path: Path, name: str, what: str) -> tuple[int, int]:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CheckpointError(f"cannot read tensor '{name}': {what} {path} is missing", hint=_RECREATE) from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor '{name}' from {path}: {e.strerror or e}", hint=_RECREATE) from None
+        self._paths[fd] = path
+        return fd, os.fstat(fd).st_size
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._paths.clear()
+
+
+def _chunk_files(folder: Path) -> Callable[[str], Location]:
+    """Chunk key -> its file in the per-array layout (`params/<array>/<key>`)."""
+    return lambda key: (folder / key, 0, None)
+
+
+_VALUE_REF = re.compile(r"value:([^:]*):([^:]*):([0-9]+):([0-9]+)")
+
+
+def _ocdbt_index(ts, params: Path, context) -> dict[str, Location] | None:
+    """Every key of the OCDBT database in `params/` (latest version) -> where its value lies, from its
+    B+tree as tensorstore.ocdbt.dump decodes it. None when the tree cannot be walked or a value lies
+    outside params/: tensorstore then reads (and names the problem)."""
+    try:
+        base = ts.KvStore.open({"driver": "file", "path": f"{params}/"}, context=context).result()
+        manifest = ts.ocdbt.dump(base, context=context).result()
+        root = max(manifest["versions"], key=lambda v: v["generation_number"])["root"]
+        pending = [root["location"]] if "location" in root else []
+        index: dict[str, Location] = {}
+        while pending:
+            for entry in ts.ocdbt.dump(base, pending.pop(), context=context).result()["entries"]:
+                if "location" in entry:  # interior node: a subtree
+                    pending.append(entry["location"])
+                    continue
+                key = bytes(entry["key"]).decode()
+                if "inline_value" in entry:
+                    index[key] = bytes(entry["inline_value"])
+                    continue
+                m = _VALUE_REF.fullmatch(entry["indirect_value"])
+                rel = Path(urllib.parse.unquote(m.group(1))) / urllib.parse.unquote(m.group(2))
+                if rel.is_absolute() or ".." in rel.parts:
+                    return None
+                index[key] = (params / rel, int(m.group(3)), int(m.group(4)))
+    except Exception:  # noqa: BLE001  (any failure: tensorstore's own reader reports it)
+        return None
+    return index
 
 
 def _read_orbax_metadata(params: Path) -> dict[str, Any]:
