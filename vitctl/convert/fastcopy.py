@@ -184,8 +184,8 @@ def _blas_plan(w: np.ndarray) -> tuple[Callable[[np.ndarray, int, int], None], i
     while it is still in the cache (?omatcopy computes 1.0 * a, which quiets a signalling
     NaN) and, if it holds one, copied again by numpy. float32 and float64 move as they are;
     2-byte elements (bfloat16, float16) move as float32 pairs of adjacent base columns, which
-    land as pairs of output rows and are then de-interleaved in the cache (1.3 GB/s here,
-    against 0.4 for numpy's tiled copy).
+    land as pairs of output rows and are then de-interleaved in the cache (by casts: 11 GB/s
+    here, against 5 for strided copies and 0.4 for numpy's tiled transpose).
     """
     fns = _omatcopy()
     pairs = w.dtype.itemsize == 2 and sys.byteorder == "little"
@@ -229,20 +229,21 @@ def _pair_copy(fn: Callable, a_ptr: int, view: np.ndarray, A: int, B: int) -> Ca
         assert out.flags.c_contiguous and out.size == (hi - lo) * B and lo % 2 == 0 and hi % 2 == 0
         flat = out.reshape(hi - lo, B).view(np.uint16)
         buf = getattr(_local, "pairs", None)
-        if buf is None or buf.size < step * B:
-            buf = _local.pairs = np.empty(step * B, np.uint32)
+        if buf is None or buf.size < 2 * step * B:
+            buf = _local.pairs = np.empty(2 * step * B, np.uint32)
         for p in range(lo // 2, hi // 2, step):
             q = min(p + step, hi // 2)
-            block = buf[: (q - p) * B].reshape(q - p, B)
+            block, high = buf[: (q - p) * B].reshape(q - p, B), buf[step * B : (step + q - p) * B].reshape(q - p, B)
             fn(B, q - p, a_ptr + p * 4, A // 2, block.ctypes.data, B)
             rows = flat[2 * p - lo : 2 * q - lo]
             if np.isnan(block.view(np.float32).max()):  # a pair whose bits are a float32 NaN: numpy keeps them
                 _tile_copy(rows, view[2 * p : 2 * q].view(np.uint16))
                 continue
-            halves = block.view(np.uint16).reshape(q - p, B, 2)
+            # De-interleaved by SIMD casts (a uint32 -> uint16 cast keeps the low half): 2x strided copies.
             pair_rows = rows.reshape(q - p, 2, B)
-            pair_rows[:, 0] = halves[..., 0]
-            pair_rows[:, 1] = halves[..., 1]
+            np.copyto(pair_rows[:, 0], block, casting="unsafe")
+            np.right_shift(block, 16, out=high)
+            np.copyto(pair_rows[:, 1], high, casting="unsafe")
 
     return copy
 
