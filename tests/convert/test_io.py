@@ -118,6 +118,20 @@ def test_shards_and_index_load_like_transformers(tmp_path):
     assert_bitwise(merged, state)
 
 
+def test_writer_writes_a_row_stack_part_by_part(tmp_path):
+    """timm's fused projections: parts (transposed views among them) land at their rows, cast, never concatenated."""
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(0)
+    parts = (rng.normal(size=(32, 48)).astype(np.float32).T, rng.normal(size=(16, 32)).astype(np.float32), np.zeros((8, 32), np.float32))
+    w = io.SafetensorsWriter(tmp_path, [("fused", (72, 32), BF16), ("other", (3,), np.float32)], None, {"format": "pt"})
+    w.write("fused", io.RowStack(parts))
+    w.write("other", np.arange(3, dtype=np.float32))
+    w.close()
+    got = load_file(tmp_path / "model.safetensors")
+    assert got["fused"].tobytes() == np.concatenate(parts).astype(BF16).tobytes() and list(got["other"]) == [0, 1, 2]
+
+
 def test_writer_failure_names_file(tmp_path):
     (tmp_path / "model.safetensors").mkdir()  # cannot be opened as a file
     with pytest.raises(CheckpointError, match="cannot write the header to .*model.safetensors"):

@@ -230,7 +230,7 @@ def _hub_to_torch(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -> It
 def _hub_to_timm(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -> Iterator[tuple[str, np.ndarray]]:
     from vitctl.convert import timm
 
-    yield from timm.iter_timm_tensors(_hub_to_torch(items, cfg), cfg)
+    yield from timm.iter_timm_tensors(_hub_to_torch(items, cfg), cfg, stacks=True)  # fused tensors: written part by part
 
 
 def _jax_tensors(cfg: ViTConfig) -> list[TargetTensor]:

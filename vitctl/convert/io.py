@@ -57,7 +57,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -334,6 +334,17 @@ def _header_bytes(specs: Sequence[tuple[str, tuple[int, ...], np.dtype]], metada
     return len(text).to_bytes(8, "little") + text, {n: start + o for n, o in offsets.items()}
 
 
+class RowStack(NamedTuple):
+    """A tensor given as parts to be stacked along axis 0 (timm's fused projections), not yet
+    copied together: SafetensorsWriter writes each part at its place."""
+
+    parts: tuple[np.ndarray, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(p.shape[0] for p in self.parts), *self.parts[0].shape[1:])
+
+
 class SafetensorsWriter:
     """Writes state_dict tensors into model.safetensors or HF shards + index, one at a time.
 
@@ -371,16 +382,19 @@ class SafetensorsWriter:
         self.total_size = sum(_nbytes(s, d) for _, s, d in by_name.values())
         self._blocks = fastcopy.BlockWriter()
 
-    def write(self, name: str, array: np.ndarray) -> None:
-        """Queues `array` (any memory layout; cast to the planned dtype) for writing at its offset: a
-        transposed view is re-laid out block by block into cache-sized buffers here, while a
-        background thread writes the blocks (fastcopy.BlockWriter). Returns before the bytes are
-        written; a failed write is raised (naming its file and tensor) by a later `write` or `close`."""
+    def write(self, name: str, array: np.ndarray | RowStack) -> None:
+        """Queues `array` (any memory layout; cast to the planned dtype; or a RowStack of such parts)
+        for writing at its offset: a transposed view is re-laid out block by block into cache-sized
+        buffers here, while a background thread writes the blocks (fastcopy.BlockWriter). Returns
+        before the bytes are written; a failed write is raised (naming its file and tensor) by a
+        later `write` or `close`."""
         _, shape, dtype = self._specs[name]
         assert array.shape == shape and name not in self._written, (name, array.shape, shape)
         path, offset = self._where[name]
         fd = self._handles[path].fileno()
-        _block_writes(lambda: self._blocks.write(fd, offset, array, dtype, (path, f"tensor '{name}'")))
+        for part in array.parts if isinstance(array, RowStack) else (array,):
+            _block_writes(lambda p=part, at=offset: self._blocks.write(fd, at, p, dtype, (path, f"tensor '{name}'")))
+            offset += part.size * dtype.itemsize
         self._written.add(name)
 
     def close(self) -> None:
@@ -532,7 +546,7 @@ class OrbaxReader:
         if not isinstance(zarray, bytes):  # (Orbax's .zarray, ~160 bytes, is always inline)
             return None
         plain = _PlainArray.parse(zarray, lambda key: index.get(f"{stored}/{key}"))
-        return plain if plain is not None and all(f"{stored}/{k}" in index for k in plain.keys()) else None
+        return plain if plain is not None and all(f"{stored}/{k}" in index for k in plain.chunk_keys()) else None
 
     def _add_infos(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> None:
         if not is_stacked(name):
@@ -667,7 +681,7 @@ class _PlainArray:
         for index in itertools.product(*(range(s // c) for s, c in zip(shape, chunks))):
             yield ".".join(map(str, index))
 
-    def keys(self) -> Iterator[str]:
+    def chunk_keys(self) -> Iterator[str]:
         """The zarr key of every chunk."""
         return self._grid_keys(self.shape, self.chunks) if self.shape else iter(["0"])
 

@@ -60,6 +60,7 @@ import numpy as np
 
 from vitctl.config import ViTConfig
 from vitctl.convert.fastcopy import copy_into, scratch
+from vitctl.convert.io import RowStack
 from vitctl.convert.mapping import check_coverage, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.posemb import posemb_sincos_2d
@@ -318,12 +319,15 @@ def _fill(p: Part, cfg: ViTConfig, dtype: np.dtype) -> np.ndarray:
     return (fill(cfg) if fill else np.zeros(p.shape)).astype(dtype)
 
 
-def _assemble(t: TimmTensor, buffer: dict[str, np.ndarray], cfg: ViTConfig, dtype: np.dtype) -> np.ndarray:
-    """Pops t's parts from `buffer` (filling absent ones) and concatenates them along axis 0."""
+def _assemble(t: TimmTensor, buffer: dict[str, np.ndarray], cfg: ViTConfig, dtype: np.dtype, stacks: bool) -> np.ndarray | RowStack:
+    """Pops t's parts from `buffer` (filling absent ones) and concatenates them along axis 0
+    (stacks: hands them out as a RowStack, not copied together)."""
     dtype = next((buffer[p.name].dtype for p in t.parts if p.present), dtype)
     arrays = [buffer.pop(p.name) if p.present else _fill(p, cfg, dtype) for p in t.parts]
     if len(arrays) == 1:
         out = arrays[0]
+    elif stacks:
+        out = RowStack(tuple(arrays))
     else:  # np.concatenate of transposed views copies element by element; copy_into transposes each part with BLAS
         out, row = scratch(t.shape, dtype), 0
         for a in arrays:
@@ -333,8 +337,13 @@ def _assemble(t: TimmTensor, buffer: dict[str, np.ndarray], cfg: ViTConfig, dtyp
     return out
 
 
-def iter_timm_tensors(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -> Iterator[tuple[str, np.ndarray]]:
+def iter_timm_tensors(
+    items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig, stacks: bool = False
+) -> Iterator[tuple[str, np.ndarray | RowStack]]:
     """vitctl torch tensors (name, array) in any order -> timm tensors (name, array).
+
+    With `stacks`, a fused tensor comes as an io.RowStack of its parts, for a writer that writes
+    each part at its place (io.SafetensorsWriter): no copy of the fused tensor is made.
 
     A timm tensor is yielded as soon as its last part arrives; only parts of unfinished fused
     tensors are held. Tensors made only of filled parts (zero biases, the sin-cos table) come
@@ -358,13 +367,13 @@ def iter_timm_tensors(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -
         if tuple(w.shape) != tuple(expected[name]):
             raise CheckpointError(f"'{name}' has shape {tuple(w.shape)}, expected {tuple(expected[name])}")
         if not seen:
-            yield from ((t.name, _assemble(t, buffer, cfg, w.dtype)) for t in plan if not t.sources)
+            yield from ((t.name, _assemble(t, buffer, cfg, w.dtype, stacks)) for t in plan if not t.sources)
         seen.add(name)
         t = owner[name]
         buffer[name] = w
         waiting[t.name] -= 1
         if not waiting[t.name]:
-            yield t.name, _assemble(t, buffer, cfg, w.dtype)
+            yield t.name, _assemble(t, buffer, cfg, w.dtype, stacks)
     missing = sorted(set(expected) - seen)
     if missing:
         raise UnmappedParamError(
