@@ -294,6 +294,6 @@ def load_torch(ckpt: str | Path, cfg: ViTConfig | None = None) -> dict[str, np.n
             from vitctl.convert.mapping import check_coverage, torch_param_shapes
 
             check_coverage({n: i.shape for n, i in reader.infos().items()}, torch_param_shapes(cfg), f"{ckpt}")
-        return dict(reader.iter_tensors(list(reader.infos())))
+        return {n: np.array(a) for n, a in reader.iter_tensors(list(reader.infos()))}  # writable copies, not views of the file
     finally:
         reader.close()

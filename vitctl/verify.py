@@ -82,7 +82,7 @@ class Side:
 
             reader = io.SafetensorsReader(self.path)
             try:
-                state = timm.from_timm_state_dict({n: reader.read(n) for n in reader.infos()}, self.cfg)
+                state = timm.from_timm_state_dict({n: reader.read(n) for n in reader.infos()}, self.cfg)  # (mapped views)
             finally:
                 reader.close()
             for name, w in state.items():
@@ -168,12 +168,14 @@ def run_side(side: Side, cfg: ViTConfig, params: dict[str, np.ndarray], images: 
 
 
 def _tensor(w: np.ndarray):
-    """numpy -> torch without a copy where possible; ml_dtypes.bfloat16 travels as its bits."""
+    """numpy -> torch without a copy where possible; ml_dtypes.bfloat16 travels as its bits.
+    A read-only array (a view of a mapped checkpoint file) is copied: torch tensors are writable."""
     import torch
 
+    w = np.ascontiguousarray(w) if w.flags.writeable else np.array(w, order="C")
     if w.dtype.name == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(w).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(w))
+        return torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(w)
 
 
 def _run_timm(cfg: ViTConfig, state: dict[str, np.ndarray], x) -> dict[str, np.ndarray]:
