@@ -397,6 +397,22 @@ def test_orbax_reader_maps_page_sized_chunks(tmp_path):
     assert got["blocks/1/w"].tobytes() == arrays["blocks/w"][1].tobytes() and got["x"].tobytes() == arrays["x"].tobytes()
 
 
+@pytest.mark.parametrize(
+    "shape,chunks,slab",
+    [
+        ((4, 32, 128), (1, 32, 128), True),
+        ((4, 32, 128), (2, 32, 128), True),
+        ((4, 32, 128), (1, 1, 64), True),
+        ((4, 32, 128), (1, 32, 64), False),  # rows of 64 with a whole axis before: not one run (as Orbax shards attn_out)
+        ((4, 32, 128), (2, 1, 128), False),
+        ((4, 32, 128), (1, 3, 128), False),  # does not divide
+        ((8,), (8,), True),
+    ],
+)
+def test_is_slab(shape, chunks, slab):
+    assert io._is_slab(shape, chunks) == slab
+
+
 def test_orbax_files_reader_names_a_truncated_or_missing_chunk(tmp_path):
     cfg = tiny()
     flat = random_params(cfg)

@@ -1014,7 +1014,7 @@ def _is_slab(shape: Sequence[int], chunks: Sequence[int]) -> bool:
     if len(shape) != len(chunks) or any(c <= 0 or s % c for s, c in zip(shape, chunks)):
         return False
     cut = [a for a, (s, c) in enumerate(zip(shape, chunks)) if c != s]
-    return not cut or all(chunks[a] == 1 for a in cut[:-1]) and all(chunks[a] == shape[a] for a in range(cut[-1] + 1, len(shape)))
+    return not cut or all(chunks[a] == 1 for a in range(cut[-1]))  # (1, ..., 1, c, full, ..., full)
 
 
 class OrbaxFilesWriter:
