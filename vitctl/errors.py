@@ -47,3 +47,7 @@ class MissingDependencyError(VitctlError):
 
 class DataError(VitctlError):
     """A data source that cannot be used: missing, empty or corrupt, or inconsistent with the model."""
+
+
+class ResourceError(VitctlError):
+    """Work that would exhaust this machine's memory or disk, refused before it starts (with the numbers)."""

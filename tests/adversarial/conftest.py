@@ -1,0 +1,137 @@
+"""The adversarial suite: hostile inputs and faults against every command, built by the tests.
+
+Every case runs the real `vitctl` in a subprocess inside a sandbox directory (`sandbox`),
+optionally under resource limits (RLIMIT_AS for memory cases, RLIMIT_FSIZE for full-disk
+cases), and checks what a user must be able to rely on (`assert_refused`):
+- the exit code;
+- exactly one `Error:` line on stderr and no traceback;
+- nothing written outside the output, and no partial output;
+- no leftover temporary (vitctl's `.NAME.tmp-XXXXXXXX` / `.NAME.old-XXXXXXXX` siblings).
+"""
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+REPO = Path(__file__).parents[2]
+TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+
+
+class Run(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of every entry under root (symlinks not followed)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[p.relative_to(root).as_posix()] = (st.st_size if not p.is_dir() else 0, st.st_mtime_ns if not p.is_dir() else 0)
+    return out
+
+
+def env_for(extra: dict | None = None) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k != "VITCTL_DEBUG"}
+    e["PYTHONPATH"] = str(REPO)
+    e.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for k, v in (extra or {}).items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
+    return e
+
+
+def _limits(memory: int | None, file_size: int | None):
+    def apply():
+        if memory is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        if file_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+
+    return apply
+
+
+def run_vitctl(*args, cwd: Path, env: dict | None = None, memory: int | None = None, file_size: int | None = None,
+               timeout: float = 300) -> Run:  # fmt: skip
+    """`python -m vitctl ARGS` in `cwd`, with optional RLIMIT_AS (`memory`) and RLIMIT_FSIZE (`file_size`) in bytes."""
+    p = subprocess.run(
+        [sys.executable, "-m", "vitctl", *map(str, args)], cwd=cwd, env=env_for(env), capture_output=True, text=True,
+        timeout=timeout, check=False, preexec_fn=_limits(memory, file_size),
+    )  # fmt: skip
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def start_vitctl(*args, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """Starts `python -m vitctl ARGS` (for signal cases); stderr is a pipe, read it after wait()."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitctl", *map(str, args)], cwd=cwd, env=env_for(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 240.0) -> None:
+    """Polls `predicate()` until it holds; fails if `proc` exits first. The limit only guards
+    against a hang (it is generous: the machine may be loaded)."""
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"vitctl exited ({proc.returncode}) before {what}: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def leftovers(root: Path) -> list[str]:
+    """vitctl temporaries anywhere under root."""
+    return sorted(p for p in snapshot(root) if TEMPORARY.match(Path(p).name))
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    """A directory to run in; `sandbox.before()` records its content, `sandbox.changed(allowed=...)`
+    lists entries created, changed or removed since, outside the `allowed` relative paths."""
+
+    class Sandbox:
+        root = tmp_path
+        _before: dict = {}
+
+        def before(self):
+            self._before = snapshot(self.root)
+
+        def changed(self, allowed=()):
+            now = snapshot(self.root)
+            keys = set(now) | set(self._before)
+            diff = sorted(k for k in keys if now.get(k) != self._before.get(k))
+            return [k for k in diff if not any(k == a or k.startswith(a.rstrip("/") + "/") for a in allowed)]
+
+    return Sandbox()
+
+
+def assert_refused(r: Run, sandbox, code: int = 1, allowed=(), says: str | None = None) -> None:
+    """The command failed cleanly: exit `code`, one Error: line (mentioning `says`), no traceback,
+    nothing changed in the sandbox outside `allowed`, no vitctl temporary left anywhere in it."""
+    assert r.returncode == code, f"exit {r.returncode} (expected {code})\nstdout: {r.stdout[-1500:]}\nstderr: {r.stderr[-3000:]}"
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, f"expected one Error: line, got {len(errors)}:\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "bug in vitctl" not in r.stderr, r.stderr[-3000:]
+    if says is not None:
+        assert says.lower() in r.stderr.lower(), f"{says!r} not in:\n{r.stderr[-3000:]}"
+    assert sandbox.changed(allowed) == [], f"changed outside the output: {sandbox.changed(allowed)}"
+    assert leftovers(sandbox.root) == [], f"leftover temporaries: {leftovers(sandbox.root)}"
