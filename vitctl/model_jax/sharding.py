@@ -37,14 +37,22 @@ _RULES = dict(LOGICAL_AXIS_RULES)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are 1."""
+    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are 1.
+
+    Each axis may be named once: "data=2,data=4" is refused rather than read as the last
+    value (a typo there silently trains on another mesh)."""
     sizes = dict.fromkeys(MESH_AXES, 1)
+    seen = set()
+    example = "e.g. --mesh data=2,fsdp=2,tensor=2"
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        name, _, value = part.partition("=")
+        name, eq, value = (s.strip() for s in part.partition("="))
         if name not in MESH_AXES:
-            raise ConfigError(f"unknown mesh axis '{name}' in --mesh '{spec}'", hint=f"mesh axes are {', '.join(MESH_AXES)}, e.g. data=2,fsdp=2,tensor=2")
-        if not value.isdigit() or int(value) < 1:
-            raise ConfigError(f"mesh axis {name} needs a positive integer size, got '{value}'", hint="e.g. --mesh data=2,fsdp=2,tensor=2")
+            raise ConfigError(f"unknown mesh axis '{name}' in --mesh '{spec}'", hint=f"mesh axes are {', '.join(MESH_AXES)}, {example}")
+        if name in seen:
+            raise ConfigError(f"mesh axis '{name}' is given twice in --mesh '{spec}'", hint=f"name each axis once, {example}")
+        seen.add(name)
+        if not eq or not (value.isascii() and value.isdigit()) or int(value) < 1:
+            raise ConfigError(f"mesh axis {name} needs a positive integer size, got '{value}'", hint=example)
         sizes[name] = int(value)
     return sizes
 
