@@ -116,6 +116,18 @@ def test_npz_both_layouts(tmp_path):
     np.testing.assert_array_equal(test.labels, y[20:])
 
 
+def test_npz_train_only_gets_the_seeded_split(tmp_path):
+    """x_train/y_train without x_test: a seeded stratified split of it, as for sources without a test split."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (40, 5, 5), dtype=np.uint8), np.arange(40) % 4
+    np.savez(tmp_path / "train.npz", x_train=x, y_train=y)
+    train, test = (load_dataset(str(tmp_path / "train.npz"), s, test_fraction=0.25, seed=3) for s in ("train", "test"))
+    want_train, want_test = split_indices(y.astype(np.int32), 0.25, 3)
+    np.testing.assert_array_equal(train.images[..., 0], x[want_train])
+    np.testing.assert_array_equal(test.labels, y[want_test])
+    assert len(test) == 8 and np.bincount(test.labels).tolist() == [2, 2, 2, 2]
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_idx_dir_and_pair(tmp_path, gz):
     rng = np.random.default_rng(1)
@@ -145,12 +157,28 @@ def test_idx_magic_numbers(tmp_path):
     assert (tmp_path / "a-labels-idx1-ubyte").read_bytes()[:4] == bytes.fromhex("00000801")
 
 
-@pytest.mark.skipif(
-    not FASHION_MNIST_DIR.is_dir(), reason=f"Fashion-MNIST not installed at {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)"
-)
-def test_fashion_mnist_installed():
-    test = load_dataset("fashion-mnist", "test", channels=1)
-    assert test.images.shape == (10000, 28, 28, 1) and test.num_classes == 10 and test.class_names[9] == "Ankle boot"
+def write_fashion_mnist(root, n_train=30, n_test=20):
+    """A small Fashion-MNIST in the layout Debian's dataset-fashion-mnist installs: gzipped 28x28 IDX files."""
+    rng = np.random.default_rng(7)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=True)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10, gz=True)
+    return root
+
+
+def test_fashion_mnist(monkeypatch, tmp_path):
+    """`fashion-mnist` reads the installed IDX files, its own test split, with the ten class names. The files are
+    built here (the package is not on every machine), in its layout; an installed copy is checked as well."""
+    from vitctl.train import data
+
+    if FASHION_MNIST_DIR.is_dir():
+        real = load_dataset("fashion-mnist", "test", channels=1)
+        assert real.images.shape == (10000, 28, 28, 1) and real.num_classes == 10
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", write_fashion_mnist(tmp_path))
+    train, test = load_dataset("fashion-mnist", "train", channels=1), load_dataset("fashion-mnist", "test", channels=1)
+    assert train.images.shape == (30, 28, 28, 1) and test.images.shape == (20, 28, 28, 1)
+    assert test.num_classes == 10 and test.class_names[9] == "Ankle boot" and test.split == "test"
+    np.testing.assert_array_equal(test.labels, np.arange(20) % 10)
 
 
 def hf_dataset(n=12, sizes=((6, 6), (8, 5))):

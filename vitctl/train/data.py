@@ -33,7 +33,9 @@ import json
 import math
 import queue
 import threading
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
@@ -42,6 +44,7 @@ import numpy as np
 
 from vitctl.errors import ConfigError, DataError, MissingDependencyError
 from vitctl.preprocess import IMAGE_SUFFIXES, normalize
+from vitctl.untrusted import require_memory
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Reference: github.com/zalandoresearch/fashion-mnist README, "Labels".
@@ -50,6 +53,7 @@ SPLITS = ("train", "test")
 TEST_NAMES = ("test", "t10k", "val", "validation", "valid")  # names a source's held-out split may have
 IMAGE_COLUMNS = ("image", "img", "images", "pixel_values", "pixels")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "target", "y")
+MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192; training images are resized to a few hundred pixels anyway
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 SPEC_HINT = (
     "a data spec is 'digits', 'fashion-mnist', or a path to an ImageFolder directory, a .npz file, "
@@ -150,7 +154,7 @@ def load_dataset(
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {channels}")
     if not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class")
     spec = str(spec)
     source = _read_source(spec, channels)
     if "all" in source.parts:
@@ -162,7 +166,7 @@ def load_dataset(
         part = source.parts[split]
         idx = np.arange(len(part.labels))
     if not len(idx):
-        raise DataError(f"{spec}: the {split} split is empty", hint="add data, or change test_fraction")
+        raise DataError(f"{spec}: the {split} split is empty", hint="add data, or hold out another share (vitctl train --test-fraction)")
     images = _stack([_channels(im, channels) for im in _as_list(part.images(idx))], image_size, spec)
     labels = part.labels[idx]
     num_classes = source.num_classes or int(max(p.labels.max(initial=-1) for p in source.parts.values())) + 1
@@ -285,8 +289,15 @@ def _decode_file(path: Path, channels: int) -> np.ndarray:
 def _decode(fp, channels: int) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(fp) as im:
-        return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; a data set of photos never comes near.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(fp) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DataError(f"{getattr(fp, 'name', fp)}: the image declares {w} x {h} pixels, more than vitctl decodes ({MAX_IMAGE_PIXELS})",
+                                hint="the file is damaged or a decompression bomb; remove it, or shrink the image first")  # fmt: skip
+            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
 
 
 # NumPy ------------------------------------------------------------------------------
@@ -296,10 +307,10 @@ def _read_npz(path: Path) -> _Source:
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
-            if {"x_train", "y_train"} <= keys:
-                names = {"train": ("x_train", "y_train")}
-                if {"x_test", "y_test"} <= keys:
-                    names["test"] = ("x_test", "y_test")
+            if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+                names = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}
+            elif {"x_train", "y_train"} <= keys:  # no test split: held out by the seeded split, as for other sources
+                names = {"all": ("x_train", "y_train")}
             elif {"images", "labels"} <= keys:
                 names = {"all": ("images", "labels")}
             else:
@@ -307,6 +318,9 @@ def _read_npz(path: Path) -> _Source:
                     f"{path} has arrays {sorted(keys)}, not images/labels or x_train/y_train(/x_test/y_test)",
                     hint="save with np.savez(path, images=uint8 [N,H,W(,C)], labels=int [N])",
                 )
+            # Sized from the .npy headers first: a small compressed member can declare (and inflate to) GBs.
+            need = sum(_npz_member_bytes(z, k, path) for pair in names.values() for k in pair)
+            require_memory(2 * need, f"loading {path}", hint="use a smaller data set, or one saved in parts")
             arrays = {s: (z[x], z[y]) for s, (x, y) in names.items()}
     except DataError:
         raise
@@ -320,6 +334,18 @@ def _read_npz(path: Path) -> _Source:
             raise DataError(f"{path}: {s} labels are {y.dtype}, not integers", hint="store class indices 0..K-1")
         parts[s] = _Part(y.astype(np.int32), _take(_to_uint8(x, str(path))))
     return _Source(parts)
+
+
+def _npz_member_bytes(z, key: str, path: Path) -> int:
+    """Bytes that loading member `key` of an open .npz allocates, from its .npy header (nothing inflated)."""
+    with z.zip.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    if dtype.hasobject:
+        raise DataError(f"{path}: {key} holds Python objects, which vitctl does not load (they would need pickle)",
+                        hint="store images as uint8 [N,H,W(,C)] and labels as integers")  # fmt: skip
+    return math.prod(shape) * dtype.itemsize
 
 
 def _to_uint8(x: np.ndarray, name: str) -> np.ndarray:
@@ -377,24 +403,35 @@ def _read_idx_pair(images: Path, labels: Path) -> _Source:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (http://yann.lecun.com/exdb/mnist/), gzipped or not: magic 0x0000 <dtype> <ndim>, big-endian dims, data."""
+    """An IDX file (http://yann.lecun.com/exdb/mnist/), gzipped or not: magic 0x0000 <dtype> <ndim>, big-endian dims, data.
+
+    The header is read first and the size it declares checked against free memory; then
+    exactly that many bytes are read (a gzip that inflates past them, or a file that ends
+    before them, is refused), so a small file cannot make vitctl allocate GBs."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with open(path, "rb") as raw_f:
+            gz = raw_f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES:
+                raise DataError(f"{path} is not an IDX file (magic {head.hex() or 'empty'})", hint="IDX files start with 0x00000803 (images) or 0x00000801 (labels)")  # fmt: skip
+            dtype, ndim = np.dtype(IDX_DTYPES[head[2]]), head[3]
+            dims = f.read(4 * ndim)
+            if len(dims) != 4 * ndim:
+                raise DataError(f"{path}: the IDX header is cut short", hint="the file is truncated or corrupt; re-download or re-create it")
+            shape = tuple(int(v) for v in np.frombuffer(dims, ">u4", ndim))
+            size = math.prod(shape) * dtype.itemsize
+            require_memory(2 * size, f"{path} (IDX header: shape {shape}, {dtype})", hint="the header may be corrupt; check the file")
+            data = f.read(size)
+            extra = f.read(1)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"cannot read {path}: {e}", hint="the file is corrupt; re-download or re-create it") from None
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (magic {raw[:4].hex() or 'empty'})", hint="IDX files start with 0x00000803 (images) or 0x00000801 (labels)")  # fmt: skip
-    dtype, ndim = np.dtype(IDX_DTYPES[raw[2]]), raw[3]
-    shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", ndim, offset=4))
-    start = 4 + 4 * ndim
-    if len(shape) != ndim or len(raw) - start != math.prod(shape) * dtype.itemsize:
-        raise DataError(f"{path}: IDX header says shape {shape} ({dtype}) but the file has {len(raw) - start} data bytes",
+    if len(data) != size or extra:
+        got = f"{len(data)}" if not extra else f"more than {size}"
+        raise DataError(f"{path}: IDX header says shape {shape} ({dtype}) but the file has {got} data bytes",
                         hint="the file is truncated or corrupt; re-download or re-create it")  # fmt: skip
-    return np.frombuffer(raw, dtype, offset=start).reshape(shape).astype(dtype.newbyteorder("="))
+    return np.frombuffer(data, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 # Hugging Face ---------------------------------------------------------------------------
@@ -725,7 +762,7 @@ class Loader:
         if steps == 0:
             raise DataError(
                 f"{data.name} has {len(data)} examples, fewer than one batch of {batch_size}",
-                hint="use a smaller batch size, or drop_remainder=False",
+                hint="use a smaller --batch-size, or more data",
             )
         self._plan = _Plan(data, cfg, batch_size, seed, shuffle, drop_remainder, process_index, process_count, epochs, steps)
         self.prefetch = prefetch
