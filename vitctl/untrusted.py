@@ -43,7 +43,7 @@ def _gib(n: float) -> str:
 
 
 # Names from listings.
-def check_name(name: Any, where: str, error: type[VitctlError] = CheckpointError) -> str:
+def check_name(name: Any, where: str, error: type[VitctlError] = CheckpointError, *, kind: str = "the file") -> str:
     """`name` as a clean relative POSIX path ("params/a/b"), or `error` naming `where` and the name.
 
     Refused: a non-string, an empty name, an absolute path or drive, backslashes, and any
@@ -62,7 +62,7 @@ def check_name(name: Any, where: str, error: type[VitctlError] = CheckpointError
             bad = "it has an empty, '.' or '..' segment"
     if bad:
         raise error(
-            f"{where} names the file {name!r}, which vitctl refuses: {bad}",
+            f"{where} names {kind} {name!r}, which vitctl refuses: {bad}",
             hint="a file name must be a plain relative path inside the checkpoint; the source is damaged or hostile: do not use it",
         )
     return str(PurePosixPath(name))

@@ -62,12 +62,16 @@ try:  # Intel ISA-L's CRC-32 (a dependency where it has wheels): 3x zlib's; same
 except ImportError:  # pragma: no cover
     from zlib import crc32
 
+from vitctl import untrusted
 from vitctl.config import ViTConfig
 from vitctl.convert import fastcopy, mapping
 from vitctl.convert.fastcopy import scratch
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# Deflate's largest possible expansion (RFC 1951: a 258-byte match in 2 bits, ~1032:1). A member
+# that declares more than this times its compressed size lies about its size.
+DEFLATE_MAX_RATIO = 1032
 Shapes = Mapping[str, tuple[tuple[int, ...], np.dtype]]  # npz key -> (shape, dtype), from headers
 
 
@@ -104,16 +108,39 @@ class NpzReader:
                 hint="the file may be truncated or corrupt (an interrupted download or copy); fetch it again and compare its size",
             ) from None
         self._members: dict[str, zipfile.ZipInfo] = {}
-        for info in self._zip.infolist():
-            if info.is_dir():
-                continue
-            if not info.filename.endswith(".npy"):
-                raise CheckpointError(
-                    f"{self.path}: member '{info.filename}' is not a .npy array",
-                    hint="a big_vision checkpoint is an np.savez archive of .npy arrays only",
-                )
-            self._members[info.filename[: -len(".npy")]] = info
+        try:
+            size = self.path.stat().st_size
+            for info in self._zip.infolist():
+                if info.is_dir():
+                    continue
+                self._check_member(info, size)
+                self._members[info.filename[: -len(".npy")]] = info
+        except BaseException:
+            self._zip.close()
+            raise
         self._headers: dict[str, _Header] = {}
+
+    def _check_member(self, info: zipfile.ZipInfo, size: int) -> None:
+        """A member's name and declared sizes, from the zip directory alone: names become tensor
+        names (plain relative names only), and the declared size must be one the compressed
+        bytes can hold, so a small archive cannot promise (and make vitctl plan for) gigabytes."""
+        untrusted.check_name(info.filename, f"{self.path} (zip member)", kind="the member")
+        if not info.filename.endswith(".npy"):
+            raise CheckpointError(
+                f"{self.path}: member '{info.filename}' is not a .npy array",
+                hint="a big_vision checkpoint is an np.savez archive of .npy arrays only",
+            )
+        what = None
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            what = f"uses compression method {info.compress_type}; np.savez writes stored or deflated members only"
+        elif info.header_offset + info.compress_size > size:
+            what = f"ends at byte {info.header_offset + info.compress_size:,}, past the end of the file ({size:,} bytes): the file is truncated"
+        elif info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            what = f"is stored uncompressed, but declares {info.file_size:,} bytes in {info.compress_size:,}"
+        elif info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
+            what = f"declares {info.file_size:,} bytes from {info.compress_size:,} compressed, more than deflate can expand to"
+        if what:
+            raise CheckpointError(f"{self.path}: member '{info.filename}' {what}", hint="the archive is corrupt or hostile: do not use it")
 
     def __enter__(self) -> Self:
         return self
@@ -152,10 +179,10 @@ class NpzReader:
                 raise ValueError(f"unsupported .npy format version {version}")
             shape, fortran, stored = readers[version](f)
             data_start = f.tell()
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        except (ValueError, SyntaxError, RecursionError, MemoryError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             if f is not None:
                 f.close()
-            raise self._error(key, f"unreadable .npy header ({e})") from None
+            raise self._error(key, f"unreadable .npy header ({type(e).__name__}: {str(e)[:200]})") from None
         if stored.hasobject:
             f.close()
             raise CheckpointError(
@@ -648,6 +675,8 @@ def plan(
         cfg = infer_config(shapes, prefix, overrides=overrides, notes=notes)
     elif overrides:
         cfg = ViTConfig.from_dict({**cfg.to_dict(), **overrides})
+    produced = sum((shape[0] if shape else 1) if SCANNED.fullmatch(k[len(prefix) :]) else 1 for k, (shape, _) in shapes.items() if k.startswith(prefix))
+    mapping.check_count(produced, cfg, f"the big_vision checkpoint {reader.path}")  # before listing a name per layer
     ignored = tuple(k for k in shapes if not k.startswith(prefix))
     if ignored:
         notes.append(f"{len(ignored)} arrays outside '{prefix}' ignored (e.g. {ignored[0]})")

@@ -42,8 +42,6 @@ import gc
 import math
 import os
 import resource
-import signal
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,10 +53,12 @@ import numpy as np
 
 import vitctl
 from vitctl import checkpoint as ckpt
+from vitctl import untrusted
 from vitctl.config import ViTConfig
 from vitctl.convert import fastcopy, io
-from vitctl.convert.mapping import check_coverage, jax_param_shapes, rename, torch_param_shapes
+from vitctl.convert.mapping import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
+from vitctl.untrusted import sigterm_as_interrupt
 
 JAX, TORCH, BIG_VISION, TIMM = ckpt.JAX, ckpt.TORCH, "big_vision", "timm"
 DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -100,6 +100,7 @@ class Source:
     provenance: dict[str, Any]
 
     def __post_init__(self):
+        check_count(self.reader.count(), self.cfg, f"{self.path} ({self.format})")
         self.infos = self.reader.infos()
         got = {n: i.shape for n, i in self.infos.items()}
         expected = jax_param_shapes(self.cfg, stacked=False) if self.reader.naming == "jax" else torch_param_shapes(self.cfg)
@@ -139,6 +140,11 @@ def detect_source(src: Path, direction: str) -> str:
         raise CheckpointError(f"{src} is not {what}", hint="SRC is a checkpoint directory (config.json + weights) or a big_vision .npz")
     found = ckpt.detect_formats(src)
     usable = [f for f in allowed if f in found]
+    if not found:
+        raise CheckpointError(
+            f"{src} holds no weights: neither {ckpt.PARAMS}/ (a JAX checkpoint: params/_METADATA) nor {io.SAFETENSORS} or {io.INDEX} (a PyTorch checkpoint)",
+            hint=f"a checkpoint directory holds config.json and its weights; check the path, or {ckpt.INIT_HINT}",
+        )
     if not usable:
         want = " or ".join(f for f in allowed if f != BIG_VISION)
         raise CheckpointError(
@@ -154,6 +160,8 @@ def open_source(src: Path, fmt: str, model: ViTConfig | None, prefix: str | None
         return _open_big_vision(src, model, prefix)
     if prefix is not None:
         raise ConfigError("--prefix applies to big_vision .npz sources only")
+    if (src / ckpt.CONFIG).exists():
+        io.CheckpointRoot(src).check(src / ckpt.CONFIG)
     cfg = model or ckpt.read_checkpoint_config(src)
     reader = io.OrbaxReader(src / ckpt.PARAMS) if fmt == JAX else io.SafetensorsReader(src)
     provenance = ckpt.read_provenance(src) if (src / ckpt.CONFIG).is_file() else {}
@@ -188,6 +196,9 @@ class BigVisionReader:
 
     def infos(self) -> dict[str, io.TensorInfo]:
         return dict(self._infos)
+
+    def count(self) -> int:
+        return len(self._infos)
 
     def iter_tensors(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
         assert set(names) == set(self._infos), "a big_vision source is read whole, in archive order"
@@ -329,10 +340,24 @@ def plan(
     max_bytes = io.parse_size(max_shard_size) if max_shard_size is not None and target.sharded else None
     source = open_source(src, fmt, model, prefix)
     try:
-        return dataclasses.replace(_lay_out(direction, src, dst, source, target, dtype, max_bytes), compress=compress)
+        p = dataclasses.replace(_lay_out(direction, src, dst, source, target, dtype, max_bytes), compress=compress)
+        _check_memory(p)
+        return p
     except BaseException:
         source.close()
         raise
+
+
+def _check_memory(p: Plan) -> None:
+    """Refuses, with the numbers, a conversion whose planned peak exceeds the memory this process can get:
+    a small file can declare a huge tensor (a deflated .npz member inflates ~1000x), so the plan's
+    estimate is compared with the machine before any tensor is read."""
+    largest = max((max(i.nbytes, i.chunk_bytes) for i in p.source.infos.values()), default=0)
+    untrusted.require_memory(
+        p.estimated_peak_bytes - _current_peak_rss(),
+        f"converting {p.src} (its largest tensor or stored chunk holds {largest / 2**20:,.1f} MiB, read, re-laid out and written a few at a time)",
+        hint="run it on a machine with more memory; `vitctl convert ... --dry-run` shows the estimate",
+    )
 
 
 def _lay_out(direction: str, src: Path, dst: Path, source: Source, target: Target, dtype: str, max_bytes: int | None) -> Plan:
@@ -520,20 +545,3 @@ def _no_gc() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt (like Ctrl-C), so cleanup runs."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)

@@ -62,6 +62,7 @@ from typing import Any, NamedTuple, Protocol
 import ml_dtypes
 import numpy as np
 
+from vitctl import untrusted
 from vitctl.convert import fastcopy
 from vitctl.convert.fastcopy import scratch
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError
@@ -158,6 +159,53 @@ def _fail(path: Path, what: str) -> CheckpointError:
     )
 
 
+class CheckpointRoot:
+    """Where a checkpoint's files may lie: inside its directory, or, for a Hugging Face cache
+    snapshot (`.../models--org--name/snapshots/SHA/...`, whose files are symlinks), inside that
+    repo's cache folder too. A file that is a symlink leading elsewhere is refused: a checkpoint
+    from a stranger must not make vitctl read (and copy into an output, or upload) other files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).absolute()
+        self.also = hf_cache_repo(self.path)
+
+    def check(self, path: str | Path, where: str | None = None) -> Path:
+        """`path` itself, after checking that it resolves inside the checkpoint."""
+        untrusted.inside(self.path, path, where or str(self.path), also=self.also)
+        return Path(path)
+
+    def member(self, folder: str | Path, name: Any, where: str, kind: str = "the file") -> Path:
+        """folder / name for a `name` read from a file (index, manifest): a checked relative name, inside the checkpoint."""
+        path = Path(folder) / untrusted.check_name(name, where, kind=kind)
+        return self.check(path, where)
+
+    def check_tree(self, folder: str | Path, where: str) -> None:
+        """Every symlink under `folder` (not followed) leads inside the checkpoint. Metadata only: a
+        scandir per directory, a resolve per symlink, so a 22B checkpoint's thousands of chunk files
+        cost milliseconds."""
+        pending = [Path(folder)]
+        while pending:
+            try:
+                entries = list(os.scandir(pending.pop()))
+            except OSError:
+                continue  # a missing or unreadable folder: the reader names it
+            for e in entries:
+                if e.is_symlink():
+                    self.check(e.path, where)
+                elif e.is_dir(follow_symlinks=False):
+                    pending.append(Path(e.path))
+
+
+def hf_cache_repo(path: Path) -> Path | None:
+    """The blob folder `.../models--org--name/blobs` of the Hugging Face cache snapshot that holds
+    `path` (`.../models--org--name/snapshots/SHA/...`), else None."""
+    parts = path.absolute().parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(("models--", "datasets--", "spaces--")) and i + 1 < len(parts):
+            return Path(*parts[:i]) / "blobs"
+    return None
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[TensorInfo, int]]]:
     """Parses and validates one safetensors header without reading tensor data.
 
@@ -173,9 +221,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple
         if n > min(size - 8, MAX_HEADER_BYTES):
             raise _fail(path, f"header length {n} exceeds the file ({size} bytes)")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise _fail(path, f"header is not valid JSON ({e})") from None
+            header = untrusted.parse_json(f.read(n), "header", expect=None)
+        except CheckpointError as e:
+            raise _fail(path, e.message) from None
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -207,18 +255,24 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> tuple[Te
     return info, data_start + begin
 
 
-def _read_index(index: Path) -> tuple[dict[str, str], int | None]:
-    """(weight_map, metadata.total_size) of an HF index; every shard a plain file name beside it."""
+def _read_index(index: Path, root: CheckpointRoot) -> tuple[dict[str, str], int | None]:
+    """(weight_map, metadata.total_size) of an HF index; every shard a file inside the checkpoint.
+
+    Shard names come from the file, so each is a checked relative name (untrusted.check_name)
+    that must stay inside the checkpoint once symlinks are followed."""
     try:
-        d = json.loads(index.read_text())
-        weight_map = d["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AssertionError) as e:
+        d = untrusted.read_json(index)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot read {index}: {e.message}", hint=e.hint) from None
+    weight_map = d.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(
-            f"cannot read {index}: {e!r}", hint='an index is {"metadata": {"total_size": N}, "weight_map": {tensor: shard}}'
-        ) from None
-    for shard in set(weight_map.values()):
-        if Path(shard).name != shard or not (index.parent / shard).is_file():
+            f"cannot read {index}: it has no weight_map of tensor names to shard file names",
+            hint='an index is {"metadata": {"total_size": N}, "weight_map": {tensor: shard}}',
+        )
+    for shard in sorted(set(weight_map.values())):
+        path = root.member(index.parent, shard, str(index), "shard")
+        if not path.is_file():
             raise CheckpointError(
                 f"{index} names shard '{shard}', which is not a file in {index.parent}",
                 hint="a shard is missing: re-download or re-create the checkpoint",
@@ -234,16 +288,20 @@ class SafetensorsReader:
 
     def __init__(self, ckpt: str | Path):
         self.path = Path(ckpt)
+        self.root = CheckpointRoot(self.path)
         self._infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, int] = {}
         self._files: dict[Path, Any] = {}
         self.metadata: dict[str, str] = {}
         if (self.path / INDEX).is_file():
-            self._open_shards(self.path / INDEX)
+            self._open_shards(self.root.check(self.path / INDEX))
         elif (self.path / SAFETENSORS).is_file():
-            self._add(self.path / SAFETENSORS, None)
+            self._add(self.root.check(self.path / SAFETENSORS), None)
         else:
             raise CheckpointError(f"{self.path} has no torch weights ({SAFETENSORS} or {INDEX})", hint="check the path")
+
+    def count(self) -> int:
+        return len(self._infos)
 
     def _add(self, file: Path, listed: set[str] | None) -> None:
         self.metadata, tensors = read_safetensors_header(file)
@@ -258,7 +316,7 @@ class SafetensorsReader:
             self._infos[name], self._offsets[name] = info, offset
 
     def _open_shards(self, index: Path) -> None:
-        weight_map, total = _read_index(index)
+        weight_map, total = _read_index(index, self.root)
         for shard in sorted(set(weight_map.values())):
             self._add(index.parent / shard, {n for n, s in weight_map.items() if s == shard})
         missing = sorted(set(weight_map) - set(self._infos))
@@ -507,6 +565,13 @@ class OrbaxReader:
     def __init__(self, params: str | Path):
         ts = self._ts = _tensorstore()
         self.path = Path(params).absolute()
+        # Everything below comes from files a stranger may have written: the checkpoint's files
+        # must lie inside it, and every array's metadata is checked here, before tensorstore
+        # sees it (a chunk shape larger than the array, or a shape past what is stored, made
+        # tensorstore allocate without bound and abort the process).
+        root = CheckpointRoot(self.path.parent)
+        root.check(self.path)
+        root.check_tree(self.path, str(self.path))
         meta = _read_orbax_metadata(self.path)
         ctx = _ts_context(ts)
         driver = "zarr3" if meta.get("use_zarr3") else "zarr"
@@ -514,14 +579,20 @@ class OrbaxReader:
         self._plain: dict[str, _PlainArray] = {}  # arrays read straight from their files
         self._open_files = _OpenFiles()
         self._reading: set[concurrent.futures.Future] = set()
-        self._infos: dict[str, TensorInfo] = {}
+        self._stacked: dict[str, TensorInfo] = {}  # as stored: block arrays with their leading L axis
+        self._infos: dict[str, TensorInfo] | None = None  # per layer, listed on first use
         ocdbt, zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
-        index = _ocdbt_index(ts, self.path, ctx) if ocdbt and not zarr3 else None
-        for name, stored in _orbax_names(self.path, meta).items():
-            plain = None if zarr3 else self._plain_array(stored, index) if ocdbt else self._plain_files(stored)
+        names = _orbax_names(self.path, meta)
+        index = _ocdbt_index(ts, self.path, ctx, f"array '{next(iter(names), '')}'") if ocdbt else None
+        stored_chunks = _stored_chunks(index) if index is not None else None
+        every_chunk_stored = meta.get("store_array_data_equal_to_fill_value") is True
+        for name, stored in names.items():
+            tally = stored_chunks.get(stored, (0, 0)) if stored_chunks is not None else _chunk_file_tally(self.path / stored)
+            z = _array_metadata(self.path, stored, name, zarr3, index, tally, every_chunk_stored)
+            plain = None if zarr3 else self._plain_array(z, stored, index) if ocdbt else _PlainArray.parse(z, _chunk_files(self.path / stored))
             if plain is not None and (plain.chunks[:1] == (1,) or not is_stacked(name)):
                 self._plain[name] = plain
-                self._add_infos(name, plain.shape, plain.dtype, _nbytes(plain.chunks, plain.dtype))
+                self._add_info(name, plain.shape, plain.dtype, _nbytes(plain.chunks, plain.dtype))
                 continue
             spec = {"driver": driver, "kvstore": _kvstore(self.path, stored, ocdbt)}
             try:
@@ -530,34 +601,31 @@ class OrbaxReader:
             except Exception as e:  # noqa: BLE001  (tensorstore maps its status codes to several exception types)
                 raise _ts_error(self.path, f"array '{name}'", e) from None
             self._arrays[name] = arr
-            self._add_infos(name, tuple(arr.shape), dtype, _nbytes(chunks, dtype))
+            self._add_info(name, tuple(arr.shape), dtype, _nbytes(chunks, dtype))
 
-    def _plain_files(self, stored: str) -> _PlainArray | None:
-        folder = self.path / stored
-        try:
-            zarray = (folder / ".zarray").read_bytes()
-        except OSError:
-            return None  # tensorstore names what is wrong
-        return _PlainArray.parse(zarray, _chunk_files(folder))
-
-    def _plain_array(self, stored: str, index: Mapping[str, Location] | None) -> _PlainArray | None:
+    def _plain_array(self, z: Mapping[str, Any], stored: str, index: Mapping[str, Location]) -> _PlainArray | None:
         """An array of the OCDBT database whose chunks are all stored, uncompressed (else None)."""
-        zarray = index.get(f"{stored}/.zarray") if index is not None else None
-        if not isinstance(zarray, bytes):  # (Orbax's .zarray, ~160 bytes, is always inline)
-            return None
-        plain = _PlainArray.parse(zarray, lambda key: index.get(f"{stored}/{key}"))
+        plain = _PlainArray.parse(z, lambda key: index.get(f"{stored}/{key}"))
         return plain if plain is not None and all(f"{stored}/{k}" in index for k in plain.chunk_keys()) else None
 
-    def _add_infos(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> None:
-        if not is_stacked(name):
-            self._infos[name] = TensorInfo(name, shape, dtype, self.path, chunk_bytes)
-            return
-        if not shape:
+    def _add_info(self, name: str, shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> None:
+        if is_stacked(name) and not shape:
             raise CheckpointError(f"stacked block array '{name}' in {self.path} is a scalar; expected a leading layer axis")
-        for i in range(shape[0]):
-            self._infos[layer_name(name, i)] = TensorInfo(layer_name(name, i), shape[1:], dtype, self.path, chunk_bytes)
+        self._stacked[name] = TensorInfo(name, shape, dtype, self.path, chunk_bytes)
+
+    def count(self) -> int:
+        """How many per-layer tensors `infos()` lists, without listing them."""
+        return sum(i.shape[0] if is_stacked(n) else 1 for n, i in self._stacked.items())
 
     def infos(self) -> dict[str, TensorInfo]:
+        if self._infos is None:
+            self._infos = {}
+            for name, info in self._stacked.items():
+                if not is_stacked(name):
+                    self._infos[name] = info
+                    continue
+                for i in range(info.shape[0]):
+                    self._infos[layer_name(name, i)] = TensorInfo(layer_name(name, i), info.shape[1:], info.dtype, self.path, info.chunk_bytes)
         return dict(self._infos)
 
     def read(self, name: str) -> np.ndarray:
@@ -578,6 +646,8 @@ class OrbaxReader:
     def _start(self, name: str):
         stacked, i = split_layer(name)
         key = stacked if i is not None else name
+        if self._infos is None:
+            self.infos()
         if key in self._plain:  # read straight into a reused buffer, on the reader thread
             future = _reader_thread().submit(self._plain[key].read, i, name, self._open_files)
             self._reading.add(future)
@@ -640,13 +710,12 @@ class _PlainArray:
     locate: Callable[[str], Location | None]
 
     @classmethod
-    def parse(cls, zarray: bytes | str, locate: Callable[[str], Location | None]) -> _PlainArray | None:
-        """The array that `.zarray` describes if it has that form (else None: tensorstore reads it)."""
+    def parse(cls, z: Mapping[str, Any], locate: Callable[[str], Location | None]) -> _PlainArray | None:
+        """The array that `.zarray` (checked by _array_metadata) describes if it has that form (else None: tensorstore reads it)."""
         try:
-            z = json.loads(zarray)
             dtype = {v: k for k, v in _ZARR_DTYPE.items()}.get(z["dtype"]) or np.dtype(z["dtype"])
             shape, chunks = tuple(int(d) for d in z["shape"]), tuple(int(c) for c in z["chunks"])
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None  # tensorstore names what is wrong
         plain = z.get("compressor") is None and z.get("filters") is None and z.get("order", "C") == "C" and z.get("zarr_format") == 2
         plain = plain and z.get("fill_value") is None and z.get("dimension_separator", ".") == "."
@@ -830,55 +899,172 @@ def _chunk_files(folder: Path) -> Callable[[str], Location]:
 _VALUE_REF = re.compile(r"value:([^:]*):([^:]*):([0-9]+):([0-9]+)")
 
 
-def _ocdbt_index(ts, params: Path, context) -> dict[str, Location] | None:
+_NODE_REF = re.compile(r"btreenode:([^:]*):([^:]*):([0-9]+):([0-9]+)")
+
+
+def _data_file(params: Path, ref: str, pattern: re.Pattern, what: str) -> Path:
+    """The file an OCDBT reference (`value:` or `btreenode:` base:path:offset:length) names, checked
+    to be a plain relative name inside params/: the references come from the database's own files."""
+    m = pattern.fullmatch(ref)
+    if m is None:
+        raise CheckpointError(f"{params}: the OCDBT database holds an unreadable {what} reference {ref[:200]!r}", hint=_RECREATE)
+    base = urllib.parse.unquote(m.group(1))
+    rel = (base if not base or base.endswith("/") else base + "/") + urllib.parse.unquote(m.group(2))
+    return params / untrusted.check_name(rel, f"the OCDBT database in {params} ({what} reference)")
+
+
+def _ocdbt_index(ts, params: Path, context, what: str) -> dict[str, Location]:
     """Every key of the OCDBT database in `params/` (latest version) -> where its value lies, from its
-    B+tree as tensorstore.ocdbt.dump decodes it. None when the tree cannot be walked or a value lies
-    outside params/: tensorstore then reads (and names the problem)."""
+    B+tree as tensorstore.ocdbt.dump decodes it. Every node and value it references must be a file
+    inside params/ (refused otherwise, before tensorstore reads any of them)."""
     try:
         base = ts.KvStore.open({"driver": "file", "path": f"{params}/"}, context=context).result()
         manifest = ts.ocdbt.dump(base, context=context).result()
         root = max(manifest["versions"], key=lambda v: v["generation_number"])["root"]
-        pending = [root["location"]] if "location" in root else []
-        index: dict[str, Location] = {}
-        while pending:
-            for entry in ts.ocdbt.dump(base, pending.pop(), context=context).result()["entries"]:
-                if "location" in entry:  # interior node: a subtree
-                    pending.append(entry["location"])
-                    continue
-                key = bytes(entry["key"]).decode()
-                if "inline_value" in entry:
-                    index[key] = bytes(entry["inline_value"])
-                    continue
-                m = _VALUE_REF.fullmatch(entry["indirect_value"])
-                rel = Path(urllib.parse.unquote(m.group(1))) / urllib.parse.unquote(m.group(2))
-                if rel.is_absolute() or ".." in rel.parts:
-                    return None
-                index[key] = (params / rel, int(m.group(3)), int(m.group(4)))
-    except Exception:  # noqa: BLE001  (any failure: tensorstore's own reader reports it)
-        return None
+    except Exception as e:  # noqa: BLE001  (tensorstore maps its status codes to several exception types)
+        raise _ts_error(params, what, e) from None  # (tensorstore's message names the manifest)
+    pending = [root["location"]] if "location" in root else []
+    index: dict[str, Location] = {}
+    while pending:
+        location = pending.pop()
+        _data_file(params, location, _NODE_REF, "node")
+        try:
+            entries = ts.ocdbt.dump(base, location, context=context).result()["entries"]
+        except Exception as e:  # noqa: BLE001  (as above)
+            raise _ts_error(params, what, e) from None
+        for entry in entries:
+            if "location" in entry:  # interior node: a subtree
+                pending.append(entry["location"])
+                continue
+            key = bytes(entry["key"]).decode(errors="replace")
+            if "inline_value" in entry:
+                index[key] = bytes(entry["inline_value"])
+                continue
+            m = _VALUE_REF.fullmatch(entry.get("indirect_value", ""))
+            index[key] = (_data_file(params, entry.get("indirect_value", ""), _VALUE_REF, "value"), int(m.group(3)), int(m.group(4)))
     return index
 
 
 def _read_orbax_metadata(params: Path) -> dict[str, Any]:
     path = params / METADATA
+    if not path.is_file():
+        raise CheckpointError(f"cannot read {path}: no such file", hint="params/ is not a complete Orbax checkpoint: re-create it")
     try:
-        meta = json.loads(path.read_text())
-        assert isinstance(meta.get("tree_metadata"), dict)
-    except (OSError, UnicodeDecodeError, ValueError, AssertionError, AttributeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e!r}", hint="params/ is not a complete Orbax checkpoint: re-create it") from None
+        meta = untrusted.read_json(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot read {path}: {e.message}", hint="params/ is not a complete Orbax checkpoint: re-create it") from None
+    if not isinstance(meta.get("tree_metadata"), dict):
+        raise CheckpointError(f"cannot read {path}: it has no tree_metadata object", hint="params/ is not a complete Orbax checkpoint: re-create it")
     return meta
 
 
 def _orbax_names(params: Path, meta: Mapping[str, Any]) -> dict[str, str]:
-    """{"/"-joined tree path: Orbax's stored array name ('.'-joined keys)} from _METADATA."""
+    """{"/"-joined tree path: Orbax's stored array name ('.'-joined keys)} from _METADATA.
+
+    The stored name is a directory (or an OCDBT key prefix) under params/, so every key must be
+    one plain path segment: no '/', no '..', nothing that leads out of params/."""
     out = {}
+    where = f"{params / METADATA}"
     for key, entry in meta["tree_metadata"].items():
         try:
-            keys = [str(k["key"]) for k in entry["key_metadata"]]
+            keys = [k["key"] for k in entry["key_metadata"]]
         except (KeyError, TypeError):
-            raise CheckpointError(f"cannot read {params / METADATA}: entry {key} has no key_metadata") from None
-        out["/".join(keys)] = ".".join(keys)
+            raise CheckpointError(f"cannot read {where}: entry {str(key)[:200]!r} has no key_metadata") from None
+        for k in keys:
+            if not isinstance(k, str | int) or isinstance(k, bool) or "/" in str(k):
+                raise CheckpointError(
+                    f"{where} names the tree key {str(k)[:200]!r}, which vitctl refuses: a key must be one plain name",
+                    hint="the checkpoint is damaged or hostile: do not use it",
+                )
+        keys = [str(k) for k in keys]
+        stored = ".".join(keys)
+        untrusted.check_name(stored, where)
+        out["/".join(keys)] = stored
     return out
+
+
+# The dtypes vitctl reads from zarr metadata: zarr v2 spellings ("<f4", byte order stripped) and zarr3 names ("float32").
+ZARR_DTYPES = {
+    **{d.str.lstrip("<>|="): d for d in ST_DTYPES.values() if d.kind != "V"},
+    **{d.name: d for d in ST_DTYPES.values()},
+}
+
+
+def _stored_chunks(index: Mapping[str, Location]) -> dict[str, tuple[int, int]]:
+    """{array: (stored chunks, their bytes)} of an OCDBT database, from its index."""
+    out: dict[str, list[int]] = {}
+    for key, where in index.items():
+        array, _, chunk = key.partition("/")  # stored array names are one segment (_orbax_names)
+        if not chunk or chunk.startswith(".") or chunk == "zarr.json":
+            continue
+        t = out.setdefault(array, [0, 0])
+        t[0] += 1
+        t[1] += len(where) if isinstance(where, bytes) else where[2] or 0
+    return {k: (n, b) for k, (n, b) in out.items()}
+
+
+def _chunk_file_tally(folder: Path) -> tuple[int, int]:
+    """(chunk files, their bytes) of one array in the per-array layout."""
+    n = nbytes = 0
+    pending = [folder]
+    while pending:
+        with contextlib.suppress(OSError), os.scandir(pending.pop()) as entries:
+            for e in entries:
+                if e.is_dir():  # zarr3 (c/0/0) or a '/' dimension separator
+                    pending.append(Path(e.path))
+                elif not e.name.startswith(".") and e.name != "zarr.json" and e.is_file():
+                    n, nbytes = n + 1, nbytes + e.stat().st_size
+    return n, nbytes
+
+
+def _array_metadata(
+    params: Path, stored: str, name: str, zarr3: bool, index: Mapping[str, Location] | None, tally: tuple[int, int], every_chunk_stored: bool
+) -> dict[str, Any]:
+    """The array's zarr metadata (.zarray, or zarr.json for zarr3), checked before tensorstore opens it:
+    a known dtype, positive shape and chunks, no chunk larger than the array, and no more chunks
+    than params/ stores for it. Returns the parsed JSON."""
+    file = "zarr.json" if zarr3 else ".zarray"
+    where = f"cannot read array '{name}' from {params}: {stored}/{file}"
+    if index is not None:
+        raw = index.get(f"{stored}/{file}")
+        if not isinstance(raw, bytes):
+            raise CheckpointError(f"{where} is missing from its OCDBT database", hint=_RECREATE)
+    else:
+        try:
+            raw = (params / stored / file).read_bytes() if (params / stored / file).stat().st_size <= untrusted.JSON_MAX_BYTES else b"-"
+        except OSError as e:
+            raise CheckpointError(f"{where}: {e.strerror or e}", hint=_RECREATE) from None
+    z = untrusted.parse_json(raw, where)
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{where} {what}", hint="the checkpoint is damaged or hostile: re-create or re-download it")
+
+    if zarr3:
+        grid = z.get("chunk_grid")
+        chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) and isinstance(grid.get("configuration"), dict) else None
+        shape, dtype_name = z.get("shape"), z.get("data_type")
+    else:
+        shape, chunks, dtype_name = z.get("shape"), z.get("chunks"), z.get("dtype")
+    ints = lambda v: isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)  # noqa: E731
+    if not ints(shape) or not ints(chunks) or len(shape) != len(chunks) or len(shape) > 32:
+        raise bad(f"has no valid shape and chunks (shape {str(shape)[:100]}, chunks {str(chunks)[:100]})")
+    if any(d < 1 for d in shape) or any(c < 1 for c in chunks):
+        raise bad(f"declares shape {shape} with chunks {chunks}: every size must be positive")
+    if any(c > d for c, d in zip(chunks, shape)):
+        raise bad(f"declares chunks {chunks} larger than the array {shape}")
+    dtype = ZARR_DTYPES.get(dtype_name.lstrip("<>|=")) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise bad(f"declares dtype {str(dtype_name)[:60]!r}, which vitctl does not read (known: {', '.join(sorted(ZARR_DTYPES))})")
+    grid_chunks = math.prod(-(-d // c) for d, c in zip(shape, chunks))
+    n_stored, stored_bytes = tally
+    # Orbax stores every chunk (store_array_data_equal_to_fill_value), so a shape that needs more
+    # chunks than are stored is a lie: it would list and read layers that hold nothing.
+    if every_chunk_stored and grid_chunks > n_stored:
+        nbytes = math.prod(shape) * dtype.itemsize
+        raise bad(
+            f"declares {dtype_name} {shape} ({nbytes:,} bytes) in {grid_chunks:,} chunks, but params/ stores {n_stored:,} chunks ({stored_bytes:,} bytes) for it"
+        )
+    return z
 
 
 def choose_chunks(shape: tuple[int, ...], itemsize: int, max_bytes: int, stacked: bool) -> tuple[int, ...]:

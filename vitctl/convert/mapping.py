@@ -155,6 +155,11 @@ def jax_param_shapes(cfg: ViTConfig, stacked: bool = True) -> dict[str, tuple[in
     return shapes
 
 
+def param_count(cfg: ViTConfig) -> int:
+    """len(jax_param_shapes(cfg, stacked=False)) without listing the per-layer names (O(1) in depth)."""
+    return sum(cfg.depth if n.startswith("blocks/") else 1 for n in jax_param_shapes(cfg, stacked=True))
+
+
 def torch_param_shapes(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
     """Every torch state_dict key (parameters only) and its shape."""
     out = {}
@@ -203,6 +208,33 @@ def stack(flat: Mapping[str, np.ndarray], depth: int) -> dict[str, np.ndarray]:
             )
         out[f"blocks/{name}"] = np.stack([per_layer[i] for i in range(depth)])
     return out
+
+
+# Per-layer tensors a checkpoint may hold: ~200x ViT-22B's (48 layers, ~1,000 tensors), far above any
+# real ViT, low enough that listing every name stays under a few hundred MB.
+MAX_TENSORS = 250_000
+
+
+def check_count(got: int, cfg: ViTConfig, what: str) -> None:
+    """The tensor count the headers give against the config's, before any per-layer name is listed.
+
+    Coverage checks list every expected name, and the config (a small config.json a stranger
+    wrote) sets how many: depth 10^6 would list tens of millions of names before a shape is
+    compared. Counts are compared first, and a config that expects far more tensors than the
+    weights hold (or far fewer) is refused here, so the names listed stay within a small
+    multiple of what the headers hold; a near miss (a missing layer, a wrong head) goes on to
+    the coverage check, which names each tensor. Nor is any config listed past MAX_TENSORS."""
+    want = param_count(cfg)
+    if max(want, got) > MAX_TENSORS:
+        raise UnmappedParamError(
+            f"{what}: the config (depth {cfg.depth:,}) needs {want:,} tensors and the weights hold {got:,}; vitctl reads at most {MAX_TENSORS:,}",
+            hint="no ViT has that many tensors: the config or the checkpoint is damaged or hostile",
+        )
+    if want > 2 * got + 64 or got > 2 * want + 64:
+        raise UnmappedParamError(
+            f"{what} does not match the model config: the config (depth {cfg.depth:,}) needs {want:,} tensors, the weights hold {got:,}",
+            hint="check that config.json describes these weights (width, depth, heads, biases, pool, posemb)",
+        )
 
 
 def check_coverage(got: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
