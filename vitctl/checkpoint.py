@@ -15,7 +15,8 @@ A directory may hold both weight sets; `detect_formats` lists what is there and
   (SaveArgs.chunk_byte_size; Orbax's default is one piece of up to 2 GiB), and stacked
   block parameters are split along the layer axis first (SaveArgs.shard_axes=(0,)),
   so a reader can stream one layer at a time. `save_jax` (init, train) writes Orbax's
-  OCDBT layout uncompressed; `vitctl convert` writes Orbax's one-directory-per-array
+  OCDBT layout uncompressed (vitctl.convert.io.OrbaxWriter; Orbax itself for arrays sharded
+  over several processes); `vitctl convert` writes Orbax's one-directory-per-array
   layout (vitctl.convert.io.OrbaxFilesWriter); Orbax restores both, and zstd-compressed
   checkpoints from elsewhere too. Restores always go into an abstract target built from
   the config, never from the stored metadata alone.
@@ -23,7 +24,10 @@ A directory may hold both weight sets; `detect_formats` lists what is there and
   vitctl.convert.io (headers validated, no mmap): bfloat16 is ml_dtypes.bfloat16 on the
   numpy side and BF16 in the file. Never pickle.
 - Writes are atomic: build everything in a temporary sibling, then rename
-  (`atomic_output`).
+  (`atomic_output`). `--force` replaces only a directory that vitctl wrote (`check_output`:
+  its config.json or vitctl-run.json, and only entries that vitctl writes), never a user's
+  folder. A temporary that a killed run left (SIGKILL, a native abort) is removed by the
+  next run to the same output, once its owner process is known to be gone.
 
 jax, orbax and torch are imported inside the functions that need them; importing
 this module loads neither.
@@ -32,10 +36,14 @@ this module loads neither.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -45,7 +53,8 @@ import numpy as np
 
 import vitctl
 from vitctl.config import ViTConfig, load_config
-from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, OutputExistsError
+from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, OutputError, OutputExistsError, VitctlError
+from vitctl.untrusted import read_json
 
 CONFIG, PARAMS, SAFETENSORS = "config.json", "params", "model.safetensors"
 RUN_MARKER = "vitctl-run.json"  # marks a directory of several checkpoints that vitctl made (demo, train runs)
@@ -59,6 +68,29 @@ JAX, TORCH = "vitctl-jax", "vitctl-torch"
 # 48 * 36 chunks of (1, 2048, 2048) = 16 MiB.
 CHUNK_BYTES = 16 * 2**20
 INIT_HINT = "create a checkpoint with `vitctl init MODEL --out DIR`"
+SLEEP_ENV = "VITCTL_TEST_SLEEP_PER_TENSOR"  # tests only (as for convert): seconds to pause after each tensor written
+
+
+# What vitctl writes at the top of an output directory. `--force` replaces a directory only
+# if it is vitctl's by its config (or run marker) and every entry in it is one of these, so it
+# never deletes a user's files; a stale temporary is removed only if it holds nothing else.
+CHECKPOINT_ENTRIES = {
+    CONFIG: "file", PARAMS: "dir", SAFETENSORS: "file", SAFETENSORS_INDEX: "file",  # init, convert (and timm export), hub pull
+    "README.md": "file", "verify.json": "file",  # hub pull: the pushed repo's model card and verify report
+    "train_config.json": "file", "metrics.jsonl": "file", "metrics.png": "file", "state": "dir",  # train
+}  # fmt: skip
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # convert --max-shard-size, hub pull
+RUN_ENTRIES = {  # demo: a run directory of two checkpoints and the reports on them
+    RUN_MARKER: "file", "model.json": "file", "verify.json": "file", "probe.json": "file", "demo.json": "file",
+    "jax": "checkpoint", "torch": "checkpoint",
+}  # fmt: skip
+# A temporary beside one of those entries (write_json's `.config.json.tmp-1a2b3c4d`, train's
+# `.params.tmp-STEP`, `.metrics.jsonl.tmp`), and Orbax's own temporary of params/.
+HIDDEN_TEMPORARY = re.compile(r"\.(?P<base>.+)\.(tmp|old)(-\w+)?")
+ORBAX_TEMPORARY = re.compile(rf"{PARAMS}\.orbax-checkpoint-tmp(-\d+)?")
+# atomic_output's temporaries beside DST: `.DST.tmp-1a2b3c4d` (being built) and `.DST.old-1a2b3c4d`
+# (the DST it replaces). Each holds OWNER while a process uses it: {"pid", "host", "start"}.
+OWNER = ".vitctl-owner.json"
 
 
 @contextlib.contextmanager
@@ -67,24 +99,34 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
 
     On any exception (KeyboardInterrupt included) the temporary is deleted and `dst`
     is untouched. An existing `dst` is refused unless `force`; with `force` it is
-    replaced only once the new one is complete, and only if it is a directory that is
-    empty or holds a config.json (so `--force` cannot delete an unrelated folder).
+    replaced only once the new one is complete, and only if vitctl wrote it (see
+    `check_output`). Temporaries of earlier runs to the same `dst` that were killed before
+    they could clean up (SIGKILL, a native abort) are removed first, and reported on stderr.
     """
     dst = Path(dst)
     _check_replaceable(dst, force)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    reclaim_temporaries(dst)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot create {dst}: {e.strerror or e}", hint=f"check that {dst.parent} exists and is writable") from None
+    try:
+        _claim(tmp)
         yield tmp
         _check_replaceable(dst, force)  # something may have appeared meanwhile
+        (tmp / OWNER).unlink()
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
             dst.rename(old)
+            with contextlib.suppress(OSError):
+                _claim(old)
             try:
                 tmp.rename(dst)
             except BaseException:
                 old.rename(dst)
+                (dst / OWNER).unlink(missing_ok=True)
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -106,7 +148,9 @@ def remove_tree(path: Path, tries: int = 40) -> None:
 
 
 def check_output(dst: str | Path, force: bool) -> None:
-    """Raises OutputExistsError unless `dst` is absent, or replaceable with `force` (see atomic_output)."""
+    """Raises OutputExistsError unless `dst` is absent, or replaceable with `force`: a directory
+    (not a symlink) that is empty or that vitctl wrote, by its config.json (or vitctl-run.json)
+    and by every entry in it being one that vitctl writes."""
     _check_replaceable(Path(dst), force)
 
 
@@ -115,12 +159,157 @@ def _check_replaceable(dst: Path, force: bool) -> None:
         return
     if not force:
         raise OutputExistsError(f"{dst} already exists", hint="pass --force to replace it, or choose another output path")
-    ours = (dst / CONFIG).is_file() or (dst / RUN_MARKER).is_file()
-    if dst.is_symlink() or not dst.is_dir() or (any(dst.iterdir()) and not ours):
+    if dst.is_symlink():
+        why = "it is a symlink"
+    elif not dst.is_dir():
+        why = "it is a file"
+    else:
+        why = foreign(dst)
+    if why:
         raise OutputExistsError(
-            f"{dst} exists and is not a vitctl checkpoint directory; refusing to replace it even with --force",
-            hint="remove it yourself or choose another output path",
+            f"{dst} exists and is not a vitctl checkpoint directory ({why}); refusing to replace it even with --force",
+            hint=f"vitctl replaces only directories it wrote; remove {dst} yourself if you mean to replace it, or choose another output path",
         )
+
+
+def foreign(d: Path, complete: bool = True) -> str | None:
+    """Why directory `d` is not one that vitctl wrote, or None if it is (or is empty).
+
+    complete=True: d must be vitctl's by its config.json (a vitctl checkpoint config) or
+    vitctl-run.json, and hold only the entries of that kind. complete=False (a temporary
+    that a killed run left half written): any entries vitctl writes, no marker needed.
+    """
+    try:
+        entries = sorted(os.scandir(d), key=lambda e: e.name)
+    except OSError as e:
+        return f"it cannot be listed: {e.strerror or e}"
+    names = {e.name for e in entries}
+    if not entries or names == {OWNER}:
+        return None
+    if not complete:
+        kinds = [CHECKPOINT_ENTRIES, RUN_ENTRIES]
+    else:
+        kinds = [RUN_ENTRIES] if RUN_MARKER in names else [CHECKPOINT_ENTRIES]
+    for e in entries:
+        name = e.name
+        hidden = HIDDEN_TEMPORARY.fullmatch(name)
+        if e.is_symlink():
+            return f"{name} is a symlink, which vitctl never writes"
+        if name == OWNER or ORBAX_TEMPORARY.fullmatch(name) or (hidden and any(hidden["base"] in k for k in kinds)):
+            continue
+        want = next((k[name] for k in kinds if name in k), "file" if SHARD.fullmatch(name) and CHECKPOINT_ENTRIES in kinds else None)
+        if want is None:
+            return f"it holds {name}, which vitctl does not write"
+        if (want == "file") != e.is_file(follow_symlinks=False):
+            return f"its {name} is a {'directory' if want == 'file' else 'file'}"
+        if want == "checkpoint" and (why := foreign(Path(e.path), complete)):
+            return f"{name}/: {why}"
+    if not complete:
+        return None
+    if RUN_MARKER in names:
+        return _unreadable(d / RUN_MARKER, run=True)
+    if CONFIG in names:
+        return _unreadable(d / CONFIG, run=False)
+    return f"it has no {CONFIG}"
+
+
+def _unreadable(path: Path, run: bool) -> str | None:
+    """Why `path` is not vitctl's config.json (run=False) or run marker (run=True), or None."""
+    try:
+        d = read_json(path, ConfigError)
+        if run:
+            if not str(d.get("created_by", "")).startswith("vitctl"):
+                return f"its {path.name} was not written by vitctl"
+        elif not isinstance(d.get("model"), dict):
+            return f"its {path.name} has no vitctl model config"
+        else:
+            ViTConfig.from_dict(d["model"])
+    except VitctlError as e:
+        return f"its {path.name} is not a vitctl checkpoint config: {e.message}"
+    return None
+
+
+# Temporaries of killed runs.
+def _claim(tmp: Path) -> None:
+    """Marks `tmp` as this process's, so that another run leaves it alone while this one lives."""
+    (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}))
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), to tell a reused pid apart; None off Linux."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    return None
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool | None:
+    """Whether the process named by an OWNER record still runs; None if this machine cannot tell."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None  # another machine's (a shared file system), or not a record vitctl wrote
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    except OSError:
+        return None
+    start = owner.get("start")
+    return start is None or _start_time(pid) in (None, start)  # the same pid, started later: a new process
+
+
+def reclaim_temporaries(dst: str | Path) -> list[Path]:
+    """Removes the temporaries of earlier runs to `dst` that were killed before they cleaned up.
+
+    A sibling `.DST.tmp-XXXXXXXX` / `.DST.old-XXXXXXXX` is removed only if it is vitctl's by
+    name and by content (a directory holding only entries vitctl writes) and its OWNER names
+    a process of this machine that no longer runs; each removal is one line on stderr. One
+    that cannot be proven stale (no owner record, another machine's) is left and reported.
+    Returns the paths removed.
+    """
+    dst = Path(dst)
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(tmp|old)-[0-9a-f]{{8}}")
+    try:
+        siblings = sorted(p for p in dst.parent.iterdir() if pattern.fullmatch(p.name))
+    except OSError:
+        return []
+    removed = []
+    for p in siblings:
+        if p.is_symlink() or not p.is_dir() or foreign(p, complete=False):
+            continue  # not vitctl's after all: never touched
+        try:
+            owner = read_json(p / OWNER, CheckpointError)
+        except VitctlError:
+            owner = {}
+        alive = _owner_alive(owner)
+        if alive is False:
+            remove_tree(p)
+            if not p.exists():
+                removed.append(p)
+                _note(f"removed {p}, a temporary left by an interrupted vitctl run (process {owner['pid']}, no longer running)")
+        elif alive is None:
+            _note(f"left {p} in place: it looks like a temporary of an interrupted vitctl run; remove it yourself if no vitctl is writing {dst}")
+    return removed
+
+
+def _note(message: str) -> None:
+    sys.stderr.write(f"Note: {message}\n")
+    sys.stderr.flush()
+
+
+# Write failures.
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def no_space(e: BaseException) -> str | None:
+    """The reason if `e` is a write that failed for want of space (full disk, quota, file-size
+    limit), else None. Library errors carry the errno in their text (tensorstore's
+    `os_error_code='28'`, a CheckpointError's strerror), so the text is searched too."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return e.strerror
+    text = str(e)
+    return next((os.strerror(c) for c in _NO_SPACE if os.strerror(c) in text or f"os_error_code='{c}'" in text), None)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -154,11 +343,9 @@ def read_checkpoint_config(path: str | Path) -> ViTConfig:
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """The provenance block of a checkpoint's config.json ({} if it has none)."""
     path = Path(path)
-    try:
-        d = json.loads((path / CONFIG if path.is_dir() else path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    return d.get("provenance", {}) if isinstance(d, dict) else {}
+    d = read_json(path / CONFIG if path.is_dir() else path, ConfigError)
+    provenance = d.get("provenance", {})
+    return provenance if isinstance(provenance, dict) else {}
 
 
 def detect_formats(path: str | Path) -> list[str]:
@@ -181,6 +368,11 @@ def detect_format(path: str | Path, prefer: str | None = None) -> str:
             hint=INIT_HINT,
         )
     return prefer if prefer in found else found[0]
+
+
+def _test_pause() -> None:
+    if seconds := float(os.environ.get(SLEEP_ENV, "0") or 0):
+        time.sleep(seconds)
 
 
 # JAX: params/ (Orbax).
@@ -220,9 +412,32 @@ def save_jax(ckpt: str | Path, flat: Mapping[str, Any], chunk_bytes: int = CHUNK
 
     Each array is stored in chunks of at most `chunk_bytes`, uncompressed; stacked block
     parameters (`blocks/x/y`, leading L axis) are cut along L first, so no chunk spans two layers.
+    Arrays this process holds whole are written one layer at a time by vitctl.convert.io's
+    OrbaxWriter (Orbax's OCDBT layout): a failed write (full disk, file-size limit) is one
+    CheckpointError, raised once every background write has stopped, so nothing lands in ckpt
+    after the caller removes it. Arrays sharded over several processes go through Orbax
+    itself, which coordinates the processes.
     """
-    _, ocp = _orbax()
+    from vitctl.convert import io
+
     path = (Path(ckpt) / PARAMS).absolute()
+    local = all(getattr(a, "is_fully_addressable", True) for a in flat.values())
+    if local and not any(io.split_layer(n)[1] is not None for n in flat):
+        arrays = {n: np.asarray(a) for n, a in flat.items()}  # jax arrays on the CPU: views, not copies
+        layers = [(io.layer_name(n, i), a[i]) for n, a in arrays.items() if io.is_stacked(n) for i in range(a.shape[0])]
+        parts = [(n, a) for n, a in arrays.items() if not io.is_stacked(n)] + layers
+        writer = io.OrbaxWriter(path, [(n, a.shape, a.dtype) for n, a in parts], chunk_bytes, compress=False)
+        try:
+            for n, a in parts:
+                writer.write(n, a)
+                _test_pause()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        return path
+
+    _, ocp = _orbax()
 
     def args(name: str):
         stacked = name.startswith("blocks/") and not name.split("/")[1].isdigit()
@@ -275,6 +490,7 @@ def save_torch(ckpt: str | Path, state: Mapping[str, np.ndarray], max_shard_byte
     try:
         for n, a in state.items():
             writer.write(n, np.ascontiguousarray(a))  # jax_to_torch returns transposed views
+            _test_pause()
         writer.close()
     except BaseException:
         writer.abort()

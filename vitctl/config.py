@@ -24,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from vitctl.errors import ConfigError
+from vitctl.untrusted import parse_json, read_json
 
 # (D, L, F, N). Reference: big_vision models/vit.py `decode_variant`; So400m from
 # arXiv:2305.13035; G from Table 2 of arXiv:2106.04560; e from arXiv:2209.06794.
@@ -52,6 +54,22 @@ PAPER_VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "22B": (6144, 48, 24576, 48),
 }
 PATCH_SIZES = (8, 14, 16, 32)
+
+# (lowest, highest) value of each size field. A config may come from anyone (a Hub repo, a
+# downloaded checkpoint), and commands build per-layer names, shapes and buffers from these
+# before any weight is read: the bounds keep a 1 KB file from asking for millions of layers.
+# Each is far above any published ViT (ViT-22B: D=6144, L=48, F=24576, N=48) and above
+# ViT-22B grown several times in every direction.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "width": (1, 2**16),
+    "depth": (1, 4096),
+    "mlp_dim": (1, 2**20),
+    "num_heads": (1, 4096),
+    "patch_size": (1, 1024),
+    "image_size": (1, 8192),
+    "channels": (1, 4096),
+    "num_classes": (0, 2**24),
+}
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "block": ("parallel", "sequential"),
@@ -131,6 +149,8 @@ class ViTConfig:
     def __post_init__(self):
         if isinstance(self.preprocess, dict):  # from JSON
             object.__setattr__(self, "preprocess", _preprocess_from_dict(self.preprocess))
+        if not isinstance(self.preprocess, Preprocess):
+            raise ConfigError(f"preprocess must be an object, got {self.preprocess!r}", hint='e.g. "preprocess": {"value_range": [-1, 1]}')
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
@@ -139,11 +159,15 @@ class ViTConfig:
                 raise ConfigError(f"{f.name} must be true or false, got {value!r}")
             if f.name in CHOICES:
                 _check_choice(f.name, value, CHOICES[f.name])
-        for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "channels"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        for name, (lo, hi) in BOUNDS.items():
+            value = getattr(self, name)
+            if value < lo:
+                raise ConfigError(f"{name} must be positive, got {value}" if lo == 1 else f"{name} must be >= {lo}, got {value}")
+            if value > hi:
+                raise ConfigError(
+                    f"{name} must be in the range {lo} to {hi:,}, got {_short(value)}",
+                    hint=f"{hi:,} is far above any real model (ViT-22B: width 6144, depth 48, mlp_dim 24576); the config is damaged or mistyped",
+                )
         if self.width % self.num_heads:
             raise ConfigError(
                 f"width {self.width} is not divisible by num_heads {self.num_heads}",
@@ -154,7 +178,7 @@ class ViTConfig:
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}",
                 hint=f"use an image_size that is a multiple of {self.patch_size}",
             )
-        if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if self.posemb == "sincos2d" and self.width % 4:
             raise ConfigError(f"posemb sincos2d needs width divisible by 4, got {self.width}")
@@ -212,12 +236,8 @@ class ViTConfig:
             raise ConfigError(f"invalid config: {e}") from None
 
     @classmethod
-    def from_json(cls, text: str) -> ViTConfig:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+    def from_json(cls, text: str, source: str = "config") -> ViTConfig:
+        return cls.from_dict(parse_json(text, source, ConfigError, expect=None))
 
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -228,12 +248,31 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
         )
 
 
+def _short(value: Any) -> str:
+    """An int for a message: a 10,000-digit one from a hostile file is shown by its size."""
+    return f"{value:,}" if abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit number"
+
+
+def _numbers(field: str, value: Any, length: int | None = None) -> tuple[float, ...] | None:
+    """A JSON list of finite numbers (of `length`, if given) as a tuple; None stays None."""
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and 0 < len(value) <= BOUNDS["channels"][1] and (length is None or len(value) == length)
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    if not ok:
+        want = f"a list of {length} numbers" if length else "a list of numbers, one per channel"
+        raise ConfigError(f"preprocess.{field} must be {want}, got {value!r:.80}")
+    return tuple(value)
+
+
 def _preprocess_from_dict(d: dict[str, Any]) -> Preprocess:
     known = {f.name for f in dataclasses.fields(Preprocess)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"unknown preprocess field(s): {', '.join(unknown)}")
-    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        raise ConfigError(f"unknown preprocess field(s): {', '.join(unknown)}", hint=f"known fields: {', '.join(sorted(known))}")
+    if not isinstance(d.get("antialias", False), bool):
+        raise ConfigError(f"preprocess.antialias must be true or false, got {d['antialias']!r}")
+    d = {**d, **{k: _numbers(k, d[k], 2 if k == "value_range" else None) for k in ("value_range", "mean", "std") if k in d}}
     return Preprocess(**d)
 
 
@@ -272,8 +311,8 @@ def load_config(path: str | Path) -> ViTConfig:
             f"no config.json at {path}",
             hint="a checkpoint directory holds config.json beside its weights; create one with `vitctl init`",
         )
+    d = read_json(path, ConfigError)  # bounded: the file may come from anyone
     try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}", hint="config.json must be a JSON object") from None
-    return ViTConfig.from_dict(d.get("model", d) if isinstance(d, dict) else d)
+        return ViTConfig.from_dict(d.get("model", d))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e.message}", hint=e.hint) from None

@@ -41,6 +41,10 @@ class OutputExistsError(VitctlError):
     exit_code = 2
 
 
+class OutputError(VitctlError):
+    """An output that cannot be created: a parent that is read-only, missing permissions."""
+
+
 class MissingDependencyError(VitctlError):
     """An optional framework (jax, torch, timm) that this command needs is not installed."""
 

@@ -58,12 +58,16 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-# Exception type -> (exit code, hint), most specific first. VitctlError carries its own.
-ERROR_MAPPINGS: tuple[tuple[type[BaseException], int, str], ...] = (
-    (MemoryError, 1, "the model does not fit in this machine's memory; try a smaller preset"),
-    (OSError, 1, "check the path, its permissions and the free disk space"),
-    (Exception, 1, "this is a bug in vitctl; rerun with VITCTL_DEBUG=1 for the traceback and report it"),
-)
+# Exception type -> (exit code, message or None for the exception's own, hint), most specific
+# first. VitctlError carries its own. Readers of untrusted files refuse too-deep or too-large
+# input themselves, naming the file; these are the backstop for any that is missed.
+ERROR_MAPPINGS: tuple[tuple[type[BaseException], int, str | None, str], ...] = (
+    (MemoryError, 1, "out of memory", "the model or input does not fit in this machine's memory; try a smaller preset, or see `vitctl plan`"),
+    (RecursionError, 1, "an input nests too deeply to read (RecursionError)",
+     "a file given to vitctl (a config, an index, a header) is damaged or hostile; rerun with VITCTL_DEBUG=1 to see which"),
+    (OSError, 1, None, "check the path, its permissions and the free disk space"),
+    (Exception, 1, None, "this is a bug in vitctl; rerun with VITCTL_DEBUG=1 for the traceback and report it"),
+)  # fmt: skip
 
 
 class Interrupted(Exception):
@@ -106,7 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # noqa: BLE001  (mapped to an exit code and a hint)
         if debug:
             traceback.print_exc()
-        code, hint = next((c, h) for t, c, h in ERROR_MAPPINGS if isinstance(e, t))
-        what = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-        _report(what, hint)
+        code, what, hint = next((c, m, h) for t, c, m, h in ERROR_MAPPINGS if isinstance(e, t))
+        _report(what or (str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"), hint)
         sys.exit(code)

@@ -7,7 +7,8 @@ shapes (vitctl.convert.mapping), so `info vit-22b` allocates no weights.
 - models: {"models": [{"name", "params_total", "config"}, ...]} in preset order.
 - info: {"name", "config", "params_total", "params_block_matmul", "params_head",
   "params_encoder", "bytes_float32", "bytes_bfloat16"}; for a checkpoint directory
-  also "path", "formats" (see checkpoint.detect_formats) and "provenance".
+  also "path", "formats" (see checkpoint.detect_formats) and "provenance"; for a big_vision
+  .npz "path", "formats": ["big_vision"] and "notes" (what the weights cannot confirm).
 - init: {"path", "format", "name", "params_total", "seed", "init"}; "init" is "jax"
   (both backends: the JAX init, converted for torch) or "torch" (jax not installed).
 """
@@ -15,6 +16,7 @@ shapes (vitctl.convert.mapping), so `info vit-22b` allocates no weights.
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +29,8 @@ from vitctl import checkpoint as ckpt
 from vitctl.cli._options import Backend, BackendOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, ParamDtype, SeedOpt, err, out, print_json
 from vitctl.config import PRESETS, ViTConfig, load_config
 from vitctl.convert.mapping import jax_to_torch, param_counts
-from vitctl.errors import ConfigError, MissingDependencyError
+from vitctl.errors import ConfigError, MissingDependencyError, ResourceError, VitctlError
+from vitctl.untrusted import require_disk, require_memory, sigterm_as_interrupt
 
 commands = typer.Typer()
 
@@ -56,18 +59,23 @@ INIT_EXAMPLES = """Examples:
 
 
 def resolve(spec: str) -> tuple[str, ViTConfig, Path | None]:
-    """(name, config, checkpoint dir or None) for a preset name, a checkpoint dir or a config.json."""
+    """(name, config, checkpoint dir or .npz, else None) for a preset name, a checkpoint dir,
+    a config.json or a big_vision .npz (its config inferred from the member headers, as convert does)."""
     if spec in PRESETS:
         return spec, PRESETS[spec], None
     path = Path(spec).expanduser()
     if path.is_dir():
         return spec, ckpt.read_checkpoint_config(path), path
+    if path.is_file() and zipfile.is_zipfile(path):
+        from vitctl.convert import big_vision
+
+        return spec, big_vision.plan(path).cfg, path
     if path.is_file():
         return spec, load_config(path), None
-    if spec.endswith(".json") or spec.startswith((".", "/", "~")):
+    if spec.endswith((".json", ".npz")) or spec.startswith((".", "/", "~")):
         raise ConfigError(
             f"no such file or directory: {spec}",
-            hint="give a preset name (see `vitctl models`), a checkpoint directory or a config.json",
+            hint="give a preset name (see `vitctl models`), a checkpoint directory, a config.json or a big_vision .npz",
         )
     return spec, ViTConfig.from_variant(spec), None  # raises, naming close presets
 
@@ -108,7 +116,11 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
     local = str(resolve_checkpoint(model, backend="config")) if is_hub_uri(model) else model  # hf://: config.json only
     name, (_, cfg, path) = model, resolve(local)
     result: dict[str, Any] = {"name": name, "config": cfg.to_dict(), **sizes(cfg)}
-    if path is not None:
+    if path is not None and path.is_file():  # a big_vision .npz
+        from vitctl.convert import big_vision
+
+        result.update(path=str(path), formats=["big_vision"], notes=list(big_vision.plan(path).notes))
+    elif path is not None:
         result.update(path=str(path), formats=ckpt.detect_formats(path), provenance=ckpt.read_provenance(path))
     if json:
         print_json(result)
@@ -126,8 +138,10 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
     out.print(counts)
     if path is not None:
         out.print(f"checkpoint: {path}\nformats: {', '.join(result['formats']) or 'none (config only)'}", markup=False)
-        for k, v in result["provenance"].items():
+        for k, v in result.get("provenance", {}).items():
             out.print(f"provenance.{k}: {v}", markup=False)
+        for note in result.get("notes", []):
+            err.print(f"note: {note}", markup=False)
 
 
 def _jax_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
@@ -153,6 +167,12 @@ def _torch_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
     return {k: np.asarray(as_np.get(t.dtype, torch.Tensor.numpy)(t.detach().cpu())) for k, t in state.items()}
 
 
+RUNTIME_BYTES = 2**30  # jax, XLA and the interpreter, beside the parameters
+
+
+RUNTIME_BYTES = 2**30  # what jax, XLA and the interpreter take beside the parameters
+
+
 @commands.command("init", epilog=INIT_EXAMPLES)
 def init(
     model: Annotated[str | None, typer.Argument(metavar="MODEL", help="A preset name, or a config.json.", show_default=False)] = None,
@@ -176,8 +196,16 @@ def init(
     overrides = {"num_classes": num_classes, "image_size": image_size, "param_dtype": param_dtype and param_dtype.value}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})  # validates
     total = sizes(cfg)["params_total"]
+    nbytes = total * (2 if cfg.param_dtype == "bfloat16" else 4)
+    # The parameters, plus what init holds besides them at its peak (the random draws of the
+    # largest stacked array, the writer's copy of the tensor in flight), plus the frameworks.
+    require_memory(
+        2 * nbytes + RUNTIME_BYTES, f"vitctl init {name} ({_human(nbytes, 'B')} of {cfg.param_dtype} parameters)",
+        hint="see `vitctl plan` for what a model needs (sharded over devices), or init a smaller preset (`vitctl models`)",
+    )  # fmt: skip
+    require_disk(out_dir.parent, nbytes, f"vitctl init {name}", hint="free disk space, or choose an --out on another disk")
     how = "jax"
-    with ckpt.atomic_output(out_dir, force) as tmp:
+    with sigterm_as_interrupt(), ckpt.atomic_output(out_dir, force) as tmp:
         with err.status(escape(f"Initialising {name} ({total:,} parameters, seed {seed})")):
             try:
                 flat = _jax_init(cfg, seed)
@@ -186,15 +214,23 @@ def init(
                     raise MissingDependencyError(f"--backend jax needs jax and flax ({e})", hint="pip install 'vitctl[jax]'") from None
                 err.print("jax is not installed: using torch's own initialisation (weights differ from the JAX init)")
                 flat, how = _torch_init(cfg, seed), "torch"
-        with err.status(escape(f"Writing {out_dir}")):
-            if backend == Backend.jax:
-                ckpt.save_jax(tmp, flat)
-            elif how == "jax":
-                ckpt.save_torch(tmp, jax_to_torch({k: np.asarray(v) for k, v in flat.items()}, cfg))
-            else:
-                ckpt.save_torch(tmp, flat)
-        provenance = {"source_format": "init", "source": name, "created_by": "vitctl init", "seed": seed, "init": how}
-        ckpt.write_config(tmp, cfg, provenance)
+        try:
+            with err.status(escape(f"Writing {out_dir}")):
+                if backend == Backend.jax:
+                    ckpt.save_jax(tmp, flat)
+                elif how == "jax":
+                    ckpt.save_torch(tmp, jax_to_torch({k: np.asarray(v) for k, v in flat.items()}, cfg))
+                else:
+                    ckpt.save_torch(tmp, flat)
+            provenance = {"source_format": "init", "source": name, "created_by": "vitctl init", "seed": seed, "init": how}
+            ckpt.write_config(tmp, cfg, provenance)
+        except (VitctlError, OSError) as e:
+            if (why := ckpt.no_space(e)) is None:
+                raise
+            raise ResourceError(
+                f"no space to write {out_dir}: {why} (it needs {_human(nbytes, 'B')})",
+                hint="free disk space, raise the file-size limit (ulimit -f), or choose an --out on another disk; nothing was written",
+            ) from None
     fmt = ckpt.JAX if backend == Backend.jax else ckpt.TORCH
     if json:
         print_json({"path": str(out_dir), "format": fmt, "name": name, "params_total": total, "seed": seed, "init": how})

@@ -12,6 +12,7 @@ tolerance, 1 beyond it (or unreadable weights), 2 usage.
 from __future__ import annotations
 
 import enum
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitctl.cli._options import JsonOpt, err, out, print_json
+from vitctl.errors import ConfigError
 
 commands = typer.Typer()
 
@@ -57,6 +59,11 @@ def verify(
     json_: JsonOpt = False,
 ) -> None:
     """Prove that two checkpoints compute the same function, or point at the first layer that does not."""
+    for flag, value in (("--tolerance", tolerance), ("--rtol", rtol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):  # nan compares false: it would pass nothing, or everything
+            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}", hint=f"e.g. {flag} 1e-5 (fp32) or 1e-1 (bf16)")
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, got {batch}", hint="e.g. --batch 4")
     from vitctl import checkpoint
     from vitctl.hub import resolve_checkpoint
     from vitctl.verify import verify as run
