@@ -6,14 +6,22 @@
   missing; weight files of an earlier push that this one no longer has are deleted in the
   same commit. Afterwards every remote file's size and hash (LFS sha256, or git blob id
   for small files) is checked against the local one.
-- `pull("org/name@rev", out)`: resolves the revision to a commit SHA, downloads only what
-  the backend needs into the Hugging Face cache (snapshot pinned to that SHA), checks every
-  file (index vs shards, safetensors headers parsed without pickle, sizes and sha256
-  against the remote listing), re-fetches only bad files, then copies the snapshot into
-  `out` atomically with the SHA in config.json's provenance. Offline (`offline=True` or
+- `pull("org/name@rev", out)`: resolves the revision to a commit SHA, lists the repo once,
+  downloads only the listed files the backend needs into the Hugging Face cache (snapshot
+  pinned to that SHA), checks every file (index vs shards, safetensors headers parsed
+  without pickle, sizes and sha256 against the listing), re-fetches only bad files, checks
+  that config.json describes the weights, then copies exactly the listed files into `out`
+  atomically with the SHA in config.json's provenance. Offline (`offline=True` or
   HF_HUB_OFFLINE=1) it reads the cache only and says so when something is not there.
+  SIGTERM, like Ctrl-C, stops it and leaves nothing behind.
 - `resolve_checkpoint("hf://org/name@rev")`: the same fetch, returning the cached
   snapshot directory; local paths come back unchanged without importing huggingface_hub.
+
+A Hub repo is a stranger's: every name in its listing and index passes untrusted.check_name
+before anything is downloaded, and the response headers that huggingface_hub turns into
+cache paths (ETag, X-Repo-Commit) are checked the same way (`_check_headers`). A push
+uploads only the files the checkpoint format names, none reached by a symlink that leaves
+the checkpoint (or, for a Hugging Face cache snapshot, that repo's cache folder).
 
 Tokens come from huggingface_hub's usual sources (HF_TOKEN, the saved login); vitctl never
 reads, prints or logs them. Transient failures (5xx, 429, refused or dropped connections,
@@ -31,14 +39,16 @@ import os
 import re
 import shutil
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import vitctl
 from vitctl import checkpoint as ckpt_mod
+from vitctl import untrusted
 from vitctl.checkpoint import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
-from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, VitctlError
+from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, UnmappedParamError, VitctlError
 
 SCHEME = "hf://"
 CARD, VERIFY_REPORT = "README.md", "verify.json"
@@ -50,7 +60,15 @@ NEEDS = {
 }
 NEEDS["all"] = sorted({*NEEDS["torch"], *NEEDS["jax"], CARD, VERIFY_REPORT})
 WEIGHT_PATTERNS = [SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors", f"{PARAMS}/*"]
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# org/name; the name is the default output folder of a pull, so it cannot be "." or start with one.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
+REVISION = re.compile(r"[\w.+-]+(/[\w.+-]+)*")  # a branch, tag or SHA; "refs/pr/1" has slashes
+COMMIT = re.compile(r"[0-9a-f]{40}")
+# huggingface_hub names cache files after these response headers (blobs/ETAG, snapshots/COMMIT):
+# each must be one plain path segment.
+CACHE_NAME_HEADERS = ("X-Repo-Commit", "ETag", "X-Linked-Etag", "X-Xet-Hash")
+SAFE_SEGMENT = re.compile(r"[\w+=-][\w.+=-]{0,254}")
+DAMAGED_REPO = "the repo is damaged or hostile: do not use it; try another revision or ask its owner"
 TRIES, WAIT = 3, 0.5  # transient failures: 3 tries, 0.5 s then 1 s apart
 TOKEN_HINT = "set HF_TOKEN or run `hf auth login` with a token that can access the repo (vitctl never prints it)"
 T = TypeVar("T")
@@ -68,9 +86,30 @@ def parse_repo(spec: str) -> tuple[str, str | None]:
     """ "hf://org/name@rev", "org/name@rev" or "org/name" -> (repo_id, rev or None)."""
     s = str(spec).removeprefix(SCHEME)
     repo_id, _, rev = s.partition("@")
-    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or (_ and not rev):
+    bad_rev = _ and not (REVISION.fullmatch(rev) and all(p not in (".", "..") for p in rev.split("/")))
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id or bad_rev:
         raise ConfigError(f"'{spec}' is not a Hub repo id", hint="write it as org/name or org/name@revision (a branch, tag or commit SHA)")
     return repo_id, rev or None
+
+
+def check_endpoint(endpoint: str | None) -> str | None:
+    """The Hub URL from --endpoint, else HF_ENDPOINT (None when neither is set), if it is an
+    http(s) URL with a host; else a usage error (before anything is read or written)."""
+    source, url = ("--endpoint", endpoint) if endpoint is not None else ("HF_ENDPOINT", os.environ.get("HF_ENDPOINT") or None)
+    if url is None:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() or ord(c) < 32 for c in url)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"{source} must be an http(s) URL, got {url!r}",
+            hint="for example https://huggingface.co, or http://127.0.0.1:8080 for a local Hub",
+        )
+    return url.rstrip("/")
 
 
 def resolve_checkpoint(
@@ -97,8 +136,9 @@ def push(
     repo_id, rev = parse_repo(repo_id)
     if rev is not None:
         raise ConfigError(f"push takes a repo id without @revision, got '{repo_id}@{rev}'", hint="pass the branch with --revision")
+    check_endpoint(endpoint)
+    files = checkpoint_files(ckpt, include_jax)  # first: the card below reads config.json, which must be the checkpoint's own
     cfg = ckpt_mod.read_checkpoint_config(ckpt)
-    files = checkpoint_files(ckpt, include_jax)
     report = find_verify_report(ckpt)
     card = model_card(ckpt, cfg, repo_id, files, report, license)
     hf = _hf()
@@ -148,7 +188,10 @@ def push(
 
 
 def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
-    """{path in repo: local file} of what a push uploads: config.json, the safetensors weights, and params/ if asked."""
+    """{path in repo: local file} of what a push uploads: config.json, the safetensors weights
+    (model.safetensors, or the index and the shards it names), and params/ if asked; nothing
+    else. Each file, symlinks followed, lies inside `ckpt` (or inside the Hugging Face cache
+    folder of the repo whose snapshot `ckpt` is); the values are those real paths."""
     formats = ckpt_mod.detect_formats(ckpt)
     if ckpt_mod.TORCH not in formats and not include_jax:
         raise ConfigError(
@@ -157,20 +200,34 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
         )
     if include_jax and ckpt_mod.JAX not in formats:
         raise ConfigError(f"--include-jax: {ckpt} has no JAX weights ({PARAMS}/)", hint="drop --include-jax")
-    files = {CONFIG: ckpt / CONFIG}
-    if (ckpt / SAFETENSORS_INDEX).is_file():
-        from vitctl.convert.io import _read_index
+    also = cache_repo_folder(ckpt)
 
-        weight_map, _ = _read_index(ckpt / SAFETENSORS_INDEX)  # checks every shard is there
-        files[SAFETENSORS_INDEX] = ckpt / SAFETENSORS_INDEX
-        files.update({s: ckpt / s for s in sorted(set(weight_map.values()))})
+    def local(rel: str) -> Path:
+        path = ckpt / untrusted.check_name(rel, str(ckpt))
+        real = untrusted.inside(ckpt, path, str(ckpt), also=also)
+        if not real.is_file():
+            raise CheckpointError(f"{path} is not a file", hint="a checkpoint file is missing: re-create or re-download the checkpoint")
+        return real
+
+    files = {CONFIG: local(CONFIG)}
+    if (ckpt / SAFETENSORS_INDEX).is_file():
+        files[SAFETENSORS_INDEX] = local(SAFETENSORS_INDEX)
+        files.update({s: local(s) for s in sorted(set(_weight_map(files[SAFETENSORS_INDEX], str(ckpt / SAFETENSORS_INDEX)).values()))})
     elif (ckpt / SAFETENSORS).is_file():
-        files[SAFETENSORS] = ckpt / SAFETENSORS
+        files[SAFETENSORS] = local(SAFETENSORS)
     if include_jax:
-        for p in sorted((ckpt / PARAMS).rglob("*")):
-            if p.is_file():
-                files[p.relative_to(ckpt).as_posix()] = p
+        for p in untrusted.walk_files(ckpt / PARAMS, str(ckpt), also=also if also is not None else ckpt):
+            files[untrusted.check_name(p.relative_to(ckpt).as_posix(), str(ckpt))] = p.resolve()
     return files
+
+
+def cache_repo_folder(path: Path) -> Path | None:
+    """`.../models--org--name` if `path` is a snapshot of the Hugging Face cache
+    (`.../models--org--name/snapshots/SHA`, whose files are symlinks to ../../blobs), else None."""
+    path = Path(path).absolute()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent
+    return None
 
 
 def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
@@ -178,9 +235,11 @@ def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
     verify.json (where `vitctl demo` writes it) if one of its two sides is this checkpoint (same path or name)."""
     here = ckpt.resolve()
     for path in (ckpt / VERIFY_REPORT, ckpt.parent / VERIFY_REPORT):
+        if path.parent == ckpt and path.exists():  # its own report is uploaded: it must be the checkpoint's file
+            untrusted.inside(ckpt, path, str(ckpt), also=cache_repo_folder(ckpt))
         try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
+            report = untrusted.read_json(path)
+        except CheckpointError:  # absent, or not a report (not JSON, too deep, too big): push without one
             continue
         if not isinstance(report, dict) or "passed" not in report:
             continue
@@ -287,33 +346,92 @@ def pull(
 ) -> dict[str, Any]:  # fmt: skip
     """Fetches `org/name[@rev]` (checked, pinned to a commit SHA) into the directory `out` (default: ./name), atomically."""
     repo_id, rev = parse_repo(spec)
+    check_endpoint(endpoint)
     out = Path(out) if out is not None else Path(repo_id.split("/")[-1])
     ckpt_mod.check_output(out, force)
-    got = fetch(repo_id, rev, backend=backend, offline=offline, endpoint=endpoint)
-    snap = Path(got["snapshot"])
-    with ckpt_mod.atomic_output(out, force) as tmp:
-        for rel in got["files"]:
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(snap / rel, tmp / rel)  # follows the cache's symlinks to blobs
-        config = json.loads((tmp / CONFIG).read_text())
-        config["provenance"] = {
-            "source_format": "hub", "source": f"{SCHEME}{repo_id}@{got['commit']}", "repo_id": repo_id,
-            "revision": got["commit"], "requested_revision": rev or "main", "endpoint": got["endpoint"],
-            "backend": backend, "created_by": "vitctl hub pull", "upstream": config.get("provenance", {}),
-        }  # fmt: skip
-        ckpt_mod.write_json(tmp / CONFIG, config)
+    with untrusted.sigterm_as_interrupt():  # `kill` cleans up as Ctrl-C does: no temporary left beside `out`
+        got = fetch(repo_id, rev, backend=backend, offline=offline, endpoint=endpoint)
+        snap, files = Path(got["snapshot"]), got["files"]
+        where = f"{repo_id}@{got['commit'][:12]}"
+        config = check_config(snap, files, where)
+        untrusted.require_disk(out.absolute().parent, got["bytes"], f"pulling {where}")
+        with ckpt_mod.atomic_output(out, force) as tmp:
+            own = {p.relative_to(tmp).as_posix() for p in untrusted.walk_files(tmp, where)}  # atomic_output's own records
+            for rel in files:
+                src = untrusted.inside(snap, snap / rel, where, also=snap.parent.parent)  # the cache's symlinks lead to ../../blobs
+                dst = untrusted.member(tmp, rel, where)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+            written = sorted(
+                p.relative_to(tmp).as_posix() for p in untrusted.walk_files(tmp, where) if p.relative_to(tmp).as_posix() not in own
+            )
+            if written != files:  # exactly the listed files: nothing more, nothing less
+                raise CheckpointError(f"copying {where} into {out} wrote {written}, not the listed {files}", hint="pull again")
+            config["provenance"] = {
+                "source_format": "hub", "source": f"{SCHEME}{repo_id}@{got['commit']}", "repo_id": repo_id,
+                "revision": got["commit"], "requested_revision": rev or "main", "endpoint": got["endpoint"],
+                "backend": backend, "created_by": "vitctl hub pull", "upstream": config.get("provenance", {}),
+            }  # fmt: skip
+            ckpt_mod.write_json(tmp / CONFIG, config)
     return {**got, "path": str(out), "formats": ckpt_mod.detect_formats(out)}
+
+
+def check_config(snap: Path, files: list[str], where: str) -> dict[str, Any]:
+    """The parsed config.json of a fetched repo, if it is a vitctl model config that describes the
+    weights fetched with it: safetensors tensor names and shapes (from the headers), Orbax array
+    names (from params/_METADATA). Else a CheckpointError naming the repo and the file."""
+    from vitctl.config import ViTConfig
+    from vitctl.convert.io import read_safetensors_header
+    from vitctl.convert.mapping import check_coverage, jax_param_shapes, torch_param_shapes
+
+    source = f"{where}:{CONFIG}"
+    config = _json(snap / CONFIG, source)
+    try:
+        cfg = ViTConfig.from_dict(config.get("model", config))
+    except ConfigError as e:
+        raise CheckpointError(f"{source} does not describe a vitctl model: {e.message}", hint=DAMAGED_REPO) from None
+    hint = f"{CONFIG} does not belong to these weights; {DAMAGED_REPO}"
+    if SAFETENSORS_INDEX in files or SAFETENSORS in files:
+        weights = SAFETENSORS_INDEX if SAFETENSORS_INDEX in files else SAFETENSORS
+        shards = sorted(set(_weight_map(snap / weights, f"{where}:{weights}").values())) if weights == SAFETENSORS_INDEX else [weights]
+        got: dict[str, tuple[int, ...]] = {}
+        for shard in shards:
+            got.update({name: info.shape for name, (info, _) in read_safetensors_header(snap / shard)[1].items()})
+        # Layers from the tensor names first: a config claiming a million layers is refused
+        # before the expected names are built.
+        depth = 1 + max((int(m.group(1)) for n in got if (m := re.match(r"blocks\.(\d+)\.", n))), default=-1)
+        if depth != cfg.depth:
+            raise CheckpointError(f"{source} says depth {cfg.depth}, but {where}:{weights} holds {depth} blocks", hint=hint)
+        try:
+            check_coverage(got, torch_param_shapes(cfg), f"{where}:{weights}")
+        except UnmappedParamError as e:
+            raise CheckpointError(f"{e.message} ({source})", hint=hint) from None
+    if f"{PARAMS}/_METADATA" in files:
+        meta_source = f"{where}:{PARAMS}/_METADATA"
+        meta = _json(snap / PARAMS / "_METADATA", meta_source)
+        try:
+            names = {"/".join(str(k["key"]) for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()}
+        except (KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{meta_source} is not an Orbax tree: no tree_metadata with key_metadata", hint=DAMAGED_REPO) from None
+        expected = set(jax_param_shapes(cfg))
+        if names != expected:
+            diff = sorted(names - expected)[:4] + sorted(expected - names)[:4]
+            raise CheckpointError(f"{meta_source} does not match the model in {source}: {', '.join(diff)} differ", hint=hint)
+    return config
 
 
 def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool = False, endpoint: str | None = None) -> dict[str, Any]:
     """Downloads (or, offline, finds) what `backend` needs of repo_id@rev in the HF cache and checks it.
 
-    Returns {"repo_id", "commit", "snapshot", "files", "bytes", "refetched", "offline", "endpoint"}.
+    Online the repo is listed once, every name in the listing is checked, and only listed files
+    are downloaded, one after another in this thread (so that SIGTERM and Ctrl-C stop it at
+    once), each pinned to the commit. Returns {"repo_id", "commit", "snapshot", "files",
+    "bytes", "refetched", "offline", "endpoint", "backend"}.
     """
     if backend not in NEEDS:
         raise ConfigError(f"unknown backend '{backend}'", hint=f"choose one of {', '.join(NEEDS)}")
     hf = _hf()
-    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.file_download import repo_folder_name
 
     endpoint = _endpoint(endpoint, hf)
     offline = offline or hf.constants.is_offline_mode()
@@ -323,32 +441,39 @@ def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool 
     with _hub_errors(repo_id, rev or "main", endpoint, offline):
         if offline:
             snap = Path(hf.snapshot_download(repo_id, revision=rev, allow_patterns=patterns, local_files_only=True))
-            sha = snap.name
+            sha = _commit(snap.name, repo_id, rev, "the local cache")
+            where = f"{repo_id}@{sha[:12]}"
+            cached = (
+                p.relative_to(snap).as_posix() for p in untrusted.walk_files(snap, f"the cached copy of {where}", also=snap.parent.parent)
+            )
+            files = sorted(untrusted.check_name(f, f"the cached copy of {where}") for f in cached if _matches(f, patterns))
+            _require(repo_id, sha, files, backend)
         else:
-            sha = _retry(lambda: api.repo_info(repo_id, revision=rev).sha)
-            listing = _retry(lambda: api.list_repo_tree(repo_id, revision=sha, recursive=True))
-            remote = {f.path: f for f in listing if isinstance(f, RepoFile) and _matches(f.path, patterns)}
-            snap = Path(_retry(lambda: hf.snapshot_download(repo_id, revision=sha, allow_patterns=patterns, endpoint=endpoint)))
-        files = sorted(
-            p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file() and _matches(p.relative_to(snap).as_posix(), patterns)
-        )
-        if remote is not None:
+            sha = _commit(_retry(lambda: api.repo_info(repo_id, revision=rev).sha), repo_id, rev, endpoint)
+            where = f"{repo_id}@{sha[:12]}"
+            remote = _listed(_retry(lambda: list(api.list_repo_tree(repo_id, revision=sha, recursive=True))), where, patterns)
             files = sorted(remote)
-        _require(repo_id, sha, files, backend)
-        bad = check_files(snap, files, remote)
+            _require(repo_id, sha, files, backend)
+            snap = Path(hf.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / sha
+            for rel in files:
+                _download(hf, repo_id, rel, sha, endpoint, snap)
+        bad = check_files(snap, files, remote, where)
         refetched = sorted(bad)
         if bad and offline:
             raise CheckpointError(
-                f"the cached copy of {repo_id}@{sha[:12]} is damaged: {_describe(bad)}",
+                f"the cached copy of {where} is damaged: {_describe(bad)}",
                 hint="pull it again online (without --offline / HF_HUB_OFFLINE) to re-fetch the damaged files",
             )
+        unlisted = {k: v for k, v in bad.items() if k not in remote}
+        if unlisted:  # named by the index, absent from the listing: nothing to re-fetch
+            raise CheckpointError(f"{where} is incomplete: {_describe(unlisted)}", hint=DAMAGED_REPO)
         for rel in bad:  # re-fetch only the bad files, then check them again
-            _retry(lambda rel=rel: hf.hf_hub_download(repo_id, rel, revision=sha, endpoint=endpoint, force_download=True))
+            _download(hf, repo_id, rel, sha, endpoint, snap, force=True)
         if bad:
-            still = check_files(snap, files, remote)
+            still = check_files(snap, files, remote, where)
             if still:
                 raise CheckpointError(
-                    f"{repo_id}@{sha[:12]} serves files that do not match the repo's own listing: {_describe(still)}",
+                    f"{where} serves files that do not match the repo's own listing: {_describe(still)}",
                     hint="the repo or a proxy is corrupt; try again later or another revision",
                 )
     if not offline and (rev or "main") != sha:
@@ -358,6 +483,56 @@ def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool 
         "repo_id": repo_id, "commit": sha, "snapshot": str(snap), "files": files, "bytes": size, "refetched": refetched,
         "offline": offline, "endpoint": endpoint, "backend": backend,
     }  # fmt: skip
+
+
+def _commit(sha: Any, repo_id: str, rev: str | None, source: str) -> str:
+    """`sha` if it is a commit id: the Hugging Face cache names a folder after it."""
+    if not isinstance(sha, str) or not COMMIT.fullmatch(sha):
+        raise HubError(
+            f"{source} gave {sha!r} as the commit of {repo_id}@{rev or 'main'}, which is not a commit id",
+            hint="the endpoint is not a Hugging Face Hub, or it is damaged: check --endpoint / HF_ENDPOINT",
+        )
+    return sha
+
+
+def _listed(listing: list[Any], where: str, patterns: list[str]) -> dict[str, Any]:
+    """{path: RepoFile} of the listed files that match `patterns`, once every listed name is
+    checked: each a clean relative path, listed once, and no file also a folder of another."""
+    from huggingface_hub.hf_api import RepoFile
+
+    what = f"the file list of {where}"
+    listed: dict[str, Any] = {}
+    for entry in listing:
+        path = untrusted.check_name(getattr(entry, "path", None), what)
+        if isinstance(entry, RepoFile):
+            if path in listed:
+                raise CheckpointError(f"{what} names the file {path!r} twice", hint=DAMAGED_REPO)
+            listed[path] = entry
+    for path in listed:
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in listed:
+                raise CheckpointError(f"{what} names {parent!r} both as a file and as the folder of {path!r}", hint=DAMAGED_REPO)
+            parent = parent.rpartition("/")[0]
+    return {p: f for p, f in listed.items() if _matches(p, patterns)}
+
+
+def _download(hf: Any, repo_id: str, rel: str, sha: str, endpoint: str, snap: Path, force: bool = False) -> None:
+    """One listed file into the cache snapshot `snap` of commit `sha`."""
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    where = f"{repo_id}@{sha[:12]}"
+    try:
+        got = _retry(lambda: hf.hf_hub_download(repo_id, rel, revision=sha, endpoint=endpoint, force_download=force))
+    except RemoteEntryNotFoundError:
+        raise HubError(
+            f"{rel} of {where} is listed but missing on {endpoint}", hint="check the revision; the repo may be incomplete"
+        ) from None
+    if os.path.abspath(got) != os.path.abspath(snap / rel):  # huggingface_hub files it under the commit the server names
+        raise HubError(
+            f"{endpoint} served {rel} of {where} as part of another commit",
+            hint="the Hub or a proxy answered inconsistently; try again later",
+        )
 
 
 def _cache_ref(hf: Any, repo_id: str, rev: str, sha: str) -> None:
@@ -388,9 +563,10 @@ def _require(repo_id: str, sha: str, files: list[str], backend: str) -> None:
         raise CheckpointError(f"{where} holds no weights", hint="check the repo id and revision")
 
 
-def check_files(snap: Path, files: list[str], remote: dict[str, Any] | None) -> dict[str, str]:
+def check_files(snap: Path, files: list[str], remote: dict[str, Any] | None, where: str) -> dict[str, str]:
     """{file: what is wrong} for files in the snapshot: missing, size or sha256 differing from the
-    remote listing (when online), safetensors headers that do not parse or disagree with the index."""
+    remote listing (when online), safetensors headers that do not parse or disagree with the index.
+    An index that is no index, or names a shard outside the checkpoint, is an error at once."""
     bad: dict[str, str] = {}
     for rel in files:
         path = snap / rel
@@ -404,27 +580,24 @@ def check_files(snap: Path, files: list[str], remote: dict[str, Any] | None) -> 
                 bad[rel] = f"{d['size']} bytes, the repo lists {r.size}"
             elif (d["sha256"] != r.lfs.sha256) if r.lfs else (d["git_oid"] != r.blob_id):
                 bad[rel] = "content differs from the repo's hash"
-    bad.update({k: v for k, v in _check_safetensors(snap, files).items() if k not in bad})
+    if SAFETENSORS_INDEX not in bad:  # (a damaged index is re-fetched before it is read)
+        bad.update({k: v for k, v in _check_safetensors(snap, files, where).items() if k not in bad})
     return bad
 
 
-def _check_safetensors(snap: Path, files: list[str]) -> dict[str, str]:
+def _check_safetensors(snap: Path, files: list[str], where: str) -> dict[str, str]:
     """Each shard's header parses (JSON, no pickle), fits the file, and holds the tensors the index gives it."""
     from vitctl.convert.io import read_safetensors_header
 
     bad: dict[str, str] = {}
     assigned: dict[str, set[str]] | None = None
     if SAFETENSORS_INDEX in files:
-        try:
-            weight_map = json.loads((snap / SAFETENSORS_INDEX).read_text())["weight_map"]
-            assigned = {}
-            for name, shard in weight_map.items():
-                assigned.setdefault(shard, set()).add(name)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            return {SAFETENSORS_INDEX: f"unreadable index ({e!r})"}
+        assigned = {}
+        for name, shard in _weight_map(snap / SAFETENSORS_INDEX, f"{where}:{SAFETENSORS_INDEX}").items():
+            assigned.setdefault(shard, set()).add(name)
         for shard in assigned:
             if shard not in files:
-                bad[shard] = "named by the index but not in the repo"
+                bad[shard] = f"named by {SAFETENSORS_INDEX} but not in the repo's file list"
     shards = list(assigned) if assigned is not None else [f for f in files if f == SAFETENSORS]
     for shard in shards:
         if shard in bad or not (snap / shard).is_file():
@@ -440,6 +613,31 @@ def _check_safetensors(snap: Path, files: list[str]) -> dict[str, str]:
     return bad
 
 
+def _json(path: Path, source: str) -> Any:
+    """A JSON object from a file of a checkpoint, bounded in size and depth; errors name `source`."""
+    try:
+        size = path.stat().st_size
+        if size > untrusted.JSON_MAX_BYTES:
+            raise CheckpointError(f"{source} is {size:,} bytes, more than any JSON file vitctl reads", hint=DAMAGED_REPO)
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {source}: {e.strerror or e}", hint="check the path and its permissions") from None
+    return untrusted.parse_json(data, source)
+
+
+def _weight_map(index: Path, source: str) -> dict[str, str]:
+    """{tensor: shard} of a safetensors index, every shard a checked relative file name."""
+    weight_map = _json(index, source).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{source} has no weight_map of tensor names to shard files",
+            hint='an index is {"metadata": {...}, "weight_map": {tensor: shard}}',
+        )
+    for shard in set(weight_map.values()):
+        untrusted.check_name(shard, source)
+    return weight_map
+
+
 def _describe(bad: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in sorted(bad.items())[:5]) + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
 
@@ -450,11 +648,42 @@ def _hf():
         import huggingface_hub
     except ImportError as e:
         raise MissingDependencyError(f"the Hub commands need huggingface_hub ({e})", hint="pip install 'vitctl[hub]'") from None
+    global _guarded
+    if not _guarded:
+        from huggingface_hub.utils import _http
+
+        def client_factory():
+            client = _http.default_client_factory()
+            client.event_hooks = {**client.event_hooks, "response": [*client.event_hooks["response"], _check_headers]}
+            return client
+
+        huggingface_hub.set_client_factory(client_factory)
+        _guarded = True
     return huggingface_hub
 
 
+_guarded = False
+
+
+def _check_headers(response: Any) -> None:
+    """Refuses a file response whose headers huggingface_hub would turn into a path that is not one
+    plain segment (blobs/{ETag}, snapshots/{X-Repo-Commit}): a hostile server could make it write
+    anywhere. Runs on every response huggingface_hub's client receives, before it reads them."""
+    if "/resolve/" not in response.url.path:
+        return
+    for header in CACHE_NAME_HEADERS:
+        value = response.headers.get(header)
+        name = value if value is None or header == "X-Repo-Commit" else value.lstrip("W/").strip('"')  # as huggingface_hub strips it
+        if name is not None and not SAFE_SEGMENT.fullmatch(name):
+            raise HubError(
+                f"{response.url.host} answered {urllib.parse.unquote(response.url.path)} with {header}: {value!r}, "
+                "which would name a file outside the Hugging Face cache",
+                hint="the endpoint is damaged or hostile: do not use it",
+            )
+
+
 def _endpoint(endpoint: str | None, hf: Any) -> str:
-    return (endpoint or os.environ.get("HF_ENDPOINT") or hf.constants.ENDPOINT).rstrip("/")
+    return check_endpoint(endpoint) or hf.constants.ENDPOINT.rstrip("/")
 
 
 def _matches(path: str, patterns: list[str]) -> bool:
