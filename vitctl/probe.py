@@ -217,6 +217,8 @@ def weight_files(side) -> list[Path]:
     """The files whose bytes define `side`'s function: config.json and its weight files."""
     if side.path.is_file():  # big_vision .npz: config inferred from the tensors
         return [side.path]
+    from vitctl.convert import io
+
     root = side.path
     files = [root / ckpt.CONFIG]
     if side.format == ckpt.JAX:
@@ -225,7 +227,8 @@ def weight_files(side) -> list[Path]:
         files += sorted(root.glob("model*.safetensors")) + (
             [root / ckpt.SAFETENSORS_INDEX] if (root / ckpt.SAFETENSORS_INDEX).is_file() else []
         )
-    return files
+    checked = io.CheckpointRoot(root)  # every file hashed lies inside the checkpoint (or its HF cache blobs)
+    return [checked.check(f) for f in files]
 
 
 def content_hash(files: Sequence[Path], root: Path) -> str:

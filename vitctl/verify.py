@@ -82,12 +82,14 @@ class Side:
 
             reader = io.SafetensorsReader(self.path)
             try:
+                mapping.check_count(reader.count(), self.cfg, f"{self.path} (timm)")
                 state = timm.from_timm_state_dict({n: reader.read(n) for n in reader.infos()}, self.cfg)  # (mapped views)
             finally:
                 reader.close()
+            shapes = mapping.jax_param_shapes(self.cfg, stacked=False)
             for name, w in state.items():
                 hub, layout = mapping.rename(name, "torch")
-                yield hub, layout.to_jax(w, mapping.jax_param_shapes(self.cfg, stacked=False)[hub])
+                yield hub, layout.to_jax(w, shapes[hub])
             return
         source = convert.open_source(self.path, self.format, self.cfg, self.prefix)
         try:
@@ -107,11 +109,43 @@ def open_side(path: str | Path, label: str, prefix: str | None = None, prefer: s
         fmt = convert.detect_source(path, "jax-to-torch")
         source = convert.open_source(path, fmt, None, prefix)
         source.close()
+        _check_memory(path, label, sum(i.nbytes for i in source.infos.values()))
         return Side(label, path, fmt, source.cfg, prefix)
     cfg = ckpt.read_checkpoint_config(path)
     if ckpt.read_provenance(path).get("target_format") == "timm":
-        return Side(label, path, "timm", cfg)
-    return Side(label, path, ckpt.detect_format(path, prefer), cfg)
+        side = Side(label, path, "timm", cfg)
+    else:
+        side = Side(label, path, ckpt.detect_format(path, prefer), cfg)
+    _check_headers(side)
+    return side
+
+
+def _check_headers(side: Side) -> None:
+    """Opens the side's weights for their headers alone: files outside the checkpoint, hostile
+    names or metadata, a config that expects far more (or fewer) tensors than the weights hold,
+    or weights past this machine's memory are refused here, before any data is read (and before
+    a probe loads its data). Tensors missing or of the wrong shape are left to the comparison."""
+    from vitctl.convert import io
+
+    if (side.path / ckpt.CONFIG).exists():
+        io.CheckpointRoot(side.path).check(side.path / ckpt.CONFIG)
+    reader = io.OrbaxReader(side.path / ckpt.PARAMS) if side.format == ckpt.JAX else io.SafetensorsReader(side.path)
+    try:
+        mapping.check_count(reader.count(), side.cfg, f"{side.path} ({side.format})")
+        nbytes = sum(i.nbytes for i in reader.infos().values())
+    finally:
+        reader.close()
+    _check_memory(side.path, side.label, nbytes)
+
+
+def _check_memory(path: Path, label: str, nbytes: int) -> None:
+    """The parameters are held whole (and copied once into a model): refuse, with the numbers, what cannot fit."""
+    from vitctl import untrusted
+
+    untrusted.require_memory(
+        2 * nbytes, f"{label}: {path} holds {nbytes / 2**20:,.1f} MiB of parameters; running it",
+        hint="run it on a machine with more memory",
+    )
 
 
 # Running a side.
