@@ -20,7 +20,6 @@ saved first: continue with --resume).
 from __future__ import annotations
 
 import contextlib
-import json as jsonlib
 import os
 import sys
 from collections.abc import Iterator
@@ -76,6 +75,9 @@ def train(
     ] = None,
     image_size: Annotated[int | None, _opt("Model input size (default: from the data).", "--image-size")] = None,
     num_classes: Annotated[int | None, _opt("Classes (default: from the data).", "--num-classes")] = None,
+    test_fraction: Annotated[
+        float | None, _opt("Share of each class held out for testing, for data without a test split (default 0.2).", "--test-fraction")
+    ] = None,
     dtype: Annotated[str | None, _opt("Compute dtype: float32 or bfloat16 (parameters stay float32).", "--dtype")] = None,
     remat: Annotated[bool | None, _opt("Recompute block activations in the backward pass.", "--remat/--no-remat")] = None,
     config: Annotated[Path | None, _opt("A YAML file of training settings (keys as the flags, with _).", "--config")] = None,
@@ -109,7 +111,9 @@ def train(
         stored = out_dir / loop.TRAIN_CONFIG
         if not stored.is_file():
             raise ConfigError(f"--resume: {stored} not found", hint="start the run without --resume")
-        settings.update({k: v for k, v in jsonlib.loads(stored.read_text()).items() if k != "model_config"})
+        from vitctl.untrusted import read_json
+
+        settings.update({k: v for k, v in read_json(stored, ConfigError).items() if k != "model_config"})
     if config is not None:
         settings.update(loop.load_yaml(config))
     flags = {
@@ -134,6 +138,7 @@ def train(
         "stats_every": stats_every,
         "image_size": image_size,
         "num_classes": num_classes,
+        "test_fraction": test_fraction,
         "dtype": dtype,
         "remat": remat,
     }
@@ -151,7 +156,16 @@ def train(
         def on_log(rec):
             progress.update(task, completed=rec["step"], info=f"loss {rec['loss']:.4f}  {rec['images_per_s']:.0f} img/s")
 
-        result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log)
+        try:
+            result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log)
+        except KeyboardInterrupt as e:  # stopped before the first step: the loop wrote nothing (a new run is removed)
+            from vitctl.cli import Interrupted
+
+            signum = _signal_of(e)
+            raise Interrupted(
+                f"signal {signum} before the first step; nothing was written" + ("" if not resume else f" (the run in {out_dir} is as it was)"),
+                code=128 + signum,
+            ) from None
     summary = {k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}
     if result["interrupted"]:
         from vitctl.cli import Interrupted
@@ -179,6 +193,14 @@ def train(
     )
     out.print(f"checkpoint: {out_dir}", markup=False)
     err.print(f"next: vitctl convert jax-to-torch {out_dir} {out_dir}-torch", markup=False)
+
+
+def _signal_of(e: KeyboardInterrupt) -> int:
+    """The signal number the loop put in its KeyboardInterrupt ("signal 15"); SIGINT for a plain Ctrl-C."""
+    import signal
+
+    text = str(e)
+    return int(text.split()[1]) if text.startswith("signal ") and text.split()[1].isdigit() else int(signal.SIGINT)
 
 
 @contextlib.contextmanager

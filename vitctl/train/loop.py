@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -94,7 +95,8 @@ class TrainConfig:
                 "bool": isinstance(v, bool),
             }[kind]
             if not ok:
-                raise ConfigError(f"training config: {f.name} must be {kind}, got {v!r}")
+                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:60] + "..."
+                raise ConfigError(f"training config: {f.name} must be {kind}, got {shown}", hint=f"set {f.name} to a single {kind} value")
         choices = {"schedule": optim.SCHEDULES, "optimizer": optim.OPTIMIZERS, "loss": optim.LOSSES, "dtype": ("float32", "bfloat16", None)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -106,11 +108,16 @@ class TrainConfig:
             raise ConfigError(f"warmup {self.warmup} + cooldown {self.cooldown} must be non-negative and at most steps {self.steps}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "training config") -> TrainConfig:
         if not isinstance(d, dict):
-            raise ConfigError(f"{source} must be a mapping of field: value, got {type(d).__name__}")
+            raise ConfigError(f"{source} must be a mapping of field: value, got {type(d).__name__}",
+                              hint="e.g. 'steps: 200' on a line of its own")  # fmt: skip
+        if not all(isinstance(k, str) for k in d):
+            raise ConfigError(f"{source}: keys must be setting names, got {sorted(map(repr, d))[:3]}", hint="e.g. 'steps: 200'")
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -122,15 +129,25 @@ def _kind(name: str) -> str:
     return next(f.type.split(" ")[0] for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
+YAML_MAX_BYTES = 2**20  # a settings file is a few hundred bytes
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A --config file (YAML, so JSON too): a flat mapping of TrainConfig fields, size and nesting bounded."""
     import yaml
 
+    hint = "a --config file is a flat YAML mapping of training settings, e.g. 'steps: 200' (see vitctl train --help)"
     try:
-        d = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    TrainConfig.from_dict(d, source=str(path))  # refuses unknown keys early
-    return d
+        if Path(path).stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"{path} is larger than any settings file ({Path(path).stat().st_size} bytes)", hint=hint)
+        d = yaml.safe_load(Path(path).read_text())
+    except RecursionError:
+        raise ConfigError(f"{path} nests too deeply to be a settings file", hint=hint) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read {path}: {first}", hint=hint) from None
+    TrainConfig.from_dict(d or {}, source=str(path))  # refuses unknown keys and wrong types early
+    return d or {}
 
 
 def base_model(tcfg: TrainConfig) -> ViTConfig:
@@ -461,21 +478,33 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], 
     """
     import jax
 
+    from vitctl.train import state as tstate
+
     primary = jax.process_index() == 0
     tmp = out / f".params.tmp-{tag or secrets.token_hex(4)}"
+
+    def failed(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot write {out / ckpt.PARAMS}: {reason}",
+            hint="check the free disk space and the file size limit (ulimit -f); the training state under "
+            f"{out / STATE} is complete: continue with --resume once there is room",
+        )
+
+    # Checked before Orbax starts: a write it fails half-way leaves TensorStore writes running (see vitctl.train.state).
+    reason = tstate.room_for(out, tstate.tree_bytes(params))
+    if any_process(int(reason is not None)):
+        raise failed(reason or "another process has no room for its part")
     if primary:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        for stale in out.glob(".params.*-*"):  # left by a killed run: .params.tmp-<tag> / .params.old-<hex>
+            if re.fullmatch(r"\.params\.(tmp|old)-[0-9a-f]{8}", stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     sync(f"vitctl-params-begin-{tag}")
     try:
         try:
             ckpt.save_jax(tmp, ckpt._flatten(params))
         except Exception as e:  # Orbax and tensorstore raise many types for a failed write
-            raise CheckpointError(
-                f"cannot write {out / ckpt.PARAMS}: {e}",
-                hint="check the free disk space and the file size limit (ulimit -f); the training state under "
-                f"{out / STATE} is complete: continue with --resume once there is room",
-            ) from e
+            raise failed(tstate._brief(e)) from e
         sync(f"vitctl-params-written-{tag}")
         if primary:
             old = out / f".params.old-{secrets.token_hex(4)}"
@@ -486,7 +515,7 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], 
             ckpt.write_config(out, cfg, provenance)
     finally:
         if primary:
-            ckpt.remove_tree(tmp)  # retried: Orbax's threads may still be adding files of a failed save
+            shutil.rmtree(tmp, ignore_errors=True)
     sync(f"vitctl-params-done-{tag}")
 
 
@@ -580,9 +609,11 @@ def train(
 def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run):
     import jax
 
+    from vitctl.model_jax.sharding import parse_mesh
     from vitctl.train import state as tstate
 
     primary = jax.process_index() == 0
+    parse_mesh(tcfg.mesh)  # a bad --mesh is refused before the data is loaded
     if dataset is None or loader_cls is None or prepare_fn is None:
         from vitctl.train import data as tdata
 
@@ -610,27 +641,50 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
     mesh = mesh_for(tcfg.mesh)
     setup = get_setup(cfg, tcfg, mesh)  # checks divisibility before compiling
     provenance = {"source_format": "train", "source": tcfg.model, "created_by": "vitctl train", "data": tcfg.data, "seed": tcfg.seed}
-    if any_process(stop.signum):  # signalled while loading and checking: nothing written yet
-        raise KeyboardInterrupt
+    signum = any_process(stop.signum)
+    if signum:  # signalled while loading and checking: nothing written yet
+        raise KeyboardInterrupt(f"signal {signum}")
     sync("vitctl-train-checked")  # every process has checked `out` before process 0 changes it
-    if primary:
-        if not resume:
+    if resume:
+        return _run(tcfg, out, stop, True, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup,
+                    provenance, start)  # fmt: skip
+    try:
+        if primary:
             if out.exists():
                 shutil.rmtree(out)
             out.mkdir(parents=True)
             ckpt.write_config(out, cfg, {k: v for k, v in provenance.items() if k != "seed"})
-        ckpt.write_json(out / TRAIN_CONFIG, {**dataclasses.asdict(tcfg), "model_config": cfg.to_dict()})
-        if resume:
-            _truncate_metrics(out / METRICS, start)
+        return _run(tcfg, out, stop, False, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup,
+                    provenance, start)  # fmt: skip
+    except BaseException:
+        # A new run that failed or was stopped before its first saved state leaves no partial run directory.
+        from vitctl.train import state as tstate
+
+        if primary and tstate.latest(out / STATE) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup, provenance,
+         start):  # fmt: skip
+    import jax
+
+    from vitctl.train import state as tstate
+
+    primary = jax.process_index() == 0
     index, count = process_rows(setup.labels_sharding, tcfg.batch_size)
     loader = loader_cls(dataset, cfg, tcfg.batch_size, seed=tcfg.seed, shuffle=True, drop_remainder=True,
                         process_index=index, process_count=count)  # fmt: skip
-    if resume:
+    if resume:  # restored before anything in `out` changes: a state that cannot be used leaves the run as it was
         state, meta = tstate.restore(out / STATE, start, setup.abstract)
         loader.restore(meta["data"])
     else:
         state = setup.init_state(tcfg.seed)
         start = 0
+    if primary:
+        ckpt.write_json(out / TRAIN_CONFIG, {**dataclasses.asdict(tcfg), "model_config": cfg.to_dict()})
+        if resume:
+            _truncate_metrics(out / METRICS, start)
     sync("vitctl-train-ready")
     saved = {"step": start if resume else None}
 
@@ -649,6 +703,8 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
         while step < stop_at:
             stop.signum = any_process(stop.signum)  # one process signalled: all stop at this step
             if stop.signum:
+                if step == start and not resume:  # not one step done: nothing worth keeping (the caller removes the run)
+                    raise KeyboardInterrupt(f"signal {stop.signum}")
                 interrupted = True
                 break
             images, labels = next(it)

@@ -7,6 +7,13 @@ Each step directory is written under a temporary name and renamed when complete,
 a run killed at any moment (SIGKILL included) leaves only whole checkpoints; `latest`
 ignores anything else. The last `keep` are kept.
 
+A save that cannot fit is refused before anything is written: the state's size is checked
+against the free disk space and the file size limit (ulimit -f) first. Orbax cannot be
+stopped cleanly once it writes: when one of its writes fails it raises at once while its
+other TensorStore writes still run, and those recreate their directories after a removal.
+So a failure it would only find half-way (a full disk, a file-size limit) is found before
+it starts, and the temporary of a save that fails anyway is reclaimed by the next save.
+
 Restores go into an abstract target (jax.ShapeDtypeStruct with the *current* mesh's
 shardings, from jax.eval_shape), so a state saved on one mesh shape restores onto
 another: Orbax reshards on read (shared/DESIGN.md, "Traps already met").
@@ -14,14 +21,20 @@ another: Orbax reshards on read (shared/DESIGN.md, "Traps already met").
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
+import os
 import re
+import resource
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from vitctl.checkpoint import remove_tree
 from vitctl.errors import CheckpointError
+from vitctl.untrusted import read_json
 
 STEP_DIR = re.compile(r"^\d{8}$")
 
@@ -45,32 +58,123 @@ def latest(state_dir: str | Path) -> int | None:
     return found[-1] if found else None
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def room_for(directory: str | Path, nbytes: int) -> str | None:
+    """Why `nbytes` (uncompressed: Orbax's files are at most that) cannot be written under `directory`, or None.
+
+    One OCDBT data file may hold the whole tree, so the file size limit is compared with all
+    of it."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if limit != resource.RLIM_INFINITY and nbytes > limit:
+        return f"{os.strerror(errno.EFBIG)}: a file of up to {_size(nbytes)}, over the file size limit of {_size(limit)}"
+    p = Path(directory)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return None
+    if nbytes + 2**20 > free:  # + metadata files
+        return f"{os.strerror(errno.ENOSPC)}: up to {_size(nbytes)} to write, {_size(free)} free on {p}"
+    return None
+
+
+def tree_bytes(tree: Any) -> int:
+    import jax
+    import numpy as np
+
+    return sum(int(getattr(x, "nbytes", None) or np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+
+
+def _quiet_orphans() -> None:
+    """Drops the one message an abandoned TensorStore operation leaves when it completes.
+
+    When one read or write of an Orbax call fails, Orbax closes its event loop while the
+    call's other TensorStore operations still run; each of them, completing, reports
+    "RuntimeError: Event loop is closed" through sys.unraisablehook (a traceback on stderr
+    per array, after vitctl has already said what failed). Only that message is dropped.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_vitctl_orphans", False):
+        return
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        previous(u)
+
+    hook._vitctl_orphans = True
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Orbax's own log lines (absl WARNING/ERROR on stderr) off while it runs: vitctl reports what failed, once."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _reclaim(d: Path) -> None:
+    """Removes the temporaries that a killed or failed save left in `d` (vitctl's own: `.tmp-<step>`, `.tmp-old-<step>`)."""
+    for stale in d.glob(".tmp-*"):
+        if re.fullmatch(r"\.tmp-(old-)?\d{8}", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep: int = 3) -> Path:
     """Writes state_dir/{step:08d} atomically; then deletes all but the newest `keep` (and stale temporaries).
 
     With several processes every process calls this: each writes the shards it holds
     (Orbax), and process 0 writes meta.json and renames the directory into place once all
     have finished (barriers before and after, so no process runs ahead of the commit).
-    A failed write (a full disk, say) leaves the complete checkpoints as they were and
-    raises CheckpointError naming the latest one.
+    A save that does not fit (disk space, file size limit) is refused before anything is
+    written; any failed write leaves the complete checkpoints as they were. Both raise
+    CheckpointError naming the latest complete one.
     """
     import jax
 
-    from vitctl.train.loop import sync
+    from vitctl.train.loop import any_process, sync
 
     d = Path(state_dir).absolute()
     primary = jax.process_index() == 0
     final = d / f"{step:08d}"
     # One name that every process computes alike (a random one would differ between processes).
     tmp = d / f".tmp-{step:08d}"
+
+    def failed(reason: str) -> CheckpointError:
+        last = latest(d)
+        return CheckpointError(
+            f"cannot save the training state of step {step} in {d}: {reason}",
+            hint="check the free disk space and the file size limit (ulimit -f); "
+            + (
+                f"the latest complete state, step {last}, is intact: continue from it with --resume"
+                if last is not None
+                else "no complete training state was saved"
+            ),
+        )
+
+    _quiet_orphans()
+    # Every process checks its own limits; all refuse together (a lone refusal would leave the others at a barrier).
+    reason = room_for(d, tree_bytes(tree))
+    if any_process(int(reason is not None)):
+        raise failed(reason or "another process has no room for its part")
     if primary:
         d.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        _reclaim(d)  # left by a killed run
         tmp.mkdir()
     sync(f"vitctl-state-begin-{step}")
     try:
         try:
-            with _ocp().StandardCheckpointer() as ckptr:
+            # Closing the checkpointer waits for its background commit, so nothing of Orbax's own runs on below.
+            with _orbax_quiet(), _ocp().StandardCheckpointer() as ckptr:
                 ckptr.save(tmp / "tree", tree)
                 ckptr.wait_until_finished()
             sync(f"vitctl-state-written-{step}")
@@ -81,44 +185,107 @@ def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep
                     final.rename(d / f".tmp-old-{step:08d}")
                 tmp.rename(final)
         except Exception as e:
-            last = latest(d)
-            raise CheckpointError(
-                f"cannot save the training state of step {step} in {d}: {e}",
-                hint="check the free disk space and the file size limit (ulimit -f); "
-                + (
-                    f"the latest complete state, step {last}, is intact: continue from it with --resume"
-                    if last is not None
-                    else "no complete training state was saved"
-                ),
-            ) from e
+            raise failed(_brief(e)) from e
     except BaseException:
         if primary:
-            remove_tree(tmp)  # retried: Orbax's threads may still be adding files of the failed save
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if primary:
         for old in steps(d)[:-keep] if keep > 0 else []:
             shutil.rmtree(d / f"{old:08d}", ignore_errors=True)
-        for stale in d.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _reclaim(d)
     sync(f"vitctl-state-done-{step}")
     return final
 
 
+def _brief(e: BaseException) -> str:
+    """The first line of a TensorStore/Orbax error, without the JSON spec it appends (KBs of it)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _damaged(d: Path, step: int, what: str) -> CheckpointError:
+    """The error for a damaged state: names it, and offers the complete state before it."""
+    path = d / f"{step:08d}"
+    earlier = [s for s in steps(d) if s < step]
+    if earlier:
+        hint = (
+            f"resume from step {earlier[-1]}, the complete state before it: delete {path} (rm -r {path}) "
+            "and run the same command again"
+        )
+    else:
+        hint = f"no earlier state is saved: delete {path} and start the run afresh (vitctl train ... --force)"
+    return CheckpointError(f"the training state of step {step}, {path}, is damaged: {what}", hint=hint)
+
+
+def read_meta(state_dir: str | Path, step: int) -> dict[str, Any]:
+    """state_dir/{step}/meta.json, checked: a damaged one is an error naming the state and the one before."""
+    d = Path(state_dir).absolute()
+    try:
+        meta = read_json(d / f"{step:08d}" / "meta.json")
+    except CheckpointError as e:
+        raise _damaged(d, step, f"meta.json cannot be read ({e.message})") from None
+    data = meta.get("data")
+    if meta.get("step") != step or not isinstance(data, dict):
+        raise _damaged(d, step, "meta.json does not describe this step and its data position")
+    return meta
+
+
+def _mismatch(stored: Any, abstract_tree: Any) -> str | None:
+    """What differs between the saved tree's metadata and the tree these settings restore into, or None."""
+    import jax
+
+    def name(k) -> str:  # Orbax stores a NamedTuple's fields (optax states) as dict keys: compare names only
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+    def flat(tree):
+        return {"/".join(name(k) for k in path): v for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    have, want = flat(stored), flat(abstract_tree)
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"these settings need {len(missing)} array(s) it lacks, e.g. {missing[0]}")
+        if extra:
+            parts.append(f"it holds {len(extra)} array(s) these settings do not, e.g. {extra[0]}")
+        return "; ".join(parts)
+    for k, w in want.items():
+        shape = getattr(have[k], "shape", None)
+        if shape is not None and tuple(shape) != tuple(w.shape):
+            return f"{k} is saved with shape {tuple(shape)}, these settings need {tuple(w.shape)}"
+    return None
+
+
 def restore(state_dir: str | Path, step: int, abstract_tree: Any) -> tuple[Any, dict[str, Any]]:
-    """(tree restored into `abstract_tree`'s shapes, dtypes and shardings, meta dict)."""
-    path = Path(state_dir).absolute() / f"{step:08d}"
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"cannot read {path / 'meta.json'}: {e}", hint="resume from another step, or start afresh with --force"
-        ) from None
-    try:
-        with _ocp().StandardCheckpointer() as ckptr:
+    """(tree restored into `abstract_tree`'s shapes, dtypes and shardings, meta dict).
+
+    A state that does not fit the settings (another optimizer, model or loss) and a damaged
+    one (a file cut short or garbled) are told apart: the saved tree's metadata is compared
+    with the target first, and only a read that fails after that is damage."""
+    d = Path(state_dir).absolute()
+    path = d / f"{step:08d}"
+    meta = read_meta(d, step)
+    _quiet_orphans()
+    with _orbax_quiet(), _ocp().StandardCheckpointer() as ckptr:
+        try:
+            stored = ckptr.metadata(path / "tree")
+            stored = getattr(stored, "item_metadata", stored)
+            stored = getattr(stored, "tree", stored)
+        except Exception as e:  # noqa: BLE001 (Orbax raises many types; all mean the metadata is unreadable)
+            raise _damaged(d, step, f"its array metadata cannot be read ({_brief(e)})") from None
+        if not stored:  # Orbax logs a warning and returns None when its index (OCDBT) cannot be read
+            raise _damaged(d, step, "its array index cannot be read (a file under tree/ is cut short, garbled or missing)")
+        mismatch = _mismatch(stored, abstract_tree)
+        if mismatch:
+            raise CheckpointError(
+                f"the training state {path} does not fit these settings: {mismatch}",
+                hint="resume with the settings of the run that wrote it (drop the flags that change the model, "
+                "optimizer or loss), or start afresh with --force",
+            )
+        try:
             tree = ckptr.restore(path / "tree", abstract_tree)
-    except Exception as e:  # noqa: BLE001 (Orbax raises many types; all mean the same to the user)
-        raise CheckpointError(
-            f"cannot restore the training state {path}: {e}",
-            hint="the model, optimizer or loss settings must match the run that wrote it",
-        ) from None
+        except Exception as e:  # noqa: BLE001 (Orbax raises many types; after the metadata matched, all mean damage)
+            raise _damaged(d, step, f"its arrays cannot be read ({_brief(e)})") from None
     return tree, meta
