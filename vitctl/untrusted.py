@@ -135,7 +135,7 @@ def parse_json(text: str | bytes, source: str, error: type[VitctlError] = Checkp
         raise error(f"{source} is not valid JSON: {e}", hint="the file is damaged; fetch or write it again") from None
     _depth_check(obj, source, error)
     if expect is not None and not isinstance(obj, expect):
-        kind = {dict: "an object", list: "a list"}.get(expect, expect.__name__)
+        kind = {dict: "object", list: "list"}.get(expect, expect.__name__)
         raise error(f"{source} must hold a JSON {kind}, got {type(obj).__name__}", hint="the file is damaged or not what vitctl expects")
     return obj
 
