@@ -502,7 +502,7 @@ def _listed(listing: list[Any], where: str, patterns: list[str]) -> dict[str, An
 
     what = f"the file list of {where}"
     listed: dict[str, Any] = {}
-    for entry in listing:
+    for entry in sorted(listing, key=lambda e: not isinstance(e, RepoFile)):  # files first: an error names the file, not its folder
         path = untrusted.check_name(getattr(entry, "path", None), what)
         if isinstance(entry, RepoFile):
             if path in listed:

@@ -34,6 +34,7 @@ def hub():
     """A Hub-compatible server on 127.0.0.1 (ephemeral port) that requires TOKEN for writes."""
     server, thread = serve(token=TOKEN)
     yield server
+    server.release_all()
     server.shutdown()
     server.server_close()
     thread.join(5)

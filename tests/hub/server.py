@@ -20,6 +20,15 @@ _snapshot_download.py) and checked against this server's request log:
 Every push is a commit whose SHA is the revision; branches point at commits. A token,
 when set, is required for writes and for private repos, and a wrong one gets 401.
 `misreport` names files whose tree listing reports another sha256 (storage gone bad).
+
+A hostile or broken Hub, for the adversarial tests (tests/adversarial/test_hub.py): `seed`
+takes any file name (traversal, absolute, control characters); `hidden` files are served
+but never listed; `late` files are listed from the second listing on (a listing that
+changes between calls); `unserved` files are listed but answer 404; `headers[path]`
+overrides response headers of that file (ETag, X-Repo-Commit); `fake_sha` replaces the
+commit id in repo info; `block(path_part)` holds each GET of a matching file until the
+test releases it (`Block.reached` is set when one arrives, so a test waits on the
+request itself, not on a clock).
 `fail(path_part, what, times)` makes the next `times` requests whose path contains
 `path_part` answer 500, 404 or 401, send a truncated body ("truncate": full
 Content-Length, half the bytes, then the connection closes) or corrupted bytes of the
@@ -65,6 +74,13 @@ class Repo:
 
 
 @dataclasses.dataclass
+class Block:
+    path_part: str
+    reached: threading.Event = dataclasses.field(default_factory=threading.Event)
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
 class Fault:
     path_part: str
     what: str | int
@@ -83,7 +99,28 @@ class HubServer(ThreadingHTTPServer):
         self.log: list[tuple[str, str, int]] = []
         self.auth_seen: list[str | None] = []  # the Authorization header of each request
         self.misreport: set[str] = set()  # files whose listings claim another sha256 (storage gone bad)
+        self.hidden: set[str] = set()  # served, never listed
+        self.late: set[str] = set()  # listed from the second tree listing on
+        self.unserved: set[str] = set()  # listed, answer 404
+        self.headers: dict[str, dict[str, str]] = {}  # path -> response headers that replace the real ones
+        self.fake_sha: str | None = None  # repo info answers this as the commit id
+        self.blocks: list[Block] = []
+        self.tree_calls = 0
         self.lock = threading.Lock()
+
+    def block(self, path_part: str) -> Block:
+        """Holds every GET of a file whose path contains `path_part` until `release` is set."""
+        b = Block(path_part)
+        with self.lock:
+            self.blocks.append(b)
+        return b
+
+    def release_all(self) -> None:
+        for b in self.blocks:
+            b.release.set()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # a client killed mid-response (signal tests): not an error here
+        pass
 
     @property
     def url(self) -> str:
@@ -330,13 +367,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         blobs = "blobs=true" in (urllib.parse.urlsplit(self.path).query or "")
         siblings = []
-        for p, f in sorted(r.commits[sha].items()):
+        for p, f in sorted(self._listed(r.commits[sha]).items()):
             s: dict[str, Any] = {"rfilename": p}
             if blobs:
                 s.update(size=f.size, blobId=f.oid)
                 if f.lfs:
                     s["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
             siblings.append(s)
+        sha = self.server.fake_sha or sha
         self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": r.private, "siblings": siblings, "tags": []})
 
     def _entries(self, files: dict[str, File], under: str, recursive: bool) -> list[dict[str, Any]]:
@@ -361,12 +399,19 @@ class Handler(BaseHTTPRequestHandler):
             e["lfs"] = {"oid": sha, "size": f.size, "pointerSize": 134}
         return e
 
+    def _listed(self, files: dict[str, File]) -> dict[str, File]:
+        """The files a listing shows: not the hidden ones, nor the late ones before the second listing."""
+        late = self.server.late if self.server.tree_calls <= 1 else set()
+        return {p: f for p, f in files.items() if p not in self.server.hidden and p not in late}
+
     def tree(self, body: bytes, fault: Any, repo: str, rev: str, under: str = "") -> None:
         r = self._repo(repo)
         if r is None or (sha := self._commit(r, rev)) is None:
             return
+        with self.server.lock:
+            self.server.tree_calls += 1
         recursive = "recursive=true" in (urllib.parse.urlsplit(self.path).query or "").lower()
-        self._send(200, self._entries(r.commits[sha], under or "", recursive))
+        self._send(200, self._entries(self._listed(r.commits[sha]), under or "", recursive))
 
     def paths_info(self, body: bytes, fault: Any, repo: str, rev: str) -> None:
         r = self._repo(repo)
@@ -381,12 +426,17 @@ class Handler(BaseHTTPRequestHandler):
         if r is None or (sha := self._commit(r, rev)) is None:
             return
         f = r.commits[sha].get(path)
-        if f is None:
+        if f is None or path in self.server.unserved:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound", commit=sha)
         data = self.server.blobs[f.sha256]
         headers = {"X-Repo-Commit": sha, "ETag": f'"{f.sha256 if f.lfs else f.oid}"', "Accept-Ranges": "bytes"}
         if f.lfs:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
+        headers.update(self.server.headers.get(path, {}))
+        for b in list(self.server.blocks):
+            if b.path_part in path and self.command == "GET":
+                b.reached.set()
+                b.release.wait()
         status, start = 200, 0
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if m and self.command == "GET":
