@@ -976,7 +976,7 @@ def _orbax_names(params: Path, meta: Mapping[str, Any]) -> dict[str, str]:
                     f"{where} names the tree key {str(k)[:200]!r}, which vitctl refuses: a key must be one plain name",
                     hint="the checkpoint is damaged or hostile: do not use it",
                 )
-        keys = [str(k) for k in keys]
+        keys = [untrusted.check_name(str(k), where, kind="the tree key") for k in keys]
         stored = ".".join(keys)
         untrusted.check_name(stored, where)
         out["/".join(keys)] = stored
