@@ -66,7 +66,7 @@ def resolve(spec: str) -> tuple[str, ViTConfig, Path | None]:
     path = Path(spec).expanduser()
     if path.is_dir():
         return spec, ckpt.read_checkpoint_config(path), path
-    if path.is_file() and zipfile.is_zipfile(path):
+    if path.is_file() and (path.suffix == ".npz" or zipfile.is_zipfile(path)):
         from vitctl.convert import big_vision
 
         return spec, big_vision.plan(path).cfg, path
@@ -116,7 +116,7 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
     local = str(resolve_checkpoint(model, backend="config")) if is_hub_uri(model) else model  # hf://: config.json only
     name, (_, cfg, path) = model, resolve(local)
     result: dict[str, Any] = {"name": name, "config": cfg.to_dict(), **sizes(cfg)}
-    if path is not None and path.is_file():  # a big_vision .npz
+    if path is not None and path.is_file():  # a big_vision .npz (resolve returns no other file)
         from vitctl.convert import big_vision
 
         result.update(path=str(path), formats=["big_vision"], notes=list(big_vision.plan(path).notes))
