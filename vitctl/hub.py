@@ -123,7 +123,8 @@ def resolve_checkpoint(
             raise ConfigError(f"no such file or directory: {arg}", hint="give a checkpoint directory, a .npz file or hf://org/name[@rev]")
         return Path(arg)
     repo_id, rev = parse_repo(str(arg))
-    return Path(fetch(repo_id, rev, backend=backend, offline=offline, endpoint=endpoint)["snapshot"])
+    with untrusted.sigterm_as_interrupt():
+        return Path(fetch(repo_id, rev, backend=backend, offline=offline, endpoint=endpoint)["snapshot"])
 
 
 # Push.
@@ -447,7 +448,7 @@ def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool 
                 p.relative_to(snap).as_posix() for p in untrusted.walk_files(snap, f"the cached copy of {where}", also=snap.parent.parent)
             )
             files = sorted(untrusted.check_name(f, f"the cached copy of {where}") for f in cached if _matches(f, patterns))
-            _require(repo_id, sha, files, backend)
+            _require(repo_id, sha, files, backend, offline=True)
         else:
             sha = _commit(_retry(lambda: api.repo_info(repo_id, revision=rev).sha), repo_id, rev, endpoint)
             where = f"{repo_id}@{sha[:12]}"
@@ -542,25 +543,33 @@ def _cache_ref(hf: Any, repo_id: str, rev: str, sha: str) -> None:
     from huggingface_hub.file_download import repo_folder_name
 
     ref = Path(hf.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / rev
+    tmp = ref.with_name(f".{ref.name}.tmp-{os.getpid()}")
     with contextlib.suppress(OSError):  # best effort, like huggingface_hub: a read-only cache still pulls
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.tmp-{os.getpid()}")
-        tmp.write_text(sha)
-        os.replace(tmp, ref)
+        try:
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(sha)
+            os.replace(tmp, ref)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
-def _require(repo_id: str, sha: str, files: list[str], backend: str) -> None:
+def _require(repo_id: str, sha: str, files: list[str], backend: str, offline: bool = False) -> None:
     where = f"{repo_id}@{sha[:12]}"
+    if offline:  # the cache holds what earlier pulls fetched, not necessarily what the repo has
+        where, again = f"the cached copy of {where}", f"pull it online: vitctl hub pull {repo_id}@{sha} --backend {backend}"
     if CONFIG not in files:
-        raise CheckpointError(f"{where} has no {CONFIG}: not a vitctl checkpoint", hint="check the repo id and revision")
+        raise CheckpointError(
+            f"{where} has no {CONFIG}: not a vitctl checkpoint", hint=again if offline else "check the repo id and revision"
+        )
     torch = SAFETENSORS in files or SAFETENSORS_INDEX in files
     jax = any(f.startswith(PARAMS + "/") for f in files)
     if backend == "torch" and not torch:
-        raise CheckpointError(f"{where} has no PyTorch weights ({SAFETENSORS})", hint="try --backend jax")
+        raise CheckpointError(f"{where} has no PyTorch weights ({SAFETENSORS})", hint=again if offline else "try --backend jax")
     if backend == "jax" and not jax:
-        raise CheckpointError(f"{where} has no JAX weights ({PARAMS}/)", hint="try --backend torch, then vitctl convert torch-to-jax")
+        hint = again if offline else "try --backend torch, then vitctl convert torch-to-jax"
+        raise CheckpointError(f"{where} has no JAX weights ({PARAMS}/)", hint=hint)
     if backend == "all" and not (torch or jax):
-        raise CheckpointError(f"{where} holds no weights", hint="check the repo id and revision")
+        raise CheckpointError(f"{where} holds no weights", hint=again if offline else "check the repo id and revision")
 
 
 def check_files(snap: Path, files: list[str], remote: dict[str, Any] | None, where: str) -> dict[str, str]:

@@ -256,6 +256,18 @@ def test_pull_force_does_not_replace_a_users_folder(hub, env, sandbox, single):
     assert hub.requests(path_part="/resolve/") == []
 
 
+def test_pull_force_replaces_its_own_output(hub, env, sandbox, single, sharded):
+    """The other side of the rule: a pull (model card included) is vitctl's, so --force replaces it."""
+    hub.seed(REPO, single)
+    hub.seed(REPO, {**single, "README.md": b"# evil\n"})
+    assert pull(sandbox, env).returncode == 0
+    hub.seed(REPO, sharded)
+    r = pull(sandbox, env, "--force", "--backend", "torch")
+    assert r.returncode == 0, r.stderr
+    assert (sandbox.root / OUT / "model.safetensors.index.json").is_file() and sandbox.changed(allowed=(CACHE, OUT)) == []
+    assert leftovers(sandbox.root) == []
+
+
 # Push: only the checkpoint's own files leave the machine.
 def _push(sandbox, env, ckpt, *args):
     sandbox.before()

@@ -230,6 +230,14 @@ def test_bad_repo_ids(spec, capsys):
     assert parse_repo("hf://org/name@v1") == ("org/name", "v1") and parse_repo("org/name") == ("org/name", None)
 
 
+@pytest.mark.parametrize("spec", ["org/.", "org/.hidden", "org/name@../x", "org/name@a//b", "org/name@/abs", "org/name@a\nb"])
+def test_repo_ids_that_would_name_a_path(spec):
+    """The name is pull's default output folder and the revision a file under the cache's refs/."""
+    with pytest.raises(ConfigError, match="is not a Hub repo id"):
+        parse_repo(spec)
+    assert parse_repo("org/name@refs/pr/1") == ("org/name", "refs/pr/1") and parse_repo("org/v1.0@v1.0+b") == ("org/v1.0", "v1.0+b")
+
+
 def test_verify_report_belongs_to_the_checkpoint(tmp_path):
     from vitctl.hub import find_verify_report
 

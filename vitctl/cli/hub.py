@@ -6,8 +6,12 @@ lfs}], "deleted", "bytes", "verified", "verify_report", "source"}; pull: {"repo_
 "commit", "path", "files", "bytes", "refetched", "offline", "endpoint", "backend",
 "formats", "snapshot"}). stderr: huggingface_hub's progress bars, notes. The endpoint is
 --endpoint, else HF_ENDPOINT, else huggingface.co; the token comes from HF_TOKEN or the
-saved login and is never printed. Exit codes: 0 done; 1 the Hub or the download failed
-(nothing written); 2 usage (bad repo id, output exists without --force).
+saved login and is never printed. Exit codes: 0 done; 1 the Hub or the download failed,
+or the repo is damaged or hostile (a file name outside the checkpoint, a config.json that
+does not describe the weights; nothing written), or push found a file outside the
+checkpoint (nothing uploaded); 2 usage (bad repo id, an --endpoint that is not an http(s)
+URL, output exists without --force or is not a directory vitctl wrote); 130 interrupted
+(Ctrl-C or SIGTERM; nothing written).
 """
 
 from __future__ import annotations
