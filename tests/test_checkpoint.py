@@ -1,6 +1,8 @@
 """The checkpoint directory: round trips, bf16, bounded Orbax chunks, atomic writes."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -235,3 +237,104 @@ def test_force_never_replaces_a_foreign_directory(tmp_path):
 def test_importable_without_jax_or_torch():
     code = "import sys, vitctl.checkpoint; print(sorted(m for m in ('jax', 'torch', 'orbax', 'flax') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def vitctl_dir(path, *extra):
+    path.mkdir()
+    ckpt.write_config(path, tiny(), {})
+    for name in extra:
+        (path / name).mkdir() if name in ("params", "state", ".git", "src") else (path / name).write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra, why",
+    [
+        ((), None),
+        (("params", "state", "model.safetensors", "model-00001-of-00002.safetensors", "README.md", "metrics.png", ".config.json.tmp-1a2b3c4d"), None),
+        (("thesis.tex",), "it holds thesis.tex, which vitctl does not write"),
+        ((".git",), "it holds .git"),
+        (("src",), "it holds src"),
+        (("demo.json",), "it holds demo.json"),  # a run's file, not a checkpoint's
+    ],
+)
+def test_foreign_names_what_vitctl_did_not_write(tmp_path, extra, why):
+    got = ckpt.foreign(vitctl_dir(tmp_path / "d", *extra))
+    assert got == why if why is None else why in got
+
+
+def test_foreign_needs_vitctls_own_config(tmp_path):
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "config.json").write_text('{"name": "webapp"}')
+    assert "config.json has no vitctl model config" in ckpt.foreign(tmp_path / "web")
+    (tmp_path / "web" / "config.json").write_text("[" * 10_000)
+    assert "config.json is not a vitctl checkpoint config" in ckpt.foreign(tmp_path / "web")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "model.safetensors").write_text("")
+    assert ckpt.foreign(tmp_path / "bare") == "it has no config.json"
+    assert ckpt.foreign(tmp_path / "bare", complete=False) is None  # a half-written temporary needs no config yet
+    (tmp_path / "empty").mkdir()
+    assert ckpt.foreign(tmp_path / "empty") is None
+
+
+def test_a_run_directory_is_checked_down_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt.write_json(run / ckpt.RUN_MARKER, {"created_by": "vitctl demo"})
+    vitctl_dir(run / "jax", "params", "metrics.jsonl")
+    (run / "demo.json").write_text("{}")
+    assert ckpt.foreign(run) is None
+    (run / "jax" / "notes.md").write_text("mine")
+    assert ckpt.foreign(run) == "jax/: it holds notes.md, which vitctl does not write"
+
+
+def test_force_refuses_symlinks_and_files(tmp_path):
+    target = vitctl_dir(tmp_path / "real")
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "file").write_text("x")
+    for dst in (tmp_path / "link", tmp_path / "file"):
+        with pytest.raises(OutputExistsError, match="not a vitctl checkpoint directory") as e:
+            ckpt.check_output(dst, force=True)
+        assert "yourself" in e.value.hint
+    assert (target / ckpt.CONFIG).is_file()
+
+
+def test_stale_temporaries_are_reclaimed_by_owner(tmp_path, capsys):
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+
+    def temporary(name, pid, *entries):
+        t = tmp_path / name
+        t.mkdir()
+        for e in entries:
+            (t / e).mkdir()
+        if pid is not None:
+            (t / ckpt.OWNER).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "start": None}))
+        return t
+
+    stale = temporary(".out.tmp-00000001", done.pid, "params")
+    old = temporary(".out.old-00000002", done.pid, "params")
+    live = temporary(".out.tmp-00000003", os.getpid(), "params")
+    foreign = temporary(".out.tmp-00000004", done.pid, "src")
+    unowned = temporary(".out.tmp-00000005", None, "params")
+    other = temporary(".other.tmp-00000006", done.pid, "params")
+    assert sorted(ckpt.reclaim_temporaries(tmp_path / "out")) == sorted([stale, old])
+    assert [p.exists() for p in (stale, old, live, foreign, unowned, other)] == [False, False, True, True, True, True]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and sum("removed" in line for line in err) == 2 and any("left" in line and unowned.name in line for line in err)
+
+
+def test_atomic_output_leaves_no_owner_record(tmp_path):
+    with ckpt.atomic_output(tmp_path / "o") as tmp:
+        assert (tmp / ckpt.OWNER).is_file()
+        ckpt.write_config(tmp, tiny(), {})
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [ckpt.CONFIG]
+
+
+def test_no_space_reads_the_errno_wherever_it_is():
+    import errno
+
+    assert ckpt.no_space(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == os.strerror(errno.ENOSPC)
+    assert ckpt.no_space(ValueError("Failed to write 16 bytes to file 17: ... [os_error_code='27']")) == os.strerror(errno.EFBIG)
+    assert ckpt.no_space(CheckpointError(f"cannot write x: {os.strerror(errno.EDQUOT)}")) == os.strerror(errno.EDQUOT)
+    assert ckpt.no_space(OSError(errno.EACCES, "Permission denied")) is None

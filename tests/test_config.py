@@ -84,3 +84,39 @@ def test_preprocess_needs_exactly_one_normalisation():
         Preprocess(value_range=(-1, 1), mean=(0.5,), std=(0.5,))
     with pytest.raises(ConfigError, match="std: every value must be positive"):
         Preprocess(value_range=None, mean=(0.5,), std=(0.0,))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(depth=10**6), "depth must be in the range 1 to 4,096, got 1,000,000"),
+        (dict(width=2**17, num_heads=1), "width must be in the range 1 to 65,536"),
+        (dict(mlp_dim=10**4000), "mlp_dim must be in the range .* a 4001-digit number"),
+        (dict(num_classes=2**25), "num_classes must be in the range 0 to 16,777,216"),
+        (dict(image_size=16384), "image_size must be in the range"),
+        (dict(norm_eps=float("nan")), "norm_eps must be in"),
+        (dict(preprocess="imagenet"), "preprocess must be an object"),
+    ],
+)
+def test_sizes_are_bounded(kw, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        dataclasses.replace(ViTConfig(), **kw)
+    assert e.value.exit_code == 2
+
+
+def test_bounds_hold_every_preset_and_far_bigger():
+    big = ViTConfig.from_variant("vit-22b", width=4 * 6144, depth=8 * 48, mlp_dim=4 * 24576, num_heads=4 * 48, num_classes=10**6)
+    assert big.depth == 384  # ViT-22B grown 4-8x in every direction is still a valid config
+
+
+def test_hostile_json_names_the_file(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text('{"model": ' * 50_000 + "{}" + "}" * 50_000)
+    with pytest.raises(ConfigError, match=f"{f} nests JSON"):
+        load_config(f)
+    f.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=f"{f} is not JSON"):
+        load_config(f)
+    f.write_text(json.dumps({"model": {**ViTConfig().to_dict(), "preprocess": {"value_range": [0, 1, 2]}}}))
+    with pytest.raises(ConfigError, match=f"{f}: preprocess.value_range must be a list of 2 numbers"):
+        load_config(f)
