@@ -23,7 +23,7 @@ from tests.adversarial.conftest import assert_refused, leftovers, run_vitctl, st
 from tests.conftest import random_params, tiny
 from vitctl import checkpoint as ckpt
 from vitctl.convert import convert as cv
-from vitctl.convert.mapping import jax_to_torch, unstack
+from vitctl.convert.mapping import jax_to_torch
 
 CFG = tiny()
 MiB = 2**20
@@ -159,7 +159,9 @@ def test_shard_is_a_symlink_out(src, sandbox):
 
 def test_params_chunk_file_is_a_symlink_out(src, sandbox):
     ckpt_dir = src("jax")
-    chunk = next(p for p in sorted((ckpt_dir / "params").rglob("*")) if p.is_file() and p.parent.name == "head.kernel" and not p.name.startswith("."))
+    chunk = next(
+        p for p in sorted((ckpt_dir / "params").rglob("*")) if p.is_file() and p.parent.name == "head.kernel" and not p.name.startswith(".")
+    )
     (sandbox.root / "private").write_bytes(chunk.read_bytes())
     chunk.unlink()
     chunk.symlink_to(sandbox.root / "private")
@@ -397,7 +399,9 @@ def test_signal_at_a_random_point_during_convert(src, sandbox, signum, seed):
     ckpt_dir = src("torch")
     sandbox.before()
     after = random.Random(seed).randrange(1, 20)
-    proc = start_vitctl("convert", "torch-to-jax", ckpt_dir, sandbox.root / "out", cwd=sandbox.root, env={"VITCTL_TEST_SLEEP_PER_TENSOR": "0.2"})
+    proc = start_vitctl(
+        "convert", "torch-to-jax", ckpt_dir, sandbox.root / "out", cwd=sandbox.root, env={"VITCTL_TEST_SLEEP_PER_TENSOR": "0.2"}
+    )
 
     def written() -> int:
         tmp = leftovers(sandbox.root)

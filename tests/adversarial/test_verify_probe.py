@@ -97,5 +97,7 @@ def test_verify_npz_lying_about_its_size(pair, sandbox):
 def test_probe_source_without_weights(sandbox):
     empty = sandbox.root / "empty"
     empty.mkdir()
-    (empty / "config.json").write_text(json.dumps({"model": {"width": 48, "depth": 2, "mlp_dim": 80, "num_heads": 3, "patch_size": 4, "image_size": 16}}))
+    (empty / "config.json").write_text(
+        json.dumps({"model": {"width": 48, "depth": 2, "mlp_dim": 80, "num_heads": 3, "patch_size": 4, "image_size": 16}})
+    )
     assert_refused(probe(sandbox, empty), sandbox, 1, says="holds no weights")

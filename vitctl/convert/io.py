@@ -1045,7 +1045,9 @@ def _array_metadata(
         shape, dtype_name = z.get("shape"), z.get("data_type")
     else:
         shape, chunks, dtype_name = z.get("shape"), z.get("chunks"), z.get("dtype")
-    ints = lambda v: isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)  # noqa: E731
+    def ints(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+
     if not ints(shape) or not ints(chunks) or len(shape) != len(chunks) or len(shape) > 32:
         raise bad(f"has no valid shape and chunks (shape {str(shape)[:100]}, chunks {str(chunks)[:100]})")
     if any(d < 1 for d in shape) or any(c < 1 for c in chunks):
