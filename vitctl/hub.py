@@ -201,7 +201,9 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
         )
     if include_jax and ckpt_mod.JAX not in formats:
         raise ConfigError(f"--include-jax: {ckpt} has no JAX weights ({PARAMS}/)", hint="drop --include-jax")
-    also = cache_repo_folder(ckpt)
+    from vitctl.convert.io import hf_cache_repo
+
+    also = hf_cache_repo(ckpt)
 
     def local(rel: str) -> Path:
         path = ckpt / untrusted.check_name(rel, str(ckpt))
@@ -222,22 +224,15 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
     return files
 
 
-def cache_repo_folder(path: Path) -> Path | None:
-    """`.../models--org--name` if `path` is a snapshot of the Hugging Face cache
-    (`.../models--org--name/snapshots/SHA`, whose files are symlinks to ../../blobs), else None."""
-    path = Path(path).absolute()
-    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
-        return path.parent.parent
-    return None
-
-
 def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
     """The latest `vitctl verify --report` for this checkpoint: ckpt/verify.json, else the parent's
     verify.json (where `vitctl demo` writes it) if one of its two sides is this checkpoint (same path or name)."""
     here = ckpt.resolve()
     for path in (ckpt / VERIFY_REPORT, ckpt.parent / VERIFY_REPORT):
         if path.parent == ckpt and path.exists():  # its own report is uploaded: it must be the checkpoint's file
-            untrusted.inside(ckpt, path, str(ckpt), also=cache_repo_folder(ckpt))
+            from vitctl.convert.io import hf_cache_repo
+
+            untrusted.inside(ckpt, path, str(ckpt), also=hf_cache_repo(ckpt))
         try:
             report = untrusted.read_json(path)
         except CheckpointError:  # absent, or not a report (not JSON, too deep, too big): push without one
