@@ -53,6 +53,7 @@ SPLITS = ("train", "test")
 TEST_NAMES = ("test", "t10k", "val", "validation", "valid")  # names a source's held-out split may have
 IMAGE_COLUMNS = ("image", "img", "images", "pixel_values", "pixels")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "target", "y")
+MAX_INFERRED_CLASSES = 2**16  # ImageNet-21k has 21,843; a larger label is an id, not a class index
 MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192; training images are resized to a few hundred pixels anyway
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 SPEC_HINT = (
@@ -170,6 +171,11 @@ def load_dataset(
     images = _stack([_channels(im, channels) for im in _as_list(part.images(idx))], image_size, spec)
     labels = part.labels[idx]
     num_classes = source.num_classes or int(max(p.labels.max(initial=-1) for p in source.parts.values())) + 1
+    if not source.num_classes and num_classes > MAX_INFERRED_CLASSES:  # the classifier head would be sized by one stray label
+        raise DataError(
+            f"{spec}: the largest label is {num_classes - 1}, so the model would need {num_classes} classes",
+            hint=f"labels must be class indices 0..K-1 (at most {MAX_INFERRED_CLASSES} classes read from the labels); remap them",
+        )
     return Dataset(images, labels, num_classes, spec, source.class_names, split)
 
 
