@@ -96,6 +96,8 @@ def test_preprocess_needs_exactly_one_normalisation():
         (dict(image_size=16384), "image_size must be in the range"),
         (dict(norm_eps=float("nan")), "norm_eps must be in"),
         (dict(preprocess="imagenet"), "preprocess must be an object"),
+        (dict(image_size=8192, channels=4096), "values per image, more than 1,073,741,824"),
+        (dict(image_size=4096, patch_size=2), "tokens per image, more than 1,048,576"),
     ],
 )
 def test_sizes_are_bounded(kw, match):

@@ -95,7 +95,7 @@ OWNER = ".vitctl-owner.json"
 
 @contextlib.contextmanager
 def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yields an empty temporary sibling of `dst`; on success it becomes `dst`.
+    """Yields a new temporary sibling of `dst` (empty but for its OWNER record); on success it becomes `dst`.
 
     On any exception (KeyboardInterrupt included) the temporary is deleted and `dst`
     is untouched. An existing `dst` is refused unless `force`; with `force` it is
@@ -106,13 +106,13 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
     dst = Path(dst)
     _check_replaceable(dst, force)
     reclaim_temporaries(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-        tmp.mkdir()
-    except OSError as e:
-        raise OutputError(f"cannot create {dst}: {e.strerror or e}", hint=f"check that {dst.parent} exists and is writable") from None
-    try:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise OutputError(f"cannot create {dst}: {e.strerror or e}", hint=f"check that {dst.parent} is a writable directory") from None
         _claim(tmp)
         yield tmp
         _check_replaceable(dst, force)  # something may have appeared meanwhile
@@ -120,13 +120,14 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
             dst.rename(old)
-            with contextlib.suppress(OSError):
-                _claim(old)
             try:
+                with contextlib.suppress(OSError):
+                    _claim(old)  # a kill before the removal below leaves it to the next run
                 tmp.rename(dst)
             except BaseException:
-                old.rename(dst)
-                (dst / OWNER).unlink(missing_ok=True)
+                if not dst.exists():
+                    old.rename(dst)
+                    (dst / OWNER).unlink(missing_ok=True)
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -70,6 +70,10 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "channels": (1, 4096),
     "num_classes": (0, 2**24),
 }
+# Derived sizes a command allocates per image before any weight is read: the pixels of one
+# input image (C * H * W values: 8192 px RGB is 0.2G) and its tokens (ViT-22B/14 at 224 px: 256).
+MAX_PIXELS = 2**30
+MAX_PATCHES = 2**20
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "block": ("parallel", "sequential"),
@@ -177,6 +181,17 @@ class ViTConfig:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}",
                 hint=f"use an image_size that is a multiple of {self.patch_size}",
+            )
+        if self.image_size**2 * self.channels > MAX_PIXELS:
+            raise ConfigError(
+                f"image_size {self.image_size} with {self.channels} channels is {self.image_size**2 * self.channels:,} values per image, "
+                f"more than {MAX_PIXELS:,}",
+                hint="use a smaller image_size or fewer channels",
+            )
+        if self.num_patches > MAX_PATCHES:
+            raise ConfigError(
+                f"image_size {self.image_size} with patch_size {self.patch_size} is {self.num_patches:,} tokens per image, more than {MAX_PATCHES:,}",
+                hint="use a larger patch_size or a smaller image_size",
             )
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")

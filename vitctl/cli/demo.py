@@ -29,6 +29,7 @@ from typing import Annotated, Any
 import typer
 
 from vitctl.cli._options import ForceOpt, JsonOpt, err, out, print_json
+from vitctl.untrusted import sigterm_as_interrupt
 
 commands = typer.Typer()
 
@@ -82,6 +83,8 @@ def step_train(run: Run) -> None:
         task = progress.add_task("train", total=tcfg.steps, info="compiling")
         on_log = lambda rec: progress.update(task, completed=rec["step"], info=f"loss {rec['loss']:.4f}")
         r = train(tcfg, run.root / "jax", on_log=on_log)
+    if r.get("interrupted"):  # train stopped at a signal and saved: the demo is not built, so nothing is kept
+        raise KeyboardInterrupt
     run.results["train"] = {k: r[k] for k in ("steps", "final_loss", "test_accuracy", "images_per_s")}
     run.results["train"]["loop_seconds"] = r["seconds"]  # the steps after the first (compiling) one
     err.print(f"  test accuracy {r['test_accuracy']:.2%} after {r['steps']} steps", markup=False)
@@ -164,17 +167,23 @@ def demo(
     err.print(
         f"model: the paper's block, D={m.width} L={m.depth} F={m.mlp_dim} heads={m.num_heads}, patch {m.patch_size} at {m.image_size} px"
     )
-    with ckpt.atomic_output(out_dir, force) as tmp:
-        run.root = tmp
-        for i, step in enumerate(BUILD, 1):
-            do(run, step, i, n)
-        ckpt.write_json(tmp / ckpt.RUN_MARKER, {"created_by": "vitctl demo", "model": m.to_dict()})
-    run.root = out_dir
-    for i, step in enumerate(check, len(BUILD) + 1):
-        do(run, step, i, n)
-    seconds = round(time.perf_counter() - t0, 1)
-    summary = {"out": str(out_dir), "passed": not run.failed, "failed": run.failed, "seconds": seconds, "steps": run.results}
-    ckpt.write_json(out_dir / "demo.json", summary)
+    with sigterm_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
+        with ckpt.atomic_output(out_dir, force) as tmp:
+            run.root = tmp
+            for i, step in enumerate(BUILD, 1):
+                do(run, step, i, n)
+            ckpt.write_json(tmp / ckpt.RUN_MARKER, {"created_by": "vitctl demo", "model": m.to_dict()})
+        run.root = out_dir
+        try:
+            for i, step in enumerate(check, len(BUILD) + 1):
+                do(run, step, i, n)
+            seconds = round(time.perf_counter() - t0, 1)
+            summary = {"out": str(out_dir), "passed": not run.failed, "failed": run.failed, "seconds": seconds, "steps": run.results}
+            ckpt.write_json(out_dir / "demo.json", summary)
+        except KeyboardInterrupt:
+            from vitctl.cli import Interrupted
+
+            raise Interrupted(f"{out_dir} holds the built checkpoints (jax/, torch/); the checks did not finish: rerun with --force") from None
     if json:
         print_json(summary)
     else:
