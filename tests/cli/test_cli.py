@@ -289,3 +289,22 @@ def test_init_refuses_existing_dir_exit_2(tmp_path, cli):
     p = cli("init", "vit22b-mu/16", "--out", tmp_path / "o")
     assert_error(p, 2, "already exists")
     assert "--force" in p.stderr
+
+
+@pytest.mark.parametrize("exc, says", [("RecursionError", "nests too deeply"), ("MemoryError", "out of memory")])
+def test_recursion_and_memory_errors_are_not_called_bugs(tmp_path, exc, says):
+    # A backstop: the readers refuse deep or huge input themselves, naming the file.
+    code = (
+        "import sys; import vitctl.cli.models as m\n"
+        f"def boom(spec): raise {exc}()\n"
+        "m.resolve = boom\n"
+        "from vitctl.cli import main; main(sys.argv[1:])\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, "info", "whatever"], capture_output=True, text=True)
+    assert_error(p, 1, says)
+    assert "bug in vitctl" not in p.stderr
+
+
+def test_verify_bars_are_checked_before_any_work(cli):
+    for flag in (["--tolerance", "-1"], ["--tolerance", "nan"], ["--rtol", "-0.5"]):
+        assert_error(cli("verify", "no/such/a", "no/such/b", *flag), 2, f"{flag[0]} must be a finite number >= 0")
