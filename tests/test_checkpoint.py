@@ -251,7 +251,7 @@ def vitctl_dir(path, *extra):
     "extra, why",
     [
         ((), None),
-        (("params", "state", "model.safetensors", "model-00001-of-00002.safetensors", "README.md", "metrics.png", ".config.json.tmp-1a2b3c4d"), None),
+        (("params", "state", "model.safetensors", "model-00001-of-00002.safetensors", "README.md", ".config.json.tmp-1a2b3c4d"), None),
         (("thesis.tex",), "it holds thesis.tex, which vitctl does not write"),
         ((".git",), "it holds .git"),
         (("src",), "it holds src"),

@@ -169,7 +169,7 @@ def _check_replaceable(dst: Path, force: bool) -> None:
     if why:
         raise OutputExistsError(
             f"{dst} exists and is not a vitctl checkpoint directory ({why}); refusing to replace it even with --force",
-            hint=f"vitctl replaces only directories it wrote; remove {dst} yourself if you mean to replace it, or choose another output path",
+            hint=f"vitctl replaces only directories it wrote; remove {dst} yourself to replace it, or choose another output path",
         )
 
 
@@ -290,7 +290,7 @@ def reclaim_temporaries(dst: str | Path) -> list[Path]:
                 removed.append(p)
                 _note(f"removed {p}, a temporary left by an interrupted vitctl run (process {owner['pid']}, no longer running)")
         elif alive is None:
-            _note(f"left {p} in place: it looks like a temporary of an interrupted vitctl run; remove it yourself if no vitctl is writing {dst}")
+            _note(f"left {p} in place: it looks like an interrupted vitctl run's temporary; remove it if no vitctl is writing {dst}")
     return removed
 
 

@@ -170,7 +170,7 @@ class ViTConfig:
             if value > hi:
                 raise ConfigError(
                     f"{name} must be in the range {lo} to {hi:,}, got {_short(value)}",
-                    hint=f"{hi:,} is far above any real model (ViT-22B: width 6144, depth 48, mlp_dim 24576); the config is damaged or mistyped",
+                    hint=f"{hi:,} is far above any real model (ViT-22B: width 6144, depth 48, mlp_dim 24576); the config is damaged",
                 )
         if self.width % self.num_heads:
             raise ConfigError(
@@ -190,7 +190,8 @@ class ViTConfig:
             )
         if self.num_patches > MAX_PATCHES:
             raise ConfigError(
-                f"image_size {self.image_size} with patch_size {self.patch_size} is {self.num_patches:,} tokens per image, more than {MAX_PATCHES:,}",
+                f"image_size {self.image_size} with patch_size {self.patch_size} is {self.num_patches:,} tokens per image, "
+                f"more than {MAX_PATCHES:,}",
                 hint="use a larger patch_size or a smaller image_size",
             )
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:

@@ -91,7 +91,13 @@ def test_force_refuses_a_folder_vitctl_did_not_write(sandbox, made, command, fol
     r = run_vitctl(*args, "--force", cwd=sandbox.root)
     assert_refused(r, sandbox, code=2, says="not a vitctl checkpoint")
     assert "remove" in r.stderr and "yourself" in r.stderr
-    named = {"vitctl-config": "src", "foreign-config": "src", "no-config": "src", "hidden-git": ".git", "symlink-inside": "model.safetensors"}
+    named = {
+        "vitctl-config": "src",
+        "foreign-config": "src",
+        "no-config": "src",
+        "hidden-git": ".git",
+        "symlink-inside": "model.safetensors",
+    }
     assert named[folder] in r.stderr.splitlines()[0]
 
 

@@ -62,7 +62,7 @@ def __getattr__(name: str):
 # first. VitctlError carries its own. Readers of untrusted files refuse too-deep or too-large
 # input themselves, naming the file; these are the backstop for any that is missed.
 ERROR_MAPPINGS: tuple[tuple[type[BaseException], int, str | None, str], ...] = (
-    (MemoryError, 1, "out of memory", "the model or input does not fit in this machine's memory; try a smaller preset, or see `vitctl plan`"),
+    (MemoryError, 1, "out of memory", "the model or input does not fit in this machine's memory; try a smaller preset, see `vitctl plan`"),
     (RecursionError, 1, "an input nests too deeply to read (RecursionError)",
      "a file given to vitctl (a config, an index, a header) is damaged or hostile; rerun with VITCTL_DEBUG=1 to see which"),
     (OSError, 1, None, "check the path, its permissions and the free disk space"),

@@ -183,7 +183,7 @@ def demo(
         except KeyboardInterrupt:
             from vitctl.cli import Interrupted
 
-            raise Interrupted(f"{out_dir} holds the built checkpoints (jax/, torch/); the checks did not finish: rerun with --force") from None
+            raise Interrupted(f"{out_dir} holds the built checkpoints; the checks did not finish: rerun with --force") from None
     if json:
         print_json(summary)
     else:
