@@ -188,7 +188,7 @@ def require_memory(nbytes: int, what: str, hint: str | None = None) -> None:
 
 def require_disk(path: str | Path, nbytes: int, what: str, hint: str | None = None) -> None:
     """ResourceError with the numbers if `what` would write more than the free space at `path`
-    (or than the file-size limit, RLIMIT_FSIZE, allows for one file)."""
+    (a file-size limit, RLIMIT_FSIZE, shows up as EFBIG when writing)."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent

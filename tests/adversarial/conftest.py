@@ -11,8 +11,6 @@ cases), and checks what a user must be able to rely on (`assert_refused`):
 
 import os
 import re
-import resource
-import signal
 import subprocess
 import sys
 import time
@@ -54,24 +52,32 @@ def env_for(extra: dict | None = None) -> dict[str, str]:
     return e
 
 
-def _limits(memory: int | None, file_size: int | None):
-    def apply():
-        if memory is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        if file_size is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+# Limits are set by a small launcher that then execs vitctl: preexec_fn would run Python code
+# between fork and exec in a test process that may already hold JAX's threads (a deadlock risk).
+_LAUNCH = (
+    "import os, resource, signal, sys\n"
+    "mem, fsize = (int(v) for v in sys.argv[1:3])\n"
+    "if mem >= 0: resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
+    # writes past the file-size limit then fail with EFBIG, as on a full disk, instead of killing the process
+    "if fsize >= 0: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize)); signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'vitctl', *sys.argv[3:]])\n"
+)
 
-    return apply
+
+def command(args, memory: int | None = None, file_size: int | None = None) -> list[str]:
+    """The argv that runs `python -m vitctl ARGS`, under RLIMIT_AS=`memory` and RLIMIT_FSIZE=`file_size` bytes if given."""
+    if memory is None and file_size is None:
+        return [sys.executable, "-m", "vitctl", *map(str, args)]
+    limits = [str(-1 if memory is None else memory), str(-1 if file_size is None else file_size)]
+    return [sys.executable, "-c", _LAUNCH, *limits, *map(str, args)]
 
 
 def run_vitctl(*args, cwd: Path, env: dict | None = None, memory: int | None = None, file_size: int | None = None,
                timeout: float = 300) -> Run:  # fmt: skip
     """`python -m vitctl ARGS` in `cwd`, with optional RLIMIT_AS (`memory`) and RLIMIT_FSIZE (`file_size`) in bytes."""
     p = subprocess.run(
-        [sys.executable, "-m", "vitctl", *map(str, args)], cwd=cwd, env=env_for(env), capture_output=True, text=True,
-        timeout=timeout, check=False, preexec_fn=_limits(memory, file_size),
-    )  # fmt: skip
+        command(args, memory, file_size), cwd=cwd, env=env_for(env), capture_output=True, text=True, timeout=timeout, check=False
+    )
     return Run(p.returncode, p.stdout, p.stderr)
 
 
