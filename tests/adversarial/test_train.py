@@ -23,7 +23,7 @@ from tests.adversarial.conftest import assert_refused, leftovers, run_vitctl, st
 pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("sklearn")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
 MODEL = {"width": 16, "depth": 1, "mlp_dim": 32, "num_heads": 2, "patch_size": 4}
 FAST = ["--steps", "2", "--warmup", "0", "--batch-size", "8", "--stats-every", "0"]

@@ -97,9 +97,8 @@ def test_two_processes_match_one_and_resume(reference, tmp_path):
     got = np.array(losses(out))
     print(f"2 processes vs 1, steps 1-3: max relative loss difference {np.max(np.abs(got - want[:3]) / want[:3]):.3g}")
     np.testing.assert_allclose(got, want[:3], rtol=MP_RTOL, atol=0)
-    from vitctl.convert import io
-
     from vitctl import checkpoint as ckpt
+    from vitctl.convert import io
 
     reader = io.OrbaxReader(out / "params")  # params/, written by both processes, reads back as convert reads it
     try:

@@ -163,7 +163,8 @@ def train(
 
             signum = _signal_of(e)
             raise Interrupted(
-                f"signal {signum} before the first step; nothing was written" + ("" if not resume else f" (the run in {out_dir} is as it was)"),
+                f"signal {signum} before the first step; nothing was written"
+                + ("" if not resume else f" (the run in {out_dir} is as it was)"),
                 code=128 + signum,
             ) from None
     summary = {k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}

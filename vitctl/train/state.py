@@ -210,10 +210,7 @@ def _damaged(d: Path, step: int, what: str) -> CheckpointError:
     path = d / f"{step:08d}"
     earlier = [s for s in steps(d) if s < step]
     if earlier:
-        hint = (
-            f"resume from step {earlier[-1]}, the complete state before it: delete {path} (rm -r {path}) "
-            "and run the same command again"
-        )
+        hint = f"resume from step {earlier[-1]}, the complete state before it: delete {path} (rm -r {path}) and run the same command again"
     else:
         hint = f"no earlier state is saved: delete {path} and start the run afresh (vitctl train ... --force)"
     return CheckpointError(f"the training state of step {step}, {path}, is damaged: {what}", hint=hint)
