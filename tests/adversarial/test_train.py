@@ -265,6 +265,16 @@ def test_file_size_limit_during_the_first_save(sb):
     assert "ulimit -f" in r.stderr and not (sb.root / "run").exists()
 
 
+def test_force_over_an_earlier_run_that_then_fails_gives_it_back(sb, trained):
+    """--force sets the earlier run aside until the new one saves a state: a new run that fails at its
+    first save (file-size limit) leaves the earlier run exactly as it was."""
+    shutil.copytree(trained, sb.root / "run")
+    sb.before()
+    r = train(sb, "--data", "digits", "--out", "run", "--force", file_size=64 * 1024)
+    refused(sb, r, 1, "File too large")
+    assert complete_states(sb.root / "run") == [2, 4]
+
+
 def test_file_size_limit_on_resume_keeps_the_run(sb, trained):
     shutil.copytree(trained, sb.root / "run")
     sb.before()

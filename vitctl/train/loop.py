@@ -648,21 +648,29 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
     if resume:
         return _run(tcfg, out, stop, True, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup,
                     provenance, start)  # fmt: skip
+    # --force over an earlier run: it is set aside, not deleted, until this run has saved a state, so a
+    # new run that fails or is stopped before its first save gives the earlier run back untouched.
+    previous = None
     try:
         if primary:
             if out.exists():
-                shutil.rmtree(out)
+                previous = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+                out.rename(previous)
             out.mkdir(parents=True)
             ckpt.write_config(out, cfg, {k: v for k, v in provenance.items() if k != "seed"})
         return _run(tcfg, out, stop, False, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup,
                     provenance, start)  # fmt: skip
     except BaseException:
         # A new run that failed or was stopped before its first saved state leaves no partial run directory.
-        from vitctl.train import state as tstate
-
         if primary and tstate.latest(out / STATE) is None:
             shutil.rmtree(out, ignore_errors=True)
+            if previous is not None and not out.exists():
+                previous.rename(out)
+                previous = None
         raise
+    finally:
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
 
 
 def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup, provenance,
