@@ -76,7 +76,9 @@ def member(root: str | Path, name: Any, where: str, error: type[VitctlError] = C
     return path
 
 
-def inside(root: str | Path, path: str | Path, where: str, error: type[VitctlError] = CheckpointError, *, also: str | Path | None = None) -> Path:
+def inside(
+    root: str | Path, path: str | Path, where: str, error: type[VitctlError] = CheckpointError, *, also: str | Path | None = None
+) -> Path:
     """`path` (under `root`) with symlinks resolved, if that lies inside `root` (or inside `also`,
     e.g. the Hugging Face cache folder of the repo whose snapshot `root` is); else `error`."""
     real = Path(path).resolve()
@@ -126,7 +128,9 @@ def parse_json(text: str | bytes, source: str, error: type[VitctlError] = Checkp
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise error(f"{source} is not JSON (not UTF-8 text: {e.reason} at byte {e.start})", hint="the file is damaged; fetch or write it again") from None
+            raise error(
+                f"{source} is not JSON (not UTF-8 text: {e.reason} at byte {e.start})", hint="the file is damaged; fetch or write it again"
+            ) from None
     try:
         obj = json.loads(text)
     except RecursionError:
@@ -140,13 +144,17 @@ def parse_json(text: str | bytes, source: str, error: type[VitctlError] = Checkp
     return obj
 
 
-def read_json(path: str | Path, error: type[VitctlError] = CheckpointError, *, expect: type | None = dict, max_bytes: int = JSON_MAX_BYTES) -> Any:
+def read_json(
+    path: str | Path, error: type[VitctlError] = CheckpointError, *, expect: type | None = dict, max_bytes: int = JSON_MAX_BYTES
+) -> Any:
     """Reads and parses a JSON file from an untrusted source (size, encoding and nesting bounded)."""
     path = Path(path)
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise error(f"{path} is {_gib(size)}, more than any JSON file vitctl reads ({_gib(max_bytes)})", hint="the file is damaged or hostile")
+            raise error(
+                f"{path} is {_gib(size)}, more than any JSON file vitctl reads ({_gib(max_bytes)})", hint="the file is damaged or hostile"
+            )
         data = path.read_bytes()
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}", hint="check the path and its permissions") from None
@@ -186,17 +194,23 @@ def require_memory(nbytes: int, what: str, hint: str | None = None) -> None:
         )
 
 
-def require_disk(path: str | Path, nbytes: int, what: str, hint: str | None = None) -> None:
-    """ResourceError with the numbers if `what` would write more than the free space at `path`
-    (a file-size limit, RLIMIT_FSIZE, shows up as EFBIG when writing)."""
+def free_disk(path: str | Path) -> tuple[int | None, Path]:
+    """(free bytes, the existing directory they were measured at) for a path that may not exist yet;
+    None where the file system does not say."""
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
     try:
-        free = shutil.disk_usage(p).free
+        return shutil.disk_usage(p).free, p
     except OSError:
-        return
-    if nbytes > free:
+        return None, p
+
+
+def require_disk(path: str | Path, nbytes: int, what: str, hint: str | None = None) -> None:
+    """ResourceError with the numbers if `what` would write more than the free space at `path`
+    (a file-size limit, RLIMIT_FSIZE, shows up as EFBIG when writing)."""
+    free, p = free_disk(path)
+    if free is not None and nbytes > free:
         raise ResourceError(
             f"{what} writes {_gib(nbytes)}; {p} has {_gib(free)} free",
             hint=hint or "free disk space, or write to another disk",

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import pytest
 
+from tests.hub.conftest import hub  # noqa: F401  (the loopback Hub server fixture, for test_hub.py)
+
 REPO = Path(__file__).parents[2]
 TEMPORARY = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 
@@ -95,7 +97,7 @@ def wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 240.0)
     deadline = time.monotonic() + limit
     while not predicate():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             pytest.fail(f"vitctl exited ({proc.returncode}) before {what}: {err[-2000:]}")
         if time.monotonic() > deadline:
             proc.kill()
@@ -115,7 +117,9 @@ def sandbox(tmp_path):
 
     class Sandbox:
         root = tmp_path
-        _before: dict = {}
+
+        def __init__(self):
+            self._before: dict = {}
 
         def before(self):
             self._before = snapshot(self.root)

@@ -19,7 +19,6 @@ import pytest
 
 from tests.adversarial.conftest import assert_refused, env_for, leftovers, run_vitctl, start_vitctl, wait_for
 from tests.hub.conftest import CFG, TOKEN, repo_files, torch_ckpt
-from tests.hub.server import serve
 
 REPO = "me/evil"
 CACHE = "hf-home"  # the Hugging Face cache inside the sandbox: a pull may write there
@@ -36,16 +35,6 @@ def single(tmp_path_factory) -> dict[str, bytes]:
 def sharded(tmp_path_factory) -> dict[str, bytes]:
     """config.json + an index and its shards."""
     return repo_files(torch_ckpt(tmp_path_factory.mktemp("sharded") / "ckpt"))
-
-
-@pytest.fixture
-def hub():
-    server, thread = serve(token=TOKEN)
-    yield server
-    server.release_all()
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
 
 
 @pytest.fixture

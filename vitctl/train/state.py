@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vitctl.errors import CheckpointError
-from vitctl.untrusted import read_json
+from vitctl.untrusted import free_disk, read_json
 
 STEP_DIR = re.compile(r"^\d{8}$")
 
@@ -70,14 +70,8 @@ def room_for(directory: str | Path, nbytes: int) -> str | None:
     limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if limit != resource.RLIM_INFINITY and nbytes > limit:
         return f"{os.strerror(errno.EFBIG)}: a file of up to {_size(nbytes)}, over the file size limit of {_size(limit)}"
-    p = Path(directory)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        free = shutil.disk_usage(p).free
-    except OSError:
-        return None
-    if nbytes + 2**20 > free:  # + metadata files
+    free, p = free_disk(directory)
+    if free is not None and nbytes + 2**20 > free:  # + metadata files
         return f"{os.strerror(errno.ENOSPC)}: up to {_size(nbytes)} to write, {_size(free)} free on {p}"
     return None
 
