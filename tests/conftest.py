@@ -7,6 +7,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("VITCTL_TEST", "1")
 
 import dataclasses  # noqa: E402
+import signal  # noqa: E402
+
+# A shell starts background jobs with SIGINT ignored, and children inherit that: Ctrl-C tests
+# (in-process and in vitctl subprocesses) need Python's own handler, however pytest was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 

@@ -89,11 +89,14 @@ def _quiet_orphans() -> None:
     When one read or write of an Orbax call fails, Orbax closes its event loop while the
     call's other TensorStore operations still run; each of them, completing, reports
     "RuntimeError: Event loop is closed" through sys.unraisablehook (a traceback on stderr
-    per array, after vitctl has already said what failed). Only that message is dropped.
+    per array, after vitctl has already said what failed). Likewise the tasks it abandons
+    are logged by asyncio, when collected, as "Task exception was never retrieved" with a
+    traceback. Only those two messages are dropped.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_vitctl_orphans", False):
         return
+    logging.getLogger("asyncio").addFilter(lambda r: not str(r.msg).startswith("Task exception was never retrieved"))
 
     def hook(u):
         if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
