@@ -54,7 +54,7 @@ import numpy as np
 import vitctl
 from vitctl.config import ViTConfig, load_config
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, OutputError, OutputExistsError, VitctlError
-from vitctl.untrusted import read_json
+from vitctl.untrusted import raise_if_interrupted, read_json
 
 CONFIG, PARAMS, SAFETENSORS = "config.json", "params", "model.safetensors"
 RUN_MARKER = "vitctl-run.json"  # marks a directory of several checkpoints that vitctl made (demo, train runs)
@@ -115,6 +115,7 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
             raise OutputError(f"cannot create {dst}: {e.strerror or e}", hint=f"check that {dst.parent} is a writable directory") from None
         _claim(tmp)
         yield tmp
+        raise_if_interrupted()  # a signal whose KeyboardInterrupt was swallowed on the way still stops the commit
         _check_replaceable(dst, force)  # something may have appeared meanwhile
         (tmp / OWNER).unlink()
         if dst.exists():

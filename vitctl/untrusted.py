@@ -218,18 +218,37 @@ def require_disk(path: str | Path, nbytes: int, what: str, hint: str | None = No
 
 
 # Signals.
+_SIGNALLED: list[int] = []  # signals that sigterm_as_interrupt turned into KeyboardInterrupt, in this process
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt (like Ctrl-C), so cleanup runs."""
+    """Within the block, SIGTERM raises KeyboardInterrupt (like Ctrl-C), so cleanup runs.
+
+    The signal is also remembered (and Ctrl-C too, while Python's own handler is in place):
+    an exception raised by a signal handler is lost if it lands in a finalizer or a callback
+    whose errors Python only prints, so `raise_if_interrupted()` before committing an output
+    makes sure a signalled command never completes as if nothing happened."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        _SIGNALLED.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, handler)
+    catch = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
+    old = {s: signal.signal(s, handler) for s in catch}
     try:
         yield
+        raise_if_interrupted()
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        _SIGNALLED.clear()
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt if a signal arrived within sigterm_as_interrupt, even one whose exception was lost."""
+    if _SIGNALLED:
+        raise KeyboardInterrupt(f"signal {_SIGNALLED[0]}")

@@ -143,7 +143,8 @@ def _check_memory(path: Path, label: str, nbytes: int) -> None:
     from vitctl import untrusted
 
     untrusted.require_memory(
-        2 * nbytes, f"{label}: {path} holds {nbytes / 2**20:,.1f} MiB of parameters; running it",
+        2 * nbytes,
+        f"{label}: {path} holds {nbytes / 2**20:,.1f} MiB of parameters; running it",
         hint="run it on a machine with more memory",
     )
 
@@ -156,7 +157,11 @@ def set_precision(precision: str) -> dict[str, Any]:
         import jax
 
         jax.config.update("jax_default_matmul_precision", "highest" if precision == "fp32" else None)
-        settings.update(jax=jax.__version__, jax_default_matmul_precision=jax.config.jax_default_matmul_precision or "default", jax_devices=[str(d) for d in jax.devices()[:1]])
+        settings.update(
+            jax=jax.__version__,
+            jax_default_matmul_precision=jax.config.jax_default_matmul_precision or "default",
+            jax_devices=[str(d) for d in jax.devices()[:1]],
+        )
     except ImportError:
         pass
     try:
@@ -164,7 +169,9 @@ def set_precision(precision: str) -> dict[str, Any]:
 
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.allow_tf32 = precision != "fp32"
-        settings.update(torch=torch.__version__, torch_allow_tf32=torch.backends.cuda.matmul.allow_tf32, torch_threads=torch.get_num_threads())
+        settings.update(
+            torch=torch.__version__, torch_allow_tf32=torch.backends.cuda.matmul.allow_tf32, torch_threads=torch.get_num_threads()
+        )
     except ImportError:
         pass
     return settings
@@ -225,7 +232,12 @@ def _run_timm(cfg: ViTConfig, state: dict[str, np.ndarray], x) -> dict[str, np.n
     if cfg.dtype == "bfloat16":
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
     out, hooks = {}, []
-    named = [("patch_embed", model.patch_embed), ("embed", model.pos_drop), *((f"block{i:02d}", b) for i, b in enumerate(model.blocks)), ("encoded", model.norm)]
+    named = [
+        ("patch_embed", model.patch_embed),
+        ("embed", model.pos_drop),
+        *((f"block{i:02d}", b) for i, b in enumerate(model.blocks)),
+        ("encoded", model.norm),
+    ]
     for name, module in named:
         hooks.append(module.register_forward_hook(lambda m, i, o, name=name: out.__setitem__(name, o)))
     with torch.inference_mode():
@@ -336,12 +348,26 @@ def _flip_qkv(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def flips(cfg: ViTConfig, precision: str) -> list[tuple[str, ViTConfig, Callable | None]]:
     """(what, flipped config, parameter transform) for every known convention."""
     r = dataclasses.replace
-    out = [(f"GELU {'exact (erf)' if cfg.gelu_approximate else 'tanh approximation'}", r(cfg, gelu_approximate=not cfg.gelu_approximate), None)]
+    out = [
+        (f"GELU {'exact (erf)' if cfg.gelu_approximate else 'tanh approximation'}", r(cfg, gelu_approximate=not cfg.gelu_approximate), None)
+    ]
     out += [(f"norm epsilon {eps:g}", r(cfg, norm_eps=eps), None) for eps in (1e-5, 1e-6, 1e-12) if eps != cfg.norm_eps]
     other = {"layernorm": "rmsnorm", "rmsnorm": "layernorm"}[cfg.norm]
-    out.append((f"{'LayerNorm' if other == 'layernorm' else 'RMSNorm'} instead of {cfg.norm}", r(cfg, norm=other, norm_bias=cfg.norm_bias and other == "layernorm"), None))
+    out.append(
+        (
+            f"{'LayerNorm' if other == 'layernorm' else 'RMSNorm'} instead of {cfg.norm}",
+            r(cfg, norm=other, norm_bias=cfg.norm_bias and other == "layernorm"),
+            None,
+        )
+    )
     if precision == "bf16":  # in fp32 the softmax dtype is fp32 either way
-        out.append((f"softmax in {'bf16' if cfg.softmax_dtype == 'float32' else 'float32'}", r(cfg, softmax_dtype="compute" if cfg.softmax_dtype == "float32" else "float32"), None))
+        out.append(
+            (
+                f"softmax in {'bf16' if cfg.softmax_dtype == 'float32' else 'float32'}",
+                r(cfg, softmax_dtype="compute" if cfg.softmax_dtype == "float32" else "float32"),
+                None,
+            )
+        )
     out.append(("QKV kernels with heads and head_dim transposed", cfg, _flip_qkv))
     return out
 
@@ -399,7 +425,9 @@ def verify(
         out_b = run_side(side_b, run_config(side_b.cfg, precision), b_params, inputs)
         out_a = run_side(side_a, run_config(side_a.cfg, precision), side_a.params(), inputs)
     except CheckpointError as e:  # missing or unexpected tensors, corrupt files: a failed check
-        report.update(passed=False, problems=[e.message + (f" ({e.hint})" if e.hint else "")], layers=[], first_divergent=None, max_abs=None)
+        report.update(
+            passed=False, problems=[e.message + (f" ({e.hint})" if e.hint else "")], layers=[], first_divergent=None, max_abs=None
+        )
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return report
     if report["weights"]["only_in_a"] or report["weights"]["only_in_b"]:

@@ -40,8 +40,6 @@ def run_reported(*args):
     return p, stderr, json.loads(report)
 
 
-
-
 def assert_error(p, code, what):
     """Exit `code`, nothing on stdout, exactly one `Error:` line naming `what`, then a hint; no traceback."""
     assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
@@ -95,7 +93,16 @@ def test_info_vit22b_counts_and_resources():
     p, stderr, report = run_reported("info", "vit-22b", "--json")
     assert p.returncode == 0, stderr
     info = json.loads(p.stdout)
-    assert set(info) == {"name", "config", "params_total", "params_block_matmul", "params_head", "params_encoder", "bytes_float32", "bytes_bfloat16"}
+    assert set(info) == {
+        "name",
+        "config",
+        "params_total",
+        "params_block_matmul",
+        "params_head",
+        "params_encoder",
+        "bytes_float32",
+        "bytes_bfloat16",
+    }
     assert info["name"] == "vit-22b" and ViTConfig.from_dict(info["config"]) == PRESETS["vit-22b"]
     # arXiv:2302.05442: 48 * (4*D^2 + 2*D*F) block-matmul parameters, exactly.
     assert info["params_block_matmul"] == 48 * (4 * 6144**2 + 2 * 6144 * 24576) == 21_743_271_936
@@ -233,7 +240,14 @@ def test_init_both_backends_then_info(tmp_path, tiny_json):
     r = invoke("init", "--config", tiny_json, "--out", jax_dir, "--seed", 3)
     assert r.stdout.strip() == str(jax_dir)  # just the path on stdout; the hint goes to stderr
     r = invoke("init", "--config", tiny_json, "--out", torch_dir, "--seed", 3, "--backend", "torch", "--json")
-    assert json.loads(r.stdout) == {"path": str(torch_dir), "format": ckpt.TORCH, "name": str(tiny_json), "params_total": 55_130, "seed": 3, "init": "jax"}
+    assert json.loads(r.stdout) == {
+        "path": str(torch_dir),
+        "format": ckpt.TORCH,
+        "name": str(tiny_json),
+        "params_total": 55_130,
+        "seed": 3,
+        "init": "jax",
+    }
 
     flat = ckpt.load_jax(jax_dir, TINY)
     state = ckpt.load_torch(torch_dir, TINY)
@@ -246,7 +260,13 @@ def test_init_both_backends_then_info(tmp_path, tiny_json):
         info = json.loads(invoke("info", d, "--json").stdout)
         assert info["formats"] == [fmt] and ViTConfig.from_dict(info["config"]) == TINY
         assert info["params_total"] == 55_130
-        assert info["provenance"] == {"source_format": "init", "source": str(tiny_json), "created_by": "vitctl init", "seed": 3, "init": "jax"}
+        assert info["provenance"] == {
+            "source_format": "init",
+            "source": str(tiny_json),
+            "created_by": "vitctl init",
+            "seed": 3,
+            "init": "jax",
+        }
         assert "vitctl-" in invoke("info", d).stdout
 
     # A second init into the same directory is refused, then replaced with --force.
@@ -280,7 +300,9 @@ def test_init_torch_without_jax(tmp_path, tiny_json):
     assert json.loads(p.stdout)["init"] == "torch" and "torch's own initialisation" in p.stderr
     assert ckpt.read_provenance(tmp_path / "o")["init"] == "torch"
     ckpt.load_torch(tmp_path / "o", TINY)  # names and shapes match the config
-    p = subprocess.run([sys.executable, "-c", code, "init", "--config", str(tiny_json), "--out", str(tmp_path / "j")], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", code, "init", "--config", str(tiny_json), "--out", str(tmp_path / "j")], capture_output=True, text=True
+    )
     assert_error(p, 1, "--backend jax needs jax")
 
 

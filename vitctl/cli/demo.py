@@ -214,4 +214,6 @@ def show(run: Run, total: float) -> None:
         out.print(f"probe:   linear {p['linear_accuracy']:.2%}; {shots} ({p['seconds']:.0f} s)", markup=False)
     if "push" in r:
         out.print(f"push:    {r['push'].get('repo_id')} @ {r['push'].get('commit', '?')} ({r['push']['seconds']:.0f} s)", markup=False)
-    out.print(f"{run.out}: jax/ (with metrics.jsonl, metrics.png), torch/, verify.json, probe.json, demo.json ({total:.0f} s)", markup=False)
+    out.print(
+        f"{run.out}: jax/ (with metrics.jsonl, metrics.png), torch/, verify.json, probe.json, demo.json ({total:.0f} s)", markup=False
+    )

@@ -15,6 +15,7 @@ shapes (vitctl.convert.mapping), so `info vit-22b` allocates no weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zipfile
 from pathlib import Path
@@ -205,6 +206,14 @@ def init(
     )  # fmt: skip
     require_disk(out_dir.parent, nbytes, f"vitctl init {name}", hint="free disk space, or choose an --out on another disk")
     how = "jax"
+    # The frameworks are imported before the temporary exists: a SIGTERM turned into
+    # KeyboardInterrupt half-way through importing a C extension (jaxlib, tensorstore) can
+    # crash the interpreter on its way out, so until then SIGTERM keeps its default action,
+    # while nothing is written yet.
+    with contextlib.suppress(ImportError):
+        import orbax.checkpoint  # noqa: F401
+
+        import vitctl.model_jax.model  # noqa: F401  (jax, flax)
     with sigterm_as_interrupt(), ckpt.atomic_output(out_dir, force) as tmp:
         with err.status(escape(f"Initialising {name} ({total:,} parameters, seed {seed})")):
             try:

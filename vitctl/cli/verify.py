@@ -40,7 +40,9 @@ class Precision(str, enum.Enum):
     bf16 = "bf16"
 
 
-CkptA = Annotated[str, typer.Argument(help="Reference checkpoint: a directory, a big_vision .npz, or hf://org/name[@rev].", show_default=False)]
+CkptA = Annotated[
+    str, typer.Argument(help="Reference checkpoint: a directory, a big_vision .npz, or hf://org/name[@rev].", show_default=False)
+]
 CkptB = Annotated[str, typer.Argument(help="Checkpoint to check against A (same forms).", show_default=False)]
 
 
@@ -48,13 +50,24 @@ CkptB = Annotated[str, typer.Argument(help="Checkpoint to check against A (same 
 def verify(
     a: CkptA,
     b: CkptB,
-    tolerance: Annotated[float | None, typer.Option(help="Max-abs bar on logits and pre-logits [fp32: 1e-5, bf16: 1e-1].", show_default=False)] = None,
-    rtol: Annotated[float | None, typer.Option(help="Bar on every other activation: max-abs diff / max-abs of A [fp32: 1e-5, bf16: 6e-2].", show_default=False)] = None,
+    tolerance: Annotated[
+        float | None, typer.Option(help="Max-abs bar on logits and pre-logits [fp32: 1e-5, bf16: 1e-1].", show_default=False)
+    ] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option(help="Bar on every other activation: max-abs diff / max-abs of A [fp32: 1e-5, bf16: 6e-2].", show_default=False),
+    ] = None,
     batch: Annotated[int, typer.Option(help="Seeded random images in the batch.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the random images.")] = 0,
-    images: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Also run these image files, through each side's preprocessing.")] = None,
-    precision: Annotated[Precision, typer.Option(help="fp32: highest matmul precision, TF32 off; bf16: bf16 compute on both sides.")] = Precision.fp32,
-    diagnose: Annotated[bool, typer.Option("--diagnose", help="On failure, flip each known convention on B and name those that pass.")] = False,
+    images: Annotated[
+        Path | None, typer.Option(exists=True, file_okay=False, help="Also run these image files, through each side's preprocessing.")
+    ] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="fp32: highest matmul precision, TF32 off; bf16: bf16 compute on both sides.")
+    ] = Precision.fp32,
+    diagnose: Annotated[
+        bool, typer.Option("--diagnose", help="On failure, flip each known convention on B and name those that pass.")
+    ] = False,
     report: Annotated[Path | None, typer.Option(help="Also write the JSON report to this file.", show_default=False)] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -69,7 +82,9 @@ def verify(
     from vitctl.verify import verify as run
 
     a, b = resolve_checkpoint(a), resolve_checkpoint(b)
-    result = run(a, b, tolerance=tolerance, rtol=rtol, batch=batch, seed=seed, images=images, precision=precision.value, run_diagnose=diagnose)
+    result = run(
+        a, b, tolerance=tolerance, rtol=rtol, batch=batch, seed=seed, images=images, precision=precision.value, run_diagnose=diagnose
+    )
     if report is not None:
         checkpoint.write_json(report, result)
     if json_:
@@ -99,7 +114,15 @@ def show(r: dict[str, Any]) -> None:
             if names:
                 out.print(f"[red]only in {side} (or of another shape):[/] {escape(', '.join(names[:8]))}{' ...' if len(names) > 8 else ''}")
     if r["layers"]:
-        t = Table("layer", "max-abs", "max-rel", "mean-abs", "cosine", "status", title=f"Activations (tolerance {r['tolerance']:g} on logits/pre-logits, rtol {r['rtol']:g} elsewhere)")
+        t = Table(
+            "layer",
+            "max-abs",
+            "max-rel",
+            "mean-abs",
+            "cosine",
+            "status",
+            title=f"Activations (tolerance {r['tolerance']:g} on logits/pre-logits, rtol {r['rtol']:g} elsewhere)",
+        )
         for layer in r["layers"]:
             style = "bold red" if layer["name"] == r["first_divergent"] else ("red" if not layer["passed"] else None)
             t.add_row(

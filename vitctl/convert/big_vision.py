@@ -675,7 +675,9 @@ def plan(
         cfg = infer_config(shapes, prefix, overrides=overrides, notes=notes)
     elif overrides:
         cfg = ViTConfig.from_dict({**cfg.to_dict(), **overrides})
-    produced = sum((shape[0] if shape else 1) if SCANNED.fullmatch(k[len(prefix) :]) else 1 for k, (shape, _) in shapes.items() if k.startswith(prefix))
+    produced = sum(
+        (shape[0] if shape else 1) if SCANNED.fullmatch(k[len(prefix) :]) else 1 for k, (shape, _) in shapes.items() if k.startswith(prefix)
+    )
     mapping.check_count(produced, cfg, f"the big_vision checkpoint {reader.path}")  # before listing a name per layer
     ignored = tuple(k for k in shapes if not k.startswith(prefix))
     if ignored:

@@ -589,7 +589,9 @@ class OrbaxReader:
         for name, stored in names.items():
             tally = stored_chunks.get(stored, (0, 0)) if stored_chunks is not None else _chunk_file_tally(self.path / stored)
             z = _array_metadata(self.path, stored, name, zarr3, index, tally, every_chunk_stored)
-            plain = None if zarr3 else self._plain_array(z, stored, index) if ocdbt else _PlainArray.parse(z, _chunk_files(self.path / stored))
+            plain = (
+                None if zarr3 else self._plain_array(z, stored, index) if ocdbt else _PlainArray.parse(z, _chunk_files(self.path / stored))
+            )
             if plain is not None and (plain.chunks[:1] == (1,) or not is_stacked(name)):
                 self._plain[name] = plain
                 self._add_info(name, plain.shape, plain.dtype, _nbytes(plain.chunks, plain.dtype))
@@ -625,7 +627,9 @@ class OrbaxReader:
                     self._infos[name] = info
                     continue
                 for i in range(info.shape[0]):
-                    self._infos[layer_name(name, i)] = TensorInfo(layer_name(name, i), info.shape[1:], info.dtype, self.path, info.chunk_bytes)
+                    self._infos[layer_name(name, i)] = TensorInfo(
+                        layer_name(name, i), info.shape[1:], info.dtype, self.path, info.chunk_bytes
+                    )
         return dict(self._infos)
 
     def read(self, name: str) -> np.ndarray:
@@ -954,7 +958,9 @@ def _read_orbax_metadata(params: Path) -> dict[str, Any]:
     except CheckpointError as e:
         raise CheckpointError(f"cannot read {path}: {e.message}", hint="params/ is not a complete Orbax checkpoint: re-create it") from None
     if not isinstance(meta.get("tree_metadata"), dict):
-        raise CheckpointError(f"cannot read {path}: it has no tree_metadata object", hint="params/ is not a complete Orbax checkpoint: re-create it")
+        raise CheckpointError(
+            f"cannot read {path}: it has no tree_metadata object", hint="params/ is not a complete Orbax checkpoint: re-create it"
+        )
     return meta
 
 
@@ -1018,7 +1024,13 @@ def _chunk_file_tally(folder: Path) -> tuple[int, int]:
 
 
 def _array_metadata(
-    params: Path, stored: str, name: str, zarr3: bool, index: Mapping[str, Location] | None, tally: tuple[int, int], every_chunk_stored: bool
+    params: Path,
+    stored: str,
+    name: str,
+    zarr3: bool,
+    index: Mapping[str, Location] | None,
+    tally: tuple[int, int],
+    every_chunk_stored: bool,
 ) -> dict[str, Any]:
     """The array's zarr metadata (.zarray, or zarr.json for zarr3), checked before tensorstore opens it:
     a known dtype, positive shape and chunks, no chunk larger than the array, and no more chunks
@@ -1041,10 +1053,15 @@ def _array_metadata(
 
     if zarr3:
         grid = z.get("chunk_grid")
-        chunks = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) and isinstance(grid.get("configuration"), dict) else None
+        chunks = (
+            grid.get("configuration", {}).get("chunk_shape")
+            if isinstance(grid, dict) and isinstance(grid.get("configuration"), dict)
+            else None
+        )
         shape, dtype_name = z.get("shape"), z.get("data_type")
     else:
         shape, chunks, dtype_name = z.get("shape"), z.get("chunks"), z.get("dtype")
+
     def ints(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
 
@@ -1115,15 +1132,23 @@ class OrbaxWriter:
         ctx = ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": 0}, "file_io_sync": False})
         arrays = _stack_specs(specs)
         self._names = sorted(arrays)
-        for name, (shape, dtype) in arrays.items():
-            chunks = choose_chunks(shape, np.dtype(dtype).itemsize, chunk_bytes, is_stacked(name))
-            compressor = {"id": "zstd", "level": 1} if compress else None
-            spec = {
-                "driver": "zarr", "dtype": np.dtype(dtype).name,
-                "kvstore": _kvstore(self.path, name.replace("/", "."), ocdbt=True, writing=True),
-                "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": compressor},
-            }  # fmt: skip
-            self._arrays[name] = self._ts_call(f"array '{name}'", lambda s=spec: ts.open(s, create=True, context=ctx).result())
+        opening = []
+        try:
+            for name, (shape, dtype) in arrays.items():
+                chunks = choose_chunks(shape, np.dtype(dtype).itemsize, chunk_bytes, is_stacked(name))
+                compressor = {"id": "zstd", "level": 1} if compress else None
+                spec = {
+                    "driver": "zarr", "dtype": np.dtype(dtype).name,
+                    "kvstore": _kvstore(self.path, name.replace("/", "."), ocdbt=True, writing=True),
+                    "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": compressor},
+                }  # fmt: skip
+                opening.append(ts.open(spec, create=True, context=ctx))
+                self._arrays[name] = self._ts_call(f"array '{name}'", opening[-1].result)
+        except BaseException:
+            # An open that Ctrl-C or SIGTERM interrupted goes on creating its metadata in the
+            # background: wait for it, so that nothing lands after the caller deletes the directory.
+            _settle(opening)
+            raise
 
     def _ts_call(self, what: str, fn):
         try:
@@ -1159,12 +1184,19 @@ class OrbaxWriter:
 
     def abort(self) -> None:
         """Waits out the background writes, so none lands after the caller deletes the directory."""
-        for _, commit in self._inflight:  # not cancel(): a cancelled future returns before its write stops
-            with contextlib.suppress(Exception):
-                commit.force()
-                commit.result()
+        _settle([commit for _, commit in self._inflight])
         self._inflight.clear()
         self._arrays.clear()
+
+
+def _settle(futures: Sequence[Any]) -> None:
+    """Waits for tensorstore futures to finish, whatever their outcome. Not cancel(): a
+    cancelled future returns before its write stops."""
+    for future in futures:
+        with contextlib.suppress(Exception):
+            if hasattr(future, "force"):
+                future.force()
+            future.result()
 
 
 _ZARR_DTYPE = {np.dtype(ml_dtypes.bfloat16): "bfloat16"}  # tensorstore's zarr v2 name (numpy's would be a void type)

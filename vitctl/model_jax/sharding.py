@@ -37,7 +37,7 @@ _RULES = dict(LOGICAL_AXIS_RULES)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are 1.
+    """ "data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; missing axes are 1.
 
     Each axis may be named once: "data=2,data=4" is refused rather than read as the last
     value (a typo there silently trains on another mesh)."""

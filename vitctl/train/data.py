@@ -155,7 +155,9 @@ def load_dataset(
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 or 3, got {channels}")
     if not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class")
+        raise ConfigError(
+            f"test_fraction must be in (0, 1), got {test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
+        )
     spec = str(spec)
     source = _read_source(spec, channels)
     if "all" in source.parts:
@@ -418,14 +420,16 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with open(path, "rb") as raw_f:
             gz = raw_f.read(2) == b"\x1f\x8b"
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
             head = f.read(4)
             if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES:
                 raise DataError(f"{path} is not an IDX file (magic {head.hex() or 'empty'})", hint="IDX files start with 0x00000803 (images) or 0x00000801 (labels)")  # fmt: skip
             dtype, ndim = np.dtype(IDX_DTYPES[head[2]]), head[3]
             dims = f.read(4 * ndim)
             if len(dims) != 4 * ndim:
-                raise DataError(f"{path}: the IDX header is cut short", hint="the file is truncated or corrupt; re-download or re-create it")
+                raise DataError(
+                    f"{path}: the IDX header is cut short", hint="the file is truncated or corrupt; re-download or re-create it"
+                )
             shape = tuple(int(v) for v in np.frombuffer(dims, ">u4", ndim))
             size = math.prod(shape) * dtype.itemsize
             require_memory(2 * size, f"{path} (IDX header: shape {shape}, {dtype})", hint="the header may be corrupt; check the file")

@@ -109,7 +109,9 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.test_fraction < 1:
-            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class")
+            raise ConfigError(
+                f"test_fraction must be in (0, 1), got {self.test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "training config") -> TrainConfig:
