@@ -81,35 +81,41 @@ def deep(levels: int) -> str:
 # --- Names from an index, a manifest, a zip: no path out of the checkpoint ----------------------
 
 
+def edit_json(path: Path, change) -> None:
+    """Rewrites the JSON file at `path` after `change(obj)` edits it in place."""
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", "a\x1b[31m.safetensors"])
 def test_index_shard_names_outside_the_checkpoint(src, sandbox, shard):
     ckpt_dir = src("sharded")
     (sandbox.root / "outside.safetensors").write_bytes(next(ckpt_dir.glob("model-00001-of-*.safetensors")).read_bytes())
-    index = json.loads((ckpt_dir / "model.safetensors.index.json").read_text())
-    index["weight_map"]["head.bias"] = shard
-    (ckpt_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    edit_json(ckpt_dir / "model.safetensors.index.json", lambda index: index["weight_map"].update({"head.bias": shard}))
     r = convert(sandbox, "torch-to-jax", ckpt_dir)
     assert_refused(r, sandbox, 1, says="names shard")
 
 
 def test_orbax_tree_key_leading_out_of_params(src, sandbox):
     ckpt_dir = src("jax")
-    meta_path = ckpt_dir / "params" / "_METADATA"
-    meta = json.loads(meta_path.read_text())
-    entry = meta["tree_metadata"].pop("('head', 'bias')")
-    entry["key_metadata"] = [{"key": "..", "key_type": 2}, {"key": "..", "key_type": 2}, {"key": "outside", "key_type": 2}]
-    meta["tree_metadata"]["('..', '..', 'outside')"] = entry
-    meta_path.write_text(json.dumps(meta))
+
+    def lead_out(meta):
+        entry = meta["tree_metadata"].pop("('head', 'bias')")
+        entry["key_metadata"] = [{"key": "..", "key_type": 2}, {"key": "..", "key_type": 2}, {"key": "outside", "key_type": 2}]
+        meta["tree_metadata"]["('..', '..', 'outside')"] = entry
+
+    edit_json(ckpt_dir / "params" / "_METADATA", lead_out)
     r = convert(sandbox, "jax-to-torch", ckpt_dir)
     assert_refused(r, sandbox, 1, says="vitctl refuses")
 
 
 def test_orbax_tree_key_with_a_slash(src, sandbox):
     ckpt_dir = src("jax")
-    meta_path = ckpt_dir / "params" / "_METADATA"
-    meta = json.loads(meta_path.read_text())
-    meta["tree_metadata"]["('head', 'bias')"]["key_metadata"][0]["key"] = "../../../etc"
-    meta_path.write_text(json.dumps(meta))
+    edit_json(
+        ckpt_dir / "params" / "_METADATA",
+        lambda meta: meta["tree_metadata"]["('head', 'bias')"]["key_metadata"][0].update(key="../../../etc"),
+    )
     r = convert(sandbox, "jax-to-torch", ckpt_dir)
     assert_refused(r, sandbox, 1, says="one plain name")
 
@@ -169,19 +175,13 @@ def test_params_chunk_file_is_a_symlink_out(src, sandbox):
     assert_refused(r, sandbox, 1, says="leads outside the checkpoint")
 
 
-def test_params_directory_is_a_symlink_out(src, sandbox):
-    ckpt_dir = src("jax")
-    (ckpt_dir / "params").rename(sandbox.root / "other-params")
-    (ckpt_dir / "params").symlink_to(sandbox.root / "other-params")
-    r = convert(sandbox, "jax-to-torch", ckpt_dir)
-    assert_refused(r, sandbox, 1, says="leads outside the checkpoint")
-
-
-def test_config_json_is_a_symlink_out(src, sandbox):
-    ckpt_dir = src("torch")
-    (ckpt_dir / "config.json").rename(sandbox.root / "config.json")
-    (ckpt_dir / "config.json").symlink_to(sandbox.root / "config.json")
-    r = convert(sandbox, "torch-to-jax", ckpt_dir)
+@pytest.mark.parametrize(("kind", "direction", "entry"), [("jax", "jax-to-torch", "params"), ("torch", "torch-to-jax", "config.json")])
+def test_checkpoint_entry_is_a_symlink_out(src, sandbox, kind, direction, entry):
+    """params/ or config.json moved out of the checkpoint and linked back in."""
+    ckpt_dir = src(kind)
+    (ckpt_dir / entry).rename(sandbox.root / f"outside-{entry}")
+    (ckpt_dir / entry).symlink_to(sandbox.root / f"outside-{entry}")
+    r = convert(sandbox, direction, ckpt_dir)
     assert_refused(r, sandbox, 1, says="leads outside the checkpoint")
 
 
