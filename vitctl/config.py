@@ -17,6 +17,11 @@ Presets (`ViTConfig.from_variant(name)`):
   tanh GELU as flax's default, class token), so that real big_vision checkpoints load.
 - "vit-G/14", "vit-e/14": the classic ViT-G/14 (arXiv:2106.04560) and ViT-e/14
   (arXiv:2209.06794) with a MAP head, the paper's comparison points.
+- "vit22b-demo/4": the paper's block at D=64, L=4, F=256, N=4, patch 4: the model of
+  `vitctl demo` and of the README's first `vitctl train` (at 16 px, 16 tokens).
+
+`check_patch_grid` refuses a config that gives fewer than 2 patches per side (one token:
+attention has nothing to attend to); commands that build a model to train or run call it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ PAPER_VARIANTS: dict[str, tuple[int, int, int, int]] = {
     "22B": (6144, 48, 24576, 48),
 }
 PATCH_SIZES = (8, 14, 16, 32)
+# Small models of the paper's block for small images: name -> ((D, L, F, N), patch, fields).
+# "demo": the `vitctl demo` recipe (measured in cli/demo.py); its image size, channels and
+# classes are those of digits (8x8 upsampled to 16 px: 4x4 patches), which `vitctl train`
+# replaces by the data's.
+SMALL_VARIANTS: dict[str, tuple[tuple[int, int, int, int], int, dict[str, int]]] = {
+    "demo": ((64, 4, 256, 4), 4, {"image_size": 16, "channels": 1, "num_classes": 10}),
+}
+MIN_GRID = 2  # patches per side: one patch is one token, and attention over one token is the identity
 
 # (lowest, highest) value of each size field. A config may come from anyone (a Hub repo, a
 # downloaded checkpoint), and commands build per-layer names, shapes and buffers from these
@@ -212,6 +225,22 @@ class ViTConfig:
     def num_patches(self) -> int:
         return self.grid**2
 
+    def check_patch_grid(self, name: str = "the model") -> None:
+        """Refuses a config with fewer than MIN_GRID patches per side: its one token has nothing to attend to.
+
+        Valid as a config (a checkpoint may hold one), but training or running it is a mistake:
+        e.g. a patch-16 preset on 16-px digits sees the whole image as one token.
+        """
+        if self.grid >= MIN_GRID:
+            return
+        need = MIN_GRID * self.patch_size
+        raise ConfigError(
+            f"{name} cuts {self.image_size}-px images into {self.grid}x{self.grid} patch of {self.patch_size} px: "
+            f"one token, so attention has nothing to attend to",
+            hint=f"use a preset with a smaller patch (for small images: --model vit22b-demo/4), "
+            f"or upsample the input: --image-size {need} or more (a multiple of {self.patch_size})",
+        )
+
     @property
     def seq_len(self) -> int:  # T: patches, plus the class token for pool="tok"
         return self.num_patches + (self.pool == "tok")
@@ -308,6 +337,8 @@ def _make_presets() -> dict[str, ViTConfig]:
                 presets[f"vit22b-{v}/{p}"] = ViTConfig(**size, **paper)
     for v, (d, l, f, n) in PAPER_VARIANTS.items():
         presets[f"vit22b-{v}/14"] = ViTConfig(width=d, depth=l, mlp_dim=f, num_heads=n, patch_size=14, **paper)
+    for v, ((d, l, f, n), p, fields) in SMALL_VARIANTS.items():
+        presets[f"vit22b-{v}/{p}"] = ViTConfig(width=d, depth=l, mlp_dim=f, num_heads=n, patch_size=p, **fields, **paper)
     presets["vit-22b"] = presets["vit22b-22B/14"]
     presets["vit-G/14"] = dataclasses.replace(presets["G/14"], pool="map")
     presets["vit-e/14"] = dataclasses.replace(presets["e/14"], pool="map")

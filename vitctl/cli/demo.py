@@ -13,9 +13,14 @@ Steps (a list, so more join by appending):
              verify report) to that Hub, and a check of the remote hashes
 OUT/demo.json holds every step's summary.
 
-Recipe (measured, see README): D=64, L=4, F=256, 4 heads, patch 4 at 16 px (digits are
-8x8, upsampled), AdamW, batch 64, lr 3e-3, 30 warmup steps then cosine, 300 steps:
-about 97% test accuracy. `--steps N` trains a shorter run of the same model (tests).
+Recipe (measured, see README): the preset vit22b-demo/4 (D=64, L=4, F=256, 4 heads,
+patch 4 at 16 px: digits are 8x8, upsampled), AdamW, batch 64, lr 3e-3, 30 warmup steps
+then cosine, 300 steps: about 97% test accuracy. `--steps N` trains a shorter run of the
+same model (tests). The same model and settings are `vitctl train`'s defaults.
+
+Arguments are checked before any work: --endpoint must be an http(s) URL and comes with
+--repo-id ORG/NAME (a Hub repo id), so a push that cannot happen fails at once, not
+after the whole run.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ from vitctl.untrusted import sigterm_as_interrupt
 
 commands = typer.Typer()
 
-BASE_MODEL = "vit22b-mu/16"  # the paper's block (parallel, QK-norm, no QKV/norm biases), resized below
-MODEL = {"width": 64, "depth": 4, "mlp_dim": 256, "num_heads": 4, "patch_size": 4, "image_size": 16, "channels": 1, "num_classes": 10}
+MODEL = "vit22b-demo/4"  # the paper's block (parallel, QK-norm, no QKV/norm biases) at D=64, L=4, F=256, N=4, patch 4
 STEPS = 300  # the full recipe
-TRAIN = {"data": "digits", "steps": STEPS, "batch_size": 64, "lr": 3e-3, "warmup": 30, "schedule": "cosine", "stats_every": 25, "seed": 0}
+TRAIN = {"model": MODEL, "data": "digits", "steps": STEPS, "batch_size": 64, "lr": 3e-3, "warmup": 30, "schedule": "cosine",
+         "stats_every": 25, "seed": 0}  # fmt: skip
 TARGET_ACCURACY = 0.90
 EXAMPLES = """Examples:
 
@@ -45,6 +50,8 @@ EXAMPLES = """Examples:
   vitctl demo --out /tmp/vitctl-demo --force
 
   vitctl demo --steps 20 --json
+
+  vitctl demo --endpoint http://127.0.0.1:8080 --repo-id me/vitctl-demo
 """
 
 
@@ -57,7 +64,7 @@ class Run:
     root: Path
     steps: int
     endpoint: str | None = None
-    repo_id: str = "vitctl-demo"
+    repo_id: str | None = None
     results: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     failed: list[str] = dataclasses.field(default_factory=list)
 
@@ -65,7 +72,7 @@ class Run:
 def model_config():
     from vitctl.config import ViTConfig
 
-    return dataclasses.replace(ViTConfig.from_variant(BASE_MODEL), head_zero_init=True, **MODEL)
+    return ViTConfig.from_variant(MODEL)
 
 
 def step_train(run: Run) -> None:
@@ -73,11 +80,8 @@ def step_train(run: Run) -> None:
 
     from vitctl.train.loop import TrainConfig, train
 
-    cfg = model_config()
-    model_file = run.root / "model.json"  # the model the run starts from (the trained one: jax/config.json)
-    model_file.write_text(cfg.to_json())
     short = {"warmup": min(TRAIN["warmup"], run.steps // 10), "stats_every": min(TRAIN["stats_every"], max(1, run.steps // 3))}
-    tcfg = TrainConfig(**{**TRAIN, "model": str(model_file), "steps": run.steps, "image_size": cfg.image_size, **short})
+    tcfg = TrainConfig(**{**TRAIN, "steps": run.steps, **short})
     progress = Progress(TextColumn("  step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"), console=err)
     with progress:
         task = progress.add_task("train", total=tcfg.steps, info="compiling")
@@ -152,20 +156,23 @@ def demo(
     endpoint: Annotated[
         str | None, typer.Option("--endpoint", help="A Hub to push the PyTorch checkpoint to (skipped when not given).", show_default=False)
     ] = None,
-    repo_id: Annotated[str, typer.Option("--repo-id", help="Repository to push to (with --endpoint).")] = "vitctl-demo",
+    repo_id: Annotated[
+        str | None, typer.Option("--repo-id", help="Hub repository ORG/NAME to push to (with --endpoint).", show_default=False)
+    ] = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Train a small ViT-22B-style model on digits, convert it to PyTorch, verify parity, probe its features."""
     from vitctl import checkpoint as ckpt
 
+    check_push_arguments(endpoint, repo_id)
     t0 = time.perf_counter()
     run = Run(out=out_dir, root=out_dir, steps=steps, endpoint=endpoint, repo_id=repo_id)
     check = CHECK + ([PUSH] if endpoint else [])
     n = len(BUILD) + len(check)
     m = model_config()
     err.print(
-        f"model: the paper's block, D={m.width} L={m.depth} F={m.mlp_dim} heads={m.num_heads}, patch {m.patch_size} at {m.image_size} px"
+        f"model: {MODEL}, the paper's block, D={m.width} L={m.depth} F={m.mlp_dim} heads={m.num_heads}, patch {m.patch_size} at {m.image_size} px"
     )
     with sigterm_as_interrupt():  # SIGTERM cleans up as Ctrl-C does
         with ckpt.atomic_output(out_dir, force) as tmp:
@@ -189,6 +196,24 @@ def demo(
     else:
         show(run, seconds)
     raise typer.Exit(1 if run.failed else 0)
+
+
+def check_push_arguments(endpoint: str | None, repo_id: str | None) -> None:
+    """--endpoint and --repo-id, checked before any work (a push refused after the whole run wastes it)."""
+    from vitctl.errors import ConfigError
+    from vitctl.hub import check_endpoint, parse_repo
+
+    if endpoint is None:
+        if repo_id is not None:
+            raise ConfigError("--repo-id is used only with --endpoint (without one the demo pushes nowhere)",
+                              hint="add --endpoint URL, or drop --repo-id")  # fmt: skip
+        return
+    check_endpoint(endpoint)
+    if repo_id is None:
+        raise ConfigError("--endpoint needs --repo-id: the Hub repository to push to",
+                          hint="add --repo-id ORG/NAME, e.g. --repo-id your-name/vitctl-demo")  # fmt: skip
+    if parse_repo(repo_id)[1] is not None:  # parse_repo refuses anything but ORG/NAME[@REVISION]
+        raise ConfigError(f"--repo-id takes ORG/NAME without @revision, got {repo_id!r}", hint="e.g. --repo-id your-name/vitctl-demo")
 
 
 def show(run: Run, total: float) -> None:

@@ -1,8 +1,14 @@
 """`vitctl train`: train a model on a data set, sharded over a device mesh (JAX).
 
-Settings come from, in rising priority: the defaults of vitctl.train.loop.TrainConfig,
+Settings come from, in rising priority: the defaults of vitctl.train.settings.TrainConfig,
 the stored OUT/train_config.json (with --resume), a --config YAML file (unknown keys
-refused), and the flags. OUT ends up a checkpoint directory (config.json + params/)
+refused), and the flags. They are resolved before JAX is imported: on a CPU, the mesh (or
+--devices) sets how many host devices XLA simulates (vitctl.devices). A resumed run whose
+--steps (or schedule settings) change follows the new schedule laid over all its steps;
+the learning-rate jump at the resumed step is printed and recorded in train_config.json.
+
+Progress: a live bar on a terminal; when stderr is a file (nohup, SLURM, CI), a plain line
+every --log-every-s seconds. OUT ends up a checkpoint directory (config.json + params/)
 with state/, metrics.jsonl, train_config.json and metrics.png beside.
 
 Several processes (a pod's hosts, or processes on one machine): run the same command in
@@ -29,59 +35,103 @@ from typing import Annotated
 import typer
 
 from vitctl.cli._options import ForceOpt, JsonOpt, err, out, print_json
-from vitctl.errors import ConfigError
 
 commands = typer.Typer()
 
 EXAMPLES = """Examples:
 
-  vitctl train --model vit22b-mu/16 --data digits --out runs/digits --steps 200
+  vitctl train --model vit22b-demo/4 --data digits --out runs/digits --steps 200
 
-  vitctl train --model vit22b-mu/16 --data digits --out runs/digits --mesh data=2,fsdp=2,tensor=2 --batch-size 64
+  vitctl train --model vit22b-demo/4 --data digits --out runs/digits-mesh --mesh data=2,fsdp=2,tensor=2
 
-  vitctl train --config train.yaml --out runs/r1 --resume
+  vitctl train --out runs/digits --resume --steps 400
+
+  vitctl train --config train.yaml --out runs/r1 --eval-every 50 --log-every-s 10
 
   vitctl train --data digits --out /shared/runs/r2 --mesh data=2,fsdp=4 --coordinator 10.0.0.1:5476 --num-processes 2 --process-id 0
 """
 
 
-def _opt(help: str, *names: str, **kw):
-    return typer.Option(*names, help=help, show_default=False, **kw)
+def _opt(help: str, *names: str, default: str | None = None, **kw):
+    """An option whose help shows `default` (the effective value; the parameter itself is None
+    so that --config and a resumed run's stored settings can supply it)."""
+    return typer.Option(*names, help=help, show_default=default if default is not None else False, **kw)
+
+
+def _d(name: str) -> str:
+    """The default of a TrainConfig field as help shows it."""
+    from vitctl.train.settings import default
+
+    value = default(name)
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
 @commands.command("train", epilog=EXAMPLES)
 def train(
     out_dir: Annotated[Path, _opt("Run directory (a checkpoint directory when done).", "--out", "-o")],
-    model: Annotated[str | None, _opt("A preset name (see `vitctl models`) or a ViTConfig JSON file.", "--model")] = None,
-    data: Annotated[str | None, _opt("digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", "--data")] = None,
-    steps: Annotated[int | None, _opt("Training steps.", "--steps")] = None,
-    batch_size: Annotated[int | None, _opt("Global batch size (a multiple of data x fsdp).", "--batch-size")] = None,
-    lr: Annotated[float | None, _opt("Peak learning rate.", "--lr")] = None,
-    warmup: Annotated[int | None, _opt("Linear warmup steps.", "--warmup")] = None,
-    schedule: Annotated[str | None, _opt("cosine or rsqrt.", "--schedule")] = None,
-    cooldown: Annotated[int | None, _opt("Linear cooldown to 0 over the last N steps.", "--cooldown")] = None,
-    optimizer: Annotated[str | None, _opt("adamw or adafactor.", "--optimizer")] = None,
-    loss: Annotated[str | None, _opt("softmax or sigmoid (multi-label) cross-entropy.", "--loss")] = None,
-    label_smoothing: Annotated[float | None, _opt("Label smoothing.", "--label-smoothing")] = None,
-    weight_decay: Annotated[float | None, _opt("Weight decay of the body's kernels.", "--weight-decay")] = None,
-    head_weight_decay: Annotated[float | None, _opt("Weight decay of the head (default: --weight-decay).", "--head-weight-decay")] = None,
-    clip_norm: Annotated[float | None, _opt("Global gradient-norm clip (0: off).", "--clip-norm")] = None,
-    mesh: Annotated[str | None, _opt("Device mesh, e.g. data=2,fsdp=2,tensor=2 (default: one device).", "--mesh")] = None,
-    seed: Annotated[int | None, _opt("Seed of the init and the data order.", "--seed")] = None,
-    save_every: Annotated[int | None, _opt("Save the training state every N steps (0: at the end only).", "--save-every")] = None,
-    keep: Annotated[int | None, _opt("Keep the last N training states.", "--keep")] = None,
+    model: Annotated[
+        str | None, _opt("A preset name (see `vitctl models`) or a ViTConfig JSON file.", "--model", default=_d("model"))
+    ] = None,
+    data: Annotated[
+        str | None, _opt("digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", "--data", default=_d("data"))
+    ] = None,
+    steps: Annotated[int | None, _opt("Training steps.", "--steps", default=_d("steps"))] = None,
+    batch_size: Annotated[
+        int | None, _opt("Global batch size (a multiple of data x fsdp).", "--batch-size", default=_d("batch_size"))
+    ] = None,
+    lr: Annotated[float | None, _opt("Peak learning rate.", "--lr", default=_d("lr"))] = None,
+    warmup: Annotated[int | None, _opt("Linear warmup steps.", "--warmup", default="steps // 10")] = None,
+    schedule: Annotated[str | None, _opt("cosine or rsqrt.", "--schedule", default=_d("schedule"))] = None,
+    cooldown: Annotated[int | None, _opt("Linear cooldown to 0 over the last N steps.", "--cooldown", default=_d("cooldown"))] = None,
+    optimizer: Annotated[str | None, _opt("adamw or adafactor.", "--optimizer", default=_d("optimizer"))] = None,
+    loss: Annotated[str | None, _opt("softmax or sigmoid (multi-label) cross-entropy.", "--loss", default=_d("loss"))] = None,
+    label_smoothing: Annotated[float | None, _opt("Label smoothing.", "--label-smoothing", default=_d("label_smoothing"))] = None,
+    weight_decay: Annotated[float | None, _opt("Weight decay of the body's kernels.", "--weight-decay", default=_d("weight_decay"))] = None,
+    head_weight_decay: Annotated[float | None, _opt("Weight decay of the head.", "--head-weight-decay", default="--weight-decay")] = None,
+    clip_norm: Annotated[float | None, _opt("Global gradient-norm clip (0: off).", "--clip-norm", default=_d("clip_norm"))] = None,
+    mesh: Annotated[str | None, _opt("Device mesh, e.g. data=2,fsdp=2,tensor=2.", "--mesh", default="one device")] = None,
+    devices: Annotated[int | None, _opt("CPU only: simulated host devices.", "--devices", default="what --mesh needs", min=1)] = None,
+    seed: Annotated[int | None, _opt("Seed of the init and the data order.", "--seed", default=_d("seed"))] = None,
+    save_every: Annotated[
+        int | None, _opt("Save the training state every N steps (0: at the end only).", "--save-every", default=_d("save_every"))
+    ] = None,
+    keep: Annotated[int | None, _opt("Keep the last N training states.", "--keep", default=_d("keep"))] = None,
     stats_every: Annotated[
-        int | None, _opt("Log per-layer attention max-logit and entropy every N steps (0: never).", "--stats-every")
+        int | None,
+        _opt("Log per-layer attention max-logit and entropy every N steps (0: never).", "--stats-every", default=_d("stats_every")),
     ] = None,
-    image_size: Annotated[int | None, _opt("Model input size (default: from the data).", "--image-size")] = None,
-    num_classes: Annotated[int | None, _opt("Classes (default: from the data).", "--num-classes")] = None,
+    eval_every: Annotated[
+        int | None,
+        _opt(
+            "Evaluate on the held-out split every N steps (0: at the end only); metrics.jsonl: test_accuracy.",
+            "--eval-every",
+            default=_d("eval_every"),
+        ),
+    ] = None,
+    log_every_s: Annotated[
+        float,
+        typer.Option(
+            "--log-every-s", min=0, help="When stderr is not a terminal (a log file): a progress line every N seconds (0: every step)."
+        ),
+    ] = 30.0,
+    image_size: Annotated[
+        int | None, _opt("Model input size.", "--image-size", default="the data's, at least 16, a multiple of the patch")
+    ] = None,
+    num_classes: Annotated[int | None, _opt("Classes.", "--num-classes", default="the data's")] = None,
     test_fraction: Annotated[
-        float | None, _opt("Share of each class held out for testing, for data without a test split (default 0.2).", "--test-fraction")
+        float | None,
+        _opt("Share of each class held out for testing, for data without a test split.", "--test-fraction", default=_d("test_fraction")),
     ] = None,
-    dtype: Annotated[str | None, _opt("Compute dtype: float32 or bfloat16 (parameters stay float32).", "--dtype")] = None,
-    remat: Annotated[bool | None, _opt("Recompute block activations in the backward pass.", "--remat/--no-remat")] = None,
+    dtype: Annotated[
+        str | None, _opt("Compute dtype: float32 or bfloat16 (parameters stay float32).", "--dtype", default="the model config's")
+    ] = None,
+    remat: Annotated[
+        bool | None, _opt("Recompute block activations in the backward pass.", "--remat/--no-remat", default="the model config's")
+    ] = None,
     config: Annotated[Path | None, _opt("A YAML file of training settings (keys as the flags, with _).", "--config")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its latest saved state.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its latest saved state; its stored settings are the defaults.")
+    ] = False,
     coordinator: Annotated[
         str | None,
         _opt("Several processes: process 0's HOST:PORT (it runs the coordinator).", "--coordinator", envvar="JAX_COORDINATOR_ADDRESS"),
@@ -95,7 +145,23 @@ def train(
     json: JsonOpt = False,
 ) -> None:
     """Train a ViT on a data set (JAX, sharded), with exact resume and attention statistics."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from vitctl.devices import prepare_cpu_devices
+    from vitctl.train import settings as tsettings
+
+    # Settings first, without JAX: on a CPU the mesh decides how many devices XLA simulates,
+    # and that must be set before anything imports jax.
+    stored = tsettings.read_stored(out_dir) if resume else {}
+    flags = {
+        "model": model, "data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "schedule": schedule,
+        "cooldown": cooldown, "optimizer": optimizer, "loss": loss, "label_smoothing": label_smoothing, "weight_decay": weight_decay,
+        "head_weight_decay": head_weight_decay, "clip_norm": clip_norm, "mesh": mesh, "seed": seed, "save_every": save_every,
+        "keep": keep, "stats_every": stats_every, "eval_every": eval_every, "image_size": image_size, "num_classes": num_classes,
+        "test_fraction": test_fraction, "dtype": dtype, "remat": remat,
+    }  # fmt: skip
+    given = {k: v for k, v in flags.items() if v is not None}
+    tcfg = tsettings.TrainConfig.from_dict({**stored, **(tsettings.load_yaml(config) if config is not None else {}), **given})
+    if devices is not None or not (distributed and num_processes is None):  # an auto-detected cluster: its size is unknown here
+        prepare_cpu_devices(tcfg.mesh, devices, num_processes or 1)
 
     from vitctl.train import loop
 
@@ -106,58 +172,14 @@ def train(
         primary = jax.process_index() == 0
     else:
         primary = True
-    settings: dict = {}
-    if resume:
-        stored = out_dir / loop.TRAIN_CONFIG
-        if not stored.is_file():
-            raise ConfigError(f"--resume: {stored} not found", hint="start the run without --resume")
-        from vitctl.untrusted import read_json
+    on_log, progress = _progress(tcfg.steps, log_every_s, primary, json)
 
-        settings.update({k: v for k, v in read_json(stored, ConfigError).items() if k != "model_config"})
-    if config is not None:
-        settings.update(loop.load_yaml(config))
-    flags = {
-        "model": model,
-        "data": data,
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "warmup": warmup,
-        "schedule": schedule,
-        "cooldown": cooldown,
-        "optimizer": optimizer,
-        "loss": loss,
-        "label_smoothing": label_smoothing,
-        "weight_decay": weight_decay,
-        "head_weight_decay": head_weight_decay,
-        "clip_norm": clip_norm,
-        "mesh": mesh,
-        "seed": seed,
-        "save_every": save_every,
-        "keep": keep,
-        "stats_every": stats_every,
-        "image_size": image_size,
-        "num_classes": num_classes,
-        "test_fraction": test_fraction,
-        "dtype": dtype,
-        "remat": remat,
-    }
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    tcfg = loop.TrainConfig.from_dict(settings)
-
-    progress = Progress(
-        TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-        console=err, transient=json, disable=not primary,
-    )  # fmt: skip
+    def notify(message: str) -> None:
+        err.print(f"Note: {message}", markup=False)
 
     with progress, _stdout_to_stderr(enabled=several):
-        task = progress.add_task("train", total=tcfg.steps, info="compiling")
-
-        def on_log(rec):
-            progress.update(task, completed=rec["step"], info=f"loss {rec['loss']:.4f}  {rec['images_per_s']:.0f} img/s")
-
         try:
-            result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log)
+            result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log, notify=notify)
         except KeyboardInterrupt as e:  # stopped before the first step: the loop wrote nothing (a new run is removed)
             from vitctl.cli import Interrupted
 
@@ -194,6 +216,28 @@ def train(
     )
     out.print(f"checkpoint: {out_dir}", markup=False)
     err.print(f"next: vitctl convert jax-to-torch {out_dir} {out_dir}-torch", markup=False)
+
+
+def _progress(total: int, every_s: float, primary: bool, json: bool):
+    """(on_log, context): a live bar on a terminal; plain lines every `every_s` seconds in a log file."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vitctl.train.report import PlainProgress
+
+    if not primary:
+        return None, contextlib.nullcontext()
+    if not err.is_terminal:
+        return PlainProgress(total, every_s, lambda line: err.print(line, markup=False)), contextlib.nullcontext()
+    progress = Progress(
+        TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+        console=err, transient=json,
+    )  # fmt: skip
+    task = progress.add_task("train", total=total, info="compiling")
+
+    def on_log(rec):
+        progress.update(task, completed=rec["step"], info=f"loss {rec['loss']:.4f}  {rec['images_per_s']:.0f} img/s")
+
+    return on_log, progress
 
 
 def _signal_of(e: KeyboardInterrupt) -> int:

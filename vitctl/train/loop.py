@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import secrets
 import shutil
@@ -45,118 +44,29 @@ import numpy as np
 from vitctl import checkpoint as ckpt
 from vitctl.config import PRESETS, ViTConfig, load_config
 from vitctl.errors import CheckpointError, ConfigError
-from vitctl.train import optim
+from vitctl.train import optim, report
+from vitctl.train.report import METRICS
+from vitctl.train.settings import TRAIN_CONFIG, TrainConfig, load_yaml, public_source, schedule_change, write_train_config  # noqa: F401
 
-TRAIN_CONFIG, METRICS, STATE = "train_config.json", "metrics.jsonl", "state"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run; field = CLI flag = YAML key = JSON key."""
-
-    model: str = "vit22b-mu/16"  # a preset name or a ViTConfig JSON file
-    data: str = "digits"
-    steps: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 10
-    schedule: str = "cosine"
-    cooldown: int = 0
-    optimizer: str = "adamw"
-    loss: str = "softmax"
-    label_smoothing: float = 0.0
-    weight_decay: float = 1e-4
-    head_weight_decay: float | None = None  # None: same as weight_decay
-    clip_norm: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    mesh: str = ""  # "" : one device; else e.g. "data=2,fsdp=2,tensor=2"
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
-    keep: int = 3
-    stats_every: int = 10  # 0: never
-    log_every: int = 1
-    image_size: int | None = None  # None: from the data (its size, at least 16, a multiple of the patch)
-    num_classes: int | None = None  # None: from the data
-    dtype: str | None = None  # compute dtype override: float32 | bfloat16
-    remat: bool | None = None
-    test_fraction: float = 0.2
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v is None and "None" in f.type:
-                continue
-            kind = f.type.split(" ")[0]
-            ok = {
-                "str": isinstance(v, str),
-                "int": isinstance(v, int) and not isinstance(v, bool),
-                "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-                "bool": isinstance(v, bool),
-            }[kind]
-            if not ok:
-                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:60] + "..."
-                raise ConfigError(f"training config: {f.name} must be {kind}, got {shown}", hint=f"set {f.name} to a single {kind} value")
-        choices = {"schedule": optim.SCHEDULES, "optimizer": optim.OPTIMIZERS, "loss": optim.LOSSES, "dtype": ("float32", "bfloat16", None)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown {name} '{getattr(self, name)}'", hint=f"{name} must be one of: {', '.join(map(str, allowed))}")
-        for name in ("steps", "batch_size", "keep", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown > self.steps:
-            raise ConfigError(f"warmup {self.warmup} + cooldown {self.cooldown} must be non-negative and at most steps {self.steps}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.test_fraction < 1:
-            raise ConfigError(
-                f"test_fraction must be in (0, 1), got {self.test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
-            )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "training config") -> TrainConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source} must be a mapping of field: value, got {type(d).__name__}",
-                              hint="e.g. 'steps: 200' on a line of its own")  # fmt: skip
-        if not all(isinstance(k, str) for k in d):
-            raise ConfigError(f"{source}: keys must be setting names, got {sorted(map(repr, d))[:3]}", hint="e.g. 'steps: 200'")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}", hint=f"known keys: {', '.join(known)}")
-        return cls(**{k: (float(v) if isinstance(v, int) and not isinstance(v, bool) and _kind(k) == "float" else v) for k, v in d.items()})
-
-
-def _kind(name: str) -> str:
-    return next(f.type.split(" ")[0] for f in dataclasses.fields(TrainConfig) if f.name == name)
-
-
-YAML_MAX_BYTES = 2**20  # a settings file is a few hundred bytes
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A --config file (YAML, so JSON too): a flat mapping of TrainConfig fields, size and nesting bounded."""
-    import yaml
-
-    hint = "a --config file is a flat YAML mapping of training settings, e.g. 'steps: 200' (see vitctl train --help)"
-    try:
-        if Path(path).stat().st_size > YAML_MAX_BYTES:
-            raise ConfigError(f"{path} is larger than any settings file ({Path(path).stat().st_size} bytes)", hint=hint)
-        d = yaml.safe_load(Path(path).read_text())
-    except RecursionError:
-        raise ConfigError(f"{path} nests too deeply to be a settings file", hint=hint) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot read {path}: {first}", hint=hint) from None
-    TrainConfig.from_dict(d or {}, source=str(path))  # refuses unknown keys and wrong types early
-    return d or {}
+STATE = "state"
 
 
 def base_model(tcfg: TrainConfig) -> ViTConfig:
-    """The preset or JSON config named by tcfg.model, before the data's overrides."""
+    """The preset or JSON config named by tcfg.model, before the data's overrides.
+
+    A checkpoint directory is refused: taking only its config would silently train its
+    architecture from scratch (its step-1 loss is ln(classes), as for any new model).
+    """
     if tcfg.model in PRESETS:
         return PRESETS[tcfg.model]
-    if Path(tcfg.model).exists():
+    path = Path(tcfg.model)
+    if path.is_dir() and (path / ckpt.CONFIG).is_file():
+        raise ConfigError(
+            f"--model {tcfg.model} is a checkpoint directory; vitctl train cannot start from its weights yet "
+            "(fine-tuning comes with --init-from), and taking only its config would train from scratch",
+            hint=f"to train its architecture from scratch, pass its config: --model {path / ckpt.CONFIG}",
+        )
+    if path.exists():
         return load_config(tcfg.model)
     return ViTConfig.from_variant(tcfg.model)  # raises, naming close presets
 
@@ -173,19 +83,24 @@ def model_config(tcfg: TrainConfig, image_hw: int, num_classes: int, channels: i
         over["dtype"] = tcfg.dtype
     if tcfg.remat is not None:
         over["remat"] = tcfg.remat
-    return dataclasses.replace(cfg, **over)
+    cfg = dataclasses.replace(cfg, **over)
+    cfg.check_patch_grid(f"--model {tcfg.model}")
+    return cfg
 
 
 # Mesh, shardings, step functions.
 def mesh_for(spec: str):
     import jax
 
+    from vitctl.devices import shortfall_hint
     from vitctl.model_jax.sharding import make_mesh, parse_mesh
 
     sizes = parse_mesh(spec or "")
     n = math.prod(sizes.values())
     if n > jax.device_count():
-        raise ConfigError(f"mesh {spec!r} needs {n} devices, but {jax.device_count()} are available", hint="make the mesh smaller")
+        raise ConfigError(
+            f"mesh {spec!r} needs {n} devices, but {jax.device_count()} are available", hint=shortfall_hint(n, jax.device_count())
+        )
     if jax.process_count() > 1 and n != jax.device_count():
         raise ConfigError(
             f"mesh {spec!r} has {n} devices, but the {jax.process_count()} processes have {jax.device_count()} together",
@@ -421,7 +336,8 @@ class Setup:
 
 _SETUPS: dict[Any, Setup] = {}
 # Fields that do not change the compiled functions: runs differing only in these share a Setup.
-_NOT_COMPILED = {"model": "", "data": "", "seed": 0, "save_every": 0, "keep": 1, "stats_every": 0, "log_every": 1, "test_fraction": 0.2}
+_NOT_COMPILED = {"model": "", "data": "", "seed": 0, "save_every": 0, "keep": 1, "stats_every": 0, "eval_every": 0, "log_every": 1,
+                 "test_fraction": 0.2}  # fmt: skip
 
 
 def get_setup(cfg: ViTConfig, tcfg: TrainConfig, mesh) -> Setup:
@@ -521,41 +437,6 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], 
     sync(f"vitctl-params-done-{tag}")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drops logged steps after `step` (a resumed run logs them again)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
-def plot(out: Path) -> Path | None:
-    """OUT/metrics.png: loss, and attention entropy per layer if logged (None without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
-    stats = [r for r in rows if "attn_entropy" in r]
-    fig, axes = plt.subplots(1, 2 if stats else 1, figsize=(10 if stats else 5, 3.5), squeeze=False)
-    axes[0, 0].plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    axes[0, 0].set(xlabel="step", ylabel="loss", title="training loss")
-    if stats:
-        for layer in range(len(stats[0]["attn_entropy"])):
-            axes[0, 1].plot([r["step"] for r in stats], [r["attn_entropy"][layer] for r in stats], label=f"block {layer}")
-        axes[0, 1].set(xlabel="step", ylabel="nats", title="attention entropy")
-        axes[0, 1].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=80)
-    plt.close(fig)
-    return out / "metrics.png"
-
-
 class _StopFlag:
     """SIGTERM/SIGINT set a flag; the loop saves and stops after the current step."""
 
@@ -588,6 +469,7 @@ def train(
     loader_cls=None,
     prepare_fn=None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    notify: Callable[[str], None] | None = None,
     max_steps_this_run: int | None = None,
 ) -> dict[str, Any]:
     """Trains per `tcfg` into `out`; returns {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s",
@@ -595,7 +477,8 @@ def train(
 
     dataset/test_dataset/loader_cls/prepare_fn default to vitctl.train.data (load_dataset,
     Loader, prepare); tests pass small stand-ins. max_steps_this_run stops early (as a
-    signal would), for tests. SIGTERM/SIGINT from the start of the call on: the current
+    signal would), for tests. notify gets one-line notices for the user (a resumed run whose
+    schedule changes). SIGTERM/SIGINT from the start of the call on: the current
     step finishes, the state is saved, and the result says interrupted (saved_step: the
     step of the last state saved, None if none was).
 
@@ -605,10 +488,11 @@ def train(
     that all processes see (a shared file system).
     """
     with _StopFlag() as stop:
-        return _train(tcfg, Path(out), stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run)
+        hooks = {"on_log": on_log, "notify": notify or (lambda msg: None), "max_steps_this_run": max_steps_this_run}
+        return _train(tcfg, Path(out), stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, hooks)
 
 
-def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run):
+def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, hooks):
     import jax
 
     from vitctl.model_jax.sharding import parse_mesh
@@ -631,6 +515,9 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
         raise ConfigError(f"--resume: no training state in {out / STATE}", hint="start the run without --resume")
     if resume:
         cfg = load_config(out)
+        change = schedule_change(out, tcfg, start)
+        if change is not None and primary:
+            hooks["notify"](change["message"])
     else:
         ckpt.check_output(out, force)
         _, h, w, _ = dataset.images.shape
@@ -642,14 +529,17 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
         )
     mesh = mesh_for(tcfg.mesh)
     setup = get_setup(cfg, tcfg, mesh)  # checks divisibility before compiling
-    provenance = {"source_format": "train", "source": tcfg.model, "created_by": "vitctl train", "data": tcfg.data, "seed": tcfg.seed}
+    provenance = {"source_format": "train", "source": public_source(tcfg.model), "created_by": "vitctl train",
+                  "data": public_source(tcfg.data), "seed": tcfg.seed}  # fmt: skip
+    if dataset.class_names:
+        provenance["class_names"] = [str(c) for c in dataset.class_names]
     signum = any_process(stop.signum)
     if signum:  # signalled while loading and checking: nothing written yet
         raise KeyboardInterrupt(f"signal {signum}")
     sync("vitctl-train-checked")  # every process has checked `out` before process 0 changes it
     if resume:
-        return _run(tcfg, out, stop, True, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup,
-                    provenance, start)  # fmt: skip
+        hooks["schedule_change"] = change
+        return _run(tcfg, out, stop, True, dataset, test_dataset, loader_cls, prepare_fn, hooks, cfg, mesh, setup, provenance, start)
     # --force over an earlier run: it is set aside, not deleted, until this run has saved a state, so a
     # new run that fails or is stopped before its first save gives the earlier run back untouched.
     previous = None
@@ -660,8 +550,7 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
                 out.rename(previous)
             out.mkdir(parents=True)
             ckpt.write_config(out, cfg, {k: v for k, v in provenance.items() if k != "seed"})
-        return _run(tcfg, out, stop, False, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup,
-                    provenance, start)  # fmt: skip
+        return _run(tcfg, out, stop, False, dataset, test_dataset, loader_cls, prepare_fn, hooks, cfg, mesh, setup, provenance, start)
     except BaseException:
         # A new run that failed or was stopped before its first saved state leaves no partial run directory.
         if primary and tstate.latest(out / STATE) is None:
@@ -675,8 +564,7 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
             shutil.rmtree(previous, ignore_errors=True)
 
 
-def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn, on_log, max_steps_this_run, cfg, mesh, setup, provenance,
-         start):  # fmt: skip
+def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn, hooks, cfg, mesh, setup, provenance, start):
     import jax
 
     from vitctl.train import state as tstate
@@ -692,21 +580,26 @@ def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn,
         state = setup.init_state(tcfg.seed)
         start = 0
     if primary:
-        ckpt.write_json(out / TRAIN_CONFIG, {**dataclasses.asdict(tcfg), "model_config": cfg.to_dict()})
+        write_train_config(out, tcfg, cfg.to_dict(), hooks.get("schedule_change"))
         if resume:
-            _truncate_metrics(out / METRICS, start)
+            report.truncate_metrics(out / METRICS, start)
     sync("vitctl-train-ready")
     saved = {"step": start if resume else None}
+    evals: dict[str, Any] = {}  # the latest held-out evaluation: test_accuracy, test_accuracy_step
 
     def save(step: int, state) -> None:
         meta = {"data": loader.state(), "mesh": dict(mesh.shape), "processes": jax.process_count(), "time": time.time()}
         tstate.save(out / STATE, step, state, meta, keep=tcfg.keep)
         saved["step"] = step
-        write_params(out, cfg, state["params"], {**provenance, "step": step}, tag=f"{step:08d}")
+        write_params(out, cfg, state["params"], {**provenance, "step": step, **evals}, tag=f"{step:08d}")
 
-    step, loss, t0, seen, interrupted = start, float("nan"), time.perf_counter(), 0, False
+    def held_out(step: int, params) -> float:
+        evals.update(test_accuracy=evaluate(setup, params, test_dataset, prepare_fn), test_accuracy_step=step)
+        return evals["test_accuracy"]
+
+    step, loss, t0, seen, interrupted, eval_s = start, float("nan"), time.perf_counter(), 0, False, 0.0
     t_log, n_log = time.perf_counter(), 0
-    stop_at = tcfg.steps if max_steps_this_run is None else min(tcfg.steps, start + max_steps_this_run)
+    stop_at = tcfg.steps if hooks["max_steps_this_run"] is None else min(tcfg.steps, start + hooks["max_steps_this_run"])
     log = open(out / METRICS, "a") if primary else None  # noqa: SIM115 (closed below)
     try:
         it = iter(loader)
@@ -736,12 +629,16 @@ def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn,
                 t_log, n_log = now, 0
                 if batch_stats is not None:
                     rec.update({k: [float(v) for v in np.asarray(a)] for k, a in jax.device_get(batch_stats).items()})
+                if test_dataset is not None and (step == tcfg.steps or (tcfg.eval_every and step % tcfg.eval_every == 0)):
+                    rec["test_accuracy"] = held_out(step, state["params"])
+                    eval_s += time.perf_counter() - now  # not training time: out of the rate and the seconds
+                    t_log = time.perf_counter()
                 loss = m["loss"]
                 if log is not None:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
-                if on_log:
-                    on_log(rec)
+                if hooks["on_log"]:
+                    hooks["on_log"](rec)
             if tcfg.save_every and step % tcfg.save_every == 0 and step < tcfg.steps:
                 save(step, state)
         if saved["step"] != step:
@@ -751,16 +648,17 @@ def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn,
             log.close()
         if hasattr(loader, "close"):
             loader.close()
-    seconds = time.perf_counter() - t0
-    accuracy = None
-    if test_dataset is not None and step == tcfg.steps:
-        accuracy = evaluate(setup, state["params"], test_dataset, prepare_fn)
+    seconds = time.perf_counter() - t0 - eval_s
+    if test_dataset is not None and step == tcfg.steps and evals.get("test_accuracy_step") != step:
+        held_out(step, state["params"])  # a finished run resumed as it is: evaluated again, recorded beside its weights
+        if primary:
+            ckpt.write_config(out, cfg, {**provenance, "step": step, **evals})
     if primary and step == tcfg.steps:
-        plot(out)
+        report.plot(out)
     return {
         "steps": step,
         "final_loss": loss,
-        "test_accuracy": accuracy,
+        "test_accuracy": evals.get("test_accuracy") if step == tcfg.steps else None,
         "seconds": seconds,
         "images_per_s": seen / seconds if seconds > 0 and seen else None,
         "out": str(out),

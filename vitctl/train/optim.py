@@ -22,10 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from vitctl.errors import ConfigError
-
-SCHEDULES = ("cosine", "rsqrt")
-OPTIMIZERS = ("adamw", "adafactor")
-LOSSES = ("softmax", "sigmoid")
+from vitctl.train.settings import LOSSES, OPTIMIZERS, SCHEDULES
 
 
 def objective(logits, labels, num_classes: int, loss: str = "softmax", label_smoothing: float = 0.0):

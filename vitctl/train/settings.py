@@ -1,0 +1,227 @@
+"""The settings of a training run (TrainConfig), read from defaults, YAML and a stored run.
+
+Imports neither jax nor numpy: `vitctl train` resolves its settings (the mesh above all)
+before JAX starts, because on a CPU the number of simulated devices must be set first
+(vitctl.devices.prepare_cpu_devices).
+
+- TrainConfig: field = CLI flag = YAML key = JSON key in OUT/train_config.json.
+- Defaults that depend on other settings are resolved when the config is built and stored
+  resolved: warmup (None) becomes steps // 10, so a resumed run keeps the warmup it had.
+- public_source: the name of a model or data source as a published checkpoint may show it
+  (a named data set or preset as given; a local path by its final component only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from vitctl.errors import ConfigError
+
+TRAIN_CONFIG = "train_config.json"
+SCHEDULES = ("cosine", "rsqrt")
+OPTIMIZERS = ("adamw", "adafactor")
+LOSSES = ("softmax", "sigmoid")
+NAMED_DATA = ("digits", "fashion-mnist")
+HUB_PREFIX = "hf://"
+WARMUP_FRACTION = 10  # default warmup: steps // 10 (the demo recipe: 30 of 300 steps)
+
+
+def default_warmup(steps: int, cooldown: int = 0) -> int:
+    """steps // 10, and never more than the steps the cooldown leaves (so any --steps works)."""
+    return max(0, min(steps // WARMUP_FRACTION, steps - cooldown))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; field = CLI flag = YAML key = JSON key."""
+
+    model: str = "vit22b-demo/4"  # a preset name or a ViTConfig JSON file
+    data: str = "digits"
+    steps: int = 100
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int | None = None  # None: default_warmup(steps, cooldown), stored resolved
+    schedule: str = "cosine"
+    cooldown: int = 0
+    optimizer: str = "adamw"
+    loss: str = "softmax"
+    label_smoothing: float = 0.0
+    weight_decay: float = 1e-4
+    head_weight_decay: float | None = None  # None: same as weight_decay
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    mesh: str = ""  # "" : one device; else e.g. "data=2,fsdp=2,tensor=2"
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
+    keep: int = 3
+    stats_every: int = 10  # 0: never
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 1
+    image_size: int | None = None  # None: from the data (its size, at least 16, a multiple of the patch)
+    num_classes: int | None = None  # None: from the data
+    dtype: str | None = None  # compute dtype override: float32 | bfloat16
+    remat: bool | None = None
+    test_fraction: float = 0.2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None and "None" in f.type:
+                continue
+            kind = f.type.split(" ")[0]
+            ok = {
+                "str": isinstance(v, str),
+                "int": isinstance(v, int) and not isinstance(v, bool),
+                "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+                "bool": isinstance(v, bool),
+            }[kind]
+            if not ok:
+                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:60] + "..."
+                raise ConfigError(f"training config: {f.name} must be {kind}, got {shown}", hint=f"set {f.name} to a single {kind} value")
+        choices = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "loss": LOSSES, "dtype": ("float32", "bfloat16", None)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} '{getattr(self, name)}'", hint=f"{name} must be one of: {', '.join(map(str, allowed))}")
+        for name in ("steps", "batch_size", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("save_every", "stats_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (off) or more, got {getattr(self, name)}")
+        if self.warmup is None:
+            object.__setattr__(self, "warmup", default_warmup(self.steps, max(self.cooldown, 0)))
+        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown > self.steps:
+            raise ConfigError(
+                f"warmup {self.warmup} + cooldown {self.cooldown} must be non-negative and at most steps {self.steps}",
+                hint=f"leave --warmup out (default: steps // {WARMUP_FRACTION}) or make it at most {max(self.steps - self.cooldown, 0)}",
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(
+                f"test_fraction must be in (0, 1), got {self.test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "training config") -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} must be a mapping of field: value, got {type(d).__name__}",
+                              hint="e.g. 'steps: 200' on a line of its own")  # fmt: skip
+        if not all(isinstance(k, str) for k in d):
+            raise ConfigError(f"{source}: keys must be setting names, got {sorted(map(repr, d))[:3]}", hint="e.g. 'steps: 200'")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown key(s) in {source}: {', '.join(unknown)}", hint=f"known keys: {', '.join(known)}")
+        return cls(**{k: (float(v) if isinstance(v, int) and not isinstance(v, bool) and _kind(k) == "float" else v) for k, v in d.items()})
+
+
+def _kind(name: str) -> str:
+    return next(f.type.split(" ")[0] for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def default(name: str) -> Any:
+    """The default of a TrainConfig field (for help texts: one source of truth)."""
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+YAML_MAX_BYTES = 2**20  # a settings file is a few hundred bytes
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A --config file (YAML, so JSON too): a flat mapping of TrainConfig fields, size and nesting bounded."""
+    import yaml
+
+    hint = "a --config file is a flat YAML mapping of training settings, e.g. 'steps: 200' (see vitctl train --help)"
+    try:
+        if Path(path).stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"{path} is larger than any settings file ({Path(path).stat().st_size} bytes)", hint=hint)
+        d = yaml.safe_load(Path(path).read_text())
+    except RecursionError:
+        raise ConfigError(f"{path} nests too deeply to be a settings file", hint=hint) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot read {path}: {first}", hint=hint) from None
+    TrainConfig.from_dict(d or {}, source=str(path))  # refuses unknown keys and wrong types early
+    return d or {}
+
+
+def read_stored(out: str | Path) -> dict[str, Any]:
+    """The settings a run in `out` was last started with (its train_config.json), TrainConfig keys only."""
+    from vitctl.untrusted import read_json
+
+    stored = Path(out) / TRAIN_CONFIG
+    if not stored.is_file():
+        raise ConfigError(f"--resume: {stored} not found", hint="start the run without --resume")
+    d = read_json(stored, ConfigError)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in d.items() if k in known}
+
+
+def public_source(spec: str) -> str:
+    """How a published checkpoint names a model or data source: a named data set, a preset name or an
+    hf:// id as given; a local path (or an IDX pair "IMAGES,LABELS") by its final component(s) only,
+    so that no user's directory layout (home, temporary directories) leaks into an artifact."""
+    from vitctl.config import PRESETS
+
+    if spec in NAMED_DATA or spec in PRESETS or spec.startswith(HUB_PREFIX):
+        return spec
+    return ",".join(Path(part).name for part in spec.split(","))
+
+
+SCHEDULE_FIELDS = ("lr", "steps", "warmup", "schedule", "cooldown")
+CHANGES = "schedule_changes"  # train_config.json: every schedule change of a resumed run, in order
+
+
+def describe_schedule(t: TrainConfig) -> str:
+    text = f"{t.schedule} over {t.steps} steps, peak lr {t.lr:g}, warmup {t.warmup}"
+    return text + (f", cooldown {t.cooldown}" if t.cooldown else "")
+
+
+def schedule_change(out: str | Path, new: TrainConfig, step: int) -> dict[str, Any] | None:
+    """What resuming the run in `out` at `step` with `new` does to its learning-rate schedule (None: nothing).
+
+    A resumed run follows the schedule of its current settings, laid over all its steps (as if
+    the run had used it from step 0): `--resume --steps N` with a larger N extends the cosine
+    over N steps, so the learning rate at `step` jumps (from near 0 when the run had finished)
+    to the new curve's value there. The change is returned, so it can be printed and recorded
+    (train_config.json, "schedule_changes"); metrics.jsonl logs the lr of every step.
+    """
+    old = TrainConfig.from_dict(read_stored(out))
+    if new.steps < step:
+        raise ConfigError(
+            f"--steps {new.steps} is fewer than the {step} steps the run in {out} has trained",
+            hint=f"pass --steps {step} or more to continue it (the checkpoint in {out} holds step {step} as it is)",
+        )
+    if all(getattr(old, f) == getattr(new, f) for f in SCHEDULE_FIELDS):
+        return None
+    from vitctl.train import optim
+
+    def lr_at(t: TrainConfig) -> float:
+        return float(optim.schedule(t.lr, t.steps, t.warmup, t.schedule, t.cooldown)(step))
+
+    before, after = lr_at(old), lr_at(new)
+    message = (
+        f"resuming at step {step} with a new schedule: {describe_schedule(new)} (was: {describe_schedule(old)}); "
+        f"it is laid over all {new.steps} steps, so the learning rate at step {step} goes from {before:.2e} to {after:.2e}"
+        + (" (unchanged)" if before == after else "")
+        + f"; recorded in {TRAIN_CONFIG} under {CHANGES}"
+    )
+    return {"step": step, "before": describe_schedule(old), "after": describe_schedule(new), "lr_before": before, "lr_after": after,
+            "message": message}  # fmt: skip
+
+
+def write_train_config(out: Path, tcfg: TrainConfig, model_config: dict[str, Any], change: dict[str, Any] | None = None) -> None:
+    """OUT/train_config.json: the run's settings, its model config, and the schedule changes of its resumptions."""
+    from vitctl import checkpoint as ckpt
+    from vitctl.untrusted import read_json
+
+    path = Path(out) / TRAIN_CONFIG
+    changes = read_json(path, ConfigError).get(CHANGES, []) if path.is_file() else []
+    if change is not None:
+        changes = [*changes, {k: v for k, v in change.items() if k != "message"}]
+    record = {**dataclasses.asdict(tcfg), "model_config": model_config}
+    ckpt.write_json(path, {**record, CHANGES: changes} if changes else record)
