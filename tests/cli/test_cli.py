@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -62,6 +63,17 @@ def test_commands_import_no_framework(args):
     p, _, report = run_reported(*args)
     assert p.returncode == 0, p.stderr
     assert report["heavy"] == []
+
+
+def test_version_imports_no_framework():
+    """`vitctl --version` (and -V) prints `vitctl X.Y.Z`, the package's version, and loads neither jax nor torch."""
+    import vitctl
+
+    for flag in ("--version", "-V"):
+        p, stderr, report = run_reported(flag)
+        assert p.returncode == 0, stderr
+        assert p.stdout == f"vitctl {vitctl.__version__}\n" and re.fullmatch(r"\d+\.\d+\.\d+", vitctl.__version__)
+        assert report["heavy"] == []
 
 
 def test_help_and_examples(cli):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import Annotated
 
 import typer
 from rich.text import Text
@@ -47,7 +48,19 @@ def build_app(modules: list[str] | None = None) -> typer.Typer:
     return app
 
 
-def _group() -> None:
+def _version(value: bool) -> None:
+    if value:
+        from vitctl import __version__  # vitctl/__init__.py holds only the version: imports nothing
+
+        typer.echo(f"vitctl {__version__}")
+        raise typer.Exit()
+
+
+def _group(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version of vitctl and exit.")
+    ] = False,
+) -> None:
     pass
 
 
