@@ -116,7 +116,7 @@ def _per_layer(ax, rows, key: str, title: str, ylabel: str) -> None:
     stats = [r for r in rows if key in r]
     ax.set(xlabel="step", ylabel=ylabel, title=title + " per layer")
     if not stats:
-        ax.text(0.5, 0.5, "not logged (--stats-every 0)", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.text(0.5, 0.5, "none logged (see --stats-every)", ha="center", va="center", transform=ax.transAxes, color="gray")
         return
     for layer in range(len(stats[0][key])):
         ax.plot([r["step"] for r in stats], [r[key][layer] for r in stats], label=f"block {layer}")
