@@ -52,14 +52,14 @@ from typing import Any
 import numpy as np
 
 import vitctl
-from vitctl.config import ViTConfig, load_config
+from vitctl.config import PRESETS, ViTConfig, load_config
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, OutputError, OutputExistsError, VitctlError
 from vitctl.untrusted import raise_if_interrupted, read_json
 
 CONFIG, PARAMS, SAFETENSORS = "config.json", "params", "model.safetensors"
 RUN_MARKER = "vitctl-run.json"  # marks a directory of several checkpoints that vitctl made (demo, train runs)
 SAFETENSORS_INDEX = "model.safetensors.index.json"  # beside HF-style shards model-0000i-of-0000N.safetensors
-JAX, TORCH = "vitctl-jax", "vitctl-torch"
+JAX, TORCH, TIMM = "vitctl-jax", "vitctl-torch", "timm"  # TIMM: `vitctl convert ... --format timm` (timm's hub layout)
 # One stored chunk of params/ is at most this many bytes: small enough that a streaming
 # reader holds only a few in memory and that one layer slice spans several chunks, which
 # tensorstore encodes and decodes on several threads (a 64 MiB layer in one chunk used one:
@@ -325,11 +325,54 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_config(ckpt: str | Path, cfg: ViTConfig, provenance: Mapping[str, Any]) -> Path:
-    """Writes ckpt/config.json. provenance: source_format, source, created_by, ..."""
+def write_config(ckpt: str | Path, cfg: ViTConfig, provenance: Mapping[str, Any], head: Mapping[str, Any] | None = None) -> Path:
+    """Writes ckpt/config.json: `head` (keys another library reads, e.g. timm's), then vitctl's.
+    provenance: source_format, source, created_by, ...; stored through `public_provenance`."""
     path = Path(ckpt) / CONFIG
-    write_json(path, {"vitctl_version": vitctl.__version__, "model": cfg.to_dict(), "provenance": dict(provenance)})
+    body = {"vitctl_version": vitctl.__version__, "model": cfg.to_dict(), "provenance": public_provenance(provenance)}
+    write_json(path, {**(head or {}), **body})
     return path
+
+
+# Provenance travels with a checkpoint (hub push uploads config.json): it names where the weights
+# came from in a form that means something elsewhere, never this machine's directories.
+PATH_KEYS = {"source", "data", "model", "path", "init_from", "config"}  # values that are a path when one exists on disk
+TEMPORARY_NAME = re.compile(r"\.(?P<base>.+?)\.(tmp|old)(-\w+)?")  # atomic_output's `.DST.tmp-1a2b3c4d`, write_json's
+
+
+def public_value(value: str, path_key: bool = False) -> str:
+    """`value` as it may be published. hf:// URIs, URLs and names that are no local path (a preset,
+    a named data set, an org/name repo id) stay; a local path (absolute, under ~, holding a
+    temporary's name, or, for a `path_key`, one that exists here) becomes its final name
+    component, and a temporary's name the name it was being built as (`.demo.tmp-1a2b` -> demo)."""
+    if "://" in value:
+        return value
+    local = value.startswith(("/", "~")) or ".tmp-" in value or ".old-" in value or os.path.isabs(value)
+    if not local and path_key and value not in PRESETS:
+        with contextlib.suppress(OSError, ValueError):
+            local = os.path.lexists(value)
+    if not local:
+        return value
+    parts = Path(value).parts  # a Hugging Face cache snapshot: .../models--org--name/snapshots/SHA[/...]
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--") and "--" in parts[i - 1][8:]:
+            return f"hf://{parts[i - 1][8:].replace('--', '/', 1)}@{parts[i + 1]}"
+    name = Path(value.rstrip("/")).name
+    while m := TEMPORARY_NAME.fullmatch(name):
+        name = m["base"]
+    return re.sub(r"\.(tmp|old)-\w*$", "", name) or "."
+
+
+def public_provenance(provenance: Any, key: str = "") -> Any:
+    """A provenance block (nested dicts and lists, e.g. source_provenance, upstream) with every
+    string passed through `public_value`: what config.json and a model card may carry."""
+    if isinstance(provenance, Mapping):
+        return {str(k): public_provenance(v, str(k)) for k, v in provenance.items()}
+    if isinstance(provenance, (list, tuple)):
+        return [public_provenance(v, key) for v in provenance]
+    if isinstance(provenance, str):
+        return public_value(provenance, key in PATH_KEYS)
+    return provenance
 
 
 def read_checkpoint_config(path: str | Path) -> ViTConfig:
@@ -351,18 +394,39 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
 
 
 def detect_formats(path: str | Path) -> list[str]:
-    """The weight sets a checkpoint directory holds, from its content: JAX, then torch."""
+    """The weight sets a checkpoint directory holds, from its content: JAX, then torch; safetensors
+    beside timm's hub config.json (`architecture` + `model_args`) are a timm export, not vitctl-torch."""
     path = Path(path)
     found = []
     if (path / PARAMS / "_METADATA").is_file() or (path / PARAMS / "_CHECKPOINT_METADATA").is_file():
         found.append(JAX)
     if (path / SAFETENSORS).is_file() or (path / SAFETENSORS_INDEX).is_file():
-        found.append(TORCH)
+        found.append(TIMM if is_timm_config(path / CONFIG) else TORCH)
     return found
 
 
+def is_timm_config(path: str | Path) -> bool:
+    """Whether `path` is the config.json of a timm export (timm's hub keys `architecture` and `model_args`)."""
+    with contextlib.suppress(VitctlError, OSError):
+        d = read_json(path, CheckpointError)
+        return isinstance(d, dict) and "architecture" in d and isinstance(d.get("model_args"), dict)
+    return False
+
+
+def timm_export_error(where: str | Path, doing: str, load: str | None = None) -> CheckpointError:
+    """The refusal for a timm export given to a command that reads vitctl's own checkpoints.
+    `load`: the timm.create_model name that loads it (default: local-dir:WHERE)."""
+    load = load or f"local-dir:{Path(where).absolute()}"
+    return CheckpointError(
+        f"{where} is a timm export (written by --format timm); {doing} reads vitctl-torch and vitctl-jax checkpoints, "
+        "and vitctl reads timm checkpoints from the transfer issue on",
+        hint=f"convert from the vitctl-torch or vitctl-jax checkpoint it came from; timm itself loads it: "
+        f"timm.create_model({load!r}, pretrained=True)",
+    )
+
+
 def detect_format(path: str | Path, prefer: str | None = None) -> str:
-    """ "vitctl-jax" or "vitctl-torch"; with both present, `prefer` if given, else JAX."""
+    """ "vitctl-jax", "vitctl-torch" or "timm"; with several present, `prefer` if given, else JAX."""
     found = detect_formats(path)
     if not found:
         raise CheckpointError(
@@ -504,7 +568,10 @@ def load_torch(ckpt: str | Path, cfg: ViTConfig | None = None) -> dict[str, np.n
     """Reads ckpt's safetensors (one file or shards) into numpy arrays; checks names and shapes if `cfg` is given."""
     from vitctl.convert import io
 
-    if TORCH not in detect_formats(ckpt):
+    formats = detect_formats(ckpt)
+    if TIMM in formats:
+        raise timm_export_error(ckpt, "loading vitctl torch weights")
+    if TORCH not in formats:
         raise CheckpointError(f"{ckpt} has no torch weights ({SAFETENSORS})", hint=f"found: {', '.join(detect_formats(ckpt)) or 'none'}")
     reader = io.SafetensorsReader(ckpt)
     try:

@@ -49,9 +49,10 @@ from vitctl import checkpoint as ckpt_mod
 from vitctl import untrusted
 from vitctl.checkpoint import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, UnmappedParamError, VitctlError
+from vitctl.hub_card import DEFAULT_LICENSE, PROBE_REPORT, VERIFY_REPORT, find_probe_report, find_verify_report, model_card, public_report
 
 SCHEME = "hf://"
-CARD, VERIFY_REPORT = "README.md", "verify.json"
+CARD = "README.md"
 # What each backend needs from a repo (fnmatch patterns, as huggingface_hub's allow_patterns).
 NEEDS = {
     "config": [CONFIG],
@@ -71,6 +72,8 @@ SAFE_SEGMENT = re.compile(r"[\w+=-][\w.+=-]{0,254}")
 DAMAGED_REPO = "the repo is damaged or hostile: do not use it; try another revision or ask its owner"
 TRIES, WAIT = 3, 0.5  # transient failures: 3 tries, 0.5 s then 1 s apart
 TOKEN_HINT = "set HF_TOKEN or run `hf auth login` with a token that can access the repo (vitctl never prints it)"
+ENDPOINT_HINT = "check --endpoint / HF_ENDPOINT (the Hub asked)"
+XET_HINT = "retry; if it keeps failing, set HF_HUB_DISABLE_XET=1 to transfer over plain HTTP instead of Xet storage"
 T = TypeVar("T")
 
 
@@ -130,9 +133,15 @@ def resolve_checkpoint(
 # Push.
 def push(
     ckpt: str | Path, repo_id: str, *, revision: str | None = None, private: bool = False, message: str | None = None,
-    include_jax: bool = False, endpoint: str | None = None, license: str = "other",
+    include_jax: bool = False, endpoint: str | None = None, license: str = DEFAULT_LICENSE,
 ) -> dict[str, Any]:  # fmt: skip
-    """Uploads a checkpoint directory as one commit and checks the remote copy; returns a summary dict."""
+    """Uploads a checkpoint directory as one commit and checks the remote copy; returns a summary dict.
+
+    Nothing local is published: config.json goes up with its provenance through
+    checkpoint.public_provenance (a copy, when the file on disk still holds a local path), the
+    generated card and reports are built from public forms, and every text file of the commit
+    (and each safetensors header) is searched for this machine's directories before anything is
+    sent: a hit refuses the push (`check_public`)."""
     ckpt = Path(ckpt)
     repo_id, rev = parse_repo(repo_id)
     if rev is not None:
@@ -140,8 +149,12 @@ def push(
     check_endpoint(endpoint)
     files = checkpoint_files(ckpt, include_jax)  # first: the card below reads config.json, which must be the checkpoint's own
     cfg = ckpt_mod.read_checkpoint_config(ckpt)
-    report = find_verify_report(ckpt)
-    card = model_card(ckpt, cfg, repo_id, files, report, license)
+    report, probe = find_verify_report(ckpt), find_probe_report(ckpt)
+    card = model_card(ckpt, cfg, repo_id, files, report, license, probe)
+    extra = {CARD: card.encode(), CONFIG: _public_config(files[CONFIG])}
+    extra.update({name: json.dumps(public_report(r), indent=2).encode() for name, r in ((VERIFY_REPORT, report), (PROBE_REPORT, probe)) if r})
+    extra = {k: v for k, v in extra.items() if v is not None}
+    check_public(ckpt, {rel: path for rel, path in files.items() if rel not in extra} | extra)
     hf = _hf()
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
     from huggingface_hub.hf_api import RepoFile
@@ -155,8 +168,7 @@ def push(
         _retry(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
         if branch != "main":
             _retry(lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
-        extra = {CARD: card.encode()} | ({VERIFY_REPORT: json.dumps(report, indent=2).encode()} if report else {})
-        adds = [CommitOperationAdd(rel, str(path)) for rel, path in files.items()]
+        adds = [CommitOperationAdd(rel, str(path)) for rel, path in files.items() if rel not in extra]
         adds += [CommitOperationAdd(rel, data) for rel, data in extra.items()]
         remote_before = _retry(lambda: api.list_repo_files(repo_id, revision=branch))
         stale = [p for p in remote_before if _matches(p, WEIGHT_PATTERNS) and p not in files]
@@ -184,7 +196,8 @@ def push(
     return {
         "repo_id": repo_id, "revision": branch, "commit": sha, "url": f"{endpoint}/{repo_id}", "private": private,
         "files": listed, "deleted": stale, "bytes": sum(f["size"] for f in listed), "verified": True,
-        "verify_report": report is not None, "source": str(ckpt),
+        "verify_report": report is not None, "probe_report": probe is not None, "license": license,
+        "scrubbed": [CONFIG] if CONFIG in extra else [], "source": str(ckpt),
     }  # fmt: skip
 
 
@@ -194,7 +207,7 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
     else. Each file, symlinks followed, lies inside `ckpt` (or inside the Hugging Face cache
     folder of the repo whose snapshot `ckpt` is); the values are those real paths."""
     formats = ckpt_mod.detect_formats(ckpt)
-    if ckpt_mod.TORCH not in formats and not include_jax:
+    if ckpt_mod.TORCH not in formats and ckpt_mod.TIMM not in formats and not include_jax:
         raise ConfigError(
             f"{ckpt} has no PyTorch weights ({SAFETENSORS}); its formats: {', '.join(formats) or 'none'}",
             hint=f"pass --include-jax to push params/, or convert first: vitctl convert jax-to-torch {ckpt} DST",
@@ -224,115 +237,49 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
     return files
 
 
-def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
-    """The latest `vitctl verify --report` for this checkpoint: ckpt/verify.json, else the parent's
-    verify.json (where `vitctl demo` writes it) if one of its two sides is this checkpoint (same path or name)."""
-    here = ckpt.resolve()
-    for path in (ckpt / VERIFY_REPORT, ckpt.parent / VERIFY_REPORT):
-        if path.parent == ckpt and path.exists():  # its own report is uploaded: it must be the checkpoint's file
-            from vitctl.convert.io import hf_cache_repo
+def _public_config(path: Path) -> bytes | None:
+    """config.json with its provenance in public form, if the file holds a local path (a checkpoint
+    written before vitctl stored provenance so); None when the file can go up as it is."""
+    config = _json(path, CONFIG)
+    provenance = config.get("provenance")
+    if not isinstance(provenance, dict) or (public := ckpt_mod.public_provenance(provenance)) == provenance:
+        return None
+    return (json.dumps({**config, "provenance": public}, indent=2) + "\n").encode()
 
-            untrusted.inside(ckpt, path, str(ckpt), also=hf_cache_repo(ckpt))
-        try:
-            report = untrusted.read_json(path)
-        except CheckpointError:  # absent, or not a report (not JSON, too deep, too big): push without one
+
+def local_markers(ckpt: Path) -> list[str]:
+    """Strings that only this machine's files hold: the checkpoint's directory (as given and
+    resolved), the home directory, and a temporary's name (`.tmp-`)."""
+    dirs = {str(ckpt.absolute().parent), str(ckpt.resolve().parent), os.path.expanduser("~")}
+    return sorted(d for d in dirs if d.strip("/") and len(d) > 4) + [".tmp-"]
+
+
+def check_public(ckpt: Path, uploads: dict[str, Path | bytes]) -> None:
+    """Refuses (CheckpointError, nothing uploaded) a push whose files hold a local path: every text
+    file (JSON, the card, Orbax metadata) whole, and the header of each safetensors file."""
+    from vitctl.convert.io import MAX_HEADER_BYTES
+
+    markers = [m.encode() for m in local_markers(ckpt)]
+    for rel, src in uploads.items():
+        if isinstance(src, bytes):
+            data = src
+        elif rel.endswith(".safetensors"):
+            with open(src, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                data = f.read(min(n, MAX_HEADER_BYTES))
+        elif os.path.getsize(src) <= untrusted.JSON_MAX_BYTES:
+            data = Path(src).read_bytes()
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                continue  # array data, not text
+        else:
             continue
-        if not isinstance(report, dict) or "passed" not in report:
-            continue
-        sides = [Path(p) for p in (report.get(s, {}).get("path") for s in ("a", "b")) if isinstance(p, str)]
-        # A side named like this checkpoint: `vitctl demo` verifies inside its temporary directory, then renames it.
-        if path.parent == ckpt or any(s.resolve() == here or s.name == ckpt.name for s in sides):
-            return report
-    return None
-
-
-def model_card(ckpt: Path, cfg: Any, repo_id: str, files: dict[str, Path], report: dict[str, Any] | None, license: str = "other") -> str:
-    """README.md: YAML metadata (library_name, tags, license, pipeline_tag, parameter count,
-    architecture, preprocessing, verify summary) and a Markdown body."""
-    import yaml
-
-    from vitctl.convert.mapping import param_counts
-
-    model = cfg.to_dict()
-    pre = model.pop("preprocess")
-    counts = param_counts(cfg)
-    jax = any(p.startswith(PARAMS + "/") for p in files)
-    verify = None
-    if report is not None:
-        verify = {k: report.get(k) for k in ("passed", "max_abs", "tolerance", "rtol", "first_divergent")}
-        verify.update(precision=report.get("settings", {}).get("precision"), vitctl=report.get("settings", {}).get("vitctl"))
-        if report.get("weights"):
-            verify["weights_exactly_equal"] = report["weights"].get("exactly_equal")
-            verify["weights_compared"] = report["weights"].get("compared")
-    meta = {
-        "library_name": "vitctl",
-        "license": license,
-        "pipeline_tag": "image-classification",
-        "tags": ["vitctl", "vision-transformer", "vit-22b", "image-classification", "safetensors", "pytorch"]
-        + (["jax", "flax"] if jax else []),
-        "vitctl": {
-            "version": vitctl.__version__,
-            "parameters": counts["params_total"],
-            "architecture": model,
-            "preprocessing": pre,
-            "verify": verify,
-            "provenance": ckpt_mod.read_provenance(ckpt),
-        },
-    }
-    front = yaml.safe_dump(meta, sort_keys=False, default_flow_style=False)
-    name = repo_id.split("/")[-1]
-    arch = "\n".join(f"| `{k}` | `{v}` |" for k, v in model.items())
-    shown = [p for p in files if not p.startswith(PARAMS + "/")] + (
-        [f"{PARAMS}/ ({sum(p.startswith(PARAMS + '/') for p in files)} files, Orbax)"] if jax else []
-    )
-    if pre.get("mean") is not None:
-        norm = f"subtract mean {pre['mean']}, divide by std {pre['std']}"
-    else:
-        norm = f"scale pixel values to {pre.get('value_range')}"
-    if verify is None:
-        checked = "No `vitctl verify` report came with this checkpoint."
-    else:
-        status = "passed" if verify["passed"] else "FAILED"
-        checked = (
-            f"`vitctl verify` {status}: logits max-abs difference {verify['max_abs']} (tolerance {verify['tolerance']}, "
-            f"precision {verify['precision']}) between the JAX and PyTorch models; the full report is `verify.json`."
-        )
-    return f"""---
-{front}---
-
-# {name}
-
-A ViT-22B-style Vision Transformer ({counts["params_total"]:,} parameters: width {cfg.width}, depth {cfg.depth},
-MLP {cfg.mlp_dim}, {cfg.num_heads} heads, patch {cfg.patch_size}, {cfg.image_size} px, {cfg.block} block,
-{cfg.pool} pooling, {cfg.num_classes} classes), saved by [vitctl](https://pypi.org/project/vitctl/) {vitctl.__version__}.
-The JAX (Flax NNX) and PyTorch implementations load the same weights.
-
-## Use
-
-```bash
-vitctl hub pull {repo_id} --out {name} --backend torch   # or jax, all; add @REVISION to pin
-vitctl info hf://{repo_id}
-```
-
-## Preprocessing
-
-Resize to {cfg.image_size}x{cfg.image_size} ({pre.get("resize")}, antialias {pre.get("antialias")}), then {norm};
-{cfg.channels} channels.
-
-## Parity
-
-{checked}
-
-## Architecture
-
-| option | value |
-| --- | --- |
-{arch}
-
-## Files
-
-{chr(10).join(f"- `{p}`" for p in shown)}
-"""
+        if hit := next((m for m in markers if m in data), None):
+            raise CheckpointError(
+                f"{ckpt}/{rel} holds the local path {hit.decode()!r}; push publishes nothing of this machine's directories",
+                hint=f"rewrite {rel} without it (re-create the checkpoint with this vitctl, or edit the file); nothing was uploaded",
+            )
 
 
 # Pull.
@@ -363,11 +310,11 @@ def pull(
             )
             if written != files:  # exactly the listed files: nothing more, nothing less
                 raise CheckpointError(f"copying {where} into {out} wrote {written}, not the listed {files}", hint="pull again")
-            config["provenance"] = {
+            config["provenance"] = ckpt_mod.public_provenance({
                 "source_format": "hub", "source": f"{SCHEME}{repo_id}@{got['commit']}", "repo_id": repo_id,
                 "revision": got["commit"], "requested_revision": rev or "main", "endpoint": got["endpoint"],
                 "backend": backend, "created_by": "vitctl hub pull", "upstream": config.get("provenance", {}),
-            }  # fmt: skip
+            })  # fmt: skip
             ckpt_mod.write_json(tmp / CONFIG, config)
     return {**got, "path": str(out), "formats": ckpt_mod.detect_formats(out)}
 
@@ -387,6 +334,7 @@ def check_config(snap: Path, files: list[str], where: str) -> dict[str, Any]:
     except ConfigError as e:
         raise CheckpointError(f"{source} does not describe a vitctl model: {e.message}", hint=DAMAGED_REPO) from None
     hint = f"{CONFIG} does not belong to these weights; {DAMAGED_REPO}"
+    timm = "architecture" in config and isinstance(config.get("model_args"), dict)  # a timm export (vitctl convert --format timm)
     if SAFETENSORS_INDEX in files or SAFETENSORS in files:
         weights = SAFETENSORS_INDEX if SAFETENSORS_INDEX in files else SAFETENSORS
         shards = sorted(set(_weight_map(snap / weights, f"{where}:{weights}").values())) if weights == SAFETENSORS_INDEX else [weights]
@@ -399,8 +347,14 @@ def check_config(snap: Path, files: list[str], where: str) -> dict[str, Any]:
         if depth != cfg.depth:
             raise CheckpointError(f"{source} says depth {cfg.depth}, but {where}:{weights} holds {depth} blocks", hint=hint)
         try:
-            check_coverage(got, torch_param_shapes(cfg), f"{where}:{weights}")
-        except UnmappedParamError as e:
+            if timm:
+                from vitctl.convert.timm import timm_param_shapes
+
+                expected = timm_param_shapes(cfg)
+            else:
+                expected = torch_param_shapes(cfg)
+            check_coverage(got, expected, f"{where}:{weights}")
+        except (UnmappedParamError, ConfigError) as e:
             raise CheckpointError(f"{e.message} ({source})", hint=hint) from None
     if f"{PARAMS}/_METADATA" in files:
         meta_source = f"{where}:{PARAMS}/_METADATA"
@@ -443,14 +397,16 @@ def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool 
                 p.relative_to(snap).as_posix() for p in untrusted.walk_files(snap, f"the cached copy of {where}", also=snap.parent.parent)
             )
             files = sorted(untrusted.check_name(f, f"the cached copy of {where}") for f in cached if _matches(f, patterns))
-            _require(repo_id, sha, files, backend, offline=True)
+            _require(repo_id, sha, files, backend, offline=True, snap=snap)
         else:
             sha = _commit(_retry(lambda: api.repo_info(repo_id, revision=rev).sha), repo_id, rev, endpoint)
             where = f"{repo_id}@{sha[:12]}"
             remote = _listed(_retry(lambda: list(api.list_repo_tree(repo_id, revision=sha, recursive=True))), where, patterns)
             files = sorted(remote)
-            _require(repo_id, sha, files, backend)
             snap = Path(hf.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / sha
+            if CONFIG in files and backend == "jax" and not any(f.startswith(PARAMS + "/") for f in files):
+                _download(hf, repo_id, CONFIG, sha, endpoint, snap)  # (what it is decides the message)
+            _require(repo_id, sha, files, backend, snap=snap)
             for rel in files:
                 _download(hf, repo_id, rel, sha, endpoint, snap)
         bad = check_files(snap, files, remote, where)
@@ -548,7 +504,8 @@ def _cache_ref(hf: Any, repo_id: str, rev: str, sha: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _require(repo_id: str, sha: str, files: list[str], backend: str, offline: bool = False) -> None:
+def _require(repo_id: str, sha: str, files: list[str], backend: str, offline: bool = False, snap: Path | None = None) -> None:
+    """Refuses a repo that lacks what `backend` needs; `snap`: the snapshot holding its config.json, once fetched."""
     where = f"{repo_id}@{sha[:12]}"
     if offline:  # the cache holds what earlier pulls fetched, not necessarily what the repo has
         where, again = f"the cached copy of {where}", f"pull it online: vitctl hub pull {repo_id}@{sha} --backend {backend}"
@@ -561,6 +518,8 @@ def _require(repo_id: str, sha: str, files: list[str], backend: str, offline: bo
     if backend == "torch" and not torch:
         raise CheckpointError(f"{where} has no PyTorch weights ({SAFETENSORS})", hint=again if offline else "try --backend jax")
     if backend == "jax" and not jax:
+        if snap is not None and ckpt_mod.is_timm_config(snap / CONFIG):
+            raise ckpt_mod.timm_export_error(f"{SCHEME}{repo_id}@{sha}", "hub pull --backend jax", load=f"hf-hub:{repo_id}@{sha}")
         hint = again if offline else "try --backend torch, then vitctl convert torch-to-jax"
         raise CheckpointError(f"{where} has no JAX weights ({PARAMS}/)", hint=hint)
     if backend == "all" and not (torch or jax):
@@ -771,8 +730,16 @@ def _hub_errors(repo_id: str, rev: str, endpoint: str, offline: bool = False) ->
                 f"{where} is not (completely) in the local Hugging Face cache, and offline mode is on",
                 hint=f"pull it once online: vitctl hub pull {where} (without --offline / HF_HUB_OFFLINE=1)",
             ) from None
+        if c := xet_failure(e):
+            raise HubError(
+                f"Xet transfer failure on {where} ({endpoint}): {type(c).__name__}: {_short(c)}",
+                hint=f"{TOKEN_HINT}; then {XET_HINT}" if isinstance(c, PermissionError) else XET_HINT,
+            ) from None
         if c := first(he.RevisionNotFoundError):
-            raise HubError(f"revision '{rev}' not found in {repo_id} on {endpoint}", hint="check the branch, tag or commit SHA") from None
+            raise HubError(
+                f"revision '{rev}' not found in {repo_id} on {endpoint} (HTTP 404)",
+                hint=f"check the branch, tag or commit SHA (the repo exists); list them with `hf repos branches {repo_id}`",
+            ) from None
         if c := first(he.RemoteEntryNotFoundError):
             raise HubError(
                 f"a file of {where} is missing on {endpoint}: {_short(c)}", hint="check the revision; the repo may be incomplete"
@@ -783,7 +750,8 @@ def _hub_errors(repo_id: str, rev: str, endpoint: str, offline: bool = False) ->
                 raise HubError(f"{endpoint} refused access to {repo_id} (HTTP {status})", hint=TOKEN_HINT) from None
             if isinstance(c, he.RepositoryNotFoundError) or status == 404:
                 raise HubError(
-                    f"{repo_id} not found on {endpoint} (or it is private)", hint=f"check the repo id; for a private repo, {TOKEN_HINT}"
+                    f"repo {repo_id} not found on {endpoint} (HTTP 404; a private repo you cannot access answers the same)",
+                    hint=f"check the repo id (org/name) and {ENDPOINT_HINT}; for a private repo, {TOKEN_HINT}",
                 ) from None
             if status is not None and (status >= 500 or status == 429):
                 raise HubError(
@@ -807,6 +775,15 @@ def _hub_errors(repo_id: str, rev: str, endpoint: str, offline: bool = False) ->
                 hint="check --endpoint / HF_ENDPOINT and the network",
             ) from None
         raise
+
+
+def xet_failure(e: BaseException) -> BaseException | None:
+    """The Xet storage error in `e`'s chain, if the transfer failed there: huggingface_hub's
+    XetDownloadError, or any exception of the hf_xet extension (XetAuthenticationError,
+    XetObjectNotFoundError, and the errors its transfer engine raises)."""
+    from huggingface_hub.errors import XetDownloadError
+
+    return next((c for c in _chain(e) if isinstance(c, XetDownloadError) or type(c).__module__.split(".")[0] == "hf_xet"), None)
 
 
 def _short(e: BaseException) -> str:

@@ -6,8 +6,10 @@ by a few times the largest tensor plus a fixed overhead, never by the checkpoint
 stdout: DST (or, with --dry-run, the plan); with --json one object:
   {"src", "dst", "direction", "source_format", "format", "dtype", "output_dtypes",
    "tensors", "bytes", "source_bytes", "shards", "files", "estimated_peak_bytes", "notes",
-   "dry_run", and after a real run "seconds", "peak_rss_bytes"}.
-stderr: a progress bar in bytes (on a terminal), notes and hints.
+   "dry_run", and after a real run "seconds", "peak_rss_bytes"}; --format timm adds "timm":
+  {"model_name", "kwargs", "create_model" (the local-dir: call), "create_model_explicit"}.
+stderr: a progress bar in bytes (on a terminal), notes and hints; after --format timm, the
+timm.create_model calls that load DST.
 Exit codes: 0 done; 1 bad or unreadable input (nothing written); 2 usage (DST exists
 without --force, unknown option value, bad --max-shard-size); 130 interrupted by Ctrl-C
 or SIGTERM (nothing written).
@@ -108,6 +110,7 @@ def _print_plan(summary: dict[str, Any]) -> None:
         ("shards", str(summary["shards"])),
         ("files", ", ".join(summary["files"])),
         ("estimated peak memory", _human(summary["estimated_peak_bytes"])),
+        *((("load with timm", summary["timm"]["create_model"]),) if "timm" in summary else ()),
     )
     for k, v in rows:
         table.add_row(k, escape(v))
@@ -154,6 +157,9 @@ def _convert(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dty
         f"{result['tensors']} tensors, {_human(result['bytes'])} in {result['seconds']:.1f} s; peak memory {_human(result['peak_rss_bytes'])}",
         markup=False,
     )
+    if "timm" in result:
+        err.print(f"load it with timm: {result['timm']['create_model']}", markup=False, soft_wrap=True)
+        err.print(f"or, without config.json: {result['timm']['create_model_explicit']}", markup=False, soft_wrap=True)
 
 
 @commands.command("jax-to-torch", epilog=JAX_TO_TORCH_EXAMPLES)

@@ -2,14 +2,15 @@
 
 stdout: push prints the commit URL, pull the output directory; with --json one object
 (push: {"repo_id", "revision", "commit", "url", "private", "files": [{path, size, sha256,
-lfs}], "deleted", "bytes", "verified", "verify_report", "source"}; pull: {"repo_id",
+lfs}], "deleted", "bytes", "verified", "verify_report", "probe_report", "license", "scrubbed" (files
+uploaded with local paths reduced to names: config.json of an older checkpoint), "source"}; pull: {"repo_id",
 "commit", "path", "files", "bytes", "refetched", "offline", "endpoint", "backend",
 "formats", "snapshot"}). stderr: huggingface_hub's progress bars, notes. The endpoint is
 --endpoint, else HF_ENDPOINT, else huggingface.co; the token comes from HF_TOKEN or the
 saved login and is never printed. Exit codes: 0 done; 1 the Hub or the download failed,
-or the repo is damaged or hostile (a file name outside the checkpoint, a config.json that
+a Xet transfer failure, or the repo is damaged or hostile (a file name outside the checkpoint, a config.json that
 does not describe the weights; nothing written), or push found a file outside the
-checkpoint (nothing uploaded); 2 usage (bad repo id, an --endpoint that is not an http(s)
+checkpoint or a file holding a local path (nothing uploaded); 2 usage (bad repo id, an --endpoint that is not an http(s)
 URL, output exists without --force or is not a directory vitctl wrote); 130 interrupted
 (Ctrl-C or SIGTERM; nothing written).
 """
@@ -68,7 +69,14 @@ def push(
     private: Annotated[bool, typer.Option("--private", help="Create the repo private (when it does not exist yet).")] = False,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.", show_default=False)] = None,
     include_jax: Annotated[bool, typer.Option("--include-jax", help="Also upload params/ (the Orbax JAX weights).")] = False,
-    license: Annotated[str, typer.Option("--license", help="License id for the model card's metadata.")] = "other",
+    license: Annotated[
+        str,
+        typer.Option(
+            "--license",
+            help="License of the weights for the model card's YAML metadata: a Hub license id (apache-2.0, mit, cc-by-4.0, ...). "
+            "The default 'other' claims none: the weights' license is yours to state.",
+        ),
+    ] = "other",
     endpoint: EndpointOpt = None,
     json: JsonOpt = False,
 ) -> None:

@@ -139,6 +139,8 @@ def detect_source(src: Path, direction: str) -> str:
         what = "an .npz (zip) file" if BIG_VISION in allowed else "a checkpoint directory"
         raise CheckpointError(f"{src} is not {what}", hint="SRC is a checkpoint directory (config.json + weights) or a big_vision .npz")
     found = ckpt.detect_formats(src)
+    if ckpt.TIMM in found:
+        raise ckpt.timm_export_error(src, f"convert {direction}")
     usable = [f for f in allowed if f in found]
     if not found:
         raise CheckpointError(
@@ -298,6 +300,13 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         dtypes = sorted({str(d) for _, _, d in self.specs})
+        if self.target.format == TIMM:  # how timm loads DST: the point of the export
+            from vitctl.convert import timm
+
+            return {**self._summary(dtypes), "timm": timm.load_calls(self.cfg, self.dst)}
+        return self._summary(dtypes)
+
+    def _summary(self, dtypes: list[str]) -> dict[str, Any]:
         return {
             "src": str(self.src), "dst": str(self.dst), "direction": self.direction,
             "source_format": self.source.format, "format": self.target.format, "dtype": self.dtype,
@@ -483,16 +492,12 @@ def _write_config(plan: Plan, tmp: Path) -> None:
     }  # fmt: skip
     if plan.source.provenance:
         provenance["source_provenance"] = plan.source.provenance
-    if plan.target.format != TIMM:
-        ckpt.write_config(tmp, plan.cfg, provenance)
-        return
-    from vitctl.convert import timm
+    head = None
+    if plan.target.format == TIMM:  # timm's create_model("local-dir:DST") reads its own keys; vitctl's ride along
+        from vitctl.convert import timm
 
-    # timm's create_model("local-dir:DST") reads its own keys; vitctl's ride along.
-    ckpt.write_json(
-        tmp / ckpt.CONFIG,
-        {**timm.timm_hub_config(plan.cfg), "vitctl_version": vitctl.__version__, "model": plan.cfg.to_dict(), "provenance": provenance},
-    )
+        head = timm.timm_hub_config(plan.cfg, plan.source.provenance.get("class_names"))
+    ckpt.write_config(tmp, plan.cfg, provenance, head)  # local paths in provenance become public names there
 
 
 def convert(

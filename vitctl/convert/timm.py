@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -155,10 +156,11 @@ def timm_spec(cfg: ViTConfig) -> dict[str, Any]:
     return {"model_name": TIMM_MODEL[cfg.block], "kwargs": kwargs}
 
 
-def timm_hub_config(cfg: ViTConfig) -> dict[str, Any]:
+def timm_hub_config(cfg: ViTConfig, class_names: Any = None) -> dict[str, Any]:
     """timm's hub `config.json` for `cfg`: beside one `model.safetensors` (timm keys) in a directory
-    DST, `timm.create_model("local-dir:DST", pretrained=True)` rebuilds and loads the model. (timm
-    reads one weights file there, not HF-style shards.)"""
+    DST, `timm.create_model("local-dir:DST", pretrained=True)` rebuilds and loads the model, and
+    from a Hub repo `timm.create_model("hf-hub:org/name", pretrained=True)`. (timm reads one weights
+    file there, not HF-style shards.) `class_names` (one str per class) become timm's `label_names`."""
     spec = timm_spec(cfg)
     kwargs = dict(spec["kwargs"])
     overlay = kwargs.pop("pretrained_cfg_overlay")
@@ -173,7 +175,28 @@ def timm_hub_config(cfg: ViTConfig) -> dict[str, Any]:
     hub = {"architecture": spec["model_name"], "num_classes": cfg.num_classes, "num_features": cfg.width}
     if kwargs["global_pool"]:
         hub["global_pool"] = kwargs["global_pool"]
+    if isinstance(class_names, list) and len(class_names) == cfg.num_classes and all(isinstance(c, str) for c in class_names):
+        hub["label_names"] = list(class_names)
     return {**hub, "model_args": kwargs, "pretrained_cfg": pretrained_cfg}
+
+
+def create_model_call(where: str) -> str:
+    """The Python line that loads a timm export: `where` is "local-dir:/abs/path" or "hf-hub:org/name[@rev]"."""
+    return f"timm.create_model({where!r}, pretrained=True)"
+
+
+def load_calls(cfg: ViTConfig, dst: str | Path) -> dict[str, Any]:
+    """How timm loads the export written to `dst` (made absolute): the `local-dir:` form, which reads
+    DST/config.json, and the explicit `create_model(model_name, **kwargs)` call with the weights file
+    in `pretrained_cfg_overlay`, which needs no config.json; both tested in tests/convert/test_timm.py."""
+    spec, where = timm_spec(cfg), Path(dst).absolute()
+    kwargs = dict(spec["kwargs"])
+    kwargs["pretrained_cfg_overlay"] = {**kwargs["pretrained_cfg_overlay"], "file": str(where / "model.safetensors")}
+    explicit = ", ".join([repr(spec["model_name"]), "pretrained=True", *(f"{k}={v!r}" for k, v in kwargs.items())])
+    return {
+        "model_name": spec["model_name"], "kwargs": kwargs,
+        "create_model": create_model_call(f"local-dir:{where}"), "create_model_explicit": f"timm.create_model({explicit})",
+    }  # fmt: skip
 
 
 # --- The tensor table -----------------------------------------------------------------------------
