@@ -89,7 +89,7 @@ def first(tmp_path_factory):
 
 
 def test_log_file_progress_eval_every_and_provenance(first, capsys):
-    root, out, args = first
+    _root, out, args = first
     code, stdout, err = run_cli(capsys, *args, "--save-every", "2")
     assert code == 0, err
     # stderr is not a terminal here (captured): a plain line per step with --log-every-s 0
@@ -111,7 +111,7 @@ def test_checkpoint_dir_as_model_is_refused_and_its_hint_works(first, tmp_path, 
     config.json that trains the architecture from scratch. Following the hint (with local data) publishes no path."""
     root, ckpt_dir, _ = first
     out = tmp_path / "again"
-    code, stdout, err = run_cli(capsys, "train", "--model", ckpt_dir, "--data", "digits", "--out", out, *FAST)
+    code, _stdout, err = run_cli(capsys, "train", "--model", ckpt_dir, "--data", "digits", "--out", out, *FAST)
     assert code == 2 and not out.exists()
     assert f"Error: --model {ckpt_dir} is a checkpoint directory; vitctl train cannot start from its weights yet" in err
     assert "--init-from" in err.split("Hint:")[0]  # named as the coming option in the Error line, not as a thing to type
@@ -135,7 +135,7 @@ def test_resume_with_more_steps_relays_the_schedule(first, capsys):
     logged (lr of step 5) and recorded; fewer steps than trained is refused."""
     from vitctl.train import optim
 
-    root, out, _ = first
+    _root, out, _ = first
     code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--steps", "2")
     assert code == 2 and "Error: --steps 2 is fewer than the 4 steps the run" in err and "Hint: pass --steps 4 or more" in err
     old, new = optim.schedule(3e-3, 4, 0), optim.schedule(3e-3, 8, 0)
