@@ -122,3 +122,24 @@ def test_hostile_json_names_the_file(tmp_path):
     f.write_text(json.dumps({"model": {**ViTConfig().to_dict(), "preprocess": {"value_range": [0, 1, 2]}}}))
     with pytest.raises(ConfigError, match=f"{f}: preprocess.value_range must be a list of 2 numbers"):
         load_config(f)
+
+
+def test_demo_preset_is_the_demo_recipe_model():
+    """vit22b-demo/4: the paper's block at D=64, L=4, F=256, N=4, patch 4, sized for 16-px digits (4x4 patches)."""
+    cfg = ViTConfig.from_variant("vit22b-demo/4")
+    assert (cfg.width, cfg.depth, cfg.mlp_dim, cfg.num_heads, cfg.patch_size) == (64, 4, 256, 4, 4)
+    assert (cfg.image_size, cfg.channels, cfg.num_classes, cfg.grid) == (16, 1, 10, 4)
+    paper = PRESETS["vit22b-mu/16"]
+    assert (cfg.block, cfg.qk_norm, cfg.qkv_bias, cfg.norm, cfg.norm_bias, cfg.pool) == (
+        paper.block, paper.qk_norm, paper.qkv_bias, paper.norm, paper.norm_bias, paper.pool,
+    )  # fmt: skip
+
+
+def test_patch_grid_refuses_a_single_token():
+    one = ViTConfig.from_variant("vit22b-mu/16", image_size=16)  # a valid config: checkpoints may hold one
+    assert one.grid == 1
+    with pytest.raises(ConfigError, match="cuts 16-px images into 1x1 patch of 16 px: one token") as e:
+        one.check_patch_grid()
+    assert "--model vit22b-demo/4" in e.value.hint and "--image-size 32 or more" in e.value.hint
+    ViTConfig.from_variant("vit22b-mu/16", image_size=32).check_patch_grid()  # 2x2: something to attend to
+    ViTConfig.from_variant("vit22b-demo/4").check_patch_grid()
