@@ -338,3 +338,52 @@ def test_no_space_reads_the_errno_wherever_it_is():
     assert ckpt.no_space(ValueError("Failed to write 16 bytes to file 17: ... [os_error_code='27']")) == os.strerror(errno.EFBIG)
     assert ckpt.no_space(CheckpointError(f"cannot write x: {os.strerror(errno.EDQUOT)}")) == os.strerror(errno.EDQUOT)
     assert ckpt.no_space(OSError(errno.EACCES, "Permission denied")) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "key", "public"),
+    [
+        ("/home/me/runs/.demo.tmp-1a2b3c4d/jax", "source", "jax"),  # demo converts inside atomic_output's temporary
+        ("/home/me/ckpt/.ti.tmp-1a2b3c4d", "source", "ti"),  # the temporary itself: the name it becomes
+        ("/data/x/.config.json.tmp-abcd", "path", "config.json"),
+        ("~/photos/", "data", "photos"),
+        ("/root/.cache/huggingface/hub/models--me--tiny/snapshots/" + "a" * 40, "source", f"hf://me/tiny@{'a' * 40}"),
+        ("hf://me/tiny@v1", "source", "hf://me/tiny@v1"),
+        ("http://127.0.0.1:8080", "endpoint", "http://127.0.0.1:8080"),
+        ("digits", "data", "digits"),  # a named data set
+        ("B/16", "source", "B/16"),  # a preset with a slash
+        ("me/tiny", "repo_id", "me/tiny"),
+        ("vitctl convert jax-to-torch", "created_by", "vitctl convert jax-to-torch"),
+    ],
+)
+def test_public_value(value, key, public):
+    assert ckpt.public_value(value, key in ckpt.PATH_KEYS) == public
+
+
+def test_write_config_stores_provenance_in_public_form(tmp_path, monkeypatch):
+    """Every writer goes through write_config: nested source_provenance scrubbed, a relative path
+    that exists here reduced to its name, other fields and types kept, `head` keys first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/a").mkdir(parents=True)
+    prov = {
+        "source": "runs/a", "created_by": "vitctl convert jax-to-torch", "step": 40, "test_accuracy": 0.5, "class_names": ["a/b", "c"],
+        "source_provenance": {"source": str(tmp_path / ".run.tmp-00ff00ff/model.json"), "data": str(tmp_path / "imgs"), "seed": 0},
+    }  # fmt: skip
+    ckpt.write_config(tmp_path, tiny(), prov, head={"architecture": "vit_base_patch16_224"})
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert list(d)[0] == "architecture"
+    assert d["provenance"] == {**prov, "source": "a", "source_provenance": {"source": "model.json", "data": "imgs", "seed": 0}}
+    assert str(tmp_path) not in json.dumps(d) and ".tmp-" not in json.dumps(d)
+
+
+def test_timm_export_is_its_own_format(tmp_path):
+    """Safetensors beside timm's hub config (architecture + model_args) are "timm", not vitctl-torch;
+    reading them as vitctl weights is refused by name."""
+    ckpt.save_torch(tmp_path, {"head.weight": np.zeros((2, 2), np.float32)})
+    ckpt.write_config(tmp_path, tiny(), {}, head={"architecture": "vit_base_patch16_224", "model_args": {"depth": 2}})
+    assert ckpt.detect_formats(tmp_path) == ["timm"] and ckpt.detect_format(tmp_path) == "timm"
+    with pytest.raises(CheckpointError, match="is a timm export \\(written by --format timm\\)") as e:
+        ckpt.load_torch(tmp_path, tiny())
+    assert "vitctl-torch or vitctl-jax checkpoint it came from" in e.value.hint and "local-dir:" in e.value.hint
+    ckpt.write_config(tmp_path, tiny(), {})
+    assert ckpt.detect_formats(tmp_path) == ["vitctl-torch"]

@@ -76,7 +76,7 @@ SLEEP_ENV = "VITCTL_TEST_SLEEP_PER_TENSOR"  # tests only (as for convert): secon
 # never deletes a user's files; a stale temporary is removed only if it holds nothing else.
 CHECKPOINT_ENTRIES = {
     CONFIG: "file", PARAMS: "dir", SAFETENSORS: "file", SAFETENSORS_INDEX: "file",  # init, convert (and timm export), hub pull
-    "README.md": "file", "verify.json": "file",  # hub pull: the pushed repo's model card and verify report
+    "README.md": "file", "verify.json": "file", "probe.json": "file",  # hub pull: the pushed repo's model card and reports
     "train_config.json": "file", "metrics.jsonl": "file", "metrics.png": "file", "state": "dir",  # train
 }  # fmt: skip
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # convert --max-shard-size, hub pull
@@ -569,9 +569,9 @@ def load_torch(ckpt: str | Path, cfg: ViTConfig | None = None) -> dict[str, np.n
     from vitctl.convert import io
 
     formats = detect_formats(ckpt)
-    if TIMM in formats:
+    if TIMM in formats and cfg is not None:  # (without a config: the arrays as stored, timm's names)
         raise timm_export_error(ckpt, "loading vitctl torch weights")
-    if TORCH not in formats:
+    if TORCH not in formats and TIMM not in formats:
         raise CheckpointError(f"{ckpt} has no torch weights ({SAFETENSORS})", hint=f"found: {', '.join(detect_formats(ckpt)) or 'none'}")
     reader = io.SafetensorsReader(ckpt)
     try:

@@ -1,8 +1,10 @@
 """Push and pull vitctl checkpoints on the Hugging Face Hub (huggingface_hub 2.x).
 
 - `push(ckpt, repo_id)`: one commit holding config.json, model.safetensors (or its shards
-  and index), params/ (Orbax) with include_jax, verify.json when the checkpoint has a
-  report, and a generated model card (README.md, YAML metadata). The repo is created when
+  and index), params/ (Orbax) with include_jax, verify.json and probe.json when the checkpoint
+  has them, and a generated model card (vitctl.hub_card). Nothing local goes up: provenance
+  and reports in public form, and a file still holding this machine's directories (or a
+  temporary's name) refuses the push before anything is sent. The repo is created when
   missing; weight files of an earlier push that this one no longer has are deleted in the
   same commit. Afterwards every remote file's size and hash (LFS sha256, or git blob id
   for small files) is checked against the local one.
@@ -59,7 +61,7 @@ NEEDS = {
     "torch": [CONFIG, SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors"],
     "jax": [CONFIG, f"{PARAMS}/*"],
 }
-NEEDS["all"] = sorted({*NEEDS["torch"], *NEEDS["jax"], CARD, VERIFY_REPORT})
+NEEDS["all"] = sorted({*NEEDS["torch"], *NEEDS["jax"], CARD, VERIFY_REPORT, PROBE_REPORT})
 WEIGHT_PATTERNS = [SAFETENSORS, SAFETENSORS_INDEX, "model-*-of-*.safetensors", f"{PARAMS}/*"]
 # org/name; the name is the default output folder of a pull, so it cannot be "." or start with one.
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")

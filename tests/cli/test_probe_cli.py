@@ -82,3 +82,21 @@ def test_bad_input_is_a_clear_error(cli, model, tmp_path):
     assert r.returncode == 1 and "the model takes 4-channel images" in r.stderr
     r = cli("probe", tmp_path / "nothing", "--data", "digits")
     assert r.returncode == 2 and "no such file or directory" in r.stderr
+
+
+def test_probe_reads_a_timm_export_of_its_model(cli, model, tmp_path):
+    """A timm export (vitctl convert --format timm) is probed for real: the same features as the
+    vitctl-torch checkpoint it was written from, so the same few-shot accuracy; its format named."""
+    from vitctl import checkpoint as ckpt
+    from vitctl.convert import timm as vt
+
+    cfg = ckpt.read_checkpoint_config(model)
+    (tmp_path / "timm").mkdir()
+    ckpt.save_torch(tmp_path / "timm", vt.to_timm_state_dict(ckpt.load_torch(model, cfg), cfg))
+    ckpt.write_config(tmp_path / "timm", cfg, {"target_format": "timm"}, head=vt.timm_hub_config(cfg))
+    args = ("--data", "digits", "--mode", "fewshot", "--shots", "5", "--seeds", "1", "--json")
+    ours, theirs = (cli("probe", c, *args) for c in (model, tmp_path / "timm"))
+    assert ours.returncode == 0 and theirs.returncode == 0, theirs.stderr
+    a, b = json.loads(ours.stdout), json.loads(theirs.stdout)
+    assert b["checkpoint"]["format"] == "timm" and b["feature_dim"] == a["feature_dim"]
+    assert b["fewshot"]["5"]["accuracy"] == pytest.approx(a["fewshot"]["5"]["accuracy"], abs=0.01)

@@ -181,3 +181,44 @@ def test_local_dir_checkpoint_loads_with_timm(tmp_path):
     data = timm.data.resolve_model_data_config(model)
     assert data["input_size"] == (3, 16, 16) and tuple(data["mean"]) == (0.5,) * 3 and data["crop_pct"] == 1.0
     assert tuple(timm.data.resolve_model_data_config(timm_model(cfg))["input_size"]) == (3, 16, 16)  # JSON: a list
+
+
+def test_convert_cli_prints_the_calls_that_load_the_export(tmp_path, capsys):
+    """`vitctl convert ... --format timm` prints (and --json carries) the timm.create_model calls; each
+    one, run as printed, loads the written files into the same model. Other commands name the format."""
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    from vitctl import checkpoint as ckpt
+    from vitctl.cli import main
+
+    cfg = FAMILIES["parallel-22b"]
+    src = tmp_path / "jax"
+    src.mkdir()
+    ckpt.save_jax(src, random_params(cfg))
+    ckpt.write_config(src, cfg, {"source_format": "test"})
+
+    def cli(*args):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main([str(a) for a in args])
+        return e.value.code, *capsys.readouterr()
+
+    code, out, err = cli("convert", "jax-to-torch", src, tmp_path / "t", "--format", "timm")
+    assert code == 0 and out.strip() == str(tmp_path / "t")
+    assert f"load it with timm: timm.create_model('local-dir:{tmp_path / 't'}', pretrained=True)" in err
+    code, out, _ = cli("convert", "jax-to-torch", src, tmp_path / "t2", "--format", "timm", "--json")
+    calls = json.loads(out)["timm"]
+    assert calls["create_model"] == f"timm.create_model('local-dir:{tmp_path / 't2'}', pretrained=True)"
+    reference = load(timm_model(cfg), vt.to_timm_state_dict(mapping.jax_to_torch(random_params(cfg), cfg), cfg))
+    x = torch.zeros(2, 3, 16, 16).normal_()
+    for call in (calls["create_model"], calls["create_model_explicit"]):
+        model = eval(call, {"timm": timm}).eval()  # the printed line, as a user pastes it
+        with torch.no_grad():
+            assert torch.equal(model(x), reference(x)), call
+
+    code, out, _ = cli("info", tmp_path / "t", "--json")
+    assert code == 0 and json.loads(out)["formats"] == ["timm"]
+    code, _, err = cli("convert", "torch-to-jax", tmp_path / "t", tmp_path / "back")
+    assert code == 1 and "is a timm export (written by --format timm); convert torch-to-jax reads" in err
+    assert "vitctl reads timm checkpoints from the transfer issue on" in err and "it came from" in err and "Traceback" not in err
+    assert not (tmp_path / "back").exists()
