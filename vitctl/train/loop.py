@@ -531,7 +531,7 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
     setup = get_setup(cfg, tcfg, mesh)  # checks divisibility before compiling
     provenance = {"source_format": "train", "source": public_source(tcfg.model), "created_by": "vitctl train",
                   "data": public_source(tcfg.data), "seed": tcfg.seed}  # fmt: skip
-    if dataset.class_names:
+    if getattr(dataset, "class_names", None):  # a data set without names (e.g. bare arrays) records none
         provenance["class_names"] = [str(c) for c in dataset.class_names]
     signum = any_process(stop.signum)
     if signum:  # signalled while loading and checking: nothing written yet
