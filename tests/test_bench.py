@@ -273,3 +273,81 @@ def test_convert_benchmark_script_runs(tmp_path):
     assert len(speed) == 6 and all(r["baseline"].startswith("cp ") and r["ratio"] > 0 for r in speed)
     assert sum(n.endswith(" peak RSS") for n in rows) == 6
     assert not list(tmp_path.glob("*/out-*")) and not list(tmp_path.glob("*/src-*"))  # outputs and sources removed
+
+
+# ----------------------------------------------------------------------------- width and interruption
+FULL_NAMES = [  # the longest row names of a full run (README's table)
+    ("train parallel B/16 fp32 b8 vitctl-jax GFLOP/s", "GFLOP/s", "GEMM torch fp32 (oneDNN)"),
+    ("forward classic B/16 fp32 b32 vitctl-torch", "images/s", "forward classic B/16 fp32 b32 timm"),
+    ("forward parallel B/16 fp32 b8 plain-flax", "images/s", "forward parallel B/16 fp32 b8 timm"),
+    ("convert jax-to-torch parallel S/16", "GB/s", "cp -r (same bytes)"),
+    ("vitctl info vit-22b peak RSS", "MiB", "vitctl --help peak RSS"),
+]
+
+
+def test_table_fits_80_columns_and_keeps_every_figure():
+    """The CLI's table (no notes) fits 80 columns with the full mode's longest names: lines at most 80
+    wide, every value, unit and ratio whole, every word of every name shown."""
+    from rich.console import Console
+
+    rows = bench.link([bench.Row(n, 123.456, u, b, note="best of 4 shapes: 768x3072x768, compile 12.3 s") for n, u, b in FULL_NAMES])
+    for r in rows:
+        r.ratio = 0.987
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(bench.rows_table("vitctl bench (full): AMD EPYC, 2 cores", rows, notes=False))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80 and "…" not in text
+    words = text.split()
+    assert words.count("123") == len(rows) and words.count("0.99") == len(rows)
+    for n, u, _ in FULL_NAMES:
+        assert all(w in words for w in n.split()) and u in words
+    assert "compile" not in text  # notes: --json only
+
+
+def _bench_until_rows(args: list[str], last_row: str, sig: int):
+    """Starts `vitctl bench --tiny ARGS`, waits until its stderr reports `last_row` measured, sends
+    `sig`, and returns (exit code, stdout, stderr, the rows reported before the signal)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-m", "vitctl", "bench", "--tiny", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)  # fmt: skip
+    seen, before = [], []
+    try:
+        for line in p.stderr:  # waits on the rows themselves, not on a clock
+            seen.append(line)
+            if m := re.search(r"row: (.+?) = ", line):
+                before.append(m.group(1))
+            if last_row in before:
+                p.send_signal(sig)
+                break
+        out, rest = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert last_row in before, "".join(seen)[-3000:]
+    return p.returncode, out, "".join(seen) + rest, before
+
+
+@pytest.mark.parametrize("sig, fmt", [("SIGTERM", "--json"), ("SIGINT", "table")])
+def test_interrupt_prints_the_rows_so_far_and_exits_130(sig, fmt):
+    """SIGTERM or Ctrl-C during `vitctl bench` (here: after the GEMM rows, while the CLI rows run their
+    child processes): the rows measured so far are printed, as --json or as the table at the
+    terminal's width (80 columns in a pipe), and it exits 130."""
+    import signal
+
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    args = ["--only", "gemm,cli"] + (["--json"] if fmt == "--json" else [])
+    code, out, err, before = _bench_until_rows(args, "GEMM XLA bf16", getattr(signal, sig))
+    assert code == 130, err[-3000:]
+    assert "Interrupted: stopped during" in err
+    if fmt == "--json":
+        report = json.loads(out)  # stdout is still one JSON object
+        assert [r["name"] for r in report["rows"]][: len(before)] == before and report["interrupted"] in ("gemm", "cli")
+        assert any("interrupted during" in n for n in report["notes"])
+    else:
+        assert max(map(len, out.splitlines())) <= 80 and "interrupted during" in out
+        assert all(name in out for name in before)

@@ -623,6 +623,10 @@ def run_command(cmd: list[str], timeout: float | None = None, env: dict | None =
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise TimeoutError(f"{' '.join(cmd)} ran past {timeout} s") from None
+        except BaseException:  # Ctrl-C / SIGTERM in the benchmark: the child goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         seconds, maxrss, code, cpu = json.loads(report)
         others = _others_share(s0, proc_stat_busy(), cpu)
         return Run(seconds, maxrss, code, cpu, others, out.read_text(errors="replace"), err.read_text(errors="replace"))
@@ -708,14 +712,24 @@ def short_baseline(row: Row) -> str:
     return " ".join(theirs[n:])
 
 
-def rows_table(title: str, rows: list[Row]):
-    """The bench table: name, value, unit, baseline (shortened), ratio, note."""
-    return table(
+def rows_table(title: str, rows: list[Row], notes: bool = True):
+    """The bench table: name, value, unit, baseline (shortened), ratio and, with `notes`, each
+    row's note. Without notes the name and baseline columns may wrap, so it fits 80 columns."""
+    columns = ["name", "value", "unit", "vs", "ratio"] + (["note"] if notes else [])
+    t = table(
         title,
-        ["name", "value", "unit", "vs", "ratio", "note"],
-        ([r.name, fmt_value(r.value), r.unit, short_baseline(r), "-" if r.ratio is None else f"{r.ratio:.2f}", r.note] for r in rows),
+        columns,
+        (
+            [r.name, fmt_value(r.value), r.unit, short_baseline(r), "-" if r.ratio is None else f"{r.ratio:.2f}", r.note][: len(columns)]
+            for r in rows
+        ),
         left=(0, 2, 3, 5),
     )
+    if not notes:
+        t.columns[0].no_wrap = False
+        for c in t.columns[1:]:
+            c.no_wrap = c.header in ("value", "unit", "ratio")  # numbers and units never break
+    return t
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -767,6 +781,7 @@ class Report:
     machine: dict
     load: dict
     notes: list[str]
+    interrupted: str | None = None  # the section a Ctrl-C or SIGTERM stopped; rows before it are kept
 
     def as_dict(self) -> dict:
         return {
@@ -775,6 +790,7 @@ class Report:
             "machine": self.machine,
             "load": self.load,
             "notes": self.notes,
+            "interrupted": self.interrupted,
         }
 
 
@@ -793,6 +809,8 @@ class _Bench:
 
     def add(self, *rows: Row) -> None:
         self.rows.extend(rows)
+        for r in rows:  # each row as it is measured: progress, and what an interruption keeps
+            self.log(f"row: {r.name} = {fmt_value(r.value)} {r.unit}")
 
     def timed(self, fns: dict[str, Callable[[], object]], warmup: int | None = None) -> dict[str, float]:
         """Best seconds per call of each fn, interleaved."""
@@ -1002,16 +1020,23 @@ def run(mode: str | Mode = "full", sections: Iterable[str] = SECTIONS, log: Call
     t0 = time.perf_counter()
     bench = _Bench(mode, lambda msg: log(f"[{time.perf_counter() - t0:5.0f} s] {msg}") if log else None)
     monitor = LoadMonitor()
-    if chosen & {"gemm", "torch-forward", "torch-train"}:
-        import torch
-
-        torch.set_num_threads(num_cores())
     steps = {"gemm": bench.gemm, "torch-forward": bench.torch_forward, "jax-forward": bench.jax_forward,
              "torch-train": bench.torch_train, "jax-train": bench.jax_train, "convert": bench.convert, "cli": bench.cli}  # fmt: skip
-    for name in SECTIONS:
-        if name in chosen:
-            steps[name]()
+    interrupted = None
+    try:  # Ctrl-C (or SIGTERM, which the CLI turns into one) keeps the rows measured so far
+        interrupted = "set-up"
+        if chosen & {"gemm", "torch-forward", "torch-train"}:
+            import torch
+
+            torch.set_num_threads(num_cores())
+        for name in SECTIONS:
+            if name in chosen:
+                interrupted = name
+                steps[name]()
+        interrupted = None
+    except KeyboardInterrupt:
+        bench.notes.append(f"interrupted during {interrupted}: {len(bench.rows)} rows measured before it are kept")
     if not bench.has_timm:
         bench.notes.append("timm is not installed (pip install timm): the timm rows are empty and so are the ratios against them")
     load = {**monitor.summary(), "quiet_gate": bench.gate.summary(), "describe": f"{monitor.describe()}; {bench.gate.describe()}"}
-    return Report(mode.name, link(bench.rows), machine(), load, bench.notes)
+    return Report(mode.name, link(bench.rows), machine(), load, bench.notes, interrupted)

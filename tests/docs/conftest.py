@@ -47,7 +47,7 @@ class Sandbox:
         """Runs `script` with bash as a user's shell would (stops at the first failing command)."""
         p = subprocess.run(
             ["bash", "-c", "set -euo pipefail\n" + script],
-            cwd=cwd or self.root, env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            check=False, cwd=cwd or self.root, env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         return Ran(script, p.returncode, p.stdout, p.stderr)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 
@@ -31,8 +30,10 @@ README = ROOT / "README.md"
 SUBSTITUTES: dict[str, tuple[str, str]] = {
     "make demo   # creates or reuses .venv, installs pinned torch, then vitctl; runs the main job": (
         "vitctl info vit-22b",
-        "the recipe's first line (checked against the Makefile below); its `vitctl demo --force` (300 steps, ~2 min) "
-        "is run by tests/cli/test_demo.py as `vitctl demo --out DIR --steps 6` (and --force, --json)",
+        (
+            "the recipe's first line (checked against the Makefile below); its `vitctl demo --force` (300 steps, ~2 min) "
+            "is run by tests/cli/test_demo.py as `vitctl demo --out DIR --steps 6` (and --force, --json)"
+        ),
     ),
     "make test   # same environment; runs the whole test suite (what CI runs: .ci/run)": (
         "",
@@ -86,7 +87,7 @@ def substituted(code: str) -> str:
 
 
 def vitctl_words(line: str) -> str:
-    """"vitctl hub push A B --x" -> "hub push"; "" for a line that is not a vitctl command."""
+    """ "vitctl hub push A B --x" -> "hub push"; "" for a line that is not a vitctl command."""
     words = [w for w in shlex.split(line, comments=True) if "=" not in w or w.startswith("-")]
     if not words or words[0] != "vitctl":
         return ""
@@ -114,7 +115,7 @@ def test_readme_blocks_are_runnable_or_labelled():
     # Indented (unfenced) code that starts with a command would escape the harness.
     indented = [ln for ln in text.splitlines() if re.match(r"    (vitctl|make|python) ", ln)]
     assert not indented, indented
-    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
     assert [ln.strip() for ln in recipe.splitlines()] == MAKE_DEMO
 
 
@@ -145,7 +146,7 @@ def readme_run(tmp_path_factory):
 
 
 def test_every_bash_block_runs(readme_run):
-    box, ran = readme_run
+    _, ran = readme_run
     b, r = ran[-1]
     assert r.returncode == 0, f"README block at line {b['line']} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     assert len(ran) == sum(b["lang"] == "bash" for b in blocks(README.read_text()))
