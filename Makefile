@@ -1,7 +1,11 @@
 # The two set-up commands (README): `make demo` runs the main job, `make test` the whole
-# test suite. Each creates or reuses the virtual environment in .venv, installs the
-# pinned torch first (a bare `torch` requirement would pull a multi-GB CUDA build; the
-# 2.14.1 + torchvision 0.29.1 pair is the one timm imports cleanly with), then vitctl.
+# test suite. Each creates or reuses the virtual environment in .venv, installs the pinned
+# torch + torchvision pair first, then vitctl. Why this pair: timm (tests, bench) imports
+# torchvision, and torch 2.14.1 + torchvision 0.29.1 is the pair that imports cleanly here.
+# On Linux x86-64 PyPI's torch 2.14.1 is the CUDA 13 build: it runs on CPU, but with its
+# nvidia-* and triton packages it takes about 5.3 GB. The CPU-only wheels are only on
+# download.pytorch.org, which these machines cannot reach. To keep a torch you already
+# have, run `pip install -e ".[dev]"` in its environment instead.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitctl-installed
