@@ -154,7 +154,9 @@ def push(
     report, probe = find_verify_report(ckpt), find_probe_report(ckpt)
     card = model_card(ckpt, cfg, repo_id, files, report, license, probe)
     extra = {CARD: card.encode(), CONFIG: _public_config(files[CONFIG])}
-    extra.update({name: json.dumps(public_report(r), indent=2).encode() for name, r in ((VERIFY_REPORT, report), (PROBE_REPORT, probe)) if r})
+    extra.update(
+        {name: json.dumps(public_report(r), indent=2).encode() for name, r in ((VERIFY_REPORT, report), (PROBE_REPORT, probe)) if r}
+    )
     extra = {k: v for k, v in extra.items() if v is not None}
     check_public(ckpt, {rel: path for rel, path in files.items() if rel not in extra} | extra)
     hf = _hf()

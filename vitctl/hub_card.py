@@ -68,7 +68,9 @@ def find_verify_report(ckpt: Path) -> dict[str, Any] | None:
 
 def find_probe_report(ckpt: Path) -> dict[str, Any] | None:
     """`vitctl probe --json` output for this checkpoint: ckpt/probe.json, else the parent's (as `vitctl demo` writes it)."""
-    report = _own_report(ckpt, PROBE_REPORT, lambda r: [(r.get("checkpoint") or {}).get("path")] if isinstance(r.get("checkpoint"), dict) else [])
+    report = _own_report(
+        ckpt, PROBE_REPORT, lambda r: [(r.get("checkpoint") or {}).get("path")] if isinstance(r.get("checkpoint"), dict) else []
+    )
     return report if report is not None and ("linear" in report or "fewshot" in report) else None
 
 
@@ -142,7 +144,9 @@ def model_index(name: str, train: dict[str, Any], probe: dict[str, Any] | None) 
     if probe and probe.get("data"):
         metrics = []
         if _number(probe.get("linear_accuracy")):
-            metrics.append({"type": "accuracy", "value": float(probe["linear_accuracy"]), "name": f"linear probe accuracy ({probe['layer']})"})
+            metrics.append(
+                {"type": "accuracy", "value": float(probe["linear_accuracy"]), "name": f"linear probe accuracy ({probe['layer']})"}
+            )
         for k, v in (probe.get("fewshot_accuracy") or {}).items():
             if _number(v):
                 metrics.append({"type": "accuracy", "value": float(v), "name": f"{k}-shot accuracy ({probe['layer']})"})
@@ -193,8 +197,11 @@ def model_card(
         "class_names": train.get("class_names"),
         "provenance": provenance,
     }
-    front = yaml.safe_dump(meta, sort_keys=False, default_flow_style=False)
-    return f"---\n{front}---\n\n" + _body(name, repo_id, cfg, pre, counts, files, jax, timm, train, verify, probe, model)
+    # Written out in full, never as YAML anchors and aliases (&id001 / *id001), which not every card reader follows.
+    dumper = type("Dumper", (yaml.SafeDumper,), {"ignore_aliases": lambda self, data: True})
+    front = yaml.dump(meta, Dumper=dumper, sort_keys=False, default_flow_style=False)
+    reports = [n for n, r in ((VERIFY_REPORT, report), (PROBE_REPORT, probe_report)) if r is not None]
+    return f"---\n{front}---\n\n" + _body(name, repo_id, cfg, pre, counts, [*files, *reports], jax, timm, train, verify, probe, model)
 
 
 def _body(name, repo_id, cfg, pre, counts, files, jax, timm, train, verify, probe, model) -> str:

@@ -77,6 +77,7 @@ def test_push_of_a_converted_run_publishes_no_local_path_and_a_full_card(hub, vi
     assert json.loads(files["verify.json"])["a"] == {"path": "jax"} and json.loads(files["probe.json"])["cache_file"] == "x.npz"
 
     data, text, blocks = card_parts(files["README.md"].decode())
+    assert "&id0" not in files["README.md"].decode() and "- `probe.json`" in text  # no YAML aliases; the reports listed
     assert data.license == "apache-2.0" and data.library_name == "vitctl" and {"vitctl", "pytorch", "safetensors"} <= set(data.tags)
     results = {(e.dataset_name, e.metric_name): e.metric_value for e in data.eval_results}
     assert results[("digits", "test accuracy (vitctl train)")] == 0.875

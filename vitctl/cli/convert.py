@@ -167,7 +167,11 @@ def jax_to_torch(
     src: SrcArg,
     dst: DstArg,
     fmt: Annotated[
-        TargetFormat, typer.Option("--format", help="vitctl: model.safetensors (or shards) + config.json; timm: loads into timm's ViT.")
+        TargetFormat,
+        typer.Option(
+            "--format",
+            help="vitctl: model.safetensors (or shards) + config.json; timm: loads into timm's ViT (the create_model call is printed).",
+        ),
     ] = TargetFormat.vitctl,
     dtype: DtypeOpt = Dtype.keep,
     max_shard_size: ShardOpt = "5GB",
