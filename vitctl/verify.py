@@ -380,13 +380,10 @@ def flips(cfg: ViTConfig, precision: str) -> list[tuple[str, ViTConfig, Callable
     ]
     out += [(f"norm epsilon {eps:g}", r(cfg, norm_eps=eps), None) for eps in (1e-5, 1e-6, 1e-12) if eps != cfg.norm_eps]
     other = {"layernorm": "rmsnorm", "rmsnorm": "layernorm"}[cfg.norm]
-    out.append(
-        (
-            f"{'LayerNorm' if other == 'layernorm' else 'RMSNorm'} instead of {cfg.norm}",
-            r(cfg, norm=other, norm_bias=cfg.norm_bias and other == "layernorm"),
-            None,
-        )
-    )
+    norm_cfg = r(cfg, norm=other, norm_bias=cfg.norm_bias and other == "layernorm")
+    keep = set(mapping.jax_param_shapes(norm_cfg, stacked=False))  # RMSNorm has no bias: drop the norms' biases
+    drop_bias = (lambda p: {k: v for k, v in p.items() if k in keep}) if cfg.norm_bias != norm_cfg.norm_bias else None
+    out.append((f"{'LayerNorm' if other == 'layernorm' else 'RMSNorm'} instead of {cfg.norm}", norm_cfg, drop_bias))
     if precision == "bf16":  # in fp32 the softmax dtype is fp32 either way
         out.append(
             (
