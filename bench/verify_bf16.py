@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 
 import ml_dtypes
-import numpy as np
 
 from vitctl import checkpoint as ckpt
 from vitctl import preprocess

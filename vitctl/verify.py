@@ -412,7 +412,14 @@ def diagnose(b: Side, b_params: dict, images: list, out_a: dict, tol: Tolerance,
         passed = r["first_divergent"] is None and not r["unmatched_layers"]
         ratio = r["rel_rms"] / base["rel_rms"] if base["rel_rms"] else 1.0
         results.append(
-            {"flip": what, "passed": passed, "named": passed and ratio <= MATERIAL, "max_abs": r["max_abs"], "rel_rms": r["rel_rms"], "ratio": ratio}
+            {
+                "flip": what,
+                "passed": passed,
+                "named": passed and ratio <= MATERIAL,
+                "max_abs": r["max_abs"],
+                "rel_rms": r["rel_rms"],
+                "ratio": ratio,
+            }
         )
     return results
 
@@ -429,7 +436,9 @@ def diagnosis_note(results: list[dict[str, Any]], precision: str) -> str:
     if named:
         return "; ".join(f"with {d['flip']} on B the relative RMS error drops {1 / d['ratio']:.0f}x and the check passes" for d in named)
     note = "no single known convention explains the difference (none passes and at least halves the error)"
-    return note + ("; GELU form and norm epsilon change bf16 outputs by less than round-off: check them in fp32" if precision == "bf16" else "")
+    return note + (
+        "; GELU form and norm epsilon change bf16 outputs by less than round-off: check them in fp32" if precision == "bf16" else ""
+    )
 
 
 def hint(report: dict[str, Any], precision: str, bf16_weights: bool, given: list[str]) -> str:
@@ -506,7 +515,9 @@ def verify(
     if run_diagnose and not report["passed"] and not result["unmatched_layers"]:
         if report.get("roundoff", {}).get("consistent"):
             report["diagnosis"] = []
-            report["diagnosis_note"] = f"differences are consistent with bf16 round-off: {report['roundoff']['summary']}; no convention is flipped"
+            report["diagnosis_note"] = (
+                f"differences are consistent with bf16 round-off: {report['roundoff']['summary']}; no convention is flipped"
+            )
         else:
             report["diagnosis"] = diagnose(side_b, b_params, inputs, out_a, tol, precision, result)
             report["diagnosis_note"] = diagnosis_note(report["diagnosis"], precision)
