@@ -56,3 +56,14 @@ def test_shortfall_hint_names_the_setting(monkeypatch):
     assert "raise it to 8" in devices.shortfall_hint(8, 2)
     monkeypatch.setenv("XLA_FLAGS", "")
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=16 before importing jax" in devices.shortfall_hint(16, 8)
+
+
+def test_shortfall_hint_after_a_small_devices_option(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(devices, "_chosen", {})
+    jax = sys.modules.pop("jax")  # as before JAX starts
+    try:
+        assert devices.prepare_cpu_devices("data=4", devices=2) == 2
+    finally:
+        sys.modules["jax"] = jax
+    assert devices.shortfall_hint(4, 2).startswith("--devices 2 is fewer than the mesh needs")

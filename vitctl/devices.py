@@ -17,6 +17,7 @@ import sys
 
 FLAG = "--xla_force_host_platform_device_count"
 _SET = re.compile(re.escape(FLAG) + r"=(\d+)")
+_chosen: dict[str, int] = {}  # what prepare_cpu_devices set, and from which option
 
 
 def mesh_device_count(mesh: str | None) -> int | None:
@@ -46,12 +47,15 @@ def prepare_cpu_devices(mesh: str | None, devices: int | None = None, num_proces
         from vitctl.errors import ConfigError
 
         raise ConfigError(f"--devices must be at least 1, got {devices}", hint="e.g. --devices 8, or leave it out to take the count from --mesh")
+    option = "--devices"
     if devices is None:
-        total = mesh_device_count(mesh)
+        option, total = "--mesh", mesh_device_count(mesh)
         devices = -(-total // max(num_processes, 1)) if total else None
     if not devices or devices <= 1 or user_device_count() is not None or "jax" in sys.modules:
         return None
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}={devices}".strip()
+    _chosen.clear()
+    _chosen[option] = devices
     return devices
 
 
@@ -62,6 +66,8 @@ def shortfall_hint(needed: int, available: int) -> str:
     if jax.default_backend() != "cpu":
         return f"this host has {available} {jax.default_backend()} devices: make the mesh smaller (its sizes multiply to at most {available})"
     user = user_device_count()
+    if "--devices" in _chosen and user == _chosen["--devices"] and user < needed:
+        return f"--devices {user} is fewer than the mesh needs: give --devices {needed} or more, or make the mesh smaller"
     if user is not None and user < needed:
         return f"XLA_FLAGS sets {FLAG}={user}: raise it to {needed}, or make the mesh smaller"
     return (
