@@ -117,6 +117,8 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
     local = str(resolve_checkpoint(model, backend="config")) if is_hub_uri(model) else model  # hf://: config.json only
     name, (_, cfg, path) = model, resolve(local)
     result: dict[str, Any] = {"name": name, "config": cfg.to_dict(), **sizes(cfg)}
+    if warning := _grid_warning(cfg, name):
+        result["warnings"] = [warning]
     if path is not None and path.is_file():  # a big_vision .npz (resolve returns no other file)
         from vitctl.convert import big_vision
 
@@ -143,6 +145,18 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
             out.print(f"provenance.{k}: {v}", markup=False)
         for note in result.get("notes", []):
             err.print(f"note: {note}", markup=False)
+    for warning in result.get("warnings", []):
+        err.print(f"Warning: {warning}", markup=False)
+
+
+def _grid_warning(cfg: ViTConfig, name: str) -> str | None:
+    """The patch-grid refusal of `vitctl train`, as a warning: a config with one token is
+    valid (a checkpoint may hold one), but nothing in it can attend."""
+    try:
+        cfg.check_patch_grid(name)
+    except ConfigError as e:
+        return f"{e.message}; {e.hint}"
+    return None
 
 
 def _jax_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
@@ -166,9 +180,6 @@ def _torch_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
     state = ViT(cfg).state_dict()
     as_np = {torch.bfloat16: lambda t: t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)}
     return {k: np.asarray(as_np.get(t.dtype, torch.Tensor.numpy)(t.detach().cpu())) for k, t in state.items()}
-
-
-RUNTIME_BYTES = 2**30  # jax, XLA and the interpreter, beside the parameters
 
 
 RUNTIME_BYTES = 2**30  # what jax, XLA and the interpreter take beside the parameters
@@ -196,6 +207,8 @@ def init(
     name, cfg, _ = resolve(model) if model is not None else resolve(str(config))
     overrides = {"num_classes": num_classes, "image_size": image_size, "param_dtype": param_dtype and param_dtype.value}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})  # validates
+    if warning := _grid_warning(cfg, name):
+        err.print(f"Warning: {warning}", markup=False)
     total = sizes(cfg)["params_total"]
     nbytes = total * (2 if cfg.param_dtype == "bfloat16" else 4)
     # The parameters, plus what init holds besides them at its peak (the random draws of the
