@@ -398,8 +398,9 @@ def flips(cfg: ViTConfig, precision: str) -> list[tuple[str, ViTConfig, Callable
 
 def diagnose(b: Side, b_params: dict, images: list, out_a: dict, tol: Tolerance, precision: str, base: dict) -> list[dict[str, Any]]:
     """Each flip on B, judged by `tol`. `named`: it passes and cuts the worst relative RMS error
-    of `base` (the unflipped comparison) at least by MATERIAL: a flip that changes nothing moves
-    it by round-off alone (x0.85-1.15 in bf16), fixing the actual bug by 30x or more."""
+    of `base` (the unflipped comparison) at least by MATERIAL. A flip that is not the cause
+    leaves the error at the bug's level (or moves it by round-off, when there is no bug); the
+    cause brings it down to round-off, an order of magnitude or more (bench/verify_bf16.py)."""
     results = []
     for what, cfg, transform in flips(b.cfg, precision):
         side = dataclasses.replace(b, format="vitctl-jax" if b.backend == "jax" else "vitctl-torch")
