@@ -470,6 +470,10 @@ def probe(
     timings["hash"] = time.perf_counter() - t
 
     notes, cached = [], False
+    try:  # a checkpoint may hold a one-token model (train refuses to make one): its features are one patch's
+        cfg.check_patch_grid(str(ckpt_path))
+    except ConfigError as e:
+        notes.append(e.message)
     if use_cache and entry.exists():
         got = load_cached(entry, key, (len(train), len(test)))
         if isinstance(got, str):

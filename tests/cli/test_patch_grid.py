@@ -17,3 +17,11 @@ def test_no_warning_with_a_grid(tmp_path, cli):
     assert rc == 0 and "warnings" not in json.loads(stdout) and "Warning" not in stderr
     rc, _, stderr = cli("init", "vit22b-mu/16", "--image-size", "32", "--out", tmp_path / "four")
     assert rc == 0 and "Warning" not in stderr
+
+
+def test_probe_notes_a_one_token_checkpoint(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("VITCTL_CACHE", str(tmp_path / "cache"))
+    assert cli("init", "vit22b-mu/16", "--image-size", "16", "--num-classes", "10", "--out", tmp_path / "one").returncode == 0
+    rc, stdout, stderr = cli("probe", tmp_path / "one", "--data", "digits", "--mode", "fewshot", "--shots", "1", "--seeds", "1", "--json")
+    assert rc == 0, stderr
+    assert any("1x1 patch of 16 px" in n for n in json.loads(stdout)["notes"]) and "note: " in stderr
