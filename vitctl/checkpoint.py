@@ -416,7 +416,9 @@ def is_timm_config(path: str | Path) -> bool:
 def timm_export_error(where: str | Path, doing: str, load: str | None = None) -> CheckpointError:
     """The refusal for a timm export given to a command that reads vitctl's own checkpoints.
     `load`: the timm.create_model name that loads it (default: local-dir:WHERE)."""
-    load = load or f"local-dir:{Path(where).absolute()}"
+    if load is None:  # a Hugging Face cache snapshot loads by its repo id, anything else by its folder
+        public = public_value(str(Path(where).absolute()))
+        load = f"hf-hub:{public[len('hf://'):]}" if public.startswith("hf://") else f"local-dir:{Path(where).absolute()}"
     return CheckpointError(
         f"{where} is a timm export (written by --format timm); {doing} reads vitctl-torch and vitctl-jax checkpoints, "
         "and vitctl reads timm checkpoints from the transfer issue on",
