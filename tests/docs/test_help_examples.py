@@ -84,8 +84,10 @@ INSTEAD: dict[str, tuple[str, str]] = {
     ),
     "vitctl train --data digits --out /shared/runs/r2 --mesh data=2,fsdp=4 --coordinator 10.0.0.1:5476 --num-processes 2 --process-id 0": (
         "",
-        "a second host (10.0.0.1, /shared); tests/train/test_multiprocess.py runs 2 processes on loopback (and this "
-        "harness runs a `--process-id 0` example with its partner when one names a loopback coordinator)",
+        (
+            "a second host (10.0.0.1, /shared); tests/train/test_multiprocess.py runs 2 processes on loopback (and this "
+            "harness runs a `--process-id 0` example with its partner when one names a loopback coordinator)"
+        ),
     ),
     "vitctl hub push runs/demo/torch me/demo --include-jax --private --revision exp1": (
         "", "awaits vitctl/cli/hub.py change: runs/demo/torch has no params/, so --include-jax is refused (exit 2)"),
