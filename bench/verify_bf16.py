@@ -12,7 +12,7 @@ pre-logits and logits max-abs (the old bar's measure), the lowest cosine, top-1 
 and the verdict under PRESETS["bf16"]. A row for the same flip applied to side A as well
 (`noop`) gives the spread of a flip that changes nothing: what diagnose must not call a fix.
 
-    python bench/verify_bf16.py --model vit22b-mu/16 --model Ti/16 --trained /tmp/demo/jax --batch 8 [--json]
+    python bench/verify_bf16.py --model vit22b-mu/16 --model Ti/16,depth=48 --trained /tmp/demo/jax --batch 8 [--json]
 """
 
 from __future__ import annotations
@@ -72,15 +72,17 @@ def measure(name: str, cfg: ViTConfig, params: dict, batch: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", default=[], help="a preset, random init (repeatable)")
+    ap.add_argument("--model", action="append", default=[], help="a preset, random init, e.g. vit22b-Ti/16,depth=48 (repeatable)")
     ap.add_argument("--trained", action="append", default=[], help="a vitctl-jax checkpoint directory (repeatable)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     set_precision("bf16")
     rows = []
-    for spec in args.model:
-        cfg = ViTConfig.from_variant(spec, head_zero_init=False)  # a zero head makes the logits all 0
+    for spec in args.model:  # "vit22b-Ti/16" or "vit22b-Ti/16,depth=48"
+        name, *over = spec.split(",")
+        over = {k: int(v) for k, v in (o.split("=") for o in over)}
+        cfg = ViTConfig.from_variant(name, head_zero_init=False, **over)  # a zero head makes the logits all 0
         rows += measure(f"{spec} random", cfg, dict(unstack(random_weights(cfg), cfg.depth)), args.batch)
     for path in args.trained:
         cfg = ckpt.read_checkpoint_config(Path(path))

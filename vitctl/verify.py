@@ -442,12 +442,17 @@ def diagnosis_note(results: list[dict[str, Any]], precision: str) -> str:
     )
 
 
-def hint(report: dict[str, Any], precision: str, bf16_weights: bool, given: list[str]) -> str:
+def hint(report: dict[str, Any], precision: str, given: list[str]) -> str:
     """The next thing to try when the check fails."""
     r = report.get("roundoff", {})
     if r.get("consistent") and precision == "bf16":
-        bars = " / ".join(given) or "the bars"
-        return f"the differences are consistent with bf16 round-off ({r['summary']}); {bars} do not scale with the values: leave them out to judge by the bf16 preset"
+        bars = ", ".join(f"{flag} {value:g}" for flag, value in given)
+        bars = f"the bar{'s' * (len(given) > 1)} set ({bars}) {'are' if len(given) > 1 else 'is'}" if given else "the bars are"
+        scale = "; max-abs does not scale with the values" if any(f != "--rel-tol" for f, _ in given) else ""
+        return (
+            f"the differences are consistent with bf16 round-off ({r['summary']}); {bars} tighter than bf16 allows{scale}: "
+            f"leave them out to judge by the bf16 preset, relative RMS error <= {PRESETS['bf16'].rel:g}"
+        )
     if r.get("consistent"):
         return f"a side holds bfloat16 weights and the differences are consistent with their round-off ({r['summary']}): verify with --precision bf16"
     below = "; in bf16, GELU form and norm epsilon are below round-off: verify in fp32 to check them" if precision == "bf16" else ""
@@ -512,7 +517,7 @@ def verify(
     if precision == "bf16" or bf16_weights:
         report["roundoff"] = roundoff(result)
     if not report["passed"]:
-        report["hint"] = hint(report, precision, bf16_weights, [f for f, v in given.items() if v is not None])
+        report["hint"] = hint(report, precision, [(f, v) for f, v in given.items() if v is not None])
     if run_diagnose and not report["passed"] and not result["unmatched_layers"]:
         if report.get("roundoff", {}).get("consistent"):
             report["diagnosis"] = []

@@ -148,7 +148,7 @@ def show(r: dict[str, Any]) -> None:
         out.print(t)
     if "top1" in r:
         out.print(f"logits: top-1 agreement {r['top1']:.1%}, top-5 overlap {r['top5']:.1%}")
-    if r.get("roundoff", {}).get("consistent") and not r.get("diagnosis_note"):
+    if r.get("roundoff", {}).get("consistent") and not r.get("diagnosis_note") and not r.get("hint"):  # else they say it
         out.print(f"bf16 round-off: the differences are consistent with it: {r['roundoff']['summary']}")
     for p in r.get("problems", []):
         out.print(f"[red]problem:[/] {escape(p)}")
