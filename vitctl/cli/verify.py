@@ -159,8 +159,10 @@ def show(r: dict[str, Any]) -> None:
     if r.get("diagnosis_note"):
         out.print(f"diagnose: {escape(r['diagnosis_note'])}")
     if r["passed"]:
-        worst = f"worst relative RMS error {r['rel_rms']:.2e} ({r['rel_rms_layer']})" if r.get("rel_rms") is not None else ""
-        figures = ", ".join(x for x in (f"logits max-abs {r['max_abs']:.2e}" if r.get("max_abs") is not None else "", worst) if x)
+        figures = ", ".join(
+            ([f"logits max-abs {r['max_abs']:.2e} <= {r['tolerance']:g}"] if r.get("tolerance") is not None and r.get("max_abs") is not None else [])
+            + ([f"worst relative RMS error {r['rel_rms']:.2e} ({r['rel_rms_layer']}) <= {r['rel_tol']:g}"] if r.get("rel_tol") is not None else [])
+        ) or "no bar set"  # fmt: skip
         out.print(f"[bold green]PASSED[/]: {figures} ({r['seconds']:.1f} s)")
     else:
         where = f"; first divergent layer: {r['first_divergent']}" if r.get("first_divergent") else ""
