@@ -402,7 +402,7 @@ def diagnose(b: Side, b_params: dict, images: list, out_a: dict, tol: Tolerance,
     """Each flip on B, judged by `tol`. `named`: it passes and cuts the worst relative RMS error
     of `base` (the unflipped comparison) at least by MATERIAL. A flip that is not the cause
     leaves the error at the bug's level (or moves it by round-off, when there is no bug); the
-    cause brings it down to round-off, an order of magnitude or more (bench/verify_bf16.py)."""
+    cause brings it down to round-off, 6x lower or more across bench/verify_bf16.py's models."""
     results = []
     for what, cfg, transform in flips(b.cfg, precision):
         side = dataclasses.replace(b, format="vitctl-jax" if b.backend == "jax" else "vitctl-torch")
