@@ -107,7 +107,8 @@ def training(provenance: dict[str, Any], num_classes: int) -> dict[str, Any]:
 def _verify_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if report is None:
         return None
-    verify = {k: report.get(k) for k in ("passed", "max_abs", "tolerance", "rtol", "first_divergent")}
+    keys = ("passed", "max_abs", "tolerance", "rtol", "rel_rms", "rel_tol", "criterion", "first_divergent")
+    verify = {k: report.get(k) for k in keys}
     settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
     verify.update(precision=settings.get("precision"), vitctl=settings.get("vitctl"))
     if isinstance(report.get("weights"), dict):
@@ -227,9 +228,13 @@ def _body(name, repo_id, cfg, pre, counts, files, jax, timm, train, verify, prob
         results.append("- No `vitctl verify` report came with this checkpoint.")
     else:
         status = "passed" if verify["passed"] else "FAILED"
+        if verify["tolerance"] is None and verify["rel_tol"] is not None:  # bf16: judged by relative RMS error
+            measure = f"worst relative RMS error {verify['rel_rms']} (bar {verify['rel_tol']}"
+        else:
+            measure = f"logits max-abs difference {verify['max_abs']} (tolerance {verify['tolerance']}"
         results.append(
-            f"- `vitctl verify` {status}: logits max-abs difference {verify['max_abs']} (tolerance {verify['tolerance']}, "
-            f"precision {verify['precision']}) between the JAX and PyTorch models; the full report is `verify.json`."
+            f"- `vitctl verify` {status}: {measure}, precision {verify['precision']}) between the JAX and PyTorch models; "
+            "the full report is `verify.json`."
         )
     classes = train.get("class_names")
     classes_md = f"\n\n## Classes\n\n{', '.join(f'`{c}`' for c in classes)} (logit index order)." if classes else ""

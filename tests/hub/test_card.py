@@ -213,3 +213,18 @@ def test_card_metrics_come_from_the_lineage(tmp_path):
     assert training({"created_by": "vitctl init", "source": "tiny"}, CFG.num_classes) == {}
     assert "class_names" not in training({"class_names": CLASSES[:3]}, CFG.num_classes)  # not one per class: not shown
     assert np.isclose(training({"test_accuracy": 0.25}, 10)["test_accuracy"], 0.25)
+
+
+def test_card_states_the_bar_each_precision_was_judged_by(tmp_path):
+    """A bf16 verify report is judged by relative RMS error (no max-abs tolerance): the card says so."""
+    from vitctl.hub_card import model_card
+
+    run = make_run(tmp_path / "run")
+    cfg = ckpt.read_checkpoint_config(run / "jax")
+    fp32 = {"passed": True, "max_abs": 2e-6, "tolerance": 1e-5, "rel_tol": None, "settings": {"precision": "fp32"}}
+    bf16 = {"passed": True, "max_abs": 0.125, "tolerance": None, "rel_rms": 8.5e-3, "rel_tol": 0.05, "rel_rms_layer": "pre_logits",
+            "settings": {"precision": "bf16"}}  # fmt: skip
+    card = model_card(run / "jax", cfg, "me/x", {}, fp32)
+    assert "logits max-abs difference 2e-06 (tolerance 1e-05, precision fp32)" in card
+    card = model_card(run / "jax", cfg, "me/x", {}, bf16)
+    assert "worst relative RMS error 0.0085 (bar 0.05, precision bf16)" in card and "tolerance None" not in card
