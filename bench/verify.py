@@ -107,11 +107,11 @@ def main() -> None:
     worst = max((x for x in r16["layers"] if x["name"] not in ("logits", "pre_logits")), key=lambda x: x["max_rel"])
     rows.append(
         {
-            "name": f"bf16 copy in bf16: worst max-rel ({worst['name']})",
+            "name": f"bf16 copy in bf16: worst max-rel ({worst['name']}; shown, not judged)",
             "value": worst["max_rel"],
             "unit": "",
-            "baseline": r16["rtol"],
-            "ratio": worst["max_rel"] / r16["rtol"],
+            "baseline": None,
+            "ratio": None,
         }
     )
     if args.json:
