@@ -8,7 +8,7 @@ Hub repo), so an example about `ckpt/22b` runs on a small checkpoint of that nam
 example with `--process-id 0` runs with its partner `--process-id 1`, concurrently.
 
 An example that cannot run here as written is in INSTEAD, with what runs in its place (or
-where it is covered) and why; one that waits for its file to change says "awaits <file>".
+where it is covered) and why.
 A listed example that no longer exists fails the test, so the table cannot go stale.
 """
 
@@ -89,12 +89,6 @@ INSTEAD: dict[str, tuple[str, str]] = {
             "harness runs a `--process-id 0` example with its partner when one names a loopback coordinator)"
         ),
     ),
-    "vitctl hub push runs/demo/torch me/demo --include-jax --private --revision exp1": (
-        "", "awaits vitctl/cli/hub.py change: runs/demo/torch has no params/, so --include-jax is refused (exit 2)"),
-    "vitctl probe ckpt/torch --data fashion-mnist --backend torch --layer block:-2 --pool gap --json": (
-        "", "awaits vitctl/cli/probe.py change: Fashion-MNIST is not installed on CI (Debian's dataset-fashion-mnist)"),
-    "vitctl hub pull me/vit22b-ti@4f1c2e9a... --out ckpt/ti-pinned": (
-        "", "awaits vitctl/cli/hub.py change: `4f1c2e9a...` is not a revision"),
 }  # fmt: skip
 
 
@@ -233,10 +227,11 @@ def test_examples_table_is_current():
     assert all(n >= 2 for n in per_command.values()), per_command
 
 
-@pytest.mark.parametrize("name, line", ALL, ids=[line for _, line in ALL])
+RUN = [(name, line) for name, line in ALL if not (line in INSTEAD and not INSTEAD[line][0])]  # the rest: INSTEAD says where
+
+
+@pytest.mark.parametrize("name, line", RUN, ids=[line for _, line in RUN])
 def test_example_runs_as_written(name, line, tmp_path):
-    if line in INSTEAD and not INSTEAD[line][0]:
-        pytest.skip(INSTEAD[line][1])  # listed, with its reason, in the table above
     box = Sandbox(tmp_path)
     try:
         for rel, make in inputs_for(line):
@@ -245,8 +240,7 @@ def test_example_runs_as_written(name, line, tmp_path):
             make(box, path)
         run = INSTEAD[line][0] if line in INSTEAD else line
         if "http://127.0.0.1:8080" in run:  # the example names a local Hub's address: serve one there
-            if not _port_free(8080):
-                pytest.skip("port 8080 is taken on this machine")
+            assert _port_free(8080), "the example's Hub address 127.0.0.1:8080 is taken on this machine"
             local = HubServer(port=8080, token=TOKEN)
             import threading
 
@@ -280,23 +274,10 @@ def help_texts():
                 yield f"vitctl {name} {p.opts[0]}", Text.from_markup(p.help).plain
 
 
-# Help texts awaiting a fix in files this test's owner does not edit: where -> why.
-HELP_AWAITS = {
-    "vitctl hub push --revision": "awaits vitctl/cli/hub.py change: `[default: main]` is eaten as Rich markup",
-    "vitctl hub push --endpoint": "awaits vitctl/cli/hub.py change: `[default: ...]` is eaten as Rich markup",
-    "vitctl hub pull --out": "awaits vitctl/cli/hub.py change: `[default: ./name]` is eaten as Rich markup",
-    "vitctl hub pull --endpoint": "awaits vitctl/cli/hub.py change: `[default: ...]` is eaten as Rich markup",
-}
-
-
 def test_help_texts_have_no_stray_spaces():
     """No help text (as shown) ends in " ." or holds a double space."""
-    bad = {
-        where: text for where, text in help_texts() if where not in HELP_AWAITS and (text.rstrip().endswith(" .") or "  " in text.strip())
-    }
+    bad = {where: text for where, text in help_texts() if text.rstrip().endswith(" .") or "  " in text.strip()}
     assert not bad, bad
-    still = {where for where, text in help_texts() if where in HELP_AWAITS and (text.rstrip().endswith(" .") or "  " in text.strip())}
-    assert still == set(HELP_AWAITS), f"fixed, remove from HELP_AWAITS: {set(HELP_AWAITS) - still}"
 
 
 def test_help_text_check_sees_what_typer_shows():

@@ -31,7 +31,7 @@ PUSH_EXAMPLES = """Examples:
 
   vitctl hub push ckpt/ti-pt me/vit22b-ti
 
-  vitctl hub push runs/demo/torch me/demo --include-jax --private --revision exp1
+  vitctl hub push runs/demo/jax me/demo --include-jax --private --revision exp1
 
   vitctl hub push ckpt/ti-pt me/vit22b-ti --endpoint http://127.0.0.1:8080 --json
 """
@@ -39,7 +39,7 @@ PULL_EXAMPLES = """Examples:
 
   vitctl hub pull me/vit22b-ti --out ckpt/ti --backend torch
 
-  vitctl hub pull me/vit22b-ti@4f1c2e9a... --out ckpt/ti-pinned
+  vitctl hub pull me/vit22b-ti@exp1 --out ckpt/ti-exp1
 
   HF_HUB_OFFLINE=1 vitctl hub pull me/vit22b-ti --out ckpt/ti-again
 """
@@ -52,7 +52,7 @@ class PullBackend(str, enum.Enum):
 
 
 EndpointOpt = Annotated[
-    str | None, typer.Option("--endpoint", help="Hub URL [default: $HF_ENDPOINT or https://huggingface.co].", show_default=False)
+    str | None, typer.Option("--endpoint", help="Hub URL (default: $HF_ENDPOINT, else https://huggingface.co).", show_default=False)
 ]
 
 
@@ -64,7 +64,7 @@ def push(
     repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="org/name; created when missing.", show_default=False)],
     revision: Annotated[
         str | None,
-        typer.Option("--revision", help="Branch to commit to (created from main when missing) [default: main].", show_default=False),
+        typer.Option("--revision", help="Branch to commit to (created from main when missing; default: main).", show_default=False),
     ] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the repo private (when it does not exist yet).")] = False,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message.", show_default=False)] = None,
@@ -104,7 +104,7 @@ def pull(
         str, typer.Argument(metavar="REPO_ID[@REV]", help="org/name, optionally @branch, @tag or @commit-sha.", show_default=False)
     ],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Checkpoint directory to create [default: ./name].", show_default=False)
+        Path | None, typer.Option("--out", "-o", help="Checkpoint directory to create (default: ./NAME, the repo's name).", show_default=False)
     ] = None,
     backend: Annotated[PullBackend, typer.Option("--backend", help="Download only what this backend needs.")] = PullBackend.all,
     offline: Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).")] = False,

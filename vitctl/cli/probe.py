@@ -27,7 +27,7 @@ EXAMPLES = """Examples:
 
   vitctl probe runs/digits --data digits
 
-  vitctl probe ckpt/torch --data fashion-mnist --backend torch --layer block:-2 --pool gap --json
+  vitctl probe ckpt/torch --data digits --backend torch --layer block:-2 --pool gap --json
 
   vitctl probe big_vision.npz --data photos/ --mode fewshot --shots 1,5,10 --seeds 5
 """
