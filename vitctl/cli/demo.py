@@ -41,7 +41,7 @@ commands = typer.Typer()
 MODEL = "vit22b-demo/4"  # the paper's block (parallel, QK-norm, no QKV/norm biases) at D=64, L=4, F=256, N=4, patch 4
 STEPS = 300  # the full recipe
 TRAIN = {"model": MODEL, "data": "digits", "steps": STEPS, "batch_size": 64, "lr": 3e-3, "warmup": 30, "schedule": "cosine",
-         "stats_every": 25, "seed": 0}  # fmt: skip
+         "stats_every": 25, "eval_every": 25, "seed": 0}  # fmt: skip
 TARGET_ACCURACY = 0.90
 EXAMPLES = """Examples:
 
