@@ -13,7 +13,9 @@ from vitctl.convert import mapping  # noqa: E402
 from vitctl.model_jax.model import abstract_model, flat_params, init_model  # noqa: E402
 
 
-@pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)])
+@pytest.mark.parametrize(
+    "kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)]
+)
 def test_shapes_match_the_table(kw):
     cfg = tiny(**kw)
     got = {k: tuple(v.shape) for k, v in flat_params(abstract_model(cfg)).items()}
@@ -71,3 +73,29 @@ def test_bf16_params_and_compute():
     assert {np.dtype(v.dtype) for v in flat_params(model).values()} == {np.dtype(jax.numpy.bfloat16)}
     logits, out = model(np.zeros((1, 16, 16, 3), np.float32))
     assert logits.dtype == jax.numpy.bfloat16 and out["block00"].dtype == jax.numpy.bfloat16
+
+
+# Checkpoints on disk, the mapping table and the sharding rules depend on these: every
+# parameter path in order, with shape, dtype and logical axes, plus every variable's type
+# in the whole NNX state (sha256 of the listing).
+PINNED = {
+    "vit22b": ({}, "507a1172ed287c1c"),
+    "classic": (dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", norm_bias=True, pool="tok"), "d0ca30a6bbf2df4b"),
+    "gap_sincos_nohead": (dict(pool="gap", posemb="sincos2d", num_classes=0, attn_out_bias=False, mlp_bias=False), "00f367a00e8fd75d"),
+    "bf16": (dict(param_dtype="bfloat16", dtype="bfloat16", qkv_bias=True, norm_bias=True), "07b2348302830c6e"),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_param_tree_is_pinned(name):
+    import hashlib
+
+    kw, digest = PINNED[name]
+    model = abstract_model(tiny(**kw))
+    path = lambda p: "/".join(map(str, p))  # noqa: E731
+    listing = [
+        f"{path(p)} {tuple(v.shape)} {v.dtype} {v.get_metadata().get('out_sharding')}"
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    ]
+    listing += [f"{path(p)} {type(v).__name__}" for p, v in nnx.to_flat_state(nnx.state(model))]
+    assert hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16] == digest, "\n".join(listing)

@@ -14,7 +14,9 @@ from vitctl.convert import mapping  # noqa: E402
 from vitctl.model_torch.model import Norm, ViT  # noqa: E402
 
 
-@pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)])
+@pytest.mark.parametrize(
+    "kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)]
+)
 def test_shapes_match_the_table(kw):
     cfg = tiny(**kw)
     got = {k: tuple(v.shape) for k, v in ViT(cfg).state_dict().items()}
@@ -50,7 +52,7 @@ def test_bf16_gemms_in_fp32_match_bf16_gemms(kw, monkeypatch):
     """Without bf16 units the GEMMs multiply the bf16 values in fp32 and round once; that is what
     torch's own bf16 GEMM (fp32 accumulation) computes, up to accumulation order: the same
     output within a few bf16 ulps, with every GEMM input rounded to bf16 exactly as before."""
-    from vitctl.model_torch import model as m
+    from vitctl.model_torch import cpu_bf16 as m
 
     cfg = tiny(dtype="bfloat16", head_zero_init=False, **kw)
     torch.manual_seed(0)
@@ -66,7 +68,7 @@ def test_bf16_gemms_in_fp32_match_bf16_gemms(kw, monkeypatch):
         b = outs[False][1][name]
         assert b.dtype == torch.bfloat16
         scale = a.float().abs().max().item()
-        assert (a.float() - b.float()).abs().max().item() <= 2 ** -6 * scale, name  # 2 bf16 ulps of the tensor's scale
+        assert (a.float() - b.float()).abs().max().item() <= 2**-6 * scale, name  # 2 bf16 ulps of the tensor's scale
 
 
 @pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm="layernorm", norm_bias=True)])
@@ -105,3 +107,25 @@ def test_norm_matches_its_formula(norm, dtype):
     assert got.dtype == dtype
     tol = 2e-6 if dtype == torch.float32 else 8e-3 * y.abs().max().item()
     torch.testing.assert_close(got.double(), y.to(dtype).double() if dtype != torch.float32 else y, atol=tol, rtol=0)
+
+
+# Checkpoints on disk, the mapping table, timm export and big_vision import depend on these:
+# every state_dict key in order, with shape and dtype, plus the buffers (sha256 of the listing).
+PINNED = {
+    "vit22b": ({}, "369e78201759f737"),
+    "classic": (dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", norm_bias=True, pool="tok"), "45a5957c8524a253"),
+    "gap_sincos_nohead": (dict(pool="gap", posemb="sincos2d", num_classes=0, attn_out_bias=False, mlp_bias=False), "4db74532f57c40d8"),
+    "bf16": (dict(param_dtype="bfloat16", dtype="bfloat16", qkv_bias=True, norm_bias=True), "6ee7983b9483b9b9"),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_state_dict_is_pinned(name):
+    import hashlib
+
+    kw, digest = PINNED[name]
+    with torch.device("meta"):
+        model = ViT(tiny(**kw))
+    listing = [f"{k} {tuple(v.shape)} {v.dtype}" for k, v in model.state_dict().items()]
+    listing += [f"buffer {k} {tuple(v.shape)}" for k, v in model.named_buffers()]
+    assert hashlib.sha256("\n".join(listing).encode()).hexdigest()[:16] == digest, "\n".join(listing)

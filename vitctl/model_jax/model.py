@@ -1,8 +1,8 @@
 """ViT-22B-style Vision Transformer in Flax NNX (arXiv:2302.05442).
 
-Line for line the twin of vitctl/model_torch/model.py: same classes, same order, same
-attribute names, so parameter paths differ only by separator and leaf
-(`blocks/q/kernel` <-> `blocks.3.q.weight`; see vitctl/convert/mapping.py).
+The twin of model_torch/model.py: the same classes and functions, in the same order,
+with the same attribute names, so a parameter's path differs from its torch key only
+by separator and leaf (`blocks/q/kernel` <-> `blocks.3.q.weight`: vitctl/convert/mapping.py).
 
 - Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
   cfg.fused the forward runs the paper's output fusion as split-K: attention-out and
@@ -11,11 +11,12 @@ attribute names, so parameter paths differ only by separator and leaf
 - Sequential block (classic big_vision ViT) with its second norm `mlp_norm`.
 - QK-norm over head_dim on queries and keys; optional biases everywhere (cfg).
 - Norms computed in float32 by one formula on both sides (centered for layernorm).
+- Dense(in_shape, out_shape): kernel in_shape + out_shape, heads kept as (N, K) axes.
 - Attention: jax.nn.dot_product_attention (logits and softmax in float32).
 - Blocks are stored stacked (leading L axis, logical axis "layers"); cfg.scan_layers
   runs them with nnx.scan (compile time flat in depth), else a Python loop.
-- Every parameter carries logical axis names (`out_sharding`), resolved to mesh axes
-  by vitctl/model_jax/sharding.py.
+- Every parameter carries logical axis names (`axes`, stored as `out_sharding`),
+  resolved to mesh axes by model_jax/sharding.py.
 
 Input images are NHWC (big_vision). Shapes: B batch, T tokens, D width, N heads,
 K head_dim, F mlp_dim, L depth, P patch, C channels.
@@ -37,12 +38,12 @@ INIT = nnx.initializers
 class Dense(nnx.Module):
     """kernel: in_shape + out_shape, contracted over the in_shape axes; bias: out_shape."""
 
-    def __init__(self, cfg, in_shape, out_shape, in_axes, out_axes, *, bias, init=None, rngs):
+    def __init__(self, cfg, in_shape, out_shape, *, bias, init=None, axes, rngs):
         n_in, dtype = len(in_shape), DTYPES[cfg.param_dtype]
         # Fans over the flattened in/out axes, so (D, N, K) initialises like (D, N*K).
         init = init or INIT.xavier_uniform(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
-        self.kernel = nnx.Param(init(rngs.params(), (*in_shape, *out_shape), dtype), out_sharding=(*in_axes, *out_axes))
-        self.bias = nnx.Param(jnp.zeros(out_shape, dtype), out_sharding=out_axes) if bias else None
+        self.kernel = nnx.Param(init(rngs.params(), (*in_shape, *out_shape), dtype), out_sharding=axes)
+        self.bias = nnx.Param(jnp.zeros(out_shape, dtype), out_sharding=axes[n_in:]) if bias else None
         self.n_in = n_in
 
     def __call__(self, x):
@@ -53,10 +54,10 @@ class Dense(nnx.Module):
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm over the last axis, computed in float32."""
 
-    def __init__(self, cfg, dim, axis_name, *, rngs):
+    def __init__(self, cfg, dim, *, axis):
         dtype = DTYPES[cfg.param_dtype]
-        self.scale = nnx.Param(jnp.ones((dim,), dtype), out_sharding=(axis_name,))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype), out_sharding=(axis_name,)) if cfg.norm_bias else None
+        self.scale = nnx.Param(jnp.ones((dim,), dtype=dtype), out_sharding=(axis,))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype=dtype), out_sharding=(axis,)) if cfg.norm_bias else None
         self.center, self.eps = cfg.norm == "layernorm", cfg.norm_eps
 
     def __call__(self, x):
@@ -78,14 +79,17 @@ def attention(q, k, v, cfg):
     return jnp.einsum("BNST,BTNK->BSNK", jax.nn.softmax(logits, axis=-1), v)
 
 
+def gelu(h, cfg):
+    return jax.nn.gelu(h, approximate=cfg.gelu_approximate)
+
+
 class PatchEmbed(nnx.Module):
     """Non-overlapping P x P patches -> D, as a reshape and one matmul (same as a stride-P conv)."""
 
     def __init__(self, cfg, *, rngs):
         P, C, D = cfg.patch_size, cfg.channels, cfg.width
-        fan_in = tuple(range(3))
-        init = INIT.lecun_normal(in_axis=fan_in, out_axis=3)
-        self.proj = Dense(cfg, (P, P, C), (D,), ("patch", "patch", "channels"), ("embed",), bias=True, init=init, rngs=rngs)
+        init = INIT.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        self.proj = Dense(cfg, (P, P, C), (D,), bias=True, init=init, axes=("patch", "patch", "channels", "embed"), rngs=rngs)
         self.patch_size = P
 
     def __call__(self, images):  # [B, H, W, C] -> [B, T, D]
@@ -100,16 +104,16 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, rngs):
         D, N, K, F = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-        self.norm = Norm(cfg, D, "norm", rngs=rngs)
-        self.q = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
-        self.k = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
-        self.v = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
-        self.q_norm = Norm(cfg, K, "head_dim", rngs=rngs) if cfg.qk_norm else None
-        self.k_norm = Norm(cfg, K, "head_dim", rngs=rngs) if cfg.qk_norm else None
-        self.attn_out = Dense(cfg, (N, K), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.attn_out_bias, rngs=rngs)
-        self.mlp_norm = Norm(cfg, D, "norm", rngs=rngs) if cfg.block == "sequential" else None
-        self.mlp_in = Dense(cfg, (D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, rngs=rngs)
-        self.mlp_out = Dense(cfg, (F,), (D,), ("mlp",), ("embed",), bias=cfg.mlp_bias, rngs=rngs)
+        self.norm = Norm(cfg, D, axis="norm")
+        self.q = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias, axes=("embed", "heads", "head_dim"), rngs=rngs)
+        self.k = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias, axes=("embed", "heads", "head_dim"), rngs=rngs)
+        self.v = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias, axes=("embed", "heads", "head_dim"), rngs=rngs)
+        self.q_norm = Norm(cfg, K, axis="head_dim") if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, K, axis="head_dim") if cfg.qk_norm else None
+        self.attn_out = Dense(cfg, (N, K), (D,), bias=cfg.attn_out_bias, axes=("heads", "head_dim", "embed"), rngs=rngs)
+        self.mlp_norm = Norm(cfg, D, axis="norm") if cfg.block == "sequential" else None
+        self.mlp_in = Dense(cfg, (D,), (F,), bias=cfg.mlp_bias, axes=("embed", "mlp"), rngs=rngs)
+        self.mlp_out = Dense(cfg, (F,), (D,), bias=cfg.mlp_bias, axes=("mlp", "embed"), rngs=rngs)
         self.cfg = cfg
 
     def attend(self, q, k, v):  # [B, T, N, K] each -> [B, T, N, K]
@@ -117,30 +121,27 @@ class Block(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return attention(q, k, v, self.cfg)
 
-    def gelu(self, h):
-        return jax.nn.gelu(h, approximate=self.cfg.gelu_approximate)
-
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         cfg = self.cfg
         if cfg.block == "sequential":
             h = self.norm(x)
             x = add_projections(x, (self.attend(self.q(h), self.k(h), self.v(h)), self.attn_out))
-            return add_projections(x, (self.gelu(self.mlp_in(self.mlp_norm(x))), self.mlp_out))
+            return add_projections(x, (gelu(self.mlp_in(self.mlp_norm(x)), cfg), self.mlp_out))
         h = self.norm(x)
         if not cfg.fused:
-            return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(self.gelu(self.mlp_in(h)))
+            return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(gelu(self.mlp_in(h), cfg))
         # The paper's fusion, in the form that is fastest for a CPU BLAS (docs/performance.md):
         # attention-out and MLP-out accumulate into one (B, T, D) output, a split-K form of
         # the one (NK+F, D) matmul. The in-projections run as four GEMMs on the same h:
         # concatenating their weights costs a copy per call and gains nothing, since each
         # GEMM already runs at the BLAS's peak at these sizes.
         a = self.attend(self.q(h), self.k(h), self.v(h))
-        return add_projections(x, (a, self.attn_out), (self.gelu(self.mlp_in(h)), self.mlp_out))
+        return add_projections(x, (a, self.attn_out), (gelu(self.mlp_in(h), cfg), self.mlp_out))
 
 
 def add_projections(x, *pairs):
-    """x + sum(dense(a) for a, dense in pairs): the residual plus the biases, then each
-    projection's matmul added on (torch accumulates them in place into one buffer)."""
+    """x + sum(dense(a) for a, dense in pairs): one output that starts as the residual
+    plus the biases, then each projection's matmul is added on."""
     biases = [m.bias[...] for _, m in pairs if m.bias is not None]
     y = x + sum(biases).astype(x.dtype) if biases else x
     for a, m in pairs:
@@ -153,21 +154,20 @@ class MAPHead(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, rngs):
         D, N, K, F = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-        dtype = DTYPES[cfg.param_dtype]
-        self.probe = nnx.Param(INIT.xavier_uniform()(rngs.params(), (1, 1, D), dtype), out_sharding=(None, None, "embed"))
-        self.q = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
-        self.k = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
-        self.v = Dense(cfg, (D,), (N, K), ("embed",), ("heads", "head_dim"), bias=cfg.qkv_bias, rngs=rngs)
-        self.attn_out = Dense(cfg, (N, K), (D,), ("heads", "head_dim"), ("embed",), bias=cfg.attn_out_bias, rngs=rngs)
-        self.norm = Norm(cfg, D, "norm", rngs=rngs)
-        self.mlp_in = Dense(cfg, (D,), (F,), ("embed",), ("mlp",), bias=cfg.mlp_bias, rngs=rngs)
-        self.mlp_out = Dense(cfg, (F,), (D,), ("mlp",), ("embed",), bias=cfg.mlp_bias, rngs=rngs)
+        self.probe = nnx.Param(INIT.xavier_uniform()(rngs.params(), (1, 1, D), DTYPES[cfg.param_dtype]), out_sharding=(None, None, "embed"))
+        self.q = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias, axes=("embed", "heads", "head_dim"), rngs=rngs)
+        self.k = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias, axes=("embed", "heads", "head_dim"), rngs=rngs)
+        self.v = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias, axes=("embed", "heads", "head_dim"), rngs=rngs)
+        self.attn_out = Dense(cfg, (N, K), (D,), bias=cfg.attn_out_bias, axes=("heads", "head_dim", "embed"), rngs=rngs)
+        self.norm = Norm(cfg, D, axis="norm")
+        self.mlp_in = Dense(cfg, (D,), (F,), bias=cfg.mlp_bias, axes=("embed", "mlp"), rngs=rngs)
+        self.mlp_out = Dense(cfg, (F,), (D,), bias=cfg.mlp_bias, axes=("mlp", "embed"), rngs=rngs)
         self.cfg = cfg
 
     def __call__(self, x):  # [B, T, D] -> [B, D]
         probe = jnp.broadcast_to(self.probe[...].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
         x = self.attn_out(attention(self.q(probe), self.k(x), self.v(x), self.cfg))  # (B, 1, D)
-        x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.norm(x)), approximate=self.cfg.gelu_approximate))
+        x = x + self.mlp_out(gelu(self.mlp_in(self.norm(x)), self.cfg))
         return x[:, 0]
 
 
@@ -180,7 +180,7 @@ class ViT(nnx.Module):
         if cfg.posemb == "learn":
             pos = INIT.normal(stddev=D**-0.5)(rngs.params(), (1, cfg.num_patches, D), dtype)
             self.pos_embed = nnx.Param(pos, out_sharding=(None, None, "embed"))
-        self.cls_token = nnx.Param(jnp.zeros((1, 1, D), dtype), out_sharding=(None, None, "embed")) if cfg.pool == "tok" else None
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, D), dtype=dtype), out_sharding=(None, None, "embed")) if cfg.pool == "tok" else None
 
         @nnx.split_rngs(splits=cfg.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -188,10 +188,14 @@ class ViT(nnx.Module):
             return Block(cfg, rngs=rngs)
 
         self.blocks = make_blocks(rngs)  # every parameter stacked: (L, ...)
-        self.norm = Norm(cfg, D, "norm", rngs=rngs)
+        self.norm = Norm(cfg, D, axis="norm")
         self.map_head = MAPHead(cfg, rngs=rngs) if cfg.pool == "map" else None
         head_init = INIT.zeros if cfg.head_zero_init else INIT.lecun_normal()
-        self.head = Dense(cfg, (D,), (cfg.num_classes,), ("embed",), ("classes",), bias=True, init=head_init, rngs=rngs) if cfg.num_classes else None
+        self.head = (
+            Dense(cfg, (D,), (cfg.num_classes,), bias=True, init=head_init, axes=("embed", "classes"), rngs=rngs)
+            if cfg.num_classes
+            else None
+        )
         self.cfg = cfg
 
     def run_blocks(self, x):  # [B, T, D] -> [B, T, D], [L, B, T, D]

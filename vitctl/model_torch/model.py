@@ -1,8 +1,8 @@
 """ViT-22B-style Vision Transformer in PyTorch (arXiv:2302.05442).
 
-Line for line the twin of vitctl/model_jax/model.py: same classes, same order, same
-attribute names, so state_dict keys differ from JAX paths only by separator and leaf
-(`blocks.3.q.weight` <-> `blocks/q/kernel`; see vitctl/convert/mapping.py).
+The twin of model_jax/model.py: the same classes and functions, in the same order,
+with the same attribute names, so a state_dict key differs from its JAX path only
+by separator and leaf (`blocks.3.q.weight` <-> `blocks/q/kernel`: vitctl/convert/mapping.py).
 
 - Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
   cfg.fused the forward runs the paper's output fusion as split-K: attention-out and
@@ -10,14 +10,12 @@ attribute names, so state_dict keys differ from JAX paths only by separator and 
   measurements in docs/performance.md).
 - Sequential block (classic big_vision ViT) with its second norm `mlp_norm`.
 - QK-norm over head_dim on queries and keys; optional biases everywhere (cfg).
-- Norms computed in float32 by one formula on both sides (centered for layernorm), here
-  with torch's fused F.layer_norm / F.rms_norm kernels.
+- Norms computed in float32 by one formula on both sides (centered for layernorm).
+- Dense(in_shape, out_shape): weight prod(out_shape) + in_shape, nn.Linear's layout.
 - Attention: F.scaled_dot_product_attention (softmax accumulates in float32).
-- bf16 compute on a CPU without bf16 units (no AVX512_BF16 or AMX: torch's bf16 GEMM
-  then runs ~6x slower than its fp32 GEMM): every GEMM multiplies the bf16 values in
-  fp32 and rounds the result to bf16 once, which is what a bf16 GEMM with fp32
-  accumulation computes (`linear`, `add_projections`; docs/performance.md).
 - Blocks are an nn.ModuleList (JAX stores them stacked; the mapping unstacks).
+- GEMMs go through cpu_bf16: bf16 compute on a CPU without bf16 units multiplies the
+  bf16 values in fp32 and rounds once.
 
 Input images are NCHW (torchvision). Shapes: B batch, T tokens, D width, N heads,
 K head_dim, F mlp_dim, L depth, P patch, C channels.
@@ -32,42 +30,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitctl.config import ViTConfig
+from vitctl.model_torch.cpu_bf16 import accumulator, gemm_in_fp32, linear  # noqa: F401  (gemm_in_fp32: the old import path)
 from vitctl.posemb import posemb_sincos_2d
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _cpu_has_bf16() -> bool:
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+def xavier_uniform(w):
+    """flax's xavier_uniform on the matching kernel: fans over the flattened (out, in) axes."""
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    return w
 
 
-CPU_BF16 = _cpu_has_bf16()
+def lecun_normal(w):
+    """flax's lecun_normal: normal(1/sqrt(fan_in)) truncated at 2 std, the std corrected for the cut."""
+    std = 1.0 / math.sqrt(w[0].numel()) / 0.87962566
+    return nn.init.trunc_normal_(w, std=std, a=-2.0 * std, b=2.0 * std)
 
 
-def gemm_in_fp32(x) -> bool:
-    """True when a bf16 GEMM on x's device is better run in fp32 on the bf16 values (see above)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not CPU_BF16
+class Dense(nn.Module):
+    """weight: prod(out_shape) + in_shape, contracted over the in_shape axes; bias: prod(out_shape)."""
 
-
-def linear(x, weight, bias=None):
-    """F.linear in x's dtype, weights cast to it (fp32 parameters serve bf16 compute)."""
-    dt = x.dtype
-    b = None if bias is None else bias.to(dt)
-    if gemm_in_fp32(x):
-        return F.linear(x.float(), weight.to(dt).float(), None if b is None else b.float()).to(dt)
-    return F.linear(x, weight.to(dt), b)
-
-
-class Dense(nn.Linear):
-    """nn.Linear (weight (d_out, d_in), the transpose of JAX's flattened kernel) that
-    computes in the input's dtype, so fp32 parameters serve bf16 compute."""
-
-    def __init__(self, cfg, d_in, d_out, *, bias):
-        super().__init__(d_in, d_out, bias=bias, dtype=DTYPES[cfg.param_dtype])
+    def __init__(self, cfg, in_shape, out_shape, *, bias, init=None):
+        super().__init__()
+        n_in, dtype = len(in_shape), DTYPES[cfg.param_dtype]
+        # The transpose of JAX's kernel with the out axes flattened: nn.Linear's (d_out, d_in).
+        init = init or xavier_uniform
+        self.weight = nn.Parameter(init(torch.empty(math.prod(out_shape), *in_shape, dtype=dtype)))
+        self.bias = nn.Parameter(torch.zeros(math.prod(out_shape), dtype=dtype)) if bias else None
+        self.n_in, self.out_shape = n_in, tuple(out_shape)
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        y = linear(x.flatten(-self.n_in), self.weight.flatten(1), self.bias)
+        return y.unflatten(-1, self.out_shape)
 
 
 class Norm(nn.Module):
@@ -76,8 +71,8 @@ class Norm(nn.Module):
     def __init__(self, cfg, dim):
         super().__init__()
         dtype = DTYPES[cfg.param_dtype]
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype)) if cfg.norm_bias else None
+        self.weight = nn.Parameter(torch.ones((dim,), dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros((dim,), dtype=dtype)) if cfg.norm_bias else None
         self.center, self.eps = cfg.norm == "layernorm", cfg.norm_eps
 
     def forward(self, x):
@@ -100,21 +95,25 @@ def attention(q, k, v, cfg):
     return torch.einsum("bnst,bntk->bnsk", logits.softmax(-1), v).transpose(1, 2)
 
 
+def gelu(h, cfg):
+    return F.gelu(h, approximate="tanh" if cfg.gelu_approximate else "none")
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping P x P patches -> D, as a reshape and one matmul (same as a stride-P conv)."""
 
     def __init__(self, cfg):
         super().__init__()
         P, C, D = cfg.patch_size, cfg.channels, cfg.width
-        self.proj = nn.Conv2d(C, D, P, stride=P, dtype=DTYPES[cfg.param_dtype])  # weight (D, C, P, P)
+        init = lecun_normal
+        self.proj = Dense(cfg, (C, P, P), (D,), bias=True, init=init)  # weight (D, C, P, P): a conv's layout
         self.patch_size = P
 
     def forward(self, images):  # [B, C, H, W] -> [B, T, D]
         B, C, H, W = images.shape
         P = self.patch_size
         x = images.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, P, P)
-        w = self.proj.weight.reshape(self.proj.out_channels, -1).to(x.dtype)  # (D, C*P*P)
-        return linear(x.reshape(B, -1, C * P * P), w, self.proj.bias)
+        return self.proj(x.reshape(B, -1, C, P, P))
 
 
 class Block(nn.Module):
@@ -124,56 +123,49 @@ class Block(nn.Module):
         super().__init__()
         D, N, K, F_ = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
         self.norm = Norm(cfg, D)
-        self.q = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
-        self.k = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
-        self.v = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
+        self.q = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias)
+        self.k = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias)
+        self.v = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias)
         self.q_norm = Norm(cfg, K) if cfg.qk_norm else None
         self.k_norm = Norm(cfg, K) if cfg.qk_norm else None
-        self.attn_out = Dense(cfg, N * K, D, bias=cfg.attn_out_bias)
+        self.attn_out = Dense(cfg, (N * K,), (D,), bias=cfg.attn_out_bias)  # weight (D, N*K)
         self.mlp_norm = Norm(cfg, D) if cfg.block == "sequential" else None
-        self.mlp_in = Dense(cfg, D, F_, bias=cfg.mlp_bias)
-        self.mlp_out = Dense(cfg, F_, D, bias=cfg.mlp_bias)
+        self.mlp_in = Dense(cfg, (D,), (F_,), bias=cfg.mlp_bias)
+        self.mlp_out = Dense(cfg, (F_,), (D,), bias=cfg.mlp_bias)
         self.cfg = cfg
 
-    def attend(self, q, k, v):  # [B, T, N*K] each -> [B, T, N*K]
-        B, T, _ = q.shape
-        q, k, v = (t.view(B, T, self.cfg.num_heads, self.cfg.head_dim) for t in (q, k, v))
+    def attend(self, q, k, v):  # [B, T, N, K] each -> [B, T, N*K]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return attention(q, k, v, self.cfg).reshape(B, T, -1)
-
-    def gelu(self, h):
-        return F.gelu(h, approximate="tanh" if self.cfg.gelu_approximate else "none")
+        return attention(q, k, v, self.cfg).flatten(-2)
 
     def forward(self, x):  # [B, T, D] -> [B, T, D]
         cfg = self.cfg
         if cfg.block == "sequential":
             h = self.norm(x)
             x = add_projections(x, (self.attend(self.q(h), self.k(h), self.v(h)), self.attn_out))
-            return add_projections(x, (self.gelu(self.mlp_in(self.mlp_norm(x))), self.mlp_out))
+            return add_projections(x, (gelu(self.mlp_in(self.mlp_norm(x)), cfg), self.mlp_out))
         h = self.norm(x)
         if not cfg.fused:
-            return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(self.gelu(self.mlp_in(h)))
+            return x + self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))) + self.mlp_out(gelu(self.mlp_in(h), cfg))
         # The paper's fusion, in the form that is fastest for a CPU BLAS (docs/performance.md):
         # attention-out and MLP-out accumulate into one (B, T, D) output, a split-K form of
         # the one (D, NK+F) matmul. The in-projections run as four GEMMs on the same h:
         # concatenating their weights costs a copy per call and gains nothing, since each
         # GEMM already runs at the BLAS's peak at these sizes.
         a = self.attend(self.q(h), self.k(h), self.v(h))
-        return add_projections(x, (a, self.attn_out), (self.gelu(self.mlp_in(h)), self.mlp_out))
+        return add_projections(x, (a, self.attn_out), (gelu(self.mlp_in(h), cfg), self.mlp_out))
 
 
 def add_projections(x, *pairs):
-    """x + sum(dense(a) for a, dense in pairs), all into one new buffer: it starts as the
-    residual plus the biases, then each GEMM accumulates into it (addmm_, beta=1). This
-    saves the bias copy and the separate add pass of `x + dense(a)` per projection."""
-    dt = x.dtype
-    acc = torch.float32 if gemm_in_fp32(x) else dt  # bf16 on a CPU without bf16 units: accumulate in fp32, round once
+    """x + sum(dense(a) for a, dense in pairs): one output that starts as the residual
+    plus the biases, then each projection's matmul is added on, in place (addmm_, beta=1):
+    no bias copy and no separate add pass per projection."""
+    dt, acc = x.dtype, accumulator(x)
     biases = [m.bias for _, m in pairs if m.bias is not None]
     y = x.to(acc) + sum(biases).to(dt).to(acc) if biases else x.to(acc, copy=True)
-    flat = y.view(-1, y.shape[-1])
     for a, m in pairs:
-        flat.addmm_(a.reshape(-1, a.shape[-1]).to(acc), m.weight.to(dt).to(acc).t())
+        y.view(-1, y.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]).to(acc), m.weight.to(dt).to(acc).t())
     return y.to(dt)
 
 
@@ -183,23 +175,20 @@ class MAPHead(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         D, N, K, F_ = cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
-        self.probe = nn.Parameter(torch.zeros(1, 1, D, dtype=DTYPES[cfg.param_dtype]))
-        self.q = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
-        self.k = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
-        self.v = Dense(cfg, D, N * K, bias=cfg.qkv_bias)
-        self.attn_out = Dense(cfg, N * K, D, bias=cfg.attn_out_bias)
+        self.probe = nn.Parameter(xavier_uniform(torch.empty((1, 1, D), dtype=DTYPES[cfg.param_dtype])))
+        self.q = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias)
+        self.k = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias)
+        self.v = Dense(cfg, (D,), (N, K), bias=cfg.qkv_bias)
+        self.attn_out = Dense(cfg, (N * K,), (D,), bias=cfg.attn_out_bias)  # weight (D, N*K)
         self.norm = Norm(cfg, D)
-        self.mlp_in = Dense(cfg, D, F_, bias=cfg.mlp_bias)
-        self.mlp_out = Dense(cfg, F_, D, bias=cfg.mlp_bias)
+        self.mlp_in = Dense(cfg, (D,), (F_,), bias=cfg.mlp_bias)
+        self.mlp_out = Dense(cfg, (F_,), (D,), bias=cfg.mlp_bias)
         self.cfg = cfg
 
     def forward(self, x):  # [B, T, D] -> [B, D]
-        B, T, D = x.shape
-        N, K = self.cfg.num_heads, self.cfg.head_dim
-        probe = self.probe.to(x.dtype).expand(B, 1, D)
-        a = attention(self.q(probe).view(B, 1, N, K), self.k(x).view(B, T, N, K), self.v(x).view(B, T, N, K), self.cfg)
-        x = self.attn_out(a.reshape(B, 1, N * K))  # (B, 1, D)
-        x = x + self.mlp_out(F.gelu(self.mlp_in(self.norm(x)), approximate="tanh" if self.cfg.gelu_approximate else "none"))
+        probe = self.probe.to(x.dtype).expand(x.shape[0], 1, x.shape[2])
+        x = self.attn_out(attention(self.q(probe), self.k(x), self.v(x), self.cfg).flatten(-2))  # (B, 1, D)
+        x = x + self.mlp_out(gelu(self.mlp_in(self.norm(x)), self.cfg))
         return x[:, 0]
 
 
@@ -211,37 +200,24 @@ class ViT(nn.Module):
         D, dtype = cfg.width, DTYPES[cfg.param_dtype]
         self.patch_embed = PatchEmbed(cfg)
         if cfg.posemb == "learn":
-            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, D, dtype=dtype))
+            pos = nn.init.normal_(torch.empty((1, cfg.num_patches, D), dtype=dtype), std=D**-0.5)
+            self.pos_embed = nn.Parameter(pos)
         else:
-            pos = torch.from_numpy(posemb_sincos_2d(cfg.grid, cfg.grid, D))
-            self.register_buffer("pos_embed", pos, persistent=False)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, D, dtype=dtype)) if cfg.pool == "tok" else None
+            self.register_buffer("pos_embed", torch.from_numpy(posemb_sincos_2d(cfg.grid, cfg.grid, D)), persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros((1, 1, D), dtype=dtype)) if cfg.pool == "tok" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = Norm(cfg, D)
         self.map_head = MAPHead(cfg) if cfg.pool == "map" else None
-        self.head = Dense(cfg, D, cfg.num_classes, bias=True) if cfg.num_classes else None
+        head_init = nn.init.zeros_ if cfg.head_zero_init else xavier_uniform
+        self.head = Dense(cfg, (D,), (cfg.num_classes,), bias=True, init=head_init) if cfg.num_classes else None
         self.cfg = cfg
-        self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self):
-        """big_vision's initialisers: xavier-uniform dense kernels, lecun-normal patch
-        embedding, normal(1/sqrt(D)) position embedding, zero biases and head."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        proj = self.patch_embed.proj
-        std = 1.0 / math.sqrt(proj.weight[0].numel()) / 0.87962566  # flax lecun_normal: truncated at 2 std
-        nn.init.trunc_normal_(proj.weight, std=std, a=-2.0 * std, b=2.0 * std)
-        nn.init.zeros_(proj.bias)
-        if self.cfg.posemb == "learn":
-            nn.init.normal_(self.pos_embed, std=self.cfg.width**-0.5)
-        if self.map_head is not None:
-            nn.init.xavier_uniform_(self.map_head.probe.view(1, -1))
-        if self.head is not None and self.cfg.head_zero_init:
-            nn.init.zeros_(self.head.weight)
+    def run_blocks(self, x):  # [B, T, D] -> [B, T, D], L x [B, T, D]
+        ys = []
+        for block in self.blocks:
+            x = block(x)
+            ys.append(x)
+        return x, ys
 
     def forward(self, images):  # [B, C, H, W]
         cfg, out = self.cfg, {}
@@ -250,8 +226,9 @@ class ViT(nn.Module):
         if self.cls_token is not None:  # big_vision: the class token gets no position embedding
             x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, cfg.width), x], 1)
         out["embed"] = x
-        for i, block in enumerate(self.blocks):
-            x = out[f"block{i:02d}"] = block(x)
+        x, per_block = self.run_blocks(x)
+        for i in range(cfg.depth):
+            out[f"block{i:02d}"] = per_block[i]
         x = out["encoded"] = self.norm(x)  # big_vision: the final norm comes before pooling
         if cfg.pool == "map":
             x = self.map_head(x)
