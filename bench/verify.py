@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from vitctl import checkpoint as ckpt
-from vitctl.bench import random_weights
+from vitctl.convert.mapping import random_weights
 from vitctl.config import ViTConfig
 from vitctl.convert.convert import convert
 from vitctl.verify import run_config, run_side, set_precision, verify

@@ -194,7 +194,7 @@ def test_plain_flax_baseline_computes_vitctl_jax_function(variant, extra):
     flat = bench.random_weights(cfg)
     ours = abstract_model(cfg)
     load_flat_params(ours, flat)
-    plain = bench.plain_flax_model(cfg, flat)
+    plain = bench.plain_flax().plain_flax_model(cfg, flat)  # bench/plain_flax.py of this checkout
     assert len(plain.blocks) == cfg.depth and isinstance(plain.patch_embed, nnx.Conv)  # the straightforward form
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)), jnp.float32)
     (g1, s1), (g2, s2) = nnx.split(plain), nnx.split(ours)
@@ -235,7 +235,7 @@ def test_without_timm_the_timm_rows_say_so(monkeypatch):
 
 
 def test_gpu_check_script_runs(tmp_path):
-    """bench/gpu.py (issue 8's GPU check) runs end to end on a tiny config on this machine's device."""
+    """bench/gpu.py (the GPU check) runs end to end on a tiny config on this machine's device."""
     import subprocess
     from pathlib import Path
 
@@ -252,7 +252,7 @@ def test_gpu_check_script_runs(tmp_path):
 
 
 def test_convert_benchmark_script_runs(tmp_path):
-    """bench/convert.py (issue 3's benchmark) end to end on tiny sources: every case converts, and the
+    """bench/convert.py (the conversion benchmark) end to end on tiny sources: every case converts, and the
     JSON has a throughput row against cp and a peak-RSS row per case."""
     import subprocess
 

@@ -1,6 +1,6 @@
 """`vitctl bench`: throughput of vitctl's models on this hardware, against timm and the GEMM peak.
 
-One table, all measured in one run (vitctl/bench.py documents what each row measures
+One table, all measured in one run (vitctl/bench/__init__.py documents what each row measures
 and what --quick changes). --json prints one object: {"rows": [{"name", "value", "unit",
 "baseline", "ratio", "note"}, ...], "mode", "machine", "load", "notes", "interrupted"}; a row's ratio
 is its value / the value of the row its baseline names; "interrupted" names the section
@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from vitctl.bench import SECTIONS  # stdlib-only module: --help stays light
+from vitctl.bench import SECTIONS  # imports neither jax nor torch: --help stays light
 from vitctl.cli._options import JsonOpt, err, out, print_json
 from vitctl.errors import ConfigError
 from vitctl.untrusted import sigterm_as_interrupt

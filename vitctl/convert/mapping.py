@@ -276,3 +276,24 @@ def torch_to_jax(state: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, n
         jname, layout = rename(name, "torch")
         out[jname] = layout.to_jax(w, expected[jname])
     return stack(out, cfg.depth)
+
+
+def random_weights(cfg: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """JAX-named (stacked) float32 weights for `cfg` where every tensor holds distinct, non-trivial
+    values: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.1), the rest
+    (position embedding, class token, MAP probe) N(0, 0.5^2). numpy only: no XLA compile, the
+    same on every backend. The test suite's parameters (tests/conftest.py, whose golden logits
+    pin these draws) and the benchmark's."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in jax_param_shapes(cfg).items():
+        per_layer = shape[1:] if name.startswith("blocks/") else shape
+        if name.endswith("/kernel"):  # q/k/v kernels are (D, N, K): their fan-in is D alone
+            fan_in = per_layer[0] if name.split("/")[-2] in ("q", "k", "v") else int(np.prod(per_layer[:-1]))
+            w = rng.normal(0, fan_in**-0.5, shape)
+        elif name.endswith("/scale"):
+            w = 1 + rng.normal(0, 0.1, shape)
+        else:
+            w = rng.normal(0, 0.1 if name.endswith("/bias") else 0.5, shape)
+        out[name] = w.astype(np.float32)
+    return out
