@@ -17,7 +17,7 @@ Cases (source -> target; `--cases` takes the short names):
     npz16-torch    big_vision .npz, per-layer keys, bf16 -> vitctl-torch    jax-to-torch
     scan-torch     big_vision .npz, scanned (L, ...) fp32 -> vitctl-torch   jax-to-torch
 
-Targets (from the issue): peak RSS < 1 GiB for the 4 GiB checkpoint; throughput >= 0.5x cp.
+Targets: peak RSS < 1 GiB for the 4 GiB checkpoint; throughput >= 0.5x cp.
 
 Synthetic checkpoints. Width 2048, MLP 8192, 16 heads, patch 14 (the `vit22b-1B/14` preset's
 sizes), depth the smallest that makes the parameter bytes >= --size-gib: the ViT-22B-style

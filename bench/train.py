@@ -1,6 +1,6 @@
 """Train-step throughput of vitctl-jax (the step `vitctl train` runs) against a plain timm +
 torch AdamW loop on the same configuration, and its MFU against the GEMM peak measured
-in the same run (issue 5, item 10).
+in the same run.
 
     python bench/train.py [--size S] [--batch-size 8] [--iters 3] [--json]
 
@@ -11,7 +11,7 @@ function and the same FLOPs. Also vitctl-torch + torch AdamW on the same config.
 - vitctl-jax: vitctl.train.loop.Setup's jitted step (softmax cross-entropy, AdamW,
   global-norm clipping 1.0, donated state) on one device.
 - timm / vitctl-torch: cross-entropy, backward, torch.optim.AdamW, zero_grad.
-Measurement (vitctl/bench.py): GEMM peaks of torch (MKL, oneDNN) and XLA on the model's
+Measurement (vitctl/bench/): GEMM peaks of torch (MKL, oneDNN) and XLA on the model's
 own shapes first; one warm-up step each, then --iters timed rounds interleaving the
 competitors, a quiet gate before each timed call; a result is the best round. MFU =
 3 x forward FLOPs per step (vitctl.bench.flops) / step time / the best fp32 GEMM rate.

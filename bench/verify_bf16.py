@@ -26,9 +26,8 @@ import ml_dtypes
 
 from vitctl import checkpoint as ckpt
 from vitctl import preprocess
-from vitctl.convert.mapping import random_weights
 from vitctl.config import ViTConfig
-from vitctl.convert.mapping import unstack
+from vitctl.convert.mapping import random_weights, unstack
 from vitctl.verify import PRESETS, Side, compare_outputs, flips, run_config, run_side, set_precision
 
 
