@@ -12,7 +12,7 @@ the GPU each framework sees:
   - vitctl-jax forward (jit, bf16 compute) and the train step `vitctl train` runs
     (vitctl.train.loop.Setup: AdamW, clipping; bf16 compute, fp32 parameters, donated state).
 MFU = FLOPs (vitctl.bench.flops: 2 x every matmul's multiply-adds; a train step 3x the
-forward) / seconds / the chip's dense bf16 peak (H200: 790 TFLOP/s, dense bf16;
+forward) / seconds / the chip's dense bf16 peak (H200: 790 TFLOP/s;
 override with --peak-tflops). Each timing is the best of --reps calls after --warmup calls,
 synchronised (torch.cuda.synchronize / block_until_ready). A wall-clock budget (--budget-s,
 default 270 s) skips what would not fit, and says so. Prints one table, and one JSON object

@@ -204,6 +204,19 @@ def test_plain_flax_baseline_computes_vitctl_jax_function(variant, extra):
     np.testing.assert_allclose(np.asarray(theirs), np.asarray(logits), rtol=0, atol=1e-5)
 
 
+def test_plain_flax_baseline_found_only_in_a_checkout(monkeypatch, tmp_path):
+    """bench/plain_flax.py is loaded from the source checkout; without one (a wheel) there is no module."""
+    from vitctl.bench import models
+
+    assert models.plain_flax() is not None and models.PLAIN_FLAX_PATH.parent.name == "bench"
+    monkeypatch.setattr(models, "PLAIN_FLAX_PATH", tmp_path / "bench" / "plain_flax.py")
+    models.plain_flax.cache_clear()
+    try:
+        assert models.plain_flax() is None
+    finally:
+        models.plain_flax.cache_clear()
+
+
 # ----------------------------------------------------------------------------- CLI and no timm
 def test_cli_json_and_table(cli):  # noqa: F811  (the imported fixture)
     r = cli("bench", "--tiny", "--only", "gemm", "--json")
