@@ -198,7 +198,7 @@ def extract(
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Features of uint8 [N, H, W, C] images, batch by batch (prepared on the host per cfg.preprocess)."""
-    from vitctl.train.data import prepare
+    from vitctl.data.preprocess import prepare
 
     out = []
     for i in range(0, len(images), batch_size):
@@ -317,7 +317,7 @@ def linear_probe(
         raise MissingDependencyError(
             f"the linear probe needs scikit-learn ({e})", hint="pip install 'vitctl[data]', or use --mode fewshot"
         ) from None
-    from vitctl.train.data import split_indices
+    from vitctl.data.dataset import split_indices
 
     fit_idx, val_idx = split_indices(y_train, val_fraction, seed)
     x_fit, x_val = _standardize(x_train[fit_idx].astype(np.float64), x_train[val_idx].astype(np.float64))
@@ -451,7 +451,7 @@ def probe(
     precision = verify.set_precision("fp32" if cfg.dtype == "float32" else "bf16")
     timings["open"] = time.perf_counter() - t0
 
-    from vitctl.train.data import load_dataset
+    from vitctl.data.sources import load_dataset
 
     t = time.perf_counter()
     split = {"channels": cfg.channels, "test_fraction": test_fraction, "seed": split_seed}

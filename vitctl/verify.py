@@ -39,7 +39,7 @@ import numpy as np
 
 import vitctl
 from vitctl import checkpoint as ckpt
-from vitctl import preprocess
+from vitctl.data import preprocess
 from vitctl.config import ViTConfig
 from vitctl.convert import mapping
 from vitctl.errors import CheckpointError, ConfigError, VitctlError

@@ -3,7 +3,7 @@
 One process, the 8 simulated devices of tests/conftest.py on the mesh data=2,fsdp=2,tensor=2,
 digits, Adafactor + sigmoid cross-entropy + cosine with cooldown (tests/train/mp_child.py's
 config). Package-scoped: trained once; runs with the same settings in this process reuse its
-compiled Setup (vitctl.train.loop.get_setup).
+compiled Setup (vitctl.train.step.get_setup).
 """
 
 import pytest

@@ -18,7 +18,8 @@ if __name__ == "__main__":  # only then: the tests import config() from here
 
 import jax
 
-from vitctl.train.loop import TrainConfig, init_distributed, train
+from vitctl.train.distributed import init_distributed
+from vitctl.train.loop import TrainConfig, train
 
 STEPS, BATCH, SAVE_EVERY, MESH = 6, 16, 2, "data=2,fsdp=2,tensor=2"
 

@@ -1,4 +1,4 @@
-"""A tiny in-memory stand-in for vitctl.train.data (Dataset, Loader, prepare), with an
+"""A tiny in-memory stand-in for vitctl.data (Dataset, Loader, prepare), with an
 exactly restorable iterator state, so the trainer's tests do not depend on real data."""
 
 from __future__ import annotations

@@ -86,7 +86,9 @@ def test_objective_schedule_and_decay_mask():
 
 
 def test_divisibility_checked_before_compiling():
-    from vitctl.train.loop import Setup, TrainConfig, mesh_for
+    from vitctl.train.distributed import mesh_for
+    from vitctl.train.settings import TrainConfig
+    from vitctl.train.step import Setup
 
     with pytest.raises(ConfigError, match="batch size 6 does not divide over data x fsdp = 4"):
         Setup(MODEL, TrainConfig(batch_size=6), mesh_for(MESH))
@@ -97,7 +99,7 @@ def test_divisibility_checked_before_compiling():
 
 
 def test_train_config_refuses_unknown_keys(tmp_path):
-    from vitctl.train.loop import TrainConfig, load_yaml
+    from vitctl.train.settings import TrainConfig, load_yaml
 
     f = tmp_path / "t.yaml"
     f.write_text("steps: 3\nlearning_rate: 0.1\nbatchsize: 4\n")

@@ -52,8 +52,9 @@ def test_adafactor_sigmoid_cooldown_sharded(reference):
     import jax
     from jax.sharding import PartitionSpec as P
 
-    from vitctl.train.loop import get_setup, mesh_for
+    from vitctl.train.distributed import mesh_for
     from vitctl.train.state import restore
+    from vitctl.train.step import get_setup
 
     tcfg, out = reference["tcfg"], reference["out"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

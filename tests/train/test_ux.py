@@ -3,7 +3,7 @@ watching a run from a log file, held-out evaluation during the run, a resumed ru
 changes, what a published checkpoint records, and the device count on a CPU.
 
 The runs share one compiled configuration (the vit22b-demo/4 preset on 16-px digits, batch 16,
-4 steps): later runs in this process reuse its compiled step (vitctl.train.loop.get_setup).
+4 steps): later runs in this process reuse its compiled step (vitctl.train.step.get_setup).
 """
 
 import json
@@ -152,7 +152,7 @@ def test_resume_with_more_steps_relays_the_schedule(first, capsys):
 
 
 def test_mesh_shortfall_names_the_setting():
-    from vitctl.train.loop import mesh_for
+    from vitctl.train.distributed import mesh_for
 
     with pytest.raises(ConfigError, match="needs 16 devices, but 8 are available") as e:
         mesh_for("data=16")

@@ -26,6 +26,8 @@ saved first: continue with --resume).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -52,82 +54,87 @@ EXAMPLES = """Examples:
 """
 
 
+# The flags that set TrainConfig fields (every field but b1, b2 and log_every, which a --config file
+# sets): field -> (help, the default as help shows it where it is not the field's own default).
+FIELD_FLAGS: dict[str, tuple[str, str | None]] = {
+    "model": ("A preset name (see `vitctl models`) or a ViTConfig JSON file.", None),
+    "data": ("digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", None),
+    "steps": ("Training steps.", None),
+    "batch_size": ("Global batch size (a multiple of data x fsdp).", None),
+    "lr": ("Peak learning rate.", None),
+    "warmup": ("Linear warmup steps.", "steps // 10"),
+    "schedule": ("cosine or rsqrt.", None),
+    "cooldown": ("Linear cooldown to 0 over the last N steps.", None),
+    "optimizer": ("adamw or adafactor.", None),
+    "loss": ("softmax or sigmoid (multi-label) cross-entropy.", None),
+    "label_smoothing": ("Label smoothing.", None),
+    "weight_decay": ("Weight decay of the body's kernels.", None),
+    "head_weight_decay": ("Weight decay of the head.", "--weight-decay"),
+    "clip_norm": ("Global gradient-norm clip (0: off).", None),
+    "mesh": ("Device mesh, e.g. data=2,fsdp=2,tensor=2.", "one device"),
+    "seed": ("Seed of the init and the data order.", None),
+    "save_every": ("Save the training state every N steps (0: at the end only).", None),
+    "keep": ("Keep the last N training states.", None),
+    "stats_every": ("Log per-layer attention max-logit and entropy every N steps (0: never).", None),
+    "eval_every": ("Evaluate on the held-out split every N steps (0: at the end only); metrics.jsonl: test_accuracy.", None),
+    "image_size": ("Model input size.", "the data's, at least 16, a multiple of the patch"),
+    "num_classes": ("Classes.", "the data's"),
+    "dtype": ("Compute dtype: float32 or bfloat16 (parameters stay float32).", "the model config's"),
+    "remat": ("Recompute block activations in the backward pass.", "the model config's"),
+    "test_fraction": ("Share of each class held out for testing, for data without a test split.", None),
+}
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool}
+
+
 def _opt(help: str, *names: str, default: str | None = None, **kw):
     """An option whose help shows `default` (the effective value; the parameter itself is None
     so that --config and a resumed run's stored settings can supply it)."""
     return typer.Option(*names, help=help, show_default=default if default is not None else False, **kw)
 
 
-def _d(name: str) -> str:
-    """The default of a TrainConfig field as help shows it."""
-    from vitctl.train.settings import default
-
-    value = default(name)
+def _shown(value) -> str:
+    """A TrainConfig default as help shows it."""
     return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
 
 
+def _field_params() -> list[inspect.Parameter]:
+    """One keyword parameter per FIELD_FLAGS entry, in TrainConfig's field order: `--name-with-dashes`
+    (`--name/--no-name` for a bool), None unless given, help showing the default."""
+    from vitctl.train.settings import TrainConfig
+
+    params = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in FIELD_FLAGS:
+            continue
+        help, shown = FIELD_FLAGS[f.name]
+        kind, flag = _KINDS[f.type.split(" ")[0]], "--" + f.name.replace("_", "-")
+        names = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+        option = _opt(help, *names, default=shown if shown is not None else _shown(f.default))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]))
+    return params
+
+
+def _with_field_flags(command):
+    """`command`'s signature with its **settings replaced by the TrainConfig field flags (Typer reads the signature)."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    fields = _field_params()
+    command.__signature__ = sig.replace(parameters=[own[0], *fields, *own[1:]])
+    command.__annotations__ = {p.name: p.annotation for p in (own[0], *fields, *own[1:])}
+    return command
+
+
 @commands.command("train", epilog=EXAMPLES)
+@_with_field_flags
 def train(
     out_dir: Annotated[Path, _opt("Run directory (a checkpoint directory when done).", "--out", "-o")],
-    model: Annotated[
-        str | None, _opt("A preset name (see `vitctl models`) or a ViTConfig JSON file.", "--model", default=_d("model"))
-    ] = None,
-    data: Annotated[
-        str | None, _opt("digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", "--data", default=_d("data"))
-    ] = None,
-    steps: Annotated[int | None, _opt("Training steps.", "--steps", default=_d("steps"))] = None,
-    batch_size: Annotated[
-        int | None, _opt("Global batch size (a multiple of data x fsdp).", "--batch-size", default=_d("batch_size"))
-    ] = None,
-    lr: Annotated[float | None, _opt("Peak learning rate.", "--lr", default=_d("lr"))] = None,
-    warmup: Annotated[int | None, _opt("Linear warmup steps.", "--warmup", default="steps // 10")] = None,
-    schedule: Annotated[str | None, _opt("cosine or rsqrt.", "--schedule", default=_d("schedule"))] = None,
-    cooldown: Annotated[int | None, _opt("Linear cooldown to 0 over the last N steps.", "--cooldown", default=_d("cooldown"))] = None,
-    optimizer: Annotated[str | None, _opt("adamw or adafactor.", "--optimizer", default=_d("optimizer"))] = None,
-    loss: Annotated[str | None, _opt("softmax or sigmoid (multi-label) cross-entropy.", "--loss", default=_d("loss"))] = None,
-    label_smoothing: Annotated[float | None, _opt("Label smoothing.", "--label-smoothing", default=_d("label_smoothing"))] = None,
-    weight_decay: Annotated[float | None, _opt("Weight decay of the body's kernels.", "--weight-decay", default=_d("weight_decay"))] = None,
-    head_weight_decay: Annotated[float | None, _opt("Weight decay of the head.", "--head-weight-decay", default="--weight-decay")] = None,
-    clip_norm: Annotated[float | None, _opt("Global gradient-norm clip (0: off).", "--clip-norm", default=_d("clip_norm"))] = None,
-    mesh: Annotated[str | None, _opt("Device mesh, e.g. data=2,fsdp=2,tensor=2.", "--mesh", default="one device")] = None,
     devices: Annotated[int | None, _opt("CPU only: simulated host devices.", "--devices", default="what --mesh needs", min=1)] = None,
-    seed: Annotated[int | None, _opt("Seed of the init and the data order.", "--seed", default=_d("seed"))] = None,
-    save_every: Annotated[
-        int | None, _opt("Save the training state every N steps (0: at the end only).", "--save-every", default=_d("save_every"))
-    ] = None,
-    keep: Annotated[int | None, _opt("Keep the last N training states.", "--keep", default=_d("keep"))] = None,
-    stats_every: Annotated[
-        int | None,
-        _opt("Log per-layer attention max-logit and entropy every N steps (0: never).", "--stats-every", default=_d("stats_every")),
-    ] = None,
-    eval_every: Annotated[
-        int | None,
-        _opt(
-            "Evaluate on the held-out split every N steps (0: at the end only); metrics.jsonl: test_accuracy.",
-            "--eval-every",
-            default=_d("eval_every"),
-        ),
-    ] = None,
     log_every_s: Annotated[
         float,
         typer.Option(
             "--log-every-s", min=0, help="When stderr is not a terminal (a log file): a progress line every N seconds (0: every step)."
         ),
     ] = 30.0,
-    image_size: Annotated[
-        int | None, _opt("Model input size.", "--image-size", default="the data's, at least 16, a multiple of the patch")
-    ] = None,
-    num_classes: Annotated[int | None, _opt("Classes.", "--num-classes", default="the data's")] = None,
-    test_fraction: Annotated[
-        float | None,
-        _opt("Share of each class held out for testing, for data without a test split.", "--test-fraction", default=_d("test_fraction")),
-    ] = None,
-    dtype: Annotated[
-        str | None, _opt("Compute dtype: float32 or bfloat16 (parameters stay float32).", "--dtype", default="the model config's")
-    ] = None,
-    remat: Annotated[
-        bool | None, _opt("Recompute block activations in the backward pass.", "--remat/--no-remat", default="the model config's")
-    ] = None,
     config: Annotated[Path | None, _opt("A YAML file of training settings (keys as the flags, with _).", "--config")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its latest saved state; its stored settings are the defaults.")
@@ -143,6 +150,7 @@ def train(
     ] = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
+    **settings,
 ) -> None:
     """Train a ViT on a data set (JAX, sharded), with exact resume and attention statistics."""
     from vitctl.devices import prepare_cpu_devices
@@ -151,21 +159,15 @@ def train(
     # Settings first, without JAX: on a CPU the mesh decides how many devices XLA simulates,
     # and that must be set before anything imports jax.
     stored = tsettings.read_stored(out_dir) if resume else {}
-    flags = {
-        "model": model, "data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "schedule": schedule,
-        "cooldown": cooldown, "optimizer": optimizer, "loss": loss, "label_smoothing": label_smoothing, "weight_decay": weight_decay,
-        "head_weight_decay": head_weight_decay, "clip_norm": clip_norm, "mesh": mesh, "seed": seed, "save_every": save_every,
-        "keep": keep, "stats_every": stats_every, "eval_every": eval_every, "image_size": image_size, "num_classes": num_classes,
-        "test_fraction": test_fraction, "dtype": dtype, "remat": remat,
-    }  # fmt: skip
-    given = {k: v for k, v in flags.items() if v is not None}
+    given = {k: v for k, v in settings.items() if v is not None}
     tcfg = tsettings.TrainConfig.from_dict({**stored, **(tsettings.load_yaml(config) if config is not None else {}), **given})
     if devices is not None or not (distributed and num_processes is None):  # an auto-detected cluster: its size is unknown here
         prepare_cpu_devices(tcfg.mesh, devices, num_processes or 1)
 
     from vitctl.train import loop
+    from vitctl.train.distributed import init_distributed
 
-    several = loop.init_distributed(coordinator, num_processes, process_id, auto=distributed)
+    several = init_distributed(coordinator, num_processes, process_id, auto=distributed)
     if several:
         import jax
 

@@ -11,18 +11,22 @@
 - Global-norm clipping first; decoupled weight decay on kernels only, with a separate
   rate for the classifier head (`head/...`) and for the body; decay is scaled by the
   learning rate (optax.adamw convention).
+- schedule_change: what resuming a run with other schedule settings does to its learning
+  rate at the resumed step (printed, and recorded in train_config.json).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from vitctl.errors import ConfigError
-from vitctl.train.settings import LOSSES, OPTIMIZERS, SCHEDULES
+from vitctl.train.settings import CHANGES, LOSSES, OPTIMIZERS, SCHEDULES, TRAIN_CONFIG, TrainConfig, read_stored
 
 
 def objective(logits, labels, num_classes: int, loss: str = "softmax", label_smoothing: float = 0.0):
@@ -98,3 +102,44 @@ def make_optimizer(
         parts.append(optax.add_decayed_weights(head_wd, mask=_decay_mask(head=True)))
     parts.append(optax.scale_by_learning_rate(lr_fn))
     return optax.chain(*parts)
+
+
+# A resumed run's schedule.
+SCHEDULE_FIELDS = ("lr", "steps", "warmup", "schedule", "cooldown")
+
+
+def describe_schedule(t: TrainConfig) -> str:
+    text = f"{t.schedule} over {t.steps} steps, peak lr {t.lr:g}, warmup {t.warmup}"
+    return text + (f", cooldown {t.cooldown}" if t.cooldown else "")
+
+
+def schedule_change(out: str | Path, new: TrainConfig, step: int) -> dict[str, Any] | None:
+    """What resuming the run in `out` at `step` with `new` does to its learning-rate schedule (None: nothing).
+
+    A resumed run follows the schedule of its current settings, laid over all its steps (as if
+    the run had used it from step 0): `--resume --steps N` with a larger N extends the cosine
+    over N steps, so the learning rate at `step` jumps (from near 0 when the run had finished)
+    to the new curve's value there. The change is returned, so it can be printed and recorded
+    (train_config.json, "schedule_changes"); metrics.jsonl logs the lr of every step.
+    """
+    old = TrainConfig.from_dict(read_stored(out))
+    if new.steps < step:
+        raise ConfigError(
+            f"--steps {new.steps} is fewer than the {step} steps the run in {out} has trained",
+            hint=f"pass --steps {step} or more to continue it (the checkpoint in {out} holds step {step} as it is)",
+        )
+    if all(getattr(old, f) == getattr(new, f) for f in SCHEDULE_FIELDS):
+        return None
+
+    def lr_at(t: TrainConfig) -> float:
+        return float(schedule(t.lr, t.steps, t.warmup, t.schedule, t.cooldown)(step))
+
+    before, after = lr_at(old), lr_at(new)
+    message = (
+        f"resuming at step {step} with a new schedule: {describe_schedule(new)} (was: {describe_schedule(old)}); "
+        f"it is laid over all {new.steps} steps, so the learning rate at step {step} goes from {before:.2e} to {after:.2e}"
+        + (" (unchanged)" if before == after else "")
+        + f"; recorded in {TRAIN_CONFIG} under {CHANGES}"
+    )
+    return {"step": step, "before": describe_schedule(old), "after": describe_schedule(new), "lr_before": before, "lr_after": after,
+            "message": message}  # fmt: skip

@@ -175,6 +175,31 @@ def stem_head_activations(cfg: ViTConfig, mesh: dict[str, int], batch_size: int,
     return total + b * (cfg.num_classes or D) * 4
 
 
+def _weights(cfg: ViTConfig, sizes: dict[str, int], pbytes: int, optimizer: str, momentum_dtype: str | None):
+    """(parameter bytes, optimizer-state bytes, one gathered layer's weight bytes, indivisible parameters) per device."""
+    params = opt = layer_weights = 0
+    bad: list[dict[str, Any]] = []
+    for pname, (shape, spec) in param_specs(cfg).items():
+        params += math.prod(shard_shape(shape, spec, sizes)) * pbytes
+        opt += sum(math.prod(shard_shape(s, sp, sizes)) * nb for s, sp, nb in optimizer_states(shape, spec, optimizer, momentum_dtype))
+        bad += indivisible(pname, shape, spec, sizes)
+        if pname.startswith("blocks/"):  # one layer, gathered over data/fsdp, still split over tensor
+            tp_only = tuple(tuple(a for a in axes if a == "tensor") for axes in spec[1:])
+            layer_weights += math.prod(shard_shape(shape[1:], tp_only, sizes)) * pbytes
+    return params, opt, layer_weights, bad
+
+
+def _activations(cfg: ViTConfig, sizes: dict[str, int], batch_size: int, dtype: str, flash: bool):
+    """(per-layer terms, one layer's bytes, activation bytes without remat, with remat) per device."""
+    terms = activation_terms(cfg, sizes, batch_size, dtype, flash)
+    layer = sum(terms.values())
+    carry = (batch_size // (sizes["data"] * sizes["fsdp"])) * cfg.seq_len * cfg.width * BYTES[dtype]  # (b,T,D)
+    outside = stem_head_activations(cfg, sizes, batch_size, dtype)
+    acts = cfg.depth * layer + outside
+    acts_remat = cfg.depth * carry + layer + outside
+    return terms, layer, acts, acts_remat
+
+
 def plan(
     cfg: ViTConfig,
     mesh: str | dict[str, int],
@@ -207,52 +232,19 @@ def plan(
     validate(cfg, sizes, batch_size)
     pbytes = BYTES[param_dtype]
 
-    params = opt = layer_weights = 0
-    bad: list[dict[str, Any]] = []
-    for pname, (shape, spec) in param_specs(cfg).items():
-        params += math.prod(shard_shape(shape, spec, sizes)) * pbytes
-        opt += sum(math.prod(shard_shape(s, sp, sizes)) * nb for s, sp, nb in optimizer_states(shape, spec, optimizer, momentum_dtype))
-        bad += indivisible(pname, shape, spec, sizes)
-        if pname.startswith("blocks/"):  # one layer, gathered over data/fsdp, still split over tensor
-            tp_only = tuple(tuple(a for a in axes if a == "tensor") for axes in spec[1:])
-            layer_weights += math.prod(shard_shape(shape[1:], tp_only, sizes)) * pbytes
+    params, opt, layer_weights, bad = _weights(cfg, sizes, pbytes, optimizer, momentum_dtype)
     opt += 4  # the step count (int32), replicated
 
-    terms = activation_terms(cfg, sizes, batch_size, dtype, flash)
-    layer = sum(terms.values())
-    carry = (batch_size // (sizes["data"] * sizes["fsdp"])) * cfg.seq_len * cfg.width * BYTES[dtype]  # (b,T,D)
-    outside = stem_head_activations(cfg, sizes, batch_size, dtype)
-    acts = cfg.depth * layer + outside
-    acts_remat = cfg.depth * carry + layer + outside
+    terms, layer, acts, acts_remat = _activations(cfg, sizes, batch_size, dtype, flash)
     workspace = 2 * layer_weights + layer
     fixed = 2 * params + opt + workspace
     total, total_remat = fixed + acts, fixed + acts_remat
+    per_device = {"params": params, "grads": params, "optimizer": opt, "activations": acts, "activations_remat": acts_remat,
+                  "workspace": workspace, "total": total, "total_remat": total_remat}  # fmt: skip
     return {
-        "model": name,
-        "mesh": sizes,
-        "devices": math.prod(sizes.values()),
-        "batch_size": batch_size,
-        "per_device_batch": batch_size // (sizes["data"] * sizes["fsdp"]),
-        "optimizer": optimizer,
-        "dtype": dtype,
-        "param_dtype": param_dtype,
-        "flash_attention": flash,
-        "remat": remat,
-        "per_device": {
-            "params": params,
-            "grads": params,
-            "optimizer": opt,
-            "activations": acts,
-            "activations_remat": acts_remat,
-            "workspace": workspace,
-            "total": total,
-            "total_remat": total_remat,
-        },
-        "activations_per_layer": terms,
-        "hbm": hbm,
-        "headroom": hbm - total,
-        "headroom_remat": hbm - total_remat,
-        "fits": total <= hbm,
-        "fits_remat": total_remat <= hbm,
-        "indivisible": bad,
-    }
+        "model": name, "mesh": sizes, "devices": math.prod(sizes.values()), "batch_size": batch_size,
+        "per_device_batch": batch_size // (sizes["data"] * sizes["fsdp"]), "optimizer": optimizer, "dtype": dtype,
+        "param_dtype": param_dtype, "flash_attention": flash, "remat": remat, "per_device": per_device,
+        "activations_per_layer": terms, "hbm": hbm, "headroom": hbm - total, "headroom_remat": hbm - total_remat,
+        "fits": total <= hbm, "fits_remat": total_remat <= hbm, "indivisible": bad,
+    }  # fmt: skip

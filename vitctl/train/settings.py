@@ -7,6 +7,8 @@ before JAX starts, because on a CPU the number of simulated devices must be set 
 - TrainConfig: field = CLI flag = YAML key = JSON key in OUT/train_config.json.
 - Defaults that depend on other settings are resolved when the config is built and stored
   resolved: warmup (None) becomes steps // 10, so a resumed run keeps the warmup it had.
+- base_model / model_config: the ViTConfig a run trains (a preset or JSON file, with the
+  image size and classes taken from the data unless set).
 - public_source: the name of a model or data source as a published checkpoint may show it
   (a named data set or preset as given; a local path by its final component only).
 """
@@ -14,9 +16,11 @@ before JAX starts, because on a CPU the number of simulated devices must be set 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
+from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError
 
 TRAIN_CONFIG = "train_config.json"
@@ -172,46 +176,7 @@ def public_source(spec: str) -> str:
     return ",".join(Path(part).name for part in spec.split(","))
 
 
-SCHEDULE_FIELDS = ("lr", "steps", "warmup", "schedule", "cooldown")
 CHANGES = "schedule_changes"  # train_config.json: every schedule change of a resumed run, in order
-
-
-def describe_schedule(t: TrainConfig) -> str:
-    text = f"{t.schedule} over {t.steps} steps, peak lr {t.lr:g}, warmup {t.warmup}"
-    return text + (f", cooldown {t.cooldown}" if t.cooldown else "")
-
-
-def schedule_change(out: str | Path, new: TrainConfig, step: int) -> dict[str, Any] | None:
-    """What resuming the run in `out` at `step` with `new` does to its learning-rate schedule (None: nothing).
-
-    A resumed run follows the schedule of its current settings, laid over all its steps (as if
-    the run had used it from step 0): `--resume --steps N` with a larger N extends the cosine
-    over N steps, so the learning rate at `step` jumps (from near 0 when the run had finished)
-    to the new curve's value there. The change is returned, so it can be printed and recorded
-    (train_config.json, "schedule_changes"); metrics.jsonl logs the lr of every step.
-    """
-    old = TrainConfig.from_dict(read_stored(out))
-    if new.steps < step:
-        raise ConfigError(
-            f"--steps {new.steps} is fewer than the {step} steps the run in {out} has trained",
-            hint=f"pass --steps {step} or more to continue it (the checkpoint in {out} holds step {step} as it is)",
-        )
-    if all(getattr(old, f) == getattr(new, f) for f in SCHEDULE_FIELDS):
-        return None
-    from vitctl.train import optim
-
-    def lr_at(t: TrainConfig) -> float:
-        return float(optim.schedule(t.lr, t.steps, t.warmup, t.schedule, t.cooldown)(step))
-
-    before, after = lr_at(old), lr_at(new)
-    message = (
-        f"resuming at step {step} with a new schedule: {describe_schedule(new)} (was: {describe_schedule(old)}); "
-        f"it is laid over all {new.steps} steps, so the learning rate at step {step} goes from {before:.2e} to {after:.2e}"
-        + (" (unchanged)" if before == after else "")
-        + f"; recorded in {TRAIN_CONFIG} under {CHANGES}"
-    )
-    return {"step": step, "before": describe_schedule(old), "after": describe_schedule(new), "lr_before": before, "lr_after": after,
-            "message": message}  # fmt: skip
 
 
 def write_train_config(out: Path, tcfg: TrainConfig, model_config: dict[str, Any], change: dict[str, Any] | None = None) -> None:
@@ -225,3 +190,43 @@ def write_train_config(out: Path, tcfg: TrainConfig, model_config: dict[str, Any
         changes = [*changes, {k: v for k, v in change.items() if k != "message"}]
     record = {**dataclasses.asdict(tcfg), "model_config": model_config}
     ckpt.write_json(path, {**record, CHANGES: changes} if changes else record)
+
+
+def base_model(tcfg: TrainConfig) -> ViTConfig:
+    """The preset or JSON config named by tcfg.model, before the data's overrides.
+
+    A checkpoint directory is refused: taking only its config would silently train its
+    architecture from scratch (its step-1 loss is ln(classes), as for any new model).
+    """
+    from vitctl import checkpoint as ckpt
+    from vitctl.config import PRESETS, load_config
+
+    if tcfg.model in PRESETS:
+        return PRESETS[tcfg.model]
+    path = Path(tcfg.model)
+    if path.is_dir() and (path / ckpt.CONFIG).is_file():
+        raise ConfigError(
+            f"--model {tcfg.model} is a checkpoint directory; vitctl train cannot start from its weights yet "
+            "(fine-tuning comes with --init-from), and taking only its config would train from scratch",
+            hint=f"to train its architecture from scratch, pass its config: --model {path / ckpt.CONFIG}",
+        )
+    if path.exists():
+        return load_config(tcfg.model)
+    return ViTConfig.from_variant(tcfg.model)  # raises, naming close presets
+
+
+def model_config(tcfg: TrainConfig, image_hw: int, num_classes: int, channels: int | None = None) -> ViTConfig:
+    """The ViTConfig of a run: preset or JSON, with image size and classes from the data unless set."""
+    cfg = base_model(tcfg)
+    p = cfg.patch_size
+    size = tcfg.image_size or p * math.ceil(max(image_hw, 16) / p)
+    over = {"image_size": size, "num_classes": tcfg.num_classes or num_classes}
+    if channels is not None:
+        over["channels"] = channels
+    if tcfg.dtype is not None:
+        over["dtype"] = tcfg.dtype
+    if tcfg.remat is not None:
+        over["remat"] = tcfg.remat
+    cfg = dataclasses.replace(cfg, **over)
+    cfg.check_patch_grid(f"--model {tcfg.model}")
+    return cfg

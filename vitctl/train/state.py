@@ -1,4 +1,4 @@
-"""Training-state checkpoints under OUT/state/ for exact resume.
+"""What a run saves: training-state checkpoints under OUT/state/ for exact resume, and OUT/params/.
 
     state/00000020/tree/     Orbax (StandardCheckpointer): {"params", "opt", "step"}
     state/00000020/meta.json {"step", "rng", "data": Loader.state(), "mesh", "time"}
@@ -16,7 +16,10 @@ it starts, and the temporary of a save that fails anyway is reclaimed by the nex
 
 Restores go into an abstract target (jax.ShapeDtypeStruct with the *current* mesh's
 shardings, from jax.eval_shape), so a state saved on one mesh shape restores onto
-another: Orbax reshards on read (shared/DESIGN.md, "Traps already met").
+another: Orbax reshards on read.
+
+write_params replaces OUT/params/ (+ config.json), the standard checkpoint layout that
+`vitctl convert` and `verify` read, as a whole: written beside, then swapped in.
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ import logging
 import os
 import re
 import resource
+import secrets
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from vitctl import checkpoint as ckpt
+from vitctl.config import ViTConfig
 from vitctl.errors import CheckpointError
+from vitctl.train.distributed import any_process, sync
 from vitctl.untrusted import free_disk, read_json
 
+STATE = "state"  # OUT/state/
 STEP_DIR = re.compile(r"^\d{8}$")
 
 
@@ -126,6 +134,20 @@ def _reclaim(d: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _save_failed(d: Path, step: int, reason: str) -> CheckpointError:
+    """The error for a state save that failed or was refused: names the latest complete state."""
+    last = latest(d)
+    return CheckpointError(
+        f"cannot save the training state of step {step} in {d}: {reason}",
+        hint="check the free disk space and the file size limit (ulimit -f); "
+        + (
+            f"the latest complete state, step {last}, is intact: continue from it with --resume"
+            if last is not None
+            else "no complete training state was saved"
+        ),
+    )
+
+
 def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep: int = 3) -> Path:
     """Writes state_dir/{step:08d} atomically; then deletes all but the newest `keep` (and stale temporaries).
 
@@ -138,31 +160,17 @@ def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep
     """
     import jax
 
-    from vitctl.train.loop import any_process, sync
-
     d = Path(state_dir).absolute()
     primary = jax.process_index() == 0
     final = d / f"{step:08d}"
     # One name that every process computes alike (a random one would differ between processes).
     tmp = d / f".tmp-{step:08d}"
 
-    def failed(reason: str) -> CheckpointError:
-        last = latest(d)
-        return CheckpointError(
-            f"cannot save the training state of step {step} in {d}: {reason}",
-            hint="check the free disk space and the file size limit (ulimit -f); "
-            + (
-                f"the latest complete state, step {last}, is intact: continue from it with --resume"
-                if last is not None
-                else "no complete training state was saved"
-            ),
-        )
-
     _quiet_orphans()
     # Every process checks its own limits; all refuse together (a lone refusal would leave the others at a barrier).
     reason = room_for(d, tree_bytes(tree))
     if any_process(int(reason is not None)):
-        raise failed(reason or "another process has no room for its part")
+        raise _save_failed(d, step, reason or "another process has no room for its part")
     if primary:
         d.mkdir(parents=True, exist_ok=True)
         _reclaim(d)  # left by a killed run
@@ -182,7 +190,7 @@ def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep
                     final.rename(d / f".tmp-old-{step:08d}")
                 tmp.rename(final)
         except Exception as e:
-            raise failed(_brief(e)) from e
+            raise _save_failed(d, step, _brief(e)) from e
     except BaseException:
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -283,3 +291,51 @@ def restore(state_dir: str | Path, step: int, abstract_tree: Any) -> tuple[Any, 
         except Exception as e:  # noqa: BLE001 (Orbax raises many types; after the metadata matched, all mean damage)
             raise _damaged(d, step, f"its arrays cannot be read ({_brief(e)})") from None
     return tree, meta
+
+
+def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], tag: str = "") -> None:
+    """OUT/params/ (+ config.json), replaced as a whole: written beside, then swapped in.
+
+    With several processes every process calls this with the same `tag` (the step): each
+    writes the shards it holds into one temporary directory (Orbax), and process 0 swaps it
+    in once all have finished.
+    """
+    import jax
+
+    primary = jax.process_index() == 0
+    tmp = out / f".params.tmp-{tag or secrets.token_hex(4)}"
+
+    def failed(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"cannot write {out / ckpt.PARAMS}: {reason}",
+            hint="check the free disk space and the file size limit (ulimit -f); the training state under "
+            f"{out / STATE} is complete: continue with --resume once there is room",
+        )
+
+    # Checked before Orbax starts: a write it fails half-way leaves TensorStore writes running (module docstring).
+    reason = room_for(out, tree_bytes(params))
+    if any_process(int(reason is not None)):
+        raise failed(reason or "another process has no room for its part")
+    if primary:
+        for stale in out.glob(".params.*-*"):  # left by a killed run: .params.tmp-<tag> / .params.old-<hex>
+            if re.fullmatch(r"\.params\.(tmp|old)-[0-9a-f]{8}", stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    sync(f"vitctl-params-begin-{tag}")
+    try:
+        try:
+            ckpt.save_jax(tmp, ckpt._flatten(params))
+        except Exception as e:  # Orbax and tensorstore raise many types for a failed write
+            raise failed(_brief(e)) from e
+        sync(f"vitctl-params-written-{tag}")
+        if primary:
+            old = out / f".params.old-{secrets.token_hex(4)}"
+            if (out / ckpt.PARAMS).exists():
+                (out / ckpt.PARAMS).rename(old)
+            (tmp / ckpt.PARAMS).rename(out / ckpt.PARAMS)
+            shutil.rmtree(old, ignore_errors=True)
+            ckpt.write_config(out, cfg, provenance)
+    finally:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+    sync(f"vitctl-params-done-{tag}")

@@ -1,26 +1,15 @@
-"""Real images for `vitctl train` (JAX) and `vitctl probe` (either backend): numpy and PIL only.
+"""Real images for `vitctl train`, `probe` and `demo`: every data source, read with numpy and PIL only.
 
-- `load_dataset(spec, split)`: one split of a source, in memory as uint8 NHWC + int32 labels.
-  Sources: "digits" (scikit-learn's bundled 8x8 digits, the zero-download default),
-  "fashion-mnist" (Debian's dataset-fashion-mnist, /usr/share/datasets/fashion-mnist),
-  or a path: an ImageFolder directory (ROOT/<class>/<image>, optionally under ROOT/train and
-  ROOT/test), a .npz file, MNIST-style IDX files (a directory, or an images file whose labels
-  file is found by name, or "IMAGES,LABELS"), a Hugging Face `save_to_disk` directory, or
-  parquet files (a file or a directory, HF Hub layout: split name in the file or folder name).
-- Sources without a test split get a seeded, stratified split (`test_fraction` of each
-  class), so "train" and "test" never overlap and are the same on every run and process.
-- `prepare(images, cfg)`: uint8 -> float32 model input per `cfg.preprocess`, on the host.
-- `Loader`: shuffled (permutation from `np.random.default_rng((seed, epoch))`) batches, each
-  process taking its contiguous slice of every global batch, prepared in a background thread;
-  `state()`/`restore()` resume bit-identically.
+`load_dataset(spec, split)`: one split of a source, in memory as uint8 NHWC + int32 labels.
+Sources: "digits" (scikit-learn's bundled 8x8 digits, the zero-download default),
+"fashion-mnist" (Debian's dataset-fashion-mnist, /usr/share/datasets/fashion-mnist),
+or a path: an ImageFolder directory (ROOT/<class>/<image>, optionally under ROOT/train and
+ROOT/test), a .npz file, MNIST-style IDX files (a directory, or an images file whose labels
+file is found by name, or "IMAGES,LABELS"), a Hugging Face `save_to_disk` directory, or
+parquet files (a file or a directory, HF Hub layout: split name in the file or folder name).
+Sources without a test split are split by vitctl.data.dataset.split_indices.
 
-Resize kernel (prepare, and load-time resizing of mixed-size images): a numpy port of
-`jax.image.resize` (jax/_src/image/scale.py): half-pixel centres, "bilinear" = triangle kernel,
-"bicubic" = Keys cubic with a = -0.5, "nearest" = floor((i + 0.5) * in / out); with antialias
-the kernel is widened by in/out when downsampling. So host-prepared batches match what
-`vitctl.preprocess.to_jax_input` computes on device, up to float32 rounding.
-
-Shape letters: B batch, H/W height/width, C channels, S = cfg.image_size.
+Shape letters: N examples, H/W height/width, C channels.
 """
 
 from __future__ import annotations
@@ -31,19 +20,17 @@ import functools
 import gzip
 import json
 import math
-import queue
-import threading
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 
+from vitctl.data.dataset import Dataset, split_indices
+from vitctl.data.preprocess import IMAGE_SUFFIXES, resize
 from vitctl.errors import ConfigError, DataError, MissingDependencyError
-from vitctl.preprocess import IMAGE_SUFFIXES, normalize
 from vitctl.untrusted import require_memory
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -60,53 +47,6 @@ SPEC_HINT = (
     "a data spec is 'digits', 'fashion-mnist', or a path to an ImageFolder directory, a .npz file, "
     "IDX files, a Hugging Face save_to_disk directory or parquet files"
 )
-
-
-@dataclasses.dataclass
-class Dataset:
-    """One split, in memory.
-
-    Attributes:
-        images: uint8 array of shape [N, H, W, C].
-        labels: int32 array of shape [N], each in [0, num_classes).
-        num_classes: number of classes of the source (not only those present in this split).
-        name: the source's spec, e.g. "digits" or a path.
-        class_names: class names where the source has them (ImageFolder, HF ClassLabel).
-        split: "train" or "test" (empty for a Dataset built by hand).
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-    name: str
-    class_names: tuple[str, ...] | None = None
-    split: str = ""
-
-    def __post_init__(self):
-        self.images = np.asarray(self.images)
-        self.labels = np.asarray(self.labels)
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise DataError(
-                f"{self.name}: images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}",
-                hint="load data with vitctl.train.data.load_dataset, which converts it",
-            )
-        if self.labels.ndim != 1 or len(self.labels) != len(self.images):
-            raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {self.labels.shape}")
-        if not np.issubdtype(self.labels.dtype, np.integer):
-            raise DataError(f"{self.name}: labels must be integers, got {self.labels.dtype}", hint="map class names to 0..K-1")
-        self.labels = self.labels.astype(np.int32)
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
-            raise DataError(
-                f"{self.name}: labels range over [{self.labels.min()}, {self.labels.max()}], "
-                f"outside [0, {self.num_classes}) for num_classes={self.num_classes}",
-                hint="labels must be class indices 0..num_classes-1; fix the labels or the class count",
-            )
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-# --------------------------------------------------------------------------- loading
 
 
 @dataclasses.dataclass
@@ -179,25 +119,6 @@ def load_dataset(
             hint=f"labels must be class indices 0..K-1 (at most {MAX_INFERRED_CLASSES} classes read from the labels); remap them",
         )
     return Dataset(images, labels, num_classes, spec, source.class_names, split)
-
-
-def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) sorted row indices: a seeded stratified split, round(test_fraction * n_c) of class c held out.
-
-    Every class with at least 2 examples keeps at least one on each side.
-    """
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(labels):  # sorted, so the rng is consumed in the same order every time
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        n = round(len(idx) * test_fraction)
-        if len(idx) >= 2:
-            n = min(max(n, 1), len(idx) - 1)
-        test.append(idx[:n])
-        train.append(idx[n:])
-    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-    return cat(train), cat(test)
 
 
 def _read_source(spec: str, channels: int) -> _Source:
@@ -590,297 +511,3 @@ def _stack(images: list[np.ndarray], image_size: int | None, name: str) -> np.nd
 
 
 # --------------------------------------------------------------------------- preprocessing
-
-
-def _kernel(method: str):
-    if method == "bilinear":
-        return lambda x: np.maximum(0.0, 1.0 - np.abs(x))
-
-    # Keys (1981) cubic convolution with a = -0.5, as jax.image.resize's "cubic".
-    def keys_cubic(x):
-        out = ((1.5 * x - 2.5) * x) * x + 1.0
-        out = np.where(x >= 1.0, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, out)
-        return np.where(x >= 2.0, 0.0, out)
-
-    return keys_cubic
-
-
-def resize_weights(n_in: int, n_out: int, method: str, antialias: bool) -> np.ndarray:
-    """[n_out, n_in] interpolation matrix along one axis, as jax/_src/image/scale.py compute_weight_mat."""
-    inv_scale = n_in / n_out
-    kernel_scale = max(inv_scale, 1.0) if antialias else 1.0  # low-pass only when downsampling
-    sample = (np.arange(n_out) + 0.5) * inv_scale - 0.5  # half-pixel centres, in input coordinates
-    w = _kernel(method)(np.abs(sample[:, None] - np.arange(n_in)[None, :]) / kernel_scale)
-    total = w.sum(axis=1, keepdims=True)
-    w = np.where(np.abs(total) > 1000.0 * np.finfo(np.float32).eps, w / np.where(total != 0, total, 1), 0.0)
-    inside = (sample >= -0.5) & (sample <= n_in - 0.5)
-    return np.where(inside[:, None], w, 0.0).astype(np.float32)
-
-
-def resize(x: np.ndarray, size: tuple[int, int], method: str = "bilinear", antialias: bool = False) -> np.ndarray:
-    """float32 [B, H, W, C] -> [B, size[0], size[1], C], matching jax.image.resize (see module docstring)."""
-    (h, w), (oh, ow) = x.shape[1:3], size
-    if method == "nearest":
-        # jax's _resize_nearest, in float32 like jax: floor((i + 0.5) * in / out).
-        rows = np.floor((np.arange(oh, dtype=np.float32) + 0.5) * np.float32(h) / np.float32(oh)).astype(np.int64)
-        cols = np.floor((np.arange(ow, dtype=np.float32) + 0.5) * np.float32(w) / np.float32(ow)).astype(np.int64)
-        return x[:, rows][:, :, cols]
-    if (h, w) != (oh, ow):
-        # One axis at a time; optimize=True turns each contraction into a BLAS matmul (10x faster).
-        x = np.einsum("oh,bhwc->bowc", resize_weights(h, oh, method, antialias), x, optimize=True) if h != oh else x
-        x = np.einsum("pw,bowc->bopc", resize_weights(w, ow, method, antialias), x, optimize=True) if w != ow else x
-    return x.astype(np.float32, copy=False)
-
-
-def prepare(images: np.ndarray, cfg) -> np.ndarray:
-    """uint8 [B, H, W, C] -> float32 [B, S, S, cfg.channels] model input, per cfg.preprocess.
-
-    Resize (method and antialias from the spec; skipped when already S x S, as
-    vitctl.preprocess.to_jax_input does) with the jax.image.resize port above, then map
-    [0, 255] to value_range or (x / 255 - mean) / std. Deterministic, host only.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise DataError(f"prepare() takes [B, H, W, C] images, got shape {images.shape}")
-    if images.shape[-1] != cfg.channels:
-        if images.shape[-1] != 1:
-            raise DataError(f"images have {images.shape[-1]} channels, the model {cfg.channels}",
-                            hint=f"load the data with channels={cfg.channels}")  # fmt: skip
-        images = np.repeat(images, cfg.channels, axis=-1)
-    spec, s = cfg.preprocess, cfg.image_size
-    x = images.astype(np.float32)
-    if x.shape[1:3] != (s, s):
-        x = resize(x, (s, s), spec.resize, spec.antialias)
-    return np.asarray(normalize(x, spec), np.float32)
-
-
-# --------------------------------------------------------------------------- batching
-
-
-_END = object()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What batch (epoch, step) is: a pure function of these fields. Holds no reference to the Loader."""
-
-    data: Dataset
-    cfg: object
-    batch_size: int  # global
-    seed: int
-    shuffle: bool
-    drop_remainder: bool
-    process_index: int
-    process_count: int
-    epochs: int | None
-    steps_per_epoch: int
-
-    def order(self, epoch: int) -> np.ndarray:
-        n = len(self.data)
-        return np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
-
-    def local_indices(self, order: np.ndarray, step: int) -> np.ndarray:
-        rows = order[step * self.batch_size : (step + 1) * self.batch_size]
-        # Contiguous per-process slices; a short last batch (drop_remainder=False) is split as evenly
-        # as possible, so slices still concatenate to the global batch and every process takes a step.
-        return np.array_split(rows, self.process_count)[self.process_index]
-
-    def positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
-        while self.epochs is None or epoch < self.epochs:
-            yield epoch, step
-            step += 1
-            if step == self.steps_per_epoch:
-                epoch, step = epoch + 1, 0
-
-    def batch(self, order: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        idx = self.local_indices(order, step)
-        return prepare(self.data.images[idx], self.cfg), self.data.labels[idx]
-
-
-def _produce(plan: _Plan, epoch: int, step: int, q: queue.Queue, stop: threading.Event) -> None:
-    """Worker thread: puts (epoch, step, images, labels) for every position from (epoch, step) on, then _END."""
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    try:
-        order_epoch, order = None, None
-        for e, s in plan.positions(epoch, step):
-            if e != order_epoch:
-                order_epoch, order = e, plan.order(e)
-            if not put((e, s, *plan.batch(order, s))):
-                return
-        put(_END)
-    except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
-        put(exc)
-
-
-class Loader:
-    """Batches of prepared images and labels, each process taking its slice of every global batch.
-
-    Iterating yields (images float32 [B / process_count, S, S, C], labels int32 [B / process_count]).
-    The order of epoch e is `np.random.default_rng((seed, epoch)).permutation(N)`; with
-    `epochs=None` it runs forever, with `epochs=k` it stops after k epochs (a finished loader
-    starts over from epoch 0 when iterated again, so a one-pass eval loader can be reused).
-    Batches are prepared `prefetch` ahead in a background thread (prefetch=0: in the caller's
-    thread). Call `close()` or use it as a context manager to stop the thread.
-    """
-
-    def __init__(
-        self,
-        data: Dataset,
-        cfg,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        drop_remainder: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
-        prefetch: int = 2,
-        epochs: int | None = None,
-    ):
-        if batch_size <= 0:
-            raise ConfigError(f"batch size must be positive, got {batch_size}")
-        if process_count <= 0 or not 0 <= process_index < process_count:
-            raise ConfigError(f"process_index {process_index} is not in [0, process_count={process_count})")
-        if batch_size % process_count:
-            raise ConfigError(
-                f"global batch size {batch_size} is not divisible by the process count {process_count}",
-                hint=f"use a batch size that is a multiple of {process_count}, e.g. {batch_size + process_count - batch_size % process_count}",
-            )
-        if epochs is not None and epochs <= 0:
-            raise ConfigError(f"epochs must be positive or None (forever), got {epochs}")
-        if prefetch < 0:
-            raise ConfigError(f"prefetch must be >= 0, got {prefetch}")
-        if cfg.num_classes and data.num_classes > cfg.num_classes:
-            raise DataError(
-                f"{data.name} has {data.num_classes} classes (labels up to {data.labels.max(initial=-1)}) "
-                f"but the model has num_classes={cfg.num_classes}",
-                hint=f"use a model config with num_classes >= {data.num_classes}, or a data set with fewer classes",
-            )
-        if data.images.shape[-1] not in (1, cfg.channels):
-            raise DataError(f"{data.name} has {data.images.shape[-1]}-channel images, the model {cfg.channels}",
-                            hint=f"load it with load_dataset(..., channels={cfg.channels})")  # fmt: skip
-        steps = len(data) // batch_size if drop_remainder else -(-len(data) // batch_size)
-        if steps == 0:
-            raise DataError(
-                f"{data.name} has {len(data)} examples, fewer than one batch of {batch_size}",
-                hint="use a smaller --batch-size, or more data",
-            )
-        self._plan = _Plan(data, cfg, batch_size, seed, shuffle, drop_remainder, process_index, process_count, epochs, steps)
-        self.prefetch = prefetch
-        self._epoch, self._step = 0, 0
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop: threading.Event | None = None
-        self._order: tuple[int, np.ndarray] | None = None  # prefetch=0: (epoch, order) cache
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._plan.steps_per_epoch
-
-    @property
-    def local_batch_size(self) -> int:
-        return self._plan.batch_size // self._plan.process_count
-
-    def _finished(self) -> bool:
-        return self._plan.epochs is not None and self._epoch >= self._plan.epochs
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        if self._finished():
-            self.close()
-            self._epoch, self._step = 0, 0
-        return self
-
-    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._finished():
-            raise StopIteration
-        if self.prefetch == 0:
-            if self._order is None or self._order[0] != self._epoch:
-                self._order = (self._epoch, self._plan.order(self._epoch))
-            x, y = self._plan.batch(self._order[1], self._step)
-        else:
-            if self._thread is None:
-                self._start()
-            item = self._get()
-            if item is _END:
-                self.close()
-                raise StopIteration
-            if isinstance(item, BaseException):
-                self.close()
-                raise item
-            e, s, x, y = item
-            assert (e, s) == (self._epoch, self._step), f"prefetched batch {(e, s)} != expected {(self._epoch, self._step)}"
-        self._step += 1
-        if self._step == self.steps_per_epoch:
-            self._epoch, self._step = self._epoch + 1, 0
-        return x, y
-
-    def _start(self) -> None:
-        self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
-        self._thread = threading.Thread(
-            target=_produce, args=(self._plan, self._epoch, self._step, self._queue, self._stop), name="vitctl-data", daemon=True
-        )
-        self._thread.start()
-
-    def _get(self):
-        while True:
-            try:
-                return self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("the data thread stopped without a result") from None
-
-    def state(self) -> dict:
-        """JSON-serialisable position of the next batch this loader will yield."""
-        p = self._plan
-        return {"epoch": self._epoch, "step_in_epoch": self._step, "seed": p.seed, "batch_size": p.batch_size, "num_examples": len(p.data)}
-
-    def restore(self, state: dict) -> None:
-        """Continue from `state` (from `state()`): the next batches are those an uninterrupted loader would yield.
-
-        The saved seed replaces this loader's seed. batch_size and num_examples, when saved, must match.
-        """
-        try:
-            epoch, step, seed = int(state["epoch"]), int(state["step_in_epoch"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"invalid data-loader state {state!r}: {e}", hint="pass a dict from Loader.state()") from None
-        p = self._plan
-        for key, have in (("batch_size", p.batch_size), ("num_examples", len(p.data))):
-            if key in state and state[key] != have:
-                raise DataError(f"data-loader state has {key}={state[key]}, this loader {have}",
-                                hint="resume with the same data set and global batch size")  # fmt: skip
-        if epoch < 0 or not 0 <= step < p.steps_per_epoch:
-            raise DataError(f"data-loader state (epoch {epoch}, step {step}) is outside 0..{p.steps_per_epoch - 1} steps per epoch")
-        self.close()
-        self._plan = dataclasses.replace(p, seed=seed)
-        self._epoch, self._step, self._order = epoch, step, None
-
-    def close(self) -> None:
-        """Stops and joins the prefetch thread (if any); iterating again restarts it at the current position."""
-        if self._thread is not None:
-            self._stop.set()
-            while True:  # unblock a put() in flight
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._thread.join()
-            self._thread = self._queue = self._stop = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        if getattr(self, "_thread", None) is not None:  # a loader dropped mid-iteration: stop its thread
-            self.close()

@@ -1,4 +1,4 @@
-"""vitctl.train.data: every source format, splits, prepare() numerics, Loader slicing/resume, and bad input."""
+"""vitctl.data: every source format, splits, prepare() numerics, Loader slicing/resume, and bad input."""
 
 import gzip
 import json
@@ -10,8 +10,11 @@ import pytest
 
 from tests.conftest import tiny
 from vitctl.config import Preprocess
+from vitctl.data.dataset import Dataset, split_indices
+from vitctl.data.loader import Loader
+from vitctl.data.preprocess import prepare, resize
+from vitctl.data.sources import FASHION_MNIST_DIR, load_dataset, read_idx
 from vitctl.errors import ConfigError, DataError, VitctlError
-from vitctl.train.data import FASHION_MNIST_DIR, Dataset, Loader, load_dataset, prepare, read_idx, resize, split_indices
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image
@@ -169,7 +172,7 @@ def write_fashion_mnist(root, n_train=30, n_test=20):
 def test_fashion_mnist(monkeypatch, tmp_path):
     """`fashion-mnist` reads the installed IDX files, its own test split, with the ten class names. The files are
     built here (the package is not on every machine), in its layout; an installed copy is checked as well."""
-    from vitctl.train import data
+    from vitctl.data import sources as data
 
     if FASHION_MNIST_DIR.is_dir():
         real = load_dataset("fashion-mnist", "test", channels=1)
@@ -371,7 +374,7 @@ def test_bad_labels_and_batches(digits_train):
 
 
 def test_fashion_mnist_missing_says_how_to_install(monkeypatch, tmp_path):
-    from vitctl.train import data
+    from vitctl.data import sources as data
 
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "absent")
     assert_error(DataError, lambda: load_dataset("fashion-mnist"), "not installed", "apt-get install dataset-fashion-mnist")

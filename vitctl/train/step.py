@@ -1,0 +1,237 @@
+"""The compiled train step of `vitctl train`: model graph, shardings, optimizer, jitted functions.
+
+- Parameters (fp32, or cfg.param_dtype) and optimizer state live on a (data, fsdp, tensor)
+  mesh, sharded by the logical-axis rules of model_jax/sharding.py; optimizer-state
+  leaves get their parameter's sharding (factored Adafactor moments drop the factored
+  axis). The batch is split over data x fsdp. One jax.jit step with explicit
+  in/out shardings and the train state donated.
+- Compute dtype and remat come from the model config (cfg.dtype, cfg.remat); logits and
+  the loss are float32.
+- attention_stats: the per-layer maximum attention logit and attention entropy
+  (arXiv:2302.05442 sec. 3.1: attention-logit growth is the divergence signal that
+  QK-norm fixes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from vitctl import checkpoint as ckpt
+from vitctl.config import ViTConfig
+from vitctl.train import optim
+from vitctl.train.distributed import check_batch
+from vitctl.train.settings import TrainConfig
+
+
+def _names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def _opt_sharding(path, x, specs, shapes, mesh):
+    """An optimizer-state leaf's sharding: its parameter's; a factored moment drops the reduced axis; else replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    repl = NamedSharding(mesh, PartitionSpec())
+    name = "/".join(n for n, k in zip(_names(path), path) if isinstance(k, jax.tree_util.DictKey))
+    if name not in specs:
+        return repl
+    spec, shape = tuple(specs[name]), shapes[name]
+    if x.shape == shape:
+        return NamedSharding(mesh, PartitionSpec(*spec))
+    field = next((n for n in reversed(_names(path)) if n in ("v_row", "v_col")), None)
+    if field is not None and len(shape) >= 2:
+        # optax scale_by_factored_rms: d1, d0 = the two largest axes (np.argsort(shape)[-2:]);
+        # v_row drops d0, v_col drops d1. Unfactored leaves hold a (1,) placeholder.
+        d1, d0 = (int(a) for a in np.argsort(shape)[-2:])
+        drop = d0 if field == "v_row" else d1
+        if x.shape == shape[:drop] + shape[drop + 1 :]:
+            return NamedSharding(mesh, PartitionSpec(*spec[:drop], *spec[drop + 1 :]))
+    return repl
+
+
+class Setup:
+    """Model graph, shardings, optimizer and jitted functions for one (config, mesh)."""
+
+    def __init__(self, cfg: ViTConfig, tcfg: TrainConfig, mesh):
+        import jax
+        from flax import nnx
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from vitctl.model_jax.model import abstract_model
+        from vitctl.model_jax.sharding import batch_sharding, check_divisible, param_specs
+
+        self.cfg, self.tcfg, self.mesh = cfg, tcfg, mesh
+        abstract = abstract_model(cfg)
+        check_divisible(abstract, mesh)  # before compiling anything
+        check_batch(tcfg.batch_size, mesh)
+        self.graphdef, abs_state = nnx.split(abstract)
+        specs = param_specs(abstract)
+        self.param_shardings = ckpt._nest({n: NamedSharding(mesh, s) for n, s in specs.items()})
+        abs_params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abs_state), self.param_shardings
+        )
+        self.lr_fn = optim.schedule(tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.schedule, tcfg.cooldown)
+        self.tx = optim.make_optimizer(
+            self.lr_fn, tcfg.optimizer, tcfg.weight_decay, tcfg.head_weight_decay, tcfg.clip_norm, tcfg.b1, tcfg.b2
+        )
+        repl = NamedSharding(mesh, PartitionSpec())
+        shapes = {n: x.shape for n, x in ckpt._flatten(abs_params).items()}
+        abs_opt = jax.eval_shape(self.tx.init, abs_params)
+        opt_shardings = jax.tree_util.tree_map_with_path(lambda path, x: _opt_sharding(path, x, specs, shapes, mesh), abs_opt)
+        self.shardings = {"params": self.param_shardings, "opt": opt_shardings, "step": repl, "rng": repl}
+        abs_opt = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_opt, opt_shardings)
+        self.abstract = {
+            "params": abs_params,
+            "opt": abs_opt,
+            "step": jax.ShapeDtypeStruct((), np.int32, sharding=repl),
+            "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl),
+        }
+        self.images_sharding = batch_sharding(mesh, 4)
+        self.labels_sharding = batch_sharding(mesh, 1)
+        self._compile(repl)
+
+    def _compile(self, repl) -> None:
+        """The jitted train step, attention statistics and prediction, with explicit shardings."""
+        import jax
+        from flax import nnx
+
+        tcfg = self.tcfg
+        graphdef, tx, lr_fn, num_classes = self.graphdef, self.tx, self.lr_fn, self.cfg.num_classes
+
+        def loss_fn(params, images, labels):
+            logits, _ = nnx.merge(graphdef, params)(images)
+            return optim.objective(logits, labels, num_classes, tcfg.loss, tcfg.label_smoothing)
+
+        def train_step(state, images, labels):
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"], images, labels)
+            updates, opt = tx.update(grads, state["opt"], state["params"])
+            params = optax_apply(state["params"], updates)
+            metrics = {"loss": loss, "grad_norm": optim.optax.tree.norm(grads), "lr": lr_fn(state["step"])}
+            return {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+
+        self.train_step = jax.jit(
+            train_step,
+            in_shardings=(self.shardings, self.images_sharding, self.labels_sharding),
+            out_shardings=(self.shardings, repl),
+            donate_argnums=0,
+        )
+        self.stats = jax.jit(
+            lambda params, images: attention_stats(graphdef, params, images),
+            in_shardings=(self.param_shardings, self.images_sharding),
+            out_shardings=repl,
+        )
+        self.predict = jax.jit(
+            lambda params, images: nnx.merge(graphdef, params)(images)[0].argmax(-1),
+            in_shardings=(self.param_shardings, self.images_sharding),
+            out_shardings=repl,
+        )
+
+    def init_state(self, seed: int):
+        import jax
+        from flax import nnx
+
+        from vitctl.model_jax.model import ViT
+
+        def init():  # one compiled program, each parameter created in its shard (no full copy on one device)
+            with nnx.use_eager_sharding(False):
+                # rbg: XLA's RngBitGenerator compiles in a fraction of threefry's time (the
+                # unrolled threefry init of even a tiny model takes ~15 s to compile on CPU).
+                # The numbers therefore differ from `vitctl init --seed` (threefry).
+                return nnx.to_pure_dict(nnx.state(ViT(self.cfg, rngs=nnx.Rngs(params=jax.random.key(seed, impl="rbg"))), nnx.Param))
+
+        if getattr(self, "_init", (None,))[0] != seed:  # compiled once per seed (the RNG unrolls into a large program)
+            self._init = (
+                seed,
+                jax.jit(init, out_shardings=self.param_shardings),
+                jax.jit(self.tx.init, out_shardings=self.shardings["opt"]),
+            )
+        params = self._init[1]()
+        opt = self._init[2](params)
+        rng = jax.random.key_data(jax.random.key(seed))
+        return {
+            "params": params,
+            "opt": opt,
+            "step": jax.device_put(np.int32(0), self.shardings["step"]),
+            "rng": jax.device_put(rng, self.shardings["rng"]),
+        }
+
+    def put_batch(self, images, labels):
+        import jax
+
+        return (
+            jax.make_array_from_process_local_data(self.images_sharding, np.asarray(images)),
+            jax.make_array_from_process_local_data(self.labels_sharding, np.asarray(labels, np.int32)),
+        )
+
+
+_SETUPS: dict[Any, Setup] = {}
+# Fields that do not change the compiled functions: runs differing only in these share a Setup.
+_NOT_COMPILED = {"model": "", "data": "", "seed": 0, "save_every": 0, "keep": 1, "stats_every": 0, "eval_every": 0, "log_every": 1,
+                 "test_fraction": 0.2}  # fmt: skip
+
+
+def get_setup(cfg: ViTConfig, tcfg: TrainConfig, mesh) -> Setup:
+    """A Setup for (cfg, tcfg, mesh), reused within a process (saves recompiling in tests and sweeps)."""
+    key = (cfg, dataclasses.replace(tcfg, **_NOT_COMPILED), tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat))
+    if key not in _SETUPS:
+        while len(_SETUPS) >= 4:  # hold a few, oldest out
+            _SETUPS.pop(next(iter(_SETUPS)))
+        _SETUPS[key] = Setup(cfg, tcfg, mesh)
+    return _SETUPS[key]
+
+
+def optax_apply(params, updates):
+    import optax
+
+    return optax.apply_updates(params, updates)
+
+
+def attention_stats(graphdef, params, images) -> dict[str, Any]:
+    """Per layer: the maximum attention logit and the mean attention entropy (nats) on `images`.
+
+    Recomputes each block's queries and keys from its input with the block's own norm,
+    q/k projections and QK-norm, so the model needs no extra outputs. Returns
+    {"attn_logit_max": [L], "attn_entropy": [L]}.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = nnx.merge(graphdef, params)
+    _, out = model(images)
+    depth = model.cfg.depth
+    inputs = [out["embed"]] + [out[f"block{i:02d}"] for i in range(depth - 1)]
+    gdef, stacked = nnx.split(model.blocks)
+    maxes, ents = [], []
+    for i, x in enumerate(inputs):
+        block = nnx.merge(gdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+        h = block.norm(x)
+        q, k = block.q(h), block.k(h)  # [B, T, N, K]
+        if block.q_norm is not None:
+            q, k = block.q_norm(q), block.k_norm(k)
+        logits = jnp.einsum("BSNK,BTNK->BNST", q.astype(jnp.float32), k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+        logp = jax.nn.log_softmax(logits, -1)
+        maxes.append(logits.max())
+        ents.append(-(jnp.exp(logp) * logp).sum(-1).mean())
+    return {"attn_logit_max": jnp.stack(maxes), "attn_entropy": jnp.stack(ents)}
+
+
+def evaluate(setup: Setup, params, data, prepare_fn) -> float:
+    """Top-1 accuracy on `data` (batches of the training batch size; the last one padded)."""
+    import jax
+
+    bs, correct = setup.tcfg.batch_size, 0
+    n = len(data.labels)
+    for i in range(0, n, bs):
+        images = np.asarray(prepare_fn(data.images[i : i + bs], setup.cfg))
+        k = len(images)
+        if k < bs:
+            images = np.concatenate([images, np.zeros((bs - k, *images.shape[1:]), images.dtype)])
+        x = jax.device_put(images, setup.images_sharding)
+        pred = np.asarray(jax.device_get(setup.predict(params, x)))[:k]
+        correct += int((pred == np.asarray(data.labels[i : i + k])).sum())
+    return correct / max(n, 1)
