@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from vitctl.config import ViTConfig
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # soft_wrap: one message, one line
 
@@ -48,3 +50,31 @@ def print_json(obj: Any) -> None:
     """The whole stdout of a --json command: one JSON object."""
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def resolve(spec: str) -> tuple[str, ViTConfig, Path | None]:
+    """(name, config, checkpoint dir or .npz, else None) for a preset name, a checkpoint dir,
+    a config.json or a big_vision .npz (its config inferred from the member headers, as convert does)."""
+    import zipfile
+
+    from vitctl import checkpoint as ckpt
+    from vitctl.config import PRESETS, load_config
+    from vitctl.errors import ConfigError
+
+    if spec in PRESETS:
+        return spec, PRESETS[spec], None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return spec, ckpt.read_checkpoint_config(path), path
+    if path.is_file() and (path.suffix == ".npz" or zipfile.is_zipfile(path)):
+        from vitctl.convert import big_vision
+
+        return spec, big_vision.plan(path).cfg, path
+    if path.is_file():
+        return spec, load_config(path), None
+    if spec.endswith((".json", ".npz")) or spec.startswith((".", "/", "~")):
+        raise ConfigError(
+            f"no such file or directory: {spec}",
+            hint="give a preset name (see `vitctl models`), a checkpoint directory, a config.json or a big_vision .npz",
+        )
+    return spec, ViTConfig.from_variant(spec), None  # raises, naming close presets

@@ -126,7 +126,7 @@ def _progress(total: int) -> Progress:
 
 def _convert(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dtype, max_shard_size: str | None, source_format: SourceFormat | None,
              model: str | None, prefix: str | None, force: bool, dry_run: bool, json: bool) -> None:  # fmt: skip
-    from vitctl.cli.models import resolve
+    from vitctl.cli._options import resolve
     from vitctl.convert import convert as cv
     from vitctl.hub import resolve_checkpoint
 

@@ -114,7 +114,7 @@ def step_verify(run: Run) -> None:
 
 def step_probe(run: Run) -> None:
     from vitctl import checkpoint as ckpt
-    from vitctl.cli.probe import run as run_probe
+    from vitctl.cli._reports import probe_with_progress as run_probe
 
     r = run_probe(run.root / "torch", TRAIN["data"], backend="torch", use_cache=False)
     ckpt.write_json(run.root / "probe.json", r)
@@ -217,7 +217,7 @@ def check_push_arguments(endpoint: str | None, repo_id: str | None) -> None:
 
 
 def show(run: Run, total: float) -> None:
-    from vitctl.cli.verify import show as show_verify
+    from vitctl.cli._reports import show_verify
 
     r = run.results
     if "verify" in r:

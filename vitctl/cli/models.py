@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import zipfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,8 +26,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitctl import checkpoint as ckpt
-from vitctl.cli._options import Backend, BackendOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, ParamDtype, SeedOpt, err, out, print_json
-from vitctl.config import PRESETS, ViTConfig, load_config
+from vitctl.cli._options import Backend, BackendOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, ParamDtype, SeedOpt, err, out, print_json, resolve
+from vitctl.config import PRESETS, ViTConfig
 from vitctl.convert.mapping import jax_to_torch, param_counts
 from vitctl.errors import ConfigError, MissingDependencyError, ResourceError, VitctlError
 from vitctl.untrusted import require_disk, require_memory, sigterm_as_interrupt
@@ -57,28 +56,6 @@ INIT_EXAMPLES = """Examples:
 
   vitctl init B/16 --out ckpt/b16 --param-dtype bfloat16 --force
 """
-
-
-def resolve(spec: str) -> tuple[str, ViTConfig, Path | None]:
-    """(name, config, checkpoint dir or .npz, else None) for a preset name, a checkpoint dir,
-    a config.json or a big_vision .npz (its config inferred from the member headers, as convert does)."""
-    if spec in PRESETS:
-        return spec, PRESETS[spec], None
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return spec, ckpt.read_checkpoint_config(path), path
-    if path.is_file() and (path.suffix == ".npz" or zipfile.is_zipfile(path)):
-        from vitctl.convert import big_vision
-
-        return spec, big_vision.plan(path).cfg, path
-    if path.is_file():
-        return spec, load_config(path), None
-    if spec.endswith((".json", ".npz")) or spec.startswith((".", "/", "~")):
-        raise ConfigError(
-            f"no such file or directory: {spec}",
-            hint="give a preset name (see `vitctl models`), a checkpoint directory, a config.json or a big_vision .npz",
-        )
-    return spec, ViTConfig.from_variant(spec), None  # raises, naming close presets
 
 
 def sizes(cfg: ViTConfig) -> dict[str, int]:

@@ -18,8 +18,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl.cli._options import JsonOpt, ModelArg, ParamDtype, err, out, print_json
-from vitctl.cli.models import resolve
+from vitctl.cli._options import JsonOpt, ModelArg, ParamDtype, err, out, print_json, resolve
 
 commands = typer.Typer()
 

@@ -11,7 +11,6 @@ and notes. Exit codes: 0 done; 1 unusable data or checkpoint; 2 usage.
 from __future__ import annotations
 
 import enum
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitctl.cli._options import Backend, JsonOpt, err, out, print_json
+from vitctl.cli._reports import probe_with_progress
 from vitctl.errors import ConfigError
 
 commands = typer.Typer()
@@ -89,7 +89,7 @@ def probe(
     from vitctl.hub import resolve_checkpoint
 
     ckpt = resolve_checkpoint(ckpt, backend=backend.value if backend else "all", must_exist=True)
-    result = run(
+    result = probe_with_progress(
         ckpt, data, quiet=json_, backend=backend.value if backend else None, layer=layer, pool=pool.value if pool else None,
         mode=mode.value, shots=parse_shots(shots), seeds=seeds, l2=l2, batch_size=batch_size, use_cache=not no_cache,
     )  # fmt: skip
@@ -99,25 +99,6 @@ def probe(
         print_json(result)
     else:
         show(result)
-
-
-def run(ckpt: str | Path, data: str, *, quiet: bool = False, **options: Any) -> dict[str, Any]:
-    """vitctl.probe.probe with a Rich progress bar of the feature extraction on stderr (for the CLI and the demo)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from vitctl.probe import probe as run_probe
-
-    progress = Progress(TextColumn("features"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=err, transient=quiet)
-    with progress:
-        task = None
-
-        def on_batch(done: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                task = progress.add_task("features", total=total)
-            progress.update(task, completed=done)
-
-        return run_probe(ckpt, data, on_batch=on_batch, **options)
 
 
 def show(r: dict[str, Any]) -> None:
