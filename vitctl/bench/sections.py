@@ -8,7 +8,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vitctl.bench.gemm import flops, fmt_shape, gemm_shapes, torch_gemm_gflops, torch_mkldnn_gemm_gflops, xla_gemm_gflops
 from vitctl.bench.measure import QuietGate, disk_bytes, interleaved_times, run_command, vitctl_command
@@ -24,11 +23,9 @@ from vitctl.bench.models import (
     torch_train_step,
     vitctl_torch_model,
 )
+from vitctl.bench.modes import Mode
 from vitctl.bench.rows import Row, fmt_value
 from vitctl.convert.mapping import random_weights
-
-if TYPE_CHECKING:
-    from vitctl.bench.harness import Mode
 
 SECTIONS = ("gemm", "torch-forward", "jax-forward", "torch-train", "jax-train", "convert", "cli")
 DT_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
