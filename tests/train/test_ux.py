@@ -171,7 +171,7 @@ def test_devices_flag_sets_the_cpu_device_count(tmp_path):
     r = _vitctl("train", "--mesh", "data=4", "--devices", "2", "--out", tmp_path / "run", "--steps", "2")
     text = " ".join(r.stderr.split())
     assert r.returncode == 2 and "needs 4 devices, but 2 are available" in text, text[-2000:]  # 2: --devices took effect
-    assert "Hint: " in text and "--xla_force_host_platform_device_count" in text
+    assert "Hint: --devices 2 is fewer than the mesh needs: give --devices 4 or more" in text  # the setting that fell short
     assert not (tmp_path / "run").exists()
 
 
