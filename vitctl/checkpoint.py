@@ -1,4 +1,4 @@
-"""The checkpoint directory: one layout for every command (shared/DESIGN.md).
+"""The checkpoint directory: one layout for every command.
 
     config.json        {"vitctl_version", "model": ViTConfig dict, "provenance": {...}}
     params/            JAX: Orbax checkpoint of the parameters (format "vitctl-jax")

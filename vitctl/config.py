@@ -3,7 +3,7 @@
 Stdlib only: importing this module loads neither jax nor torch (nor numpy).
 
 Every numerics-relevant choice is an explicit, serialized field, never a framework
-default (see shared/PARITY.md): norm type and epsilon, GELU form, softmax dtype,
+default (each is a known way two ViTs silently disagree): norm type and epsilon, GELU form, softmax dtype,
 QK-norm, each bias, pooling, position embedding, head init, preprocessing.
 
 Shape letters used across vitctl: B batch, T tokens, D width, N heads, K head_dim,

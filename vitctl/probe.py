@@ -1,6 +1,6 @@
 """vitctl probe: how good are a checkpoint's frozen features? Linear probe and few-shot.
 
-Every choice that moves such numbers by points (shared/PARITY.md) is explicit and
+Every choice that moves such numbers by points is explicit and
 reported: which layer, which pooling, which preprocessing, which classifier protocol.
 
 - Checkpoint: anything `vitctl verify` opens (vitctl-jax, vitctl-torch, timm export, big_vision

@@ -1,6 +1,6 @@
 """vitctl verify: do two checkpoints compute the same function? If not, where and why?
 
-In order (shared/PARITY.md lists the traps each step exposes):
+In order, each step exposing its own class of silent disagreement:
 1. Configs: field-by-field differences (architecture and numerics).
 2. Weights: both sides under one naming (per-layer JAX paths), compared tensor by
    tensor while one side streams: exactly-equal count and max-abs.
@@ -54,7 +54,7 @@ class Tolerance:
     rel: float | None = None  # rel_rms = ||B - A|| / ||A||, every activation (logits included)
 
 
-# fp32: max-abs, as the field's parity tests do (shared/PARITY.md). bf16: both models compute
+# fp32: max-abs, as the field's parity tests do. bf16: both models compute
 # in bfloat16 (norms and softmax in float32), and bfloat16 keeps 8 significant bits, so its
 # round-off is relative to the values: a max-abs bar fails trained models whose activations
 # are large (0.125 max-abs is two bf16 ulps at 10). The bf16 bar is the relative RMS error of

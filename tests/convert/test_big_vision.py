@@ -35,7 +35,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 # Every dimension differs: D=48, N=3, K=16, F=80, L=2, P=4, 16 px -> 4x4 grid, 10 classes.
 TINY = dict(num_classes=10, patch_size=4, width=48, depth=2, mlp_dim=80, num_heads=3)
 IMAGE = 16
-TOL = 1e-5  # vitctl's fp32 bar (shared/PARITY.md)
+TOL = 1e-5  # vitctl's fp32 bar
 
 
 def reference(pool="gap", scan=False, posemb="learn", seed=0, **kw):
