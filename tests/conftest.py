@@ -6,17 +6,17 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("VITCTL_TEST", "1")
 
-import dataclasses  # noqa: E402
-import signal  # noqa: E402
+import dataclasses
+import signal
 
 # A shell starts background jobs with SIGINT ignored, and children inherit that: Ctrl-C tests
 # (in-process and in vitctl subprocesses) need Python's own handler, however pytest was started.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-import pytest  # noqa: E402
+import pytest
 
-from vitctl.config import ViTConfig  # noqa: E402
+from vitctl.config import ViTConfig
 
 # Every dimension differs (D=48, N=3, K=16, F=80, L=2, P=4, T=16, classes=10), so a
 # wrong transpose or reshape fails loudly instead of passing by accident.

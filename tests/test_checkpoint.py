@@ -192,20 +192,18 @@ def test_atomic_output_writes_on_success(tmp_path):
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_atomic_output_leaves_nothing_on_failure(tmp_path, exc):
     dst = tmp_path / "ckpt"
-    with pytest.raises(exc):
-        with ckpt.atomic_output(dst) as tmp:
-            ckpt.write_config(tmp, tiny(), {})
-            ckpt.save_torch(tmp, jax_to_torch(random_params(tiny()), tiny()))
-            raise exc("interrupted mid-write")
+    with pytest.raises(exc), ckpt.atomic_output(dst) as tmp:
+        ckpt.write_config(tmp, tiny(), {})
+        ckpt.save_torch(tmp, jax_to_torch(random_params(tiny()), tiny()))
+        raise exc("interrupted mid-write")
     assert siblings(dst) == []
 
 
 def test_atomic_output_refuses_existing_without_force(tmp_path):
     dst = tmp_path / "ckpt"
     dst.mkdir()
-    with pytest.raises(OutputExistsError, match="already exists") as e:
-        with ckpt.atomic_output(dst):
-            pytest.fail("must not get here")
+    with pytest.raises(OutputExistsError, match="already exists") as e, ckpt.atomic_output(dst):
+        pytest.fail("must not get here")
     assert "--force" in e.value.hint and e.value.exit_code == 2
     assert siblings(dst) == ["ckpt"]
 
@@ -214,10 +212,9 @@ def test_atomic_output_force_replaces_only_when_complete(tmp_path):
     dst = tmp_path / "ckpt"
     dst.mkdir()
     ckpt.write_config(dst, tiny(), {"source": "old"})
-    with pytest.raises(RuntimeError):
-        with ckpt.atomic_output(dst, force=True) as tmp:
-            ckpt.write_config(tmp, tiny(depth=3), {"source": "new"})
-            raise RuntimeError("fails before completion")
+    with pytest.raises(RuntimeError), ckpt.atomic_output(dst, force=True) as tmp:
+        ckpt.write_config(tmp, tiny(depth=3), {"source": "new"})
+        raise RuntimeError("fails before completion")
     assert ckpt.read_provenance(dst)["source"] == "old" and siblings(dst) == ["ckpt"]
     with ckpt.atomic_output(dst, force=True) as tmp:
         ckpt.write_config(tmp, tiny(depth=3), {"source": "new"})
@@ -228,9 +225,8 @@ def test_force_never_replaces_a_foreign_directory(tmp_path):
     dst = tmp_path / "home"
     dst.mkdir()
     (dst / "thesis.tex").write_text("precious")
-    with pytest.raises(OutputExistsError, match="not a vitctl checkpoint"):
-        with ckpt.atomic_output(dst, force=True):
-            pass
+    with pytest.raises(OutputExistsError, match="not a vitctl checkpoint"), ckpt.atomic_output(dst, force=True):
+        pass
     assert (dst / "thesis.tex").read_text() == "precious" and siblings(dst) == ["home"]
 
 
@@ -371,7 +367,7 @@ def test_write_config_stores_provenance_in_public_form(tmp_path, monkeypatch):
     }  # fmt: skip
     ckpt.write_config(tmp_path, tiny(), prov, head={"architecture": "vit_base_patch16_224"})
     d = json.loads((tmp_path / "config.json").read_text())
-    assert list(d)[0] == "architecture"
+    assert next(iter(d)) == "architecture"
     assert d["provenance"] == {**prov, "source": "a", "source_provenance": {"source": "model.json", "data": "imgs", "seed": 0}}
     assert str(tmp_path) not in json.dumps(d) and ".tmp-" not in json.dumps(d)
 

@@ -13,7 +13,9 @@ from vitctl.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("mesh", "count"), [("data=2,fsdp=2,tensor=2", 8), ("fsdp=4", 4), ("", 1), (None, 1), ("data=x", None), ("data", None)])
+@pytest.mark.parametrize(
+    ("mesh", "count"), [("data=2,fsdp=2,tensor=2", 8), ("fsdp=4", 4), ("", 1), (None, 1), ("data=x", None), ("data", None)]
+)
 def test_mesh_device_count(mesh, count):
     assert devices.mesh_device_count(mesh) == count
 

@@ -11,22 +11,30 @@ import pytest
 jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 
-from tests.conftest import jax_model, random_params, tiny, torch_model  # noqa: E402
-from vitctl.convert import mapping  # noqa: E402
-from vitctl.model_torch.model import ViT as TorchViT  # noqa: E402
+from tests.conftest import jax_model, random_params, tiny, torch_model
+from vitctl.convert import mapping
+from vitctl.model_torch.model import ViT as TorchViT
 
-CLASSIC = dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", norm_bias=True, gelu_approximate=True, pool="tok")
+CLASSIC = {
+    "block": "sequential",
+    "qk_norm": False,
+    "qkv_bias": True,
+    "norm": "layernorm",
+    "norm_bias": True,
+    "gelu_approximate": True,
+    "pool": "tok",
+}
 CASES = {
     "vit22b": {},  # the paper's combination: parallel, QK-norm, no QKV/norm bias, RMSNorm, MAP
     "classic": CLASSIC,  # big_vision's ViT
-    "unfused": dict(fused=False),
-    "loop_remat": dict(scan_layers=False, remat=True),
-    "gap_sincos": dict(pool="gap", posemb="sincos2d"),
-    "none_nohead": dict(pool="none", num_classes=0),
-    "no_biases_tanh": dict(attn_out_bias=False, mlp_bias=False, qk_norm=False, gelu_approximate=True),
-    "layernorm_biases": dict(norm="layernorm", norm_bias=True, qkv_bias=True),
-    "sequential_qknorm_map": dict(block="sequential", pool="map", qk_norm=True),
-    "rmsnorm_bias_tok": dict(norm_bias=True, pool="tok", posemb="sincos2d"),
+    "unfused": {"fused": False},
+    "loop_remat": {"scan_layers": False, "remat": True},
+    "gap_sincos": {"pool": "gap", "posemb": "sincos2d"},
+    "none_nohead": {"pool": "none", "num_classes": 0},
+    "no_biases_tanh": {"attn_out_bias": False, "mlp_bias": False, "qk_norm": False, "gelu_approximate": True},
+    "layernorm_biases": {"norm": "layernorm", "norm_bias": True, "qkv_bias": True},
+    "sequential_qknorm_map": {"block": "sequential", "pool": "map", "qk_norm": True},
+    "rmsnorm_bias_tok": {"norm_bias": True, "pool": "tok", "posemb": "sincos2d"},
 }
 FP32_ATOL = 1e-5
 
@@ -38,11 +46,11 @@ def images(cfg, batch=2, seed=0):
 
 def run_both(cfg, jm, tm, x):
     """Same images through both models: NHWC for JAX, NCHW for torch."""
-    logits_j, out_j = jm(jax.numpy.asarray(x))
+    _, out_j = jm(jax.numpy.asarray(x))
     with torch.no_grad():
-        logits_t, out_t = tm(torch.from_numpy(x).permute(0, 3, 1, 2))
+        _, out_t = tm(torch.from_numpy(x).permute(0, 3, 1, 2))
     assert list(out_j) == list(out_t)
-    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    f32 = lambda a: np.asarray(a, dtype=np.float32)
     return {k: (f32(out_j[k]), out_t[k].float().numpy()) for k in out_j}
 
 
@@ -82,7 +90,7 @@ def test_scan_loop_fused_unfused_agree():
     params = random_params(tiny(), seed=2)
     x = jax.numpy.asarray(images(tiny()))
     ref = np.asarray(jax_model(tiny(), params)(x)[0])
-    for kw in (dict(scan_layers=False), dict(fused=False), dict(remat=True)):
+    for kw in ({"scan_layers": False}, {"fused": False}, {"remat": True}):
         np.testing.assert_allclose(np.asarray(jax_model(tiny(**kw), params)(x)[0]), ref, atol=2e-6, rtol=0, err_msg=str(kw))
 
 
@@ -106,5 +114,7 @@ def test_bf16_agreement(case, softmax):
     for k, (a, b) in pairs.items():
         assert np.abs(a - b).max() / np.abs(a).max() < BF16_RTOL_ACTS, (k, errs)
     # ...and bf16 is really in use: it differs from the fp32 function well above fp32 noise.
-    fp32 = run_both(tiny(**CASES[case]), jax_model(tiny(**CASES[case]), params), torch_model(tiny(**CASES[case]), params), images(cfg, batch=4))
+    fp32 = run_both(
+        tiny(**CASES[case]), jax_model(tiny(**CASES[case]), params), torch_model(tiny(**CASES[case]), params), images(cfg, batch=4)
+    )
     assert np.abs(fp32["logits"][0] - pairs["logits"][0]).max() > 1e-4

@@ -418,7 +418,7 @@ def timm_export_error(where: str | Path, doing: str, load: str | None = None) ->
     `load`: the timm.create_model name that loads it (default: local-dir:WHERE)."""
     if load is None:  # a Hugging Face cache snapshot loads by its repo id, anything else by its folder
         public = public_value(str(Path(where).absolute()))
-        load = f"hf-hub:{public[len('hf://'):]}" if public.startswith("hf://") else f"local-dir:{Path(where).absolute()}"
+        load = f"hf-hub:{public[len('hf://') :]}" if public.startswith("hf://") else f"local-dir:{Path(where).absolute()}"
     return CheckpointError(
         f"{where} is a timm export (written by --format timm); {doing} reads vitctl-torch and vitctl-jax checkpoints, "
         "and vitctl reads timm checkpoints from the transfer issue on",
@@ -531,7 +531,7 @@ def load_jax(ckpt: str | Path, cfg: ViTConfig) -> dict[str, np.ndarray]:
     with ocp.StandardCheckpointer() as ckptr:
         try:  # the stored metadata only checks names and shapes, for a clear error
             stored = _flatten(ckptr.metadata(path).item_metadata.tree)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many types for a damaged checkpoint)
             raise CheckpointError(f"cannot read the Orbax metadata of {path}: {e}") from None
         check_coverage({n: tuple(m.shape) for n, m in stored.items()}, expected, f"{path}")
         dtype = jax.numpy.dtype(cfg.param_dtype)
@@ -540,7 +540,7 @@ def load_jax(ckpt: str | Path, cfg: ViTConfig) -> dict[str, np.ndarray]:
         target = _nest({n: jax.ShapeDtypeStruct(s, dtype, sharding=one) for n, s in expected.items()})
         try:
             restored = ckptr.restore(path, target)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (as above)
             raise CheckpointError(f"cannot restore {path}: {e}") from None
     return {n: np.asarray(a) for n, a in _flatten(restored).items()}
 

@@ -322,16 +322,16 @@ def _preprocess_from_dict(d: dict[str, Any]) -> Preprocess:
 
 
 def _make_presets() -> dict[str, ViTConfig]:
-    classic = dict(
-        block="sequential", qk_norm=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True,
-        norm="layernorm", norm_bias=True, norm_eps=1e-6, gelu_approximate=True,  # flax nn.gelu
-        pool="tok",
-    )  # fmt: skip
-    paper = dict(block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm", norm_bias=False, pool="map")
+    classic = {
+        "block": "sequential", "qk_norm": False, "qkv_bias": True, "attn_out_bias": True, "mlp_bias": True,
+        "norm": "layernorm", "norm_bias": True, "norm_eps": 1e-6, "gelu_approximate": True,  # flax nn.gelu
+        "pool": "tok",
+    }  # fmt: skip
+    paper = {"block": "parallel", "qk_norm": True, "qkv_bias": False, "norm": "rmsnorm", "norm_bias": False, "pool": "map"}
     presets = {}
     for v, (d, l, f, n) in VARIANTS.items():
         for p in PATCH_SIZES:
-            size = dict(width=d, depth=l, mlp_dim=f, num_heads=n, patch_size=p)
+            size = {"width": d, "depth": l, "mlp_dim": f, "num_heads": n, "patch_size": p}
             presets[f"{v}/{p}"] = ViTConfig(**size, **classic)
             if v in ("mu", "Ti", "S", "B", "L", "H") and p in (14, 16):
                 presets[f"vit22b-{v}/{p}"] = ViTConfig(**size, **paper)

@@ -46,7 +46,9 @@ def prepare_cpu_devices(mesh: str | None, devices: int | None = None, num_proces
     if devices is not None and devices < 1:
         from vitctl.errors import ConfigError
 
-        raise ConfigError(f"--devices must be at least 1, got {devices}", hint="e.g. --devices 8, or leave it out to take the count from --mesh")
+        raise ConfigError(
+            f"--devices must be at least 1, got {devices}", hint="e.g. --devices 8, or leave it out to take the count from --mesh"
+        )
     option = "--devices"
     if devices is None:
         option, total = "--mesh", mesh_device_count(mesh)
@@ -64,7 +66,9 @@ def shortfall_hint(needed: int, available: int) -> str:
     import jax
 
     if jax.default_backend() != "cpu":
-        return f"this host has {available} {jax.default_backend()} devices: make the mesh smaller (its sizes multiply to at most {available})"
+        return (
+            f"this host has {available} {jax.default_backend()} devices: make the mesh smaller (its sizes multiply to at most {available})"
+        )
     user = user_device_count()
     if "--devices" in _chosen and user == _chosen["--devices"] and user < needed:
         return f"--devices {user} is fewer than the mesh needs: give --devices {needed} or more, or make the mesh smaller"

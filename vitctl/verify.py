@@ -39,9 +39,9 @@ import numpy as np
 
 import vitctl
 from vitctl import checkpoint as ckpt
-from vitctl.data import preprocess
 from vitctl.config import ViTConfig
 from vitctl.convert import mapping
+from vitctl.data import preprocess
 from vitctl.errors import CheckpointError, ConfigError, VitctlError
 
 

@@ -32,11 +32,11 @@ main(sys.argv[1:])
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "vitctl", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "vitctl", *map(str, args)], capture_output=True, text=True, check=False)
 
 
 def run_reported(*args):
-    p = subprocess.run([sys.executable, "-c", WRAPPER, *map(str, args)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", WRAPPER, *map(str, args)], capture_output=True, text=True, check=False)
     stderr, _, report = p.stderr.rpartition("REPORT ")
     return p, stderr, json.loads(report)
 
@@ -224,7 +224,9 @@ def test_interrupt_leaves_nothing(tmp_path):
         "m._jax_init, c.save_jax = (lambda cfg, seed: {}), boom\n"
         "from vitctl.cli import main; main(sys.argv[1:])\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, "init", "vit22b-mu/16", "--out", tmp_path / "o"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", code, "init", "vit22b-mu/16", "--out", tmp_path / "o"], capture_output=True, text=True, check=False
+    )
     assert p.returncode == 130, p.stderr
     assert "Interrupted" in p.stderr and "Traceback" not in p.stderr and p.stdout == ""
     assert list(tmp_path.iterdir()) == []
@@ -307,13 +309,16 @@ def test_init_torch_without_jax(tmp_path, tiny_json):
     pytest.importorskip("torch")
     code = "import sys; sys.modules['jax'] = None\nfrom vitctl.cli import main; main(sys.argv[1:])\n"
     args = ["init", "--config", tiny_json, "--out", tmp_path / "o", "--backend", "torch", "--json"]
-    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["init"] == "torch" and "torch's own initialisation" in p.stderr
     assert ckpt.read_provenance(tmp_path / "o")["init"] == "torch"
     ckpt.load_torch(tmp_path / "o", TINY)  # names and shapes match the config
     p = subprocess.run(
-        [sys.executable, "-c", code, "init", "--config", str(tiny_json), "--out", str(tmp_path / "j")], capture_output=True, text=True
+        [sys.executable, "-c", code, "init", "--config", str(tiny_json), "--out", str(tmp_path / "j")],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert_error(p, 1, "--backend jax needs jax")
 
@@ -334,7 +339,7 @@ def test_recursion_and_memory_errors_are_not_called_bugs(tmp_path, exc, says):
         "m.resolve = boom\n"
         "from vitctl.cli import main; main(sys.argv[1:])\n"
     )
-    p = subprocess.run([sys.executable, "-c", code, "info", "whatever"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", code, "info", "whatever"], capture_output=True, text=True, check=False)
     assert_error(p, 1, says)
     assert "bug in vitctl" not in p.stderr
 

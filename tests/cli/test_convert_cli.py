@@ -49,8 +49,6 @@ def jax_src(tmp_path_factory):
     return make_jax(tmp_path_factory.mktemp("src") / "jax")
 
 
-
-
 def test_convert_prints_dst_on_stdout(cli, jax_src, tmp_path):
     code, out, err = cli("convert", "jax-to-torch", jax_src, tmp_path / "pt")
     assert (code, out) == (0, f"{tmp_path / 'pt'}\n")

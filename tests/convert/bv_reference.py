@@ -70,7 +70,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic=True):
-        kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads)
+        kw = {"mlp_dim": self.mlp_dim, "num_heads": self.num_heads}
         if self.scan:
             block = nn.remat(Encoder1DBlock, prevent_cse=False, static_argnums=(2,))  # 0: self, 2: deterministic
             scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth)

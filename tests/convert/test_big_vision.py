@@ -22,18 +22,18 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("flax")
 
-import jax  # noqa: E402
+import jax
 
-from tests.conftest import jax_model  # noqa: E402
-from tests.convert import bv_reference as ref  # noqa: E402
-from vitctl.config import ViTConfig  # noqa: E402
-from vitctl.convert import big_vision as bv  # noqa: E402
-from vitctl.convert import mapping  # noqa: E402
-from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError  # noqa: E402
+from tests.conftest import jax_model
+from tests.convert import bv_reference as ref
+from vitctl.config import ViTConfig
+from vitctl.convert import big_vision as bv
+from vitctl.convert import mapping
+from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # Every dimension differs: D=48, N=3, K=16, F=80, L=2, P=4, 16 px -> 4x4 grid, 10 classes.
-TINY = dict(num_classes=10, patch_size=4, width=48, depth=2, mlp_dim=80, num_heads=3)
+TINY = {"num_classes": 10, "patch_size": 4, "width": 48, "depth": 2, "mlp_dim": 80, "num_heads": 3}
 IMAGE = 16
 TOL = 1e-5  # vitctl's fp32 bar
 
@@ -397,7 +397,7 @@ def test_each_member_is_read_once(saved, monkeypatch):
     assert p.entries[0].nbytes == int(np.prod(p.entries[0].shape)) * 4
 
 
-@pytest.mark.parametrize("kw", [dict(pool="map"), dict(pool="tok", posemb="learn")])
+@pytest.mark.parametrize("kw", [{"pool": "map"}, {"pool": "tok", "posemb": "learn"}])
 def test_key_table_covers_every_vitctl_tensor_both_ways(kw):
     cfg = ViTConfig.from_variant("B/16", **kw)
     for name in mapping.jax_param_shapes(cfg, stacked=False):

@@ -30,9 +30,11 @@ def test_layouts_match_framework_conventions():
     assert mapping.CONV.to_torch(hwio)[4, 1, 0, 1] == hwio[0, 1, 1, 4]
 
 
-@pytest.mark.parametrize("name", ["blocks/3/q/kernel", "blocks/0/mlp_norm/scale", "map_head/k/bias", "head/kernel", "patch_embed/proj/kernel"])
+@pytest.mark.parametrize(
+    "name", ["blocks/3/q/kernel", "blocks/0/mlp_norm/scale", "map_head/k/bias", "head/kernel", "patch_embed/proj/kernel"]
+)
 def test_rename_round_trip(name):
-    tname, layout = mapping.rename(name, "jax")
+    tname, _layout = mapping.rename(name, "jax")
     assert mapping.rename(tname, "torch")[0] == name
     assert "/" not in tname
 
@@ -47,7 +49,14 @@ def test_every_name_matches_exactly_one_row():
         mapping.match("blocks/0/qkv/kernel", "jax")
 
 
-@pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"block": "sequential", "pool": "tok", "qkv_bias": True, "norm_bias": True},
+        {"pool": "gap", "posemb": "sincos2d", "num_classes": 0},
+    ],
+)
 def test_round_trip_is_bit_identical(kw):
     cfg = tiny(**kw)
     params = random_params(cfg)

@@ -16,7 +16,7 @@ from vitctl.convert import mapping
 from vitctl.convert import timm as vt
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 
-CLASSIC = dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", norm_bias=True, gelu_approximate=True)
+CLASSIC = {"block": "sequential", "qk_norm": False, "qkv_bias": True, "norm": "layernorm", "norm_bias": True, "gelu_approximate": True}
 FAMILIES = {
     # like vit_base_patch16_224, tiny: D=48, L=2, N=3, F=80, P=4, 16 px, 10 classes
     "classic-tok": tiny(**CLASSIC, pool="tok"),
@@ -135,7 +135,15 @@ def test_spec_round_trips_through_json():
         assert json.loads(json.dumps(vt.timm_hub_config(cfg)))["model_args"]["mlp_ratio"] == spec["kwargs"]["mlp_ratio"]
     spec = vt.timm_spec(PRESETS["vit-22b"])
     assert spec["model_name"] == "vit_base_patch16_xp_224"
-    expected = dict(embed_dim=6144, depth=48, num_heads=48, mlp_ratio=4.0, patch_size=14, global_pool="map", norm_layer="rmsnormfp32")
+    expected = {
+        "embed_dim": 6144,
+        "depth": 48,
+        "num_heads": 48,
+        "mlp_ratio": 4.0,
+        "patch_size": 14,
+        "global_pool": "map",
+        "norm_layer": "rmsnormfp32",
+    }
     assert {k: spec["kwargs"][k] for k in expected} == expected
 
 
@@ -148,9 +156,9 @@ def test_mlp_ratio_gives_mlp_dim_exactly():
 @pytest.mark.parametrize(
     "overrides, reason",
     [
-        (dict(norm_eps=1e-5), "norm_eps"),
-        (dict(norm="rmsnorm", norm_bias=True), "RmsNorm has no bias"),
-        (dict(softmax_dtype="compute", dtype="bfloat16"), "bfloat16"),
+        ({"norm_eps": 1e-5}, "norm_eps"),
+        ({"norm": "rmsnorm", "norm_bias": True}, "RmsNorm has no bias"),
+        ({"softmax_dtype": "compute", "dtype": "bfloat16"}, "bfloat16"),
     ],
 )
 def test_inexpressible_configs_raise(overrides, reason):

@@ -4,17 +4,22 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-from flax import nnx  # noqa: E402
+from flax import nnx
 
-from tests.conftest import jax_model, random_params, tiny  # noqa: E402
-from tests.golden import CASES, golden_case  # noqa: E402
-from vitctl.config import ViTConfig  # noqa: E402
-from vitctl.convert import mapping  # noqa: E402
-from vitctl.model_jax.model import abstract_model, flat_params, init_model  # noqa: E402
+from tests.conftest import jax_model, random_params, tiny
+from tests.golden import CASES, golden_case
+from vitctl.config import ViTConfig
+from vitctl.convert import mapping
+from vitctl.model_jax.model import abstract_model, flat_params, init_model
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)]
+    "kw",
+    [
+        {},
+        {"block": "sequential", "pool": "tok", "qkv_bias": True, "norm_bias": True},
+        {"pool": "gap", "posemb": "sincos2d", "num_classes": 0},
+    ],
 )
 def test_shapes_match_the_table(kw):
     cfg = tiny(**kw)
@@ -41,7 +46,7 @@ def test_init_is_seeded_and_sane():
     # Layers are initialised independently (split rngs), not copies of one another.
     q = np.asarray(pa["blocks/q/kernel"])
     assert not np.array_equal(q[0], q[1])
-    logits, out = a(np.zeros((1, 16, 16, 3), np.float32))
+    logits, _ = a(np.zeros((1, 16, 16, 3), np.float32))
     assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
 
 
@@ -80,9 +85,15 @@ def test_bf16_params_and_compute():
 # in the whole NNX state (sha256 of the listing).
 PINNED = {
     "vit22b": ({}, "507a1172ed287c1c"),
-    "classic": (dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", norm_bias=True, pool="tok"), "d0ca30a6bbf2df4b"),
-    "gap_sincos_nohead": (dict(pool="gap", posemb="sincos2d", num_classes=0, attn_out_bias=False, mlp_bias=False), "00f367a00e8fd75d"),
-    "bf16": (dict(param_dtype="bfloat16", dtype="bfloat16", qkv_bias=True, norm_bias=True), "07b2348302830c6e"),
+    "classic": (
+        {"block": "sequential", "qk_norm": False, "qkv_bias": True, "norm": "layernorm", "norm_bias": True, "pool": "tok"},
+        "d0ca30a6bbf2df4b",
+    ),
+    "gap_sincos_nohead": (
+        {"pool": "gap", "posemb": "sincos2d", "num_classes": 0, "attn_out_bias": False, "mlp_bias": False},
+        "00f367a00e8fd75d",
+    ),
+    "bf16": ({"param_dtype": "bfloat16", "dtype": "bfloat16", "qkv_bias": True, "norm_bias": True}, "07b2348302830c6e"),
 }
 
 
@@ -92,7 +103,7 @@ def test_param_tree_is_pinned(name):
 
     kw, digest = PINNED[name]
     model = abstract_model(tiny(**kw))
-    path = lambda p: "/".join(map(str, p))  # noqa: E731
+    path = lambda p: "/".join(map(str, p))
     listing = [
         f"{path(p)} {tuple(v.shape)} {v.dtype} {v.get_metadata().get('out_sharding')}"
         for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-from flax import nnx  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from tests.conftest import tiny  # noqa: E402
-from vitctl.errors import ConfigError  # noqa: E402
-from vitctl.model_jax import sharding  # noqa: E402
-from vitctl.model_jax.model import flat_params, init_model  # noqa: E402
+from tests.conftest import tiny
+from vitctl.errors import ConfigError
+from vitctl.model_jax import sharding
+from vitctl.model_jax.model import flat_params, init_model
 
 # Divisible by 2 wherever the rules shard (D, N, F), still all different.
 CFG = tiny(width=48, num_heads=4, mlp_dim=96)

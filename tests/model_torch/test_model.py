@@ -7,15 +7,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.conftest import tiny, torch_model  # noqa: E402
-from tests.golden import CASES, golden_case  # noqa: E402
-from vitctl.config import ViTConfig  # noqa: E402
-from vitctl.convert import mapping  # noqa: E402
-from vitctl.model_torch.model import Norm, ViT  # noqa: E402
+from tests.conftest import tiny, torch_model
+from tests.golden import CASES, golden_case
+from vitctl.config import ViTConfig
+from vitctl.convert import mapping
+from vitctl.model_torch.model import Norm, ViT
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm_bias=True), dict(pool="gap", posemb="sincos2d", num_classes=0)]
+    "kw",
+    [
+        {},
+        {"block": "sequential", "pool": "tok", "qkv_bias": True, "norm_bias": True},
+        {"pool": "gap", "posemb": "sincos2d", "num_classes": 0},
+    ],
 )
 def test_shapes_match_the_table(kw):
     cfg = tiny(**kw)
@@ -47,7 +52,7 @@ def test_bf16_compute_with_fp32_params():
     assert logits.dtype == torch.bfloat16 and out["block01"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, mlp_bias=True, attn_out_bias=True)])
+@pytest.mark.parametrize("kw", [{}, {"block": "sequential", "pool": "tok", "qkv_bias": True, "mlp_bias": True, "attn_out_bias": True}])
 def test_bf16_gemms_in_fp32_match_bf16_gemms(kw, monkeypatch):
     """Without bf16 units the GEMMs multiply the bf16 values in fp32 and round once; that is what
     torch's own bf16 GEMM (fp32 accumulation) computes, up to accumulation order: the same
@@ -71,7 +76,7 @@ def test_bf16_gemms_in_fp32_match_bf16_gemms(kw, monkeypatch):
         assert (a.float() - b.float()).abs().max().item() <= 2**-6 * scale, name  # 2 bf16 ulps of the tensor's scale
 
 
-@pytest.mark.parametrize("kw", [{}, dict(block="sequential", pool="tok", qkv_bias=True, norm="layernorm", norm_bias=True)])
+@pytest.mark.parametrize("kw", [{}, {"block": "sequential", "pool": "tok", "qkv_bias": True, "norm": "layernorm", "norm_bias": True}])
 def test_backward(kw):
     """The fused forward accumulates projections in place (addmm_): autograd must see it."""
     cfg = tiny(head_zero_init=False, **kw)
@@ -113,9 +118,15 @@ def test_norm_matches_its_formula(norm, dtype):
 # every state_dict key in order, with shape and dtype, plus the buffers (sha256 of the listing).
 PINNED = {
     "vit22b": ({}, "369e78201759f737"),
-    "classic": (dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", norm_bias=True, pool="tok"), "45a5957c8524a253"),
-    "gap_sincos_nohead": (dict(pool="gap", posemb="sincos2d", num_classes=0, attn_out_bias=False, mlp_bias=False), "4db74532f57c40d8"),
-    "bf16": (dict(param_dtype="bfloat16", dtype="bfloat16", qkv_bias=True, norm_bias=True), "6ee7983b9483b9b9"),
+    "classic": (
+        {"block": "sequential", "qk_norm": False, "qkv_bias": True, "norm": "layernorm", "norm_bias": True, "pool": "tok"},
+        "45a5957c8524a253",
+    ),
+    "gap_sincos_nohead": (
+        {"pool": "gap", "posemb": "sincos2d", "num_classes": 0, "attn_out_bias": False, "mlp_bias": False},
+        "4db74532f57c40d8",
+    ),
+    "bf16": ({"param_dtype": "bfloat16", "dtype": "bfloat16", "qkv_bias": True, "norm_bias": True}, "6ee7983b9483b9b9"),
 }
 
 

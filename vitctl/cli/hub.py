@@ -104,7 +104,8 @@ def pull(
         str, typer.Argument(metavar="REPO_ID[@REV]", help="org/name, optionally @branch, @tag or @commit-sha.", show_default=False)
     ],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Checkpoint directory to create (default: ./NAME, the repo's name).", show_default=False)
+        Path | None,
+        typer.Option("--out", "-o", help="Checkpoint directory to create (default: ./NAME, the repo's name).", show_default=False),
     ] = None,
     backend: Annotated[PullBackend, typer.Option("--backend", help="Download only what this backend needs.")] = PullBackend.all,
     offline: Annotated[bool, typer.Option("--offline", help="Use only the local Hugging Face cache (as HF_HUB_OFFLINE=1).")] = False,

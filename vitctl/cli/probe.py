@@ -56,7 +56,10 @@ def parse_shots(text: str) -> list[int]:
 @commands.command(epilog=EXAMPLES)
 def probe(
     ckpt: Annotated[
-        str, typer.Argument(help="Checkpoint: a vitctl directory (JAX or torch), a big_vision .npz, or hf://org/name[@rev].", show_default=False)
+        str,
+        typer.Argument(
+            help="Checkpoint: a vitctl directory (JAX or torch), a big_vision .npz, or hf://org/name[@rev].", show_default=False
+        ),
     ],
     data: Annotated[
         str, typer.Option("--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", show_default=False)

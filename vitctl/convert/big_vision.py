@@ -472,15 +472,15 @@ def resolve_prefix(keys: Iterable[str], prefix: str | None = None) -> str:
 
 
 # Constants of big_vision's ViT that the weights cannot show (flax defaults and vit.py's structure).
-BIG_VISION = dict(
-    block="sequential",  # Encoder1DBlock: x + MHSA(LN(x)), then x + MLP(LN(x))
-    qk_norm=False,
-    norm="layernorm",  # flax nn.LayerNorm: centered, with bias ...
-    norm_eps=1e-6,  # ... epsilon=1e-6
-    gelu_approximate=True,  # flax nn.gelu(approximate=True): the tanh form
-    softmax_dtype="float32",
-    head_zero_init=True,  # _Model.head_zeroinit default (init only)
-)
+BIG_VISION = {
+    "block": "sequential",  # Encoder1DBlock: x + MHSA(LN(x)), then x + MLP(LN(x))
+    "qk_norm": False,
+    "norm": "layernorm",  # flax nn.LayerNorm: centered, with bias ...
+    "norm_eps": 1e-6,  # ... epsilon=1e-6
+    "gelu_approximate": True,  # flax nn.gelu(approximate=True): the tanh form
+    "softmax_dtype": "float32",
+    "head_zero_init": True,  # _Model.head_zeroinit default (init only)
+}
 # (config field, big_vision key under the prefix, per-layer shape -> value); {block} is
 # `Transformer/encoderblock_0` or, scanned, `Transformer/encoderblock` (shapes then lead with L).
 SIZES = (

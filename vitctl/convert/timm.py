@@ -79,8 +79,10 @@ HINT = "export with --format vitctl (vitctl's own torch checkpoint), or change t
 LIMITS: tuple[tuple[Callable[[ViTConfig], bool], str], ...] = (
     (
         lambda c: c.norm_eps != TIMM_NORM_EPS,
-        "norm_eps {norm_eps}: timm's create_model names the norm layer by string, which fixes eps at 1e-6 "
-        "(another eps needs a functools.partial, which a JSON config cannot hold)",
+        (
+            "norm_eps {norm_eps}: timm's create_model names the norm layer by string, which fixes eps at 1e-6 "
+            "(another eps needs a functools.partial, which a JSON config cannot hold)"
+        ),
     ),
     (lambda c: c.norm == "rmsnorm" and c.norm_bias, "rmsnorm with norm_bias: timm's RmsNorm has no bias"),
     (
@@ -132,27 +134,27 @@ def timm_spec(cfg: ViTConfig) -> dict[str, Any]:
     Raises ConfigError if timm cannot express the model.
     """
     check_expressible(cfg)
-    kwargs = dict(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        in_chans=cfg.channels,
-        num_classes=cfg.num_classes,
-        embed_dim=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=mlp_ratio(cfg),
-        qkv_bias=cfg.qkv_bias,
-        qk_norm=cfg.qk_norm,
-        proj_bias=cfg.attn_out_bias or cfg.mlp_bias,
-        class_token=cfg.pool == "tok",
-        no_embed_class=True,
-        global_pool=TIMM_POOL[cfg.pool],
-        fc_norm=False,
-        pre_norm=False,
-        norm_layer=TIMM_NORM[cfg.norm],
-        act_layer=TIMM_ACT[cfg.gelu_approximate],
-        pretrained_cfg_overlay={**timm_data_config(cfg), "num_classes": cfg.num_classes, "hf_hub_id": "", "url": ""},
-    )
+    kwargs = {
+        "img_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "in_chans": cfg.channels,
+        "num_classes": cfg.num_classes,
+        "embed_dim": cfg.width,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": mlp_ratio(cfg),
+        "qkv_bias": cfg.qkv_bias,
+        "qk_norm": cfg.qk_norm,
+        "proj_bias": cfg.attn_out_bias or cfg.mlp_bias,
+        "class_token": cfg.pool == "tok",
+        "no_embed_class": True,
+        "global_pool": TIMM_POOL[cfg.pool],
+        "fc_norm": False,
+        "pre_norm": False,
+        "norm_layer": TIMM_NORM[cfg.norm],
+        "act_layer": TIMM_ACT[cfg.gelu_approximate],
+        "pretrained_cfg_overlay": {**timm_data_config(cfg), "num_classes": cfg.num_classes, "hf_hub_id": "", "url": ""},
+    }
     return {"model_name": TIMM_MODEL[cfg.block], "kwargs": kwargs}
 
 

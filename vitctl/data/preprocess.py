@@ -43,7 +43,7 @@ def load_image_files(directory: str | Path, limit: int | None = None, channels: 
         try:
             with Image.open(f) as im:
                 images.append(np.asarray(im.convert("L" if channels == 1 else "RGB")))
-        except Exception as e:  # PIL raises many types for bad files
+        except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files)
             raise CheckpointError(f"cannot decode image {f}: {e}", hint="remove or replace the file") from None
     if channels == 1:
         images = [im[..., None] for im in images]
@@ -86,7 +86,7 @@ def to_torch_input(images: Sequence[np.ndarray], spec: Preprocess, size: int):
         if tuple(x.shape[:2]) != (size, size):
             chw = x.permute(2, 0, 1)[None]
             mode = spec.resize
-            kw = {} if mode == "nearest" else dict(align_corners=False, antialias=spec.antialias)
+            kw = {} if mode == "nearest" else {"align_corners": False, "antialias": spec.antialias}
             x = F.interpolate(chw, size=(size, size), mode=mode, **kw)[0].permute(1, 2, 0)
         out.append(normalize(x, spec))
     return torch.stack(out).permute(0, 3, 1, 2).contiguous()

@@ -212,7 +212,7 @@ class ViT(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
         ys = []
         for i in range(cfg.depth):
-            x, _ = step(nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)), x)
+            x, _ = step(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)), x)
             ys.append(x)
         return x, jnp.stack(ys)
 

@@ -131,9 +131,7 @@ def validate(cfg: ViTConfig, mesh: dict[str, int], batch_size: int) -> None:
             )
 
 
-def activation_terms(
-    cfg: ViTConfig, mesh: dict[str, int], batch_size: int, dtype: str, flash: bool = False
-) -> dict[str, int]:
+def activation_terms(cfg: ViTConfig, mesh: dict[str, int], batch_size: int, dtype: str, flash: bool = False) -> dict[str, int]:
     """Bytes per device that one block saves for its backward pass, by term (see module docstring).
 
     The terms are the residuals jax.grad keeps for vitctl's Block (as listed by jax's
