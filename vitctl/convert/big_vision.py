@@ -64,9 +64,10 @@ except ImportError:  # pragma: no cover
 
 from vitctl import untrusted
 from vitctl.config import ViTConfig
-from vitctl.convert import fastcopy, mapping
-from vitctl.convert.fastcopy import scratch
+from vitctl.convert import mapping
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
+from vitctl.formats import fastcopy
+from vitctl.formats.fastcopy import scratch
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 # Deflate's largest possible expansion (RFC 1951: a 258-byte match in 2 bits, ~1032:1). A member

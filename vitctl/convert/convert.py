@@ -55,9 +55,10 @@ import vitctl
 from vitctl import checkpoint as ckpt
 from vitctl import untrusted
 from vitctl.config import ViTConfig
-from vitctl.convert import fastcopy, io
+from vitctl.convert import io
 from vitctl.convert.mapping import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
+from vitctl.formats import fastcopy
 from vitctl.untrusted import sigterm_as_interrupt
 
 JAX, TORCH, BIG_VISION, TIMM = ckpt.JAX, ckpt.TORCH, "big_vision", "timm"

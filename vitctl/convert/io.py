@@ -63,9 +63,9 @@ import ml_dtypes
 import numpy as np
 
 from vitctl import untrusted
-from vitctl.convert import fastcopy
-from vitctl.convert.fastcopy import scratch
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError
+from vitctl.formats import fastcopy
+from vitctl.formats.fastcopy import scratch
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"

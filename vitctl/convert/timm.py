@@ -60,10 +60,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vitctl.config import ViTConfig
-from vitctl.convert.fastcopy import copy_into, scratch
 from vitctl.convert.io import RowStack
 from vitctl.convert.mapping import check_coverage, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
+from vitctl.formats.fastcopy import copy_into, scratch
 from vitctl.posemb import posemb_sincos_2d
 
 # --- The create_model call ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""vitctl.convert.fastcopy: bit-exact copies of layout views (BLAS transpose and numpy tiles), the scratch pool."""
+"""vitctl.formats.fastcopy: bit-exact copies of layout views (BLAS transpose and numpy tiles), the scratch pool."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vitctl.convert import fastcopy
 from vitctl.convert.mapping import LAYOUTS
+from vitctl.formats import fastcopy
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
