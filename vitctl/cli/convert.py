@@ -126,6 +126,16 @@ def _progress(total: int) -> Progress:
 
 def _convert(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dtype, max_shard_size: str | None, source_format: SourceFormat | None,
              model: str | None, prefix: str | None, force: bool, dry_run: bool, json: bool) -> None:  # fmt: skip
+    from vitctl.convert import convert as cv
+
+    with cv.tuned_process():  # process-wide: malloc tuning, no cyclic gc
+        _convert_tuned(direction, src, dst, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size, source_format=source_format,
+                       model=model, prefix=prefix, force=force, dry_run=dry_run, json=json)  # fmt: skip
+
+
+def _convert_tuned(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dtype, max_shard_size: str | None,
+                   source_format: SourceFormat | None, model: str | None, prefix: str | None, force: bool, dry_run: bool,
+                   json: bool) -> None:  # fmt: skip
     from vitctl.cli._options import resolve
     from vitctl.convert import convert as cv
     from vitctl.hub import resolve_checkpoint

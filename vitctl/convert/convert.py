@@ -336,7 +336,6 @@ def plan(
     The caller owns `plan.source` (close it, or use `convert`, which does).
     """
     src, dst = Path(src), Path(dst)
-    _tune_malloc()
     _check_paths(src, dst, force)
     d = DIRECTIONS[direction]
     if target_format not in d.targets:
@@ -467,7 +466,7 @@ def run(plan: Plan, force: bool = False, progress: Callable[[int], None] | None 
     """Writes DST from the plan, one tensor at a time; returns the summary with seconds and peak RSS."""
     t0 = time.perf_counter()
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
-    with sigterm_as_interrupt(), _no_gc(), fastcopy.pooled(), ckpt.atomic_output(plan.dst, force) as tmp:
+    with sigterm_as_interrupt(), fastcopy.pooled(), ckpt.atomic_output(plan.dst, force) as tmp:
         writer = _open_writer(plan, tmp)
         try:
             nbytes = {n: math.prod(s) * d.itemsize for n, s, d in plan.specs}
@@ -524,6 +523,17 @@ def peak_rss_bytes() -> int:
                 return int(line.split()[1]) * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if os.uname().sysname == "Darwin" else rss * 1024  # macOS reports bytes, Linux KiB
+
+
+@contextlib.contextmanager
+def tuned_process() -> Iterator[None]:
+    """Process-wide settings for a conversion, for a command's entry (not a library call):
+    glibc malloc tuned for large short-lived buffers (for the rest of the process: arenas
+    are made as threads first allocate, so set it before any starts), and no cyclic garbage
+    collection within the block."""
+    _tune_malloc()
+    with _no_gc():
+        yield
 
 
 def _tune_malloc(arenas: int = 2) -> None:
