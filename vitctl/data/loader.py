@@ -12,18 +12,15 @@ Shape letters: B batch, S = cfg.image_size, C channels.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from collections.abc import Iterator
 from typing import Self
 
 import numpy as np
 
+from vitctl.background import produced
 from vitctl.data.dataset import Dataset
 from vitctl.data.preprocess import prepare
 from vitctl.errors import ConfigError, DataError
-
-_END = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,28 +60,13 @@ class _Plan:
         return prepare(self.data.images[idx], self.cfg), self.data.labels[idx]
 
 
-def _produce(plan: _Plan, epoch: int, step: int, q: queue.Queue, stop: threading.Event) -> None:
-    """Worker thread: puts (epoch, step, images, labels) for every position from (epoch, step) on, then _END."""
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    try:
-        order_epoch, order = None, None
-        for e, s in plan.positions(epoch, step):
-            if e != order_epoch:
-                order_epoch, order = e, plan.order(e)
-            if not put((e, s, *plan.batch(order, s))):
-                return
-        put(_END)
-    except BaseException as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
-        put(exc)
+def _batches(plan: _Plan, epoch: int, step: int) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
+    """(epoch, step, images, labels) for every position from (epoch, step) on."""
+    order_epoch, order = None, None
+    for e, s in plan.positions(epoch, step):
+        if e != order_epoch:
+            order_epoch, order = e, plan.order(e)
+        yield (e, s, *plan.batch(order, s))
 
 
 class Loader:
@@ -143,9 +125,7 @@ class Loader:
         self._plan = _Plan(data, cfg, batch_size, seed, shuffle, drop_remainder, process_index, process_count, epochs, steps)
         self.prefetch = prefetch
         self._epoch, self._step = 0, 0
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue | None = None
-        self._stop: threading.Event | None = None
+        self._batches: Iterator | None = None  # prefetch > 0: produced on a background thread
         self._order: tuple[int, np.ndarray] | None = None  # prefetch=0: (epoch, order) cache
 
     @property
@@ -173,36 +153,19 @@ class Loader:
                 self._order = (self._epoch, self._plan.order(self._epoch))
             x, y = self._plan.batch(self._order[1], self._step)
         else:
-            if self._thread is None:
-                self._start()
-            item = self._get()
-            if item is _END:
+            if self._batches is None:
+                self._batches = produced(_batches(self._plan, self._epoch, self._step), self.prefetch, name="vitctl-data")
+            try:
+                item = next(self._batches)
+            except BaseException:  # the end (StopIteration) or the producer's error: the thread is joined
                 self.close()
-                raise StopIteration
-            if isinstance(item, BaseException):
-                self.close()
-                raise item
+                raise
             e, s, x, y = item
             assert (e, s) == (self._epoch, self._step), f"prefetched batch {(e, s)} != expected {(self._epoch, self._step)}"
         self._step += 1
         if self._step == self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
         return x, y
-
-    def _start(self) -> None:
-        self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
-        self._thread = threading.Thread(
-            target=_produce, args=(self._plan, self._epoch, self._step, self._queue, self._stop), name="vitctl-data", daemon=True
-        )
-        self._thread.start()
-
-    def _get(self):
-        while True:
-            try:
-                return self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("the data thread stopped without a result") from None
 
     def state(self) -> dict:
         """JSON-serialisable position of the next batch this loader will yield."""
@@ -231,15 +194,9 @@ class Loader:
 
     def close(self) -> None:
         """Stops and joins the prefetch thread (if any); iterating again restarts it at the current position."""
-        if self._thread is not None:
-            self._stop.set()
-            while True:  # unblock a put() in flight
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            self._thread.join()
-            self._thread = self._queue = self._stop = None
+        if self._batches is not None:
+            batches, self._batches = self._batches, None
+            batches.close()
 
     def __enter__(self) -> Self:
         return self
@@ -248,5 +205,5 @@ class Loader:
         self.close()
 
     def __del__(self):
-        if getattr(self, "_thread", None) is not None:  # a loader dropped mid-iteration: stop its thread
+        if getattr(self, "_batches", None) is not None:  # a loader dropped mid-iteration: stop its thread
             self.close()

@@ -31,13 +31,56 @@ import glob
 import math
 import mmap
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
+
+from vitctl.background import Sink, produced
+
+# The speed tricks, by name. Each has a plain path beside it that gives the same bytes:
+#   blas        ?omatcopy transposes            plain: numpy copies in 128x128 tiles
+#   threads     copies split over COPY_THREADS   plain: the caller's thread alone
+#   map         mapped() maps the file's pages   plain: os.preadv into a new array (one piece; several: None)
+#   pool        scratch() reuses idle buffers    plain: np.empty
+#   writer      BlockWriter writes on a thread   plain: os.pwrite in the caller's thread
+#   read_ahead  read_ahead() on a thread         plain: the items as they come
+# $VITCTL_PLAIN (names, comma-separated, or "all") turns tricks off for a process, `plain()` within a block.
+TRICKS = ("blas", "threads", "map", "pool", "writer", "read_ahead")
+PLAIN_ENV = "VITCTL_PLAIN"
+
+
+def _parse_plain(value: str) -> set[str]:
+    names = {n.strip() for n in value.split(",") if n.strip()}
+    if "all" in names:
+        return set(TRICKS)
+    unknown = names - set(TRICKS)
+    if unknown:
+        raise ValueError(f"${PLAIN_ENV}: unknown trick(s) {sorted(unknown)}; choose from all, {', '.join(TRICKS)}")
+    return names
+
+
+_plain: set[str] = _parse_plain(os.environ.get(PLAIN_ENV, ""))
+
+
+def uses(trick: str) -> bool:
+    """Whether `trick` (one of TRICKS) is on."""
+    return trick not in _plain
+
+
+@contextlib.contextmanager
+def plain(*tricks: str) -> Iterator[None]:
+    """Within the block, `tricks` (default: all) take their plain path."""
+    global _plain
+    was = _plain
+    _plain = was | _parse_plain(",".join(tricks or ("all",)))
+    try:
+        yield
+    finally:
+        _plain = was
+
 
 SCRATCH_MIN_BYTES = 1 << 20  # smaller arrays come from np.empty (malloc reuses them anyway)
 SCRATCH_FREE_BYTES = 256 << 20  # idle pooled bytes kept, at most (and at most 2 of the largest buffer); the oldest go first
@@ -99,7 +142,7 @@ def scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array: inside `pooled()` and when large, a reused buffer."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if not _active or nbytes < SCRATCH_MIN_BYTES:
+    if not _active or nbytes < SCRATCH_MIN_BYTES or not uses("pool"):
         return np.empty(shape, dtype)
     return _POOL.get(nbytes).view(dtype).reshape(shape)
 
@@ -129,8 +172,6 @@ _ROW_MAJOR, _TRANS = 101, 112
 @functools.cache
 def _omatcopy() -> dict[np.dtype, Callable] | None:
     """{float32: fn, float64: fn}, fn(rows, cols, a_ptr, lda, b_ptr, ldb) writing b = a.T; None without one."""
-    if os.environ.get("VITCTL_NO_BLAS_TRANSPOSE"):
-        return None
     here = os.path.dirname(np.__file__)
     libs = sorted(glob.glob(os.path.join(here, "..", "numpy.libs", "*openblas*")))
     libs += sorted(glob.glob(os.path.join(here, ".dylibs", "*openblas*")))
@@ -187,7 +228,7 @@ def _blas_plan(w: np.ndarray) -> tuple[Callable[[np.ndarray, int, int], None], i
     land as pairs of output rows and are then de-interleaved in the cache (by casts: 11 GB/s
     here, against 5 for strided copies and 0.4 for numpy's tiled transpose).
     """
-    fns = _omatcopy()
+    fns = _omatcopy() if uses("blas") else None
     pairs = w.dtype.itemsize == 2 and sys.byteorder == "little"
     if fns is None or w.size == 0 or not (pairs or w.dtype in fns):
         return None
@@ -255,7 +296,7 @@ def _blas_transpose(out: np.ndarray, w: np.ndarray, threads: bool = True) -> boo
         return False
     copy, A, align = plan
     flat = out.reshape(A, -1)
-    parts = min(COPY_THREADS, max(1, w.nbytes // (4 << 20)), A // align) if threads else 1
+    parts = min(COPY_THREADS, max(1, w.nbytes // (4 << 20)), A // align) if threads and uses("threads") else 1
     bounds = [A * p // parts // align * align for p in range(parts)] + [A]
     if parts <= 1:
         copy(flat, 0, A)
@@ -345,14 +386,15 @@ class BlockWriter:
 
     def __init__(self, block_bytes: int = BLOCK_BYTES, depth: int = 8):
         self.block_bytes, self.depth = block_bytes, depth
-        self._queue: queue.Queue = queue.Queue(depth)
         self._free: list[np.ndarray] = []  # idle block buffers
         self._free_ready = threading.Condition()
         self._made = 0
-        self._failed: WriteFailed | None = None
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="vitctl-write", daemon=True)
-        self._thread.start()
+        self._sink = Sink(self._write, depth, self._drop, name="vitctl-write", threaded=uses("writer"))
+
+    @property
+    def _thread(self) -> Sink:
+        """What writes (is_alive(): a write may still be in progress)."""
+        return self._sink
 
     def _buffer(self, nbytes: int) -> np.ndarray:
         """A block buffer: a new one while at most depth + 1 exist, else the next one the thread frees."""
@@ -370,28 +412,27 @@ class BlockWriter:
                 self._free.append(buf.base if buf.base is not None else buf)
                 self._free_ready.notify()
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is None:
-                    return
-                fd, offset, data, buf, label = item
-                if self._failed is None and not self._stop:
-                    try:
-                        if data is None:  # closing a file
-                            os.close(fd)
-                        else:
-                            _pwrite_all(fd, data, offset)
-                    except OSError as e:
-                        self._failed = WriteFailed(label, e)
-                elif data is None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                del data, item
-                self._release(buf)
-            finally:
-                self._queue.task_done()
+    def _write(self, item: tuple) -> None:
+        fd, offset, data, buf, label = item
+        try:
+            if data is None:  # closing a file
+                os.close(fd)
+            else:
+                _pwrite_all(fd, data, offset)
+        except OSError as e:
+            raise WriteFailed(label, e) from None
+        finally:
+            del data, item
+            self._release(buf)
+
+    def _drop(self, item: tuple) -> None:
+        """After a failure or abort: files are still closed, buffers handed back, nothing written."""
+        fd, _, data, buf, _ = item
+        if data is None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        del data, item
+        self._release(buf)
 
     def write(self, fd: int, offset: int, w: np.ndarray, dtype: np.dtype, label: Any = "") -> int:
         """Queues `w` cast to `dtype` for writing at `offset` of `fd`; returns its byte count."""
@@ -414,38 +455,26 @@ class BlockWriter:
                 start, stop, fd, file_offset = segments[k]
                 cut = min(end, stop)
                 last = cut == end
-                self._raise_failure()
-                self._queue.put(
+                self._sink.put(
                     (fd, file_offset + pos - start, block[pos - off : cut - off], block.obj if last and not in_place else None, label)
                 )
                 pos = cut
-        self._raise_failure()
+        self._sink.check()
         return nbytes
 
     def close_file(self, fd: int, label: Any = "") -> None:
         """Queues closing `fd` after what is queued for it."""
-        self._queue.put((fd, 0, None, None, label))
-
-    def _raise_failure(self) -> None:
-        if self._failed is not None:
-            raise self._failed
+        self._sink.put((fd, 0, None, None, label), check=False)
 
     def flush(self) -> None:
         """Returns when everything queued is written; raises WriteFailed if a write failed."""
-        self._queue.join()
-        self._raise_failure()
+        self._sink.flush()
 
     def close(self) -> None:
-        if self._thread.is_alive():
-            self.flush()
-            self._queue.put(None)
-            self._thread.join()
+        self._sink.close()
 
     def abort(self) -> None:
-        self._stop = True
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        self._sink.abort()
 
 
 def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
@@ -453,43 +482,9 @@ def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     (a reader's positioned reads and checksums run while the caller re-lays out the previous
     tensor). An exception of the producer is raised here, in order; closing this generator
     (or an exception in the consumer) stops the producer after its current item and waits for it."""
-    ready: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                del item
-                if stop.is_set():
-                    return
-            ready.put((done, None))
-        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            ready.put((done, e))
-
-    thread = threading.Thread(target=produce, name="vitctl-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = ready.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-            del item
-    finally:
-        stop.set()
-        while thread.is_alive():  # let a blocked put finish, then wait for the thread
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.05)
-        thread.join()
+    if not uses("read_ahead"):
+        return iter(items)
+    return produced(items, depth, name="vitctl-read-ahead")
 
 
 # Mapped reads. A tensor read through the page cache's own pages costs no copy: pread into a
@@ -509,6 +504,8 @@ def mapped(pieces: list[tuple[int, int, int]]) -> np.ndarray | None:
     the caller checks their sizes first. Page tables are filled here, so that the thread that
     maps (a reader thread) takes the page faults, not the one that reads the array.
     """
+    if not uses("map"):
+        return _read(pieces[0]) if len(pieces) == 1 else None
     if len(pieces) == 1:
         fd, offset, length = pieces[0]
         if not length:
@@ -536,6 +533,20 @@ def mapped(pieces: list[tuple[int, int, int]]) -> np.ndarray | None:
 
 
 _MAP_FIXED = 0x10
+
+
+def _read(piece: tuple[int, int, int]) -> np.ndarray:
+    """The bytes of one file range, read into a new read-only array (mapped's plain path)."""
+    fd, offset, length = piece
+    out = np.empty(length, np.uint8)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [memoryview(out)[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"file ended {length - done} bytes short of {offset + length}")
+        done += n
+    out.flags.writeable = False
+    return out
 
 
 @functools.cache
@@ -566,7 +577,7 @@ def copy_into(out: np.ndarray, w: np.ndarray, threads: bool = True) -> None:
                 c = slice(j, j + _TILE)
                 out[r, c] = w[r, c]
 
-    parts = min(COPY_THREADS, max(1, w.nbytes // (4 << 20)), w.shape[0] // _TILE or 1) if threads else 1
+    parts = min(COPY_THREADS, max(1, w.nbytes // (4 << 20)), w.shape[0] // _TILE or 1) if threads and uses("threads") else 1
     bounds = [w.shape[0] * k // parts // _TILE * _TILE for k in range(parts)] + [w.shape[0]]
     if parts == 1:
         copy_rows(0, w.shape[0])
