@@ -207,7 +207,7 @@ def test_xet_failures_are_named_with_the_way_around():
 def test_card_metrics_come_from_the_lineage(tmp_path):
     """A pulled copy of a converted checkpoint of a trained one: test accuracy and class names are
     found two provenance levels down; none of them claimed when absent."""
-    from vitctl.hub_card import training
+    from vitctl.hub.card import training
 
     pulled = {"created_by": "vitctl hub pull", "upstream": {"created_by": "vitctl convert jax-to-torch", "source_provenance": {
         "created_by": "vitctl train", "data": "digits", "step": 7, "test_accuracy": 0.5, "class_names": CLASSES}}}  # fmt: skip
@@ -219,7 +219,7 @@ def test_card_metrics_come_from_the_lineage(tmp_path):
 
 def test_card_states_the_bar_each_precision_was_judged_by(tmp_path):
     """A bf16 verify report is judged by relative RMS error (no max-abs tolerance): the card says so."""
-    from vitctl.hub_card import model_card
+    from vitctl.hub.card import model_card
 
     run = make_run(tmp_path / "run")
     cfg = ckpt.read_checkpoint_config(run / "jax")
