@@ -2,6 +2,7 @@
 of the converting process and its throughput next to `cp` of the same bytes, in one run.
 
     python bench/convert.py [--size-gib 4] [--repeat 3] [--json] [--keep] [--workdir DIR] [--cases a,b,...] [--max-wait 300]
+                            [--tricks all|blas,threads,map,pool,writer,read_ahead,tune]
 
 Cases (source -> target; `--cases` takes the short names):
     jax-torch      vitctl-jax as init/train write it (Orbax OCDBT, uncompressed)
@@ -54,6 +55,11 @@ other processes use more than a quarter of the CPUs (at most --max-wait seconds 
 whole run); the table shows their share during each conversion all the same. Neither cp
 nor vitctl calls fsync: both times end when the data is in the page cache (the kernel
 still throttles a writer that outruns the disk).
+With --tricks, each round converts once more per variant, in turn: with one speed trick on its
+plain path (vitctl.formats.fastcopy's $VITCTL_PLAIN; `tune`: the command's mallopt and
+gc.disable made no-ops), then with all of them. A second table shows each variant's best
+seconds (the conversion alone, and CPU) and peak RSS against the shipped run's: the gain of
+the trick it turns off.
 Throughput (GB/s, 10^9) for both is the source's bytes on disk / seconds, so the ratio vs
 cp is cp seconds / convert seconds. The source's page-cache residency just before the
 conversion is read with fincore where installed.
@@ -86,6 +92,7 @@ from pathlib import Path
 
 from vitctl import bench as B
 from vitctl.bench import QuietGate, Run, disk_bytes
+from vitctl.formats.fastcopy import PLAIN_ENV, TRICKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GiB, MiB = 2**30, 2**20
@@ -93,7 +100,17 @@ RSS_TARGET = GiB
 SPEED_TARGET = 0.5  # x cp
 WIDTH, MLP_DIM, HEADS, PATCH = 2048, 8192, 16, 14  # vit22b-1B/14's sizes
 SEED = 0
-CONVERT_CODE = ("vitctl/convert", "vitctl/cli", "vitctl/checkpoint.py", "vitctl/config.py", "vitctl/errors.py", "vitctl/posemb.py")
+PROVENANCE = {"source_format": "synthetic", "created_by": "bench/convert.py", "seed": SEED}
+CONVERT_CODE = (
+    "vitctl/convert",
+    "vitctl/formats",
+    "vitctl/background.py",
+    "vitctl/cli",
+    "vitctl/checkpoint.py",
+    "vitctl/config.py",
+    "vitctl/errors.py",
+    "vitctl/posemb.py",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,75 +190,103 @@ def _random(rng, shape, dtype):
     return w.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else w
 
 
+def _build_orbax(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
+    """Orbax params/ of `cfg`, one tensor at a time; returns the largest stored unit (a chunk)."""
+    from vitctl import checkpoint as ckpt
+    from vitctl.convert import io
+    from vitctl.convert.mapping import jax_param_shapes
+
+    path.mkdir()
+    specs = [(n, s, dt) for n, s in jax_param_shapes(cfg, stacked=False).items()]
+    if kind.layout == "orbax":  # OCDBT, as Orbax saves it (vitctl init / train: uncompressed; Orbax's default: zstd)
+        writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=kind.compress)
+    else:  # as vitctl convert writes vitctl-jax: one directory per array, uncompressed
+        writer = io.OrbaxFilesWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES)
+    for n, s, _ in specs:
+        writer.write(n, _random(rng, s, kind.dtype))
+    writer.close()
+    ckpt.write_config(path, cfg, PROVENANCE)
+    return ckpt.CHUNK_BYTES
+
+
+def _build_safetensors(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
+    """model.safetensors (or HF shards + index) in torch names and layouts; returns 0 (no stored units)."""
+    import numpy as np
+
+    from vitctl import checkpoint as ckpt
+    from vitctl.convert import io
+    from vitctl.convert.mapping import jax_param_shapes, rename
+
+    path.mkdir()
+    specs = []
+    for n, s in jax_param_shapes(cfg, stacked=False).items():
+        tname, layout = rename(n, "jax")
+        specs.append((tname, tuple(layout.to_torch(np.broadcast_to(np.uint8(0), s)).shape), dt))
+    total = sum(math.prod(s) for _, s, _ in specs) * dt.itemsize
+    max_shard = math.ceil(total / 4) if kind.layout == "shards" else None  # 4-5 shards
+    writer = io.SafetensorsWriter(path, specs, max_shard, {"format": "pt"})
+    for tname, s, _ in specs:
+        writer.write(tname, _random(rng, s, kind.dtype))
+    writer.close()
+    ckpt.write_config(path, cfg, PROVENANCE)
+    return 0
+
+
+def _npz_members(kind: SourceKind, cfg) -> list[tuple[str, tuple[int, ...], int | None]]:
+    """(big_vision key, shape, layers written one at a time or None) of every member."""
+    from vitctl.convert import big_vision
+    from vitctl.convert.mapping import jax_param_shapes
+
+    if kind.layout == "npz":
+        return [(big_vision.to_big_vision(n), s, None) for n, s in jax_param_shapes(cfg, stacked=False).items()]
+    members = []  # scanned: Transformer/encoderblock/... with a leading depth axis
+    for n, s in jax_param_shapes(cfg, stacked=True).items():
+        if n.startswith("blocks/"):
+            bv = big_vision.to_big_vision(n.replace("blocks/", "blocks/0/", 1)).replace("encoderblock_0/", "encoderblock/")
+            members.append((bv, s, s[0]))
+        else:
+            members.append((big_vision.to_big_vision(n), s, None))
+    return members
+
+
+def _build_npz(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
+    """A big_vision .npz: zip (stored) of .npy members in big_vision's key layout; returns the largest member."""
+    import zipfile
+
+    import numpy as np
+
+    members = _npz_members(kind, cfg)
+    assert all(m[0] for m in members), "a tensor without a big_vision name"
+    stored = np.dtype("V2") if kind.dtype == "bfloat16" else dt  # np.save writes bfloat16 as raw 2-byte void
+    largest = 0
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, shape, layers in members:
+            header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": tuple(shape)}
+            with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for _ in range(layers or 1):
+                    w = _random(rng, shape[1:] if layers else shape, kind.dtype)
+                    f.write(w.view(np.uint8).reshape(-1))
+            largest = max(largest, math.prod(shape) * dt.itemsize)
+    return largest
+
+
 def build(kind_key: str, path: Path, size_bytes: int) -> dict:
     """Writes one synthetic source at `path`, one tensor at a time; returns its description."""
     import ml_dtypes
     import numpy as np
 
-    from vitctl import checkpoint as ckpt
-    from vitctl.convert import big_vision, io
-    from vitctl.convert.mapping import jax_param_shapes, rename
+    from vitctl.convert.mapping import jax_param_shapes
 
     kind = SOURCES[kind_key]
     cfg = _bench_config(kind, size_bytes)
-    rng = np.random.default_rng(SEED)
-    per_layer = jax_param_shapes(cfg, stacked=False)
     dt = np.dtype(np.float32) if kind.dtype == "float32" else np.dtype(ml_dtypes.bfloat16)
-    itemsize = dt.itemsize
-    largest_stored = 0
-    provenance = {"source_format": "synthetic", "created_by": "bench/convert.py", "seed": SEED}
-    if kind.layout.startswith("orbax"):
-        path.mkdir()
-        specs = [(n, s, dt) for n, s in per_layer.items()]
-        if kind.layout == "orbax":  # OCDBT, as Orbax saves it (vitctl init / train: uncompressed; Orbax's default: zstd)
-            writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=kind.compress)
-        else:  # as vitctl convert writes vitctl-jax: one directory per array, uncompressed
-            writer = io.OrbaxFilesWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES)
-        for n, s, _ in specs:
-            writer.write(n, _random(rng, s, kind.dtype))
-        writer.close()
-        ckpt.write_config(path, cfg, provenance)
-        largest_stored = ckpt.CHUNK_BYTES
-    elif kind.layout in ("safetensors", "shards"):
-        path.mkdir()
-        specs = []
-        for n, s in per_layer.items():
-            tname, layout = rename(n, "jax")
-            specs.append((tname, tuple(layout.to_torch(np.broadcast_to(np.uint8(0), s)).shape), dt, n))
-        total = sum(math.prod(s) for _, s, _, _ in specs) * itemsize
-        max_shard = math.ceil(total / 4) if kind.layout == "shards" else None  # 4-5 shards
-        writer = io.SafetensorsWriter(path, [sp[:3] for sp in specs], max_shard, {"format": "pt"})
-        for tname, s, _, _ in specs:
-            writer.write(tname, _random(rng, s, kind.dtype))
-        writer.close()
-        ckpt.write_config(path, cfg, provenance)
-    else:  # big_vision .npz: zip (stored) of .npy members in big_vision's key layout
-        import zipfile
-
-        if kind.layout == "npz":
-            members = [(big_vision.to_big_vision(n), s, None) for n, s in per_layer.items()]
-        else:  # scanned: Transformer/encoderblock/... with a leading depth axis, written one layer at a time
-            members = []
-            for n, s in jax_param_shapes(cfg, stacked=True).items():
-                if n.startswith("blocks/"):
-                    bv = big_vision.to_big_vision(n.replace("blocks/", "blocks/0/", 1)).replace("encoderblock_0/", "encoderblock/")
-                    members.append((bv, s, s[0]))
-                else:
-                    members.append((big_vision.to_big_vision(n), s, None))
-        assert all(m[0] for m in members), "a tensor without a big_vision name"
-        stored = np.dtype("V2") if kind.dtype == "bfloat16" else dt  # np.save writes bfloat16 as raw 2-byte void
-        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key, shape, layers in members:
-                header = {"descr": np.lib.format.dtype_to_descr(stored), "fortran_order": False, "shape": tuple(shape)}
-                with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array_header_1_0(f, header)
-                    for _ in range(layers or 1):
-                        w = _random(rng, shape[1:] if layers else shape, kind.dtype)
-                        f.write(w.view(np.uint8).reshape(-1))
-                largest_stored = max(largest_stored, math.prod(shape) * itemsize)
-    tensor_bytes = sum(math.prod(s) for s in per_layer.values()) * itemsize
-    largest = max(math.prod(s) for s in per_layer.values()) * itemsize
-    stacked = max(math.prod(s) for s in jax_param_shapes(cfg, stacked=True).values()) * itemsize
+    write = _build_orbax if kind.layout.startswith("orbax") else _build_npz if kind.layout.startswith("npz") else _build_safetensors
+    largest_stored = write(kind, path, cfg, np.random.default_rng(SEED), dt)
+    per_layer = jax_param_shapes(cfg, stacked=False)
+    tensor_bytes = sum(math.prod(s) for s in per_layer.values()) * dt.itemsize
+    largest = max(math.prod(s) for s in per_layer.values()) * dt.itemsize
+    stacked = max(math.prod(s) for s in jax_param_shapes(cfg, stacked=True).values()) * dt.itemsize
     return {
         "config": f"{kind.preset} block, width {cfg.width}, depth {cfg.depth}, mlp {cfg.mlp_dim}, heads {cfg.num_heads}, "
         f"patch {cfg.patch_size}, {cfg.block}, pool {cfg.pool}, {kind.dtype}",
@@ -341,6 +386,44 @@ def pick_workdir(explicit: str | None) -> Path:
     return best or Path(tempfile.gettempdir())
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How `vitctl convert` runs: as shipped, or with speed tricks turned off."""
+
+    name: str  # "" as shipped; else "no <trick>"
+    plain: str = ""  # $VITCTL_PLAIN: the fastcopy tricks that take their plain path
+    untuned: bool = False  # neither mallopt nor gc.disable (the command's process tuning)
+
+
+SHIPPED = Variant("")
+TUNE = "tune"  # the command's process tuning (mallopt, no cyclic gc), beside fastcopy's TRICKS
+
+# `vitctl convert` in a process where the tuning does nothing: gc.disable is a no-op, and
+# libc's mallopt (found through ctypes.CDLL, wherever the tuning calls it from) returns at once.
+UNTUNED_LAUNCH = """
+import ctypes, gc, runpy, sys
+gc.disable = lambda: None
+class _CDLL(ctypes.CDLL):
+    def __getattr__(self, name):
+        return (lambda *a: 1) if name == "mallopt" else super().__getattr__(name)
+ctypes.CDLL = _CDLL
+sys.argv[0] = "vitctl"
+runpy.run_module("vitctl", run_name="__main__", alter_sys=True)
+"""
+
+
+def variants(spec: str | None) -> list[Variant]:
+    """SHIPPED, then (with --tricks) one variant per trick turned off, then all of them off."""
+    if not spec:
+        return [SHIPPED]
+    names = [*TRICKS, TUNE] if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = sorted(set(names) - {*TRICKS, TUNE})
+    if unknown:
+        raise SystemExit(f"--tricks: unknown {unknown}; choose from all, {', '.join([*TRICKS, TUNE])}")
+    out = [SHIPPED] + [Variant(f"no {n}", plain="" if n == TUNE else n, untuned=n == TUNE) for n in names]
+    return out + [Variant("plain", ",".join(n for n in names if n != TUNE), TUNE in names)] if len(names) > 1 else out
+
+
 @dataclasses.dataclass
 class Result:
     case: Case
@@ -349,11 +432,22 @@ class Result:
     cps: list[Run]
     summary: dict  # the fastest conversion's --json
     cached: float | None
+    variant: Variant = SHIPPED
+    summaries: list[dict] = dataclasses.field(default_factory=list)  # every conversion's --json
 
     @property
     def convert(self) -> Run:
         """The fastest conversion (the cp baseline is the fastest cp: best of N on both sides)."""
         return min(self.converts, key=lambda r: r.seconds)
+
+    @property
+    def run_seconds(self) -> float:
+        """The fastest conversion alone (--json `seconds`: no interpreter start, imports or planning)."""
+        return min(float(s.get("seconds", 0)) for s in self.summaries) if self.summaries else self.summary.get("seconds", 0)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return min(r.cpu_seconds for r in self.converts)
 
     @property
     def cp_seconds(self) -> float:
@@ -389,7 +483,7 @@ def fmt_gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
-def main(argv=None) -> int:
+def parse_args(argv) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gib", type=float, default=4.0, help="parameter bytes of each synthetic checkpoint, at least (default 4)")
     p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} on stdout, nothing else there')
@@ -406,25 +500,31 @@ def main(argv=None) -> int:
         default=300,
         help="seconds, over the whole run, to wait for other processes to leave the CPUs before timed commands (default 300)",
     )
+    p.add_argument(
+        "--tricks",
+        metavar="all|NAME,...",
+        help=f"also convert with each speed trick turned off, one at a time, then all together (names: {', '.join([*TRICKS, TUNE])})",
+    )
     p.add_argument("--build", nargs=3, metavar=("KIND", "PATH", "BYTES"), help=argparse.SUPPRESS)  # the builder child
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)  # fmt: skip
 
-    if args.build:  # child: write one source, print its description
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        kind, path, nbytes = args.build
-        print(json.dumps(build(kind, Path(path), int(nbytes))))
-        return 0
 
-    keys = [k.strip() for k in args.cases.split(",") if k.strip()]
-    unknown = sorted(set(keys) - {c.key for c in CASES})
-    if unknown or not keys:
-        p.error(f"unknown case(s) {unknown}; choose from {', '.join(c.key for c in CASES)}")
-    cases = [c for c in CASES if c.key in keys]
-    size = int(args.size_gib * GiB)
-    if size <= 0:
-        p.error("--size-gib must be positive")
+@dataclasses.dataclass
+class Session:
+    """What every case of one run shares."""
 
+    workdir: Path
+    size: int
+    args: argparse.Namespace
+    variants: list[Variant]
+    vitctl: list[str] = dataclasses.field(default_factory=B.vitctl_command)
+    gate: QuietGate | None = None
+    failures: list[str] = dataclasses.field(default_factory=list)
+    built: dict[str, tuple[Path, dict]] = dataclasses.field(default_factory=dict)
+
+
+def make_workdir(args: argparse.Namespace, cases: list[Case], size: int) -> Path | None:
+    """A fresh directory on a filesystem with room for the run; None (after saying why) without one."""
     base = pick_workdir(args.workdir)
     base.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(base).free
@@ -434,132 +534,193 @@ def main(argv=None) -> int:
         print(f"Error: {base} has {free / GiB:.1f} GiB free; this run needs {need / GiB:.1f} GiB "
               f"({'every source kept' if args.keep else 'one source'} + a cp copy + a converted output)", file=sys.stderr)  # fmt: skip
         print("hint: pass --workdir on a larger filesystem, a smaller --size-gib, fewer --cases, or drop --keep", file=sys.stderr)
-        return 2
+        return None
     workdir = Path(tempfile.mkdtemp(prefix="vitctl-bench-convert-", dir=base))
-    log(f"workdir {workdir} ({free / GiB:.0f} GiB free); checkpoints of >= {args.size_gib:g} GiB; cases: {', '.join(keys)}")
+    log(f"workdir {workdir} ({free / GiB:.0f} GiB free); checkpoints of >= {args.size_gib:g} GiB; cases: {', '.join(c.key for c in cases)}")
+    return workdir
 
-    vitctl = B.vitctl_command()
-    gate = QuietGate(args.max_wait)
+
+def build_source(case: Case, session: Session) -> tuple[Path, dict]:
+    """The case's source, built in a child process unless an earlier case built it."""
+    if case.source in session.built:
+        return session.built[case.source]
+    kind = SOURCES[case.source]
+    src = session.workdir / (f"src-{case.source}.npz" if kind.layout.startswith("npz") else f"src-{case.source}")
+    log(f"build {kind.label} at {src} ...")
+    t0 = time.perf_counter()
+    cmd = [sys.executable, __file__, "--build", case.source, str(src), str(session.size)]
+    b = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if b.returncode:
+        print(b.stderr, file=sys.stderr)
+        raise SystemExit(f"building {kind.label} failed (exit {b.returncode})")
+    info = json.loads(b.stdout.strip().splitlines()[-1])
+    info["disk_bytes"] = disk_bytes(src)
+    info["build_seconds"] = time.perf_counter() - t0
+    log(f"  {info['config']}: {info['tensor_bytes'] / GiB:.2f} GiB of tensors, {info['disk_bytes'] / GiB:.2f} GiB on disk, "
+        f"{info['build_seconds']:.0f} s")  # fmt: skip
+    session.built[case.source] = (src, info)
+    return src, info
+
+
+def convert_once(case: Case, src: Path, dst: Path, variant: Variant, session: Session) -> tuple[Run, dict] | None:
+    """One timed `vitctl convert` of the variant (its output deleted); None (failure noted) if it failed."""
+    os.sync()
+    session.gate.wait()
+    args = ["convert", case.direction, str(src), str(dst), *case.args, "--json"]
+    launch = [sys.executable, "-c", UNTUNED_LAUNCH] if variant.untuned else session.vitctl
+    env = {**os.environ, PLAIN_ENV: variant.plain} if variant.plain else None
+    log(f"  {variant.name + ': ' if variant.name else ''}vitctl {' '.join(args)} ...")
+    try:
+        run = B.run_command([*launch, *args], session.args.timeout, env=env)
+    except TimeoutError as e:
+        run = Run(session.args.timeout, 0, -9, 0.0, None, "", str(e))
+    remove(dst)
+    if run.exit_code:
+        session.failures.append(
+            f"{case.key}{' ' + variant.name if variant.name else ''}: exit {run.exit_code}: {run.stderr.strip()[-2000:]}"
+        )
+        log(f"  FAILED (exit {run.exit_code})")
+        return None
+    summary = json.loads(run.stdout)
+    log(f"  convert: {run.seconds:.1f} s (run {summary.get('seconds', 0):.1f} s), peak RSS {run.maxrss_bytes / MiB:.0f} MiB "
+        f"(its own VmHWM {summary.get('peak_rss_bytes', 0) / MiB:.0f} MiB)")  # fmt: skip
+    return run, summary
+
+
+def time_case(case: Case, session: Session) -> list[Result]:
+    """--repeat rounds of: cp, then one conversion per variant; a last cp; one Result per variant that converted."""
+    src, info = build_source(case, session)
+    dst, copy = session.workdir / f"out-{case.key}", session.workdir / f"cp-{case.source}"
+    log(f"{case.key}: warm the page cache ({warm(src):.1f} s) ...")
+    cps: list[Run] = []
+    done: dict[Variant, list[tuple[Run, dict]]] = {v: [] for v in session.variants}
+    failed: set[Variant] = set()
+    cached = None
+    for _ in range(session.args.repeat):
+        cp_once(src, copy, session.gate, cps)
+        cached = cached_fraction(src) if cached is None else cached
+        for v in session.variants:
+            got = None if v in failed else convert_once(case, src, dst, v, session)
+            (done[v].append(got) if got else failed.add(v))
+    cp_once(src, copy, session.gate, cps)  # the last conversion is bracketed too
+    results = []
+    for v, runs in done.items():
+        if runs:
+            best = min(runs, key=lambda rs: rs[0].seconds)
+            results.append(Result(case, info, [r for r, _ in runs], cps, best[1], cached, v, [s for _, s in runs]))
+    return results
+
+
+def run_cases(cases: list[Case], session: Session) -> list[Result]:
     results: list[Result] = []
-    failures: list[str] = []
-    built: dict[str, tuple[Path, dict]] = {}
     last_use = {c.source: c.key for c in cases}
     try:
         for case in cases:
-            kind = SOURCES[case.source]
-            if case.source not in built:
-                src = workdir / (f"src-{case.source}.npz" if kind.layout.startswith("npz") else f"src-{case.source}")
-                log(f"build {kind.label} at {src} ...")
-                t0 = time.perf_counter()
-                b = subprocess.run(
-                    [sys.executable, __file__, "--build", case.source, str(src), str(size)], check=False, capture_output=True, text=True
-                )
-                if b.returncode:
-                    print(b.stderr, file=sys.stderr)
-                    raise SystemExit(f"building {kind.label} failed (exit {b.returncode})")
-                info = json.loads(b.stdout.strip().splitlines()[-1])
-                info["disk_bytes"] = disk_bytes(src)
-                info["build_seconds"] = time.perf_counter() - t0
-                log(f"  {info['config']}: {info['tensor_bytes'] / GiB:.2f} GiB of tensors, {info['disk_bytes'] / GiB:.2f} GiB on disk, "
-                    f"{info['build_seconds']:.0f} s")  # fmt: skip
-                built[case.source] = (src, info)
-            src, info = built[case.source]
-            dst, copy = workdir / f"out-{case.key}", workdir / f"cp-{case.source}"
-
-            log(f"{case.key}: warm the page cache ({warm(src):.1f} s) ...")
-            cps: list[Run] = []
-            converts: list[tuple[Run, dict]] = []
-            cached = None
-            for _ in range(args.repeat):
-                cp_once(src, copy, gate, cps)
-                cached = cached_fraction(src) if cached is None else cached
-                os.sync()
-                gate.wait()
-                cmd = [*vitctl, "convert", case.direction, str(src), str(dst), *case.args, "--json"]
-                log(f"  {' '.join(cmd[len(vitctl) - 1 :])} ...")
-                try:
-                    run = B.run_command(cmd, args.timeout)
-                except TimeoutError as e:
-                    run = Run(args.timeout, 0, -9, 0.0, None, "", str(e))
-                remove(dst)
-                if run.exit_code:
-                    failures.append(f"{case.key}: exit {run.exit_code}: {run.stderr.strip()[-2000:]}")
-                    log(f"  FAILED (exit {run.exit_code})")
-                    break
-                summary = json.loads(run.stdout)
-                log(f"  convert: {run.seconds:.1f} s, peak RSS {run.maxrss_bytes / MiB:.0f} MiB "
-                    f"(its own VmHWM {summary.get('peak_rss_bytes', 0) / MiB:.0f} MiB)")  # fmt: skip
-                converts.append((run, summary))
-            cp_once(src, copy, gate, cps)  # the last conversion is bracketed too
-            if converts:
-                best = min(converts, key=lambda rs: rs[0].seconds)
-                results.append(Result(case, info, [r for r, _ in converts], cps, best[1], cached))
-            if last_use[case.source] == case.key and not args.keep:
-                remove(src)
+            results += time_case(case, session)
+            if last_use[case.source] == case.key and not session.args.keep:
+                remove(session.built[case.source][0])
     finally:
-        if args.keep:
-            for p_ in workdir.glob("out-*"):
+        if session.args.keep:
+            for p_ in session.workdir.glob("out-*"):
                 remove(p_)
-            log(f"kept the sources in {workdir}")
+            log(f"kept the sources in {session.workdir}")
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(session.workdir, ignore_errors=True)
+    return results
 
-    parent_peak = self_peak_rss()
-    version = code_version()
-    method = (
-        f"per case: read the source once (warm page cache, none dropped); then {args.repeat}x: sync; cp -r --reflink=never (same "
-        "filesystem); sync; vitctl convert ... --json as a child (wall time spawn to exit, imports included; peak RSS = os.wait4 "
-        "ru_maxrss); then one more cp. The fastest conversion against the fastest cp (best of N on both sides: this machine's "
-        "page-cache writes cost 3x more on memory the VM host has reclaimed, for cp and vitctl alike); peak RSS: the largest of "
-        "all runs. GB/s = source bytes on disk / s (10^9), so ratio vs cp = cp s / convert s. No fsync on either side. Before "
-        "each timed command, a quiet gate (see notes)."
-    )
-    notes = [
-        gate.describe(),
-        f"this process's peak RSS: {parent_peak / MiB:.0f} MiB (children are spawned by a small launcher, so it is no floor of theirs)",
-        "largest single tensor 64 MiB (one layer's D x F kernel); stacked (L, D, F) sizes per source in `sources`",
+
+METHOD = (
+    "per case: read the source once (warm page cache, none dropped); then {repeat}x: sync; cp -r --reflink=never (same "
+    "filesystem); sync; vitctl convert ... --json as a child (wall time spawn to exit, imports included; peak RSS = os.wait4 "
+    "ru_maxrss){variants}; then one more cp. The fastest conversion against the fastest cp (best of N on both sides: this "
+    "machine's page-cache writes cost 3x more on memory the VM host has reclaimed, for cp and vitctl alike); peak RSS: the "
+    "largest of all runs. GB/s = source bytes on disk / s (10^9), so ratio vs cp = cp s / convert s. No fsync on either side. "
+    "Before each timed command, a quiet gate (see notes)."
+)
+
+
+def case_rows(r: Result) -> tuple[list[dict], list[str]]:
+    """The JSON rows and the table row of one case as shipped."""
+    name = f"{r.case.key} ({SOURCES[r.case.source].label} -> {r.case.target})"
+    rss, s = r.maxrss_bytes, r.summary
+    rows = [
+        B.Row(f"{name} GB/s", r.gbps, "GB/s", f"cp {r.case.source} GB/s", r.ratio).as_dict(),
+        B.Row(f"cp {r.case.source} GB/s", r.cp_gbps, "GB/s").as_dict(),
+        B.Row(f"{name} seconds", r.convert.seconds, "s", f"cp {r.case.source} seconds", r.convert.seconds / r.cp_seconds).as_dict(),
+        B.Row(f"{name} peak RSS", rss / MiB, "MiB", "target 1024 MiB", rss / RSS_TARGET).as_dict(),
     ]
-    rows: list[dict] = []
-    table: list[list[str]] = []
-    for r in results:
-        name = f"{r.case.key} ({SOURCES[r.case.source].label} -> {r.case.target})"
-        rows.append(B.Row(f"{name} GB/s", r.gbps, "GB/s", f"cp {r.case.source} GB/s", r.ratio).as_dict())
-        rows.append(B.Row(f"cp {r.case.source} GB/s", r.cp_gbps, "GB/s").as_dict())
-        rows.append(
-            B.Row(f"{name} seconds", r.convert.seconds, "s", f"cp {r.case.source} seconds", r.convert.seconds / r.cp_seconds).as_dict()
-        )
-        rows.append(B.Row(f"{name} peak RSS", r.maxrss_bytes / MiB, "MiB", "target 1024 MiB", r.maxrss_bytes / RSS_TARGET).as_dict())
-        rss = r.maxrss_bytes
-        table.append([
-            r.case.key, f"{SOURCES[r.case.source].label} -> {r.case.target}", fmt_gib(r.source["tensor_bytes"]), fmt_gib(r.source["disk_bytes"]),
-            f"{r.convert.seconds:.1f}", f"{r.summary.get('seconds', 0):.1f}", f"{r.convert.cpu_seconds:.0f}", f"{r.gbps:.2f}", f"{r.cp_seconds:.1f}", f"{r.cp_gbps:.2f}", f"{r.ratio:.2f}x",
-            f"{rss / MiB:.0f}", f"{r.summary.get('peak_rss_bytes', 0) / MiB:.0f}",
-            f"{r.summary.get('estimated_peak_bytes', 0) / MiB:.0f}",
-            "-" if r.cached is None else f"{100 * r.cached:.0f}%",
-            "-" if r.convert.others_cpu_frac is None else f"{100 * r.convert.others_cpu_frac:.0f}%",
-            "pass" if rss < RSS_TARGET else "FAIL", "pass" if r.speed_ok else "FAIL",
-        ])  # fmt: skip
-    sources = {k: v[1] for k, v in built.items()}
-    details = [
-        {"case": r.case.key, "convert_seconds": [round(c.seconds, 3) for c in r.converts], "convert_cpu_seconds": [round(c.cpu_seconds, 1) for c in r.converts],
-         "run_seconds_best": r.summary.get("seconds"), "best_convert_seconds": round(r.convert.seconds, 3), "best_cp_seconds": round(r.cp_seconds, 3),
-         "cp_seconds": [round(c.seconds, 3) for c in r.cps], "cp_cpu_seconds": [round(c.cpu_seconds, 2) for c in r.cps], "cp_maxrss_bytes": [c.maxrss_bytes for c in r.cps],
-         "maxrss_bytes": [c.maxrss_bytes for c in r.converts], "vmhwm_bytes": r.summary.get("peak_rss_bytes"),
-         "source_cached_before": r.cached,
-         "others_cpu_frac": [c.others_cpu_frac for c in r.converts], "cp_others_cpu_frac": [c.others_cpu_frac for c in r.cps],
-         "rss_target": "pass" if r.rss_ok else "fail", "speed_target": "pass" if r.speed_ok else "fail"}
-        for r in results
+    table = [
+        r.case.key, f"{SOURCES[r.case.source].label} -> {r.case.target}", fmt_gib(r.source["tensor_bytes"]), fmt_gib(r.source["disk_bytes"]),
+        f"{r.convert.seconds:.1f}", f"{s.get('seconds', 0):.1f}", f"{r.convert.cpu_seconds:.0f}", f"{r.gbps:.2f}", f"{r.cp_seconds:.1f}",
+        f"{r.cp_gbps:.2f}", f"{r.ratio:.2f}x", f"{rss / MiB:.0f}", f"{s.get('peak_rss_bytes', 0) / MiB:.0f}",
+        f"{s.get('estimated_peak_bytes', 0) / MiB:.0f}", "-" if r.cached is None else f"{100 * r.cached:.0f}%",
+        "-" if r.convert.others_cpu_frac is None else f"{100 * r.convert.others_cpu_frac:.0f}%",
+        "pass" if r.rss_ok else "FAIL", "pass" if r.speed_ok else "FAIL",
     ]  # fmt: skip
+    return rows, table
+
+
+def trick_rows(r: Result, shipped: Result) -> tuple[list[dict], list[str]]:
+    """A variant against the case as shipped: the gain of the tricks it turns off (its seconds / shipped seconds)."""
+    gain, cpu_gain = r.run_seconds / shipped.run_seconds, r.cpu_seconds / shipped.cpu_seconds
+    label = f"{r.case.key} {r.variant.name}"
+    rows = [
+        B.Row(f"{label}: run seconds", r.run_seconds, "s", f"{r.case.key} as shipped: run seconds", gain).as_dict(),
+        B.Row(f"{label}: CPU seconds", r.cpu_seconds, "s", f"{r.case.key} as shipped: CPU seconds", cpu_gain).as_dict(),
+        B.Row(f"{label}: peak RSS", r.maxrss_bytes / MiB, "MiB", f"{r.case.key} as shipped: peak RSS", r.maxrss_bytes / shipped.maxrss_bytes).as_dict(),
+    ]  # fmt: skip
+    runs = "/".join(f"{float(x.get('seconds', 0)):.2f}" for x in r.summaries)
+    table = [r.case.key, r.variant.name or "as shipped", f"{r.run_seconds:.2f}", runs, f"{r.convert.seconds:.1f}", f"{r.cpu_seconds:.1f}",
+             f"{r.maxrss_bytes / MiB:.0f}", f"{gain:.2f}x", f"{cpu_gain:.2f}x", f"{r.maxrss_bytes / shipped.maxrss_bytes:.2f}x"]  # fmt: skip
+    return rows, table
+
+
+def report(results: list[Result]) -> tuple[list[dict], list[list[str]], list[list[str]]]:
+    """JSON rows, the per-case table (as shipped) and the per-trick table (empty without --tricks)."""
+    rows, table, tricks = [], [], []
+    shipped = {r.case.key: r for r in results if r.variant == SHIPPED}
+    for r in results:
+        if r.variant == SHIPPED:
+            more, line = case_rows(r)
+            table.append(line)
+            if len(results) > len(shipped):
+                tricks.append(trick_rows(r, r)[1])
+        elif r.case.key in shipped:
+            more, line = trick_rows(r, shipped[r.case.key])
+            tricks.append(line)
+        else:
+            continue
+        rows += more
+    return rows, table, tricks
+
+
+def case_details(r: Result) -> dict:
+    return {
+        "case": r.case.key, "variant": r.variant.name or "as shipped",
+        "convert_seconds": [round(c.seconds, 3) for c in r.converts], "convert_cpu_seconds": [round(c.cpu_seconds, 1) for c in r.converts],
+        "run_seconds": [s.get("seconds") for s in r.summaries], "run_seconds_best": r.summary.get("seconds"),
+        "best_convert_seconds": round(r.convert.seconds, 3), "best_cp_seconds": round(r.cp_seconds, 3),
+        "cp_seconds": [round(c.seconds, 3) for c in r.cps], "cp_cpu_seconds": [round(c.cpu_seconds, 2) for c in r.cps],
+        "cp_maxrss_bytes": [c.maxrss_bytes for c in r.cps], "maxrss_bytes": [c.maxrss_bytes for c in r.converts],
+        "vmhwm_bytes": r.summary.get("peak_rss_bytes"), "source_cached_before": r.cached,
+        "others_cpu_frac": [c.others_cpu_frac for c in r.converts], "cp_others_cpu_frac": [c.others_cpu_frac for c in r.cps],
+        "rss_target": "pass" if r.rss_ok else "fail", "speed_target": "pass" if r.speed_ok else "fail",
+    }  # fmt: skip
+
+
+def print_report(args, session: Session, results: list[Result], method: str, notes: list[str], version: str) -> None:
+    rows, table, tricks = report(results)
     if args.json:
         print(json.dumps({"rows": rows, "settings": {"size_gib": args.size_gib, "method": method, "cp": "cp -r --reflink=never",
-                                                     "cpus": os.cpu_count(), "vitctl_commit": version, "workdir": str(base)},
-                          "sources": sources, "cases": details, "notes": notes, "failures": failures}))  # fmt: skip
-        return 0
-
-    print(f"vitctl convert benchmark (bench/convert.py), checkpoints of >= {args.size_gib:g} GiB, {os.cpu_count()} CPUs, workdir {base}")
-    print(f"  vitctl: {version or 'unknown commit'}; {' '.join(vitctl)}")
+                                                     "cpus": os.cpu_count(), "vitctl_commit": version, "workdir": str(session.workdir.parent)},
+                          "sources": {k: v[1] for k, v in session.built.items()}, "cases": [case_details(r) for r in results],
+                          "notes": notes, "failures": session.failures}))  # fmt: skip
+        return
+    print(f"vitctl convert benchmark (bench/convert.py), checkpoints of >= {args.size_gib:g} GiB, {os.cpu_count()} CPUs, "
+          f"workdir {session.workdir.parent}")  # fmt: skip
+    print(f"  vitctl: {version or 'unknown commit'}; {' '.join(session.vitctl)}")
     print(f"  method: {method}")
-    for k, v in sources.items():
+    for k, (_, v) in session.built.items():
         print(f"  source {k}: {v['config']}; {v['tensors']} tensors, largest {v['largest_tensor_bytes'] / MiB:.0f} MiB, "
               f"largest stacked {v['largest_stacked_bytes'] / MiB:.0f} MiB, largest stored unit {v['largest_stored_unit_bytes'] / MiB:.0f} MiB; "
               f"built in {v['build_seconds']:.0f} s")  # fmt: skip
@@ -570,17 +731,59 @@ def main(argv=None) -> int:
          "VmHWM MiB", "est. MiB", "src cached", "others CPU", "RSS", "speed"],
         table,
     )  # fmt: skip
+    if tricks:
+        print()
+        B.print_table("The gain of each speed trick: seconds (and peak RSS) with it turned off / as shipped",
+                      ["case", "variant", "run s", "every run s", "conv s", "CPU s", "peak RSS MiB", "run s x", "CPU s x", "RSS x"],
+                      tricks)  # fmt: skip
     print()
-    print("  GiB: parameter bytes; GiB disk: source files (OCDBT+zstd is compressed). GB/s: source bytes on disk / s.")
-    print("  conv s: the vitctl process, spawn to exit; run s: its conversion alone (--json `seconds`: no interpreter start,")
-    print("  imports or planning). CPU s: user + sys seconds of the vitctl child (all its threads), from os.wait4.")
-    print("  peak RSS: os.wait4 ru_maxrss of the vitctl child; VmHWM / est.: what the converter itself reports / planned.")
-    print("  src cached: source bytes in the page cache before the conversion (fincore); others CPU: other processes' share")
-    print("  of all CPUs during the conversion.")
+    for line in LEGEND:
+        print(f"  {line}")
     for n in notes:
         print(f"  note: {n}")
-    for f in failures:
+    for f in session.failures:
         print(f"  FAILED {f}")
+
+
+LEGEND = (
+    "GiB: parameter bytes; GiB disk: source files (OCDBT+zstd is compressed). GB/s: source bytes on disk / s.",
+    "conv s: the vitctl process, spawn to exit; run s: its conversion alone (--json `seconds`: no interpreter start,",
+    "imports or planning). CPU s: user + sys seconds of the vitctl child (all its threads), from os.wait4.",
+    "peak RSS: os.wait4 ru_maxrss of the vitctl child; VmHWM / est.: what the converter itself reports / planned.",
+    "src cached: source bytes in the page cache before the conversion (fincore); others CPU: other processes' share",
+    "of all CPUs during the conversion.",
+    "Per trick (--tricks): `no X` converts with X on its plain path (fastcopy's $VITCTL_PLAIN; `tune`: neither mallopt nor",
+    "gc.disable), `plain` with all of them; run s x / CPU s x > 1: the trick saves that share (best of --repeat, interleaved).",
+)
+
+
+def main(argv=None) -> int:
+    p, args = parse_args(argv)
+    if args.build:  # child: write one source, print its description
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.insert(0, str(REPO_ROOT))
+        kind, path, nbytes = args.build
+        print(json.dumps(build(kind, Path(path), int(nbytes))))
+        return 0
+    keys = [k.strip() for k in args.cases.split(",") if k.strip()]
+    unknown = sorted(set(keys) - {c.key for c in CASES})
+    if unknown or not keys:
+        p.error(f"unknown case(s) {unknown}; choose from {', '.join(c.key for c in CASES)}")
+    cases, size = [c for c in CASES if c.key in keys], int(args.size_gib * GiB)
+    if size <= 0:
+        p.error("--size-gib must be positive")
+    workdir = make_workdir(args, cases, size)
+    if workdir is None:
+        return 2
+    session = Session(workdir, size, args, variants(args.tricks), gate=QuietGate(args.max_wait))
+    results = run_cases(cases, session)
+    others = f", then once per variant ({', '.join(v.name for v in session.variants[1:])}), in turn" if args.tricks else ""
+    notes = [
+        session.gate.describe(),
+        f"this process's peak RSS: {self_peak_rss() / MiB:.0f} MiB (children are spawned by a small launcher, so it is no floor of theirs)",
+        "largest single tensor 64 MiB (one layer's D x F kernel); stacked (L, D, F) sizes per source in `sources`",
+    ]
+    print_report(args, session, results, METHOD.format(repeat=args.repeat, variants=others), notes, code_version())
     return 0
 
 
