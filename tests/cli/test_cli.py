@@ -219,7 +219,7 @@ def test_debug_shows_traceback(cli, monkeypatch):
 def test_interrupt_leaves_nothing(tmp_path):
     # Ctrl-C halfway through writing the weights (no JAX needed: the init is stubbed out).
     code = (
-        "import sys; import vitctl.cli.models as m, vitctl.checkpoint as c\n"
+        "import sys; import vitctl.init as m, vitctl.checkpoint as c\n"
         "def boom(d, flat): (d / 'params').mkdir(); (d / 'params' / 'half').write_text('x'); raise KeyboardInterrupt\n"
         "m._jax_init, c.save_jax = (lambda cfg, seed: {}), boom\n"
         "from vitctl.cli import main; main(sys.argv[1:])\n"
@@ -295,9 +295,9 @@ def test_init_overrides(tmp_path, monkeypatch):
     # The JAX init is stubbed with random arrays of the right shapes and dtype (no compile).
     pytest.importorskip("orbax.checkpoint")
     from tests.test_checkpoint import random_params
-    from vitctl.cli import models
+    from vitctl import init
 
-    monkeypatch.setattr(models, "_jax_init", lambda cfg, seed: random_params(cfg, seed))
+    monkeypatch.setattr(init, "_jax_init", lambda cfg, seed: random_params(cfg, seed))
     invoke("init", "vit22b-mu/16", "--out", tmp_path / "o", "--num-classes", 7, "--image-size", 32, "--param-dtype", "bfloat16")
     cfg = ckpt.read_checkpoint_config(tmp_path / "o")
     assert cfg == dataclasses.replace(PRESETS["vit22b-mu/16"], num_classes=7, image_size=32, param_dtype="bfloat16")

@@ -15,12 +15,10 @@ shapes (vitctl.convert.mapping), so `info vit-22b` allocates no weights.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -28,9 +26,9 @@ from rich.table import Table
 from vitctl import checkpoint as ckpt
 from vitctl.cli._options import Backend, BackendOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, ParamDtype, SeedOpt, err, out, print_json, resolve
 from vitctl.config import PRESETS, ViTConfig
-from vitctl.convert.mapping import jax_to_torch, param_counts
-from vitctl.errors import ConfigError, MissingDependencyError, ResourceError, VitctlError
-from vitctl.untrusted import require_disk, require_memory, sigterm_as_interrupt
+from vitctl.convert.mapping import param_counts
+from vitctl.errors import ConfigError
+from vitctl.units import human_bytes, human_count
 
 commands = typer.Typer()
 
@@ -65,13 +63,6 @@ def sizes(cfg: ViTConfig) -> dict[str, int]:
     return {**{k: c[k] for k in keys}, "bytes_float32": 4 * c["params_total"], "bytes_bfloat16": 2 * c["params_total"]}
 
 
-def _human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "k")):
-        if n >= scale:
-            return f"{n / scale:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
-
-
 @commands.command("models", epilog=MODELS_EXAMPLES)
 def models(json: JsonOpt = False) -> None:
     """List the model presets with their sizes."""
@@ -82,7 +73,7 @@ def models(json: JsonOpt = False) -> None:
     table = Table("name", "block", "D", "L", "F", "N", "patch", "pool", "params_total", box=None)
     for name, c, p in rows:
         dims = (c.width, c.depth, c.mlp_dim, c.num_heads, c.patch_size)
-        table.add_row(name, c.block, *map(str, dims), c.pool, f"{p:,} ({_human(p)})")
+        table.add_row(name, c.block, *map(str, dims), c.pool, f"{p:,} ({human_count(p)})")
     out.print(table)
 
 
@@ -112,9 +103,9 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
     counts = Table("size", "value", box=None)
     for k, v in result.items():
         if k.startswith("params_"):
-            counts.add_row(k, f"{v:,} ({_human(v)})")
+            counts.add_row(k, f"{v:,} ({human_count(v)})")
         elif k.startswith("bytes_"):
-            counts.add_row(k, f"{v:,} ({_human(v, 'B')})")
+            counts.add_row(k, f"{v:,} ({human_bytes(v)})")
     out.print(counts)
     if path is not None:
         out.print(f"checkpoint: {path}\nformats: {', '.join(result['formats']) or 'none (config only)'}", markup=False)
@@ -136,32 +127,6 @@ def _grid_warning(cfg: ViTConfig, name: str) -> str | None:
     return None
 
 
-def _jax_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
-    from vitctl.model_jax.model import flat_params, init_model
-
-    return flat_params(init_model(cfg, seed))
-
-
-def _torch_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
-    """Torch-native init, used only when jax is missing (different numbers from the JAX init)."""
-    import ml_dtypes
-
-    try:
-        import torch
-
-        from vitctl.model_torch.model import ViT
-    except ImportError as e:
-        raise MissingDependencyError(f"vitctl init needs jax or torch ({e})", hint="pip install 'vitctl[jax]' or 'vitctl[torch]'") from None
-
-    torch.manual_seed(seed)
-    state = ViT(cfg).state_dict()
-    as_np = {torch.bfloat16: lambda t: t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)}
-    return {k: np.asarray(as_np.get(t.dtype, torch.Tensor.numpy)(t.detach().cpu())) for k, t in state.items()}
-
-
-RUNTIME_BYTES = 2**30  # what jax, XLA and the interpreter take beside the parameters
-
-
 @commands.command("init", epilog=INIT_EXAMPLES)
 def init(
     model: Annotated[str | None, typer.Argument(metavar="MODEL", help="A preset name, or a config.json.", show_default=False)] = None,
@@ -179,6 +144,8 @@ def init(
 
     Both backends start from the JAX initialisation (converted through the mapping table for torch), so one seed gives the same weights.
     """
+    from vitctl.init import init_checkpoint
+
     if (model is None) == (config is None):
         raise ConfigError("give exactly one of MODEL or --config FILE", hint="e.g. `vitctl init vit22b-Ti/16 --out DIR`")
     name, cfg, _ = resolve(model) if model is not None else resolve(str(config))
@@ -186,53 +153,12 @@ def init(
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})  # validates
     if warning := _grid_warning(cfg, name):
         err.print(f"Warning: {warning}", markup=False)
-    total = sizes(cfg)["params_total"]
-    nbytes = total * (2 if cfg.param_dtype == "bfloat16" else 4)
-    # The parameters, plus what init holds besides them at its peak (the random draws of the
-    # largest stacked array, the writer's copy of the tensor in flight), plus the frameworks.
-    require_memory(
-        2 * nbytes + RUNTIME_BYTES, f"vitctl init {name} ({_human(nbytes, 'B')} of {cfg.param_dtype} parameters)",
-        hint="see `vitctl plan` for what a model needs (sharded over devices), or init a smaller preset (`vitctl models`)",
+    result = init_checkpoint(
+        cfg, name, out_dir, backend=backend.value, seed=seed, force=force,
+        notify=lambda message: err.print(message, markup=False), status=lambda what: err.status(escape(what)),
     )  # fmt: skip
-    require_disk(out_dir.parent, nbytes, f"vitctl init {name}", hint="free disk space, or choose an --out on another disk")
-    how = "jax"
-    # The frameworks are imported before the temporary exists: a SIGTERM turned into
-    # KeyboardInterrupt half-way through importing a C extension (jaxlib, tensorstore) can
-    # crash the interpreter on its way out, so until then SIGTERM keeps its default action,
-    # while nothing is written yet.
-    with contextlib.suppress(ImportError):
-        import orbax.checkpoint  # noqa: F401
-
-        import vitctl.model_jax.model  # noqa: F401  (jax, flax)
-    with sigterm_as_interrupt(), ckpt.atomic_output(out_dir, force) as tmp:
-        with err.status(escape(f"Initialising {name} ({total:,} parameters, seed {seed})")):
-            try:
-                flat = _jax_init(cfg, seed)
-            except ImportError as e:
-                if backend == Backend.jax:
-                    raise MissingDependencyError(f"--backend jax needs jax and flax ({e})", hint="pip install 'vitctl[jax]'") from None
-                err.print("jax is not installed: using torch's own initialisation (weights differ from the JAX init)")
-                flat, how = _torch_init(cfg, seed), "torch"
-        try:
-            with err.status(escape(f"Writing {out_dir}")):
-                if backend == Backend.jax:
-                    ckpt.save_jax(tmp, flat)
-                elif how == "jax":
-                    ckpt.save_torch(tmp, jax_to_torch({k: np.asarray(v) for k, v in flat.items()}, cfg))
-                else:
-                    ckpt.save_torch(tmp, flat)
-            provenance = {"source_format": "init", "source": name, "created_by": "vitctl init", "seed": seed, "init": how}
-            ckpt.write_config(tmp, cfg, provenance)
-        except (VitctlError, OSError) as e:
-            if (why := ckpt.no_space(e)) is None:
-                raise
-            raise ResourceError(
-                f"no space to write {out_dir}: {why} (it needs {_human(nbytes, 'B')})",
-                hint="free disk space, raise the file-size limit (ulimit -f), or choose an --out on another disk; nothing was written",
-            ) from None
-    fmt = ckpt.JAX if backend == Backend.jax else ckpt.TORCH
     if json:
-        print_json({"path": str(out_dir), "format": fmt, "name": name, "params_total": total, "seed": seed, "init": how})
+        print_json(result)
     else:
         print(out_dir)
         err.print(f"next: vitctl info {out_dir}", markup=False)

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vitctl.cli._options import JsonOpt, ModelArg, ParamDtype, err, out, print_json, resolve
+from vitctl.units import human_bytes
 
 commands = typer.Typer()
 
@@ -35,14 +36,6 @@ PLAN_EXAMPLES = """Examples:
 class Optimizer(str, enum.Enum):
     adamw = "adamw"
     adafactor = "adafactor"
-
-
-def _human(n: float) -> str:
-    sign, n = ("-" if n < 0 else ""), abs(n)
-    for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{sign}{n / scale:.2f} {suffix}"
-    return f"{sign}{n:.0f} B"
 
 
 @commands.command("plan", epilog=PLAN_EXAMPLES)
@@ -85,7 +78,12 @@ def plan(
     )  # fmt: skip
     if json:
         print_json(r)
-        return
+    else:
+        _print_plan(r, name, batch_size)
+
+
+def _print_plan(r: dict, name: str, batch_size: int) -> None:
+    """The plan as a table of bytes per device, a verdict per remat mode, and a warning for padded shards."""
     p, mesh_text = r["per_device"], ",".join(f"{k}={v}" for k, v in r["mesh"].items())
     title = f"{name} on {mesh_text} ({r['devices']} devices), batch {batch_size} ({r['per_device_batch']} per device)"
     table = Table("component", "bytes per device", "", "assuming", title=escape(title), title_justify="left", box=None)
@@ -100,13 +98,13 @@ def plan(
         ("total_remat", "total_remat", "full remat"),
     )
     for label, key, note in rows:
-        table.add_row(label, f"{p[key]:,}", _human(p[key]), note)
+        table.add_row(label, f"{p[key]:,}", human_bytes(p[key]), note)
     out.print(table)
     for mode, key in (("no remat", ""), ("remat", "_remat")):
         ok, room = r["fits" + key], r["headroom" + key]
         chosen = " <- selected" if (key == "_remat") == r["remat"] else ""
-        verdict = f"fits, {_human(room)} headroom" if ok else f"does not fit, {_human(-room)} over"
-        out.print(f"{mode}: {_human(p['total' + key])} of {_human(r['hbm'])} per device: {verdict}{chosen}", markup=False)
+        verdict = f"fits, {human_bytes(room)} headroom" if ok else f"does not fit, {human_bytes(-room)} over"
+        out.print(f"{mode}: {human_bytes(p['total' + key])} of {human_bytes(r['hbm'])} per device: {verdict}{chosen}", markup=False)
     if r["indivisible"]:
         bad = r["indivisible"][0]
         err.print(

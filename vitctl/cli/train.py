@@ -124,30 +124,41 @@ def _with_field_flags(command):
     return command
 
 
+OutDirOpt = Annotated[Path, _opt("Run directory (a checkpoint directory when done).", "--out", "-o")]
+DevicesOpt = Annotated[int | None, _opt("CPU only: simulated host devices.", "--devices", default="what --mesh needs", min=1)]
+LogEveryOpt = Annotated[
+    float,
+    typer.Option(
+        "--log-every-s", min=0, help="When stderr is not a terminal (a log file): a progress line every N seconds (0: every step)."
+    ),
+]
+ConfigOpt = Annotated[Path | None, _opt("A YAML file of training settings (keys as the flags, with _).", "--config")]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the run in --out from its latest saved state; its stored settings are the defaults.")
+]
+CoordinatorOpt = Annotated[
+    str | None,
+    _opt("Several processes: process 0's HOST:PORT (it runs the coordinator).", "--coordinator", envvar="JAX_COORDINATOR_ADDRESS"),
+]
+NumProcessesOpt = Annotated[int | None, _opt("Several processes: how many.", "--num-processes", envvar="JAX_NUM_PROCESSES")]
+ProcessIdOpt = Annotated[int | None, _opt("Several processes: this one's index, 0..N-1.", "--process-id", envvar="JAX_PROCESS_ID")]
+DistributedOpt = Annotated[
+    bool, typer.Option("--distributed", help="Join JAX's distributed runtime, settings detected (Cloud TPU, SLURM, Open MPI).")
+]
+
+
 @commands.command("train", epilog=EXAMPLES)
 @_with_field_flags
 def train(
-    out_dir: Annotated[Path, _opt("Run directory (a checkpoint directory when done).", "--out", "-o")],
-    devices: Annotated[int | None, _opt("CPU only: simulated host devices.", "--devices", default="what --mesh needs", min=1)] = None,
-    log_every_s: Annotated[
-        float,
-        typer.Option(
-            "--log-every-s", min=0, help="When stderr is not a terminal (a log file): a progress line every N seconds (0: every step)."
-        ),
-    ] = 30.0,
-    config: Annotated[Path | None, _opt("A YAML file of training settings (keys as the flags, with _).", "--config")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its latest saved state; its stored settings are the defaults.")
-    ] = False,
-    coordinator: Annotated[
-        str | None,
-        _opt("Several processes: process 0's HOST:PORT (it runs the coordinator).", "--coordinator", envvar="JAX_COORDINATOR_ADDRESS"),
-    ] = None,
-    num_processes: Annotated[int | None, _opt("Several processes: how many.", "--num-processes", envvar="JAX_NUM_PROCESSES")] = None,
-    process_id: Annotated[int | None, _opt("Several processes: this one's index, 0..N-1.", "--process-id", envvar="JAX_PROCESS_ID")] = None,
-    distributed: Annotated[
-        bool, typer.Option("--distributed", help="Join JAX's distributed runtime, settings detected (Cloud TPU, SLURM, Open MPI).")
-    ] = False,
+    out_dir: OutDirOpt,
+    devices: DevicesOpt = None,
+    log_every_s: LogEveryOpt = 30.0,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    coordinator: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
+    distributed: DistributedOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
     **settings,
@@ -168,42 +179,55 @@ def train(
     from vitctl.train.distributed import init_distributed
 
     several = init_distributed(coordinator, num_processes, process_id, auto=distributed)
-    if several:
-        import jax
-
-        primary = jax.process_index() == 0
-    else:
-        primary = True
+    primary = _is_primary() if several else True
     on_log, progress = _progress(tcfg.steps, log_every_s, primary, json)
-
-    def notify(message: str) -> None:
-        err.print(f"Note: {message}", markup=False)
-
     with progress, _stdout_to_stderr(enabled=several):
         try:
-            result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log, notify=notify)
+            result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log, notify=_note)
         except KeyboardInterrupt as e:  # stopped before the first step: the loop wrote nothing (a new run is removed)
-            from vitctl.cli import Interrupted
-
-            signum = _signal_of(e)
-            raise Interrupted(
-                f"signal {signum} before the first step; nothing was written"
-                + ("" if not resume else f" (the run in {out_dir} is as it was)"),
-                code=128 + signum,
-            ) from None
-    summary = {k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}
+            raise _stopped_before_start(e, out_dir, resume) from None
     if result["interrupted"]:
-        from vitctl.cli import Interrupted
+        raise _stopped(result, out_dir / loop.STATE, out_dir)
+    if primary:
+        _print_summary({k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}, out_dir, json)
 
-        saved = result["saved_step"]
-        raise Interrupted(
-            f"signal {result['signal']} at step {result['steps']}; "
-            + (f"the training state of step {saved} is saved in {out_dir / loop.STATE}. " if saved is not None else "no state saved. ")
-            + f"Continue with: vitctl train --out {out_dir} --resume",
-            code=128 + int(result["signal"]),
-        )
-    if not primary:
-        return
+
+def _is_primary() -> bool:
+    """Whether this is process 0 of a distributed run, the one that prints the results."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _note(message: str) -> None:
+    err.print(f"Note: {message}", markup=False)
+
+
+def _stopped_before_start(e: KeyboardInterrupt, out_dir: Path, resume: bool) -> Exception:
+    """The Interrupted for a signal before the first step: nothing was written."""
+    from vitctl.cli import Interrupted
+
+    signum = _signal_of(e)
+    return Interrupted(
+        f"signal {signum} before the first step; nothing was written" + ("" if not resume else f" (the run in {out_dir} is as it was)"),
+        code=128 + signum,
+    )
+
+
+def _stopped(result: dict, state_dir: Path, out_dir: Path) -> Exception:
+    """The Interrupted for a run a signal stopped: what was saved, and how to continue."""
+    from vitctl.cli import Interrupted
+
+    saved = result["saved_step"]
+    return Interrupted(
+        f"signal {result['signal']} at step {result['steps']}; "
+        + (f"the training state of step {saved} is saved in {state_dir}. " if saved is not None else "no state saved. ")
+        + f"Continue with: vitctl train --out {out_dir} --resume",
+        code=128 + int(result["signal"]),
+    )
+
+
+def _print_summary(summary: dict, out_dir: Path, json: bool) -> None:
     if json:
         print_json(summary)
         return
