@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import vitctl
-from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.convert import mapping
 from vitctl.data import preprocess
 from vitctl.errors import CheckpointError, ConfigError, VitctlError
+from vitctl.open import BACKENDS, open_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,85 +78,27 @@ class Side:
 
     @property
     def backend(self) -> str:
-        return {"vitctl-torch": "torch", "timm": "timm"}.get(self.format, "jax")
+        return BACKENDS.get(self.format, "jax")
 
     def params(self) -> dict[str, np.ndarray]:
         """Per-layer JAX-named numpy parameters, read tensor by tensor."""
         return dict(self.iter_params())
 
-    def iter_params(self):
-        from vitctl.convert import convert
-
-        if self.format == "timm":
-            from vitctl.convert import io, timm
-
-            reader = io.SafetensorsReader(self.path)
-            try:
-                mapping.check_count(reader.count(), self.cfg, f"{self.path} (timm)")
-                state = timm.from_timm_state_dict({n: reader.read(n) for n in reader.infos()}, self.cfg)  # (mapped views)
-            finally:
-                reader.close()
-            shapes = mapping.jax_param_shapes(self.cfg, stacked=False)
-            for name, w in state.items():
-                hub, layout = mapping.rename(name, "torch")
-                yield hub, layout.to_jax(w, shapes[hub])
-            return
-        source = convert.open_source(self.path, self.format, self.cfg, self.prefix)
-        try:
-            yield from source.iter_hub()
-        finally:
-            source.close()
+    def iter_params(self) -> Iterator[tuple[str, np.ndarray]]:
+        with open_checkpoint(self.path, fmt=self.format, model=self.cfg, prefix=self.prefix) as c:
+            yield from c.iter_hub()
 
 
-def open_side(path: str | Path, label: str, prefix: str | None = None, prefer: str | None = None) -> Side:
-    """A checkpoint directory (vitctl-jax, vitctl-torch, timm export) or a big_vision .npz."""
-    from vitctl.convert import convert
+def open_side(path: str | Path, label: str, prefix: str | None = None) -> Side:
+    """A checkpoint directory (vitctl-jax, vitctl-torch, timm export), a big_vision .npz or hf://...
 
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{label}: no such file or directory: {path}", hint="give a checkpoint directory or a big_vision .npz")
-    if path.is_file():
-        fmt = convert.detect_source(path, "jax-to-torch")
-        source = convert.open_source(path, fmt, None, prefix)
-        source.close()
-        _check_memory(path, label, sum(i.nbytes for i in source.infos.values()))
-        return Side(label, path, fmt, source.cfg, prefix)
-    cfg = ckpt.read_checkpoint_config(path)
-    if ckpt.read_provenance(path).get("target_format") == "timm":
-        side = Side(label, path, "timm", cfg)
-    else:
-        side = Side(label, path, ckpt.detect_format(path, prefer), cfg)
-    _check_headers(side)
-    return side
-
-
-def _check_headers(side: Side) -> None:
-    """Opens the side's weights for their headers alone: files outside the checkpoint, hostile
-    names or metadata, a config that expects far more (or fewer) tensors than the weights hold,
-    or weights past this machine's memory are refused here, before any data is read (and before
-    a probe loads its data). Tensors missing or of the wrong shape are left to the comparison."""
-    from vitctl.convert import io
-
-    if (side.path / ckpt.CONFIG).exists():
-        io.CheckpointRoot(side.path).check(side.path / ckpt.CONFIG)
-    reader = io.OrbaxReader(side.path / ckpt.PARAMS) if side.format == ckpt.JAX else io.SafetensorsReader(side.path)
-    try:
-        mapping.check_count(reader.count(), side.cfg, f"{side.path} ({side.format})")
-        nbytes = sum(i.nbytes for i in reader.infos().values())
-    finally:
-        reader.close()
-    _check_memory(side.path, side.label, nbytes)
-
-
-def _check_memory(path: Path, label: str, nbytes: int) -> None:
-    """The parameters are held whole (and copied once into a model): refuse, with the numbers, what cannot fit."""
-    from vitctl import untrusted
-
-    untrusted.require_memory(
-        2 * nbytes,
-        f"{label}: {path} holds {nbytes / 2**20:,.1f} MiB of parameters; running it",
-        hint="run it on a machine with more memory",
-    )
+    Its headers alone are read here: files outside the checkpoint, hostile names or metadata, a
+    config that expects far more (or fewer) tensors than the weights hold, or weights past this
+    machine's memory are refused before any data is read (and before a probe loads its data).
+    Tensors missing or of the wrong shape are left to the comparison."""
+    with open_checkpoint(path, prefix=prefix, label=label) as c:
+        c.check_memory(label)  # the parameters are held whole, and copied once into a model
+    return Side(label, c.path, c.format, c.cfg, prefix)
 
 
 # Running a side.

@@ -5,7 +5,7 @@
     vitctl-torch (safetensors)        (mapping.PARAM_MAP)            vitctl-jax (Orbax params/)
     big_vision .npz                                                  timm (one model.safetensors)
 
-- `plan()` opens the source, reads only headers, and checks coverage before any data
+- `plan()` opens the source through vitctl.open (a path or hf://...), reads only headers, and checks coverage before any data
   is read: every source tensor maps to exactly one hub tensor with the shape the model
   config implies, every target tensor is made from hub tensors used exactly once. A
   config.json that contradicts the weights fails here (UnmappedParamError naming them).
@@ -43,8 +43,7 @@ import math
 import os
 import resource
 import time
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,12 @@ from vitctl import checkpoint as ckpt
 from vitctl import untrusted
 from vitctl.config import ViTConfig
 from vitctl.convert import io
-from vitctl.convert.mapping import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
+from vitctl.convert.mapping import jax_param_shapes, rename, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.formats import fastcopy
+from vitctl.open import BIG_VISION, JAX, TIMM, TORCH, Checkpoint, detect, locate, open_checkpoint
 from vitctl.untrusted import sigterm_as_interrupt
 
-JAX, TORCH, BIG_VISION, TIMM = ckpt.JAX, ckpt.TORCH, "big_vision", "timm"
 DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
 # Headroom above the process's RSS at planning time (interpreter, numpy, tensorstore, typer,
@@ -80,144 +79,14 @@ SLEEP_ENV = "VITCTL_TEST_SLEEP_PER_TENSOR"  # tests only: seconds to pause after
 class Direction:
     sources: tuple[str, ...]  # source formats, in detection preference
     targets: dict[str, str]  # --format value -> target format
+    fetch: str  # what an hf:// source downloads (vitctl.open.locate)
+    other: str  # the direction that converts the other way
 
 
 DIRECTIONS = {
-    "jax-to-torch": Direction((JAX, BIG_VISION), {"vitctl": TORCH, "timm": TIMM}),
-    "torch-to-jax": Direction((TORCH,), {"vitctl": JAX}),
+    "jax-to-torch": Direction((JAX, BIG_VISION), {"vitctl": TORCH, "timm": TIMM}, "jax", "torch-to-jax"),
+    "torch-to-jax": Direction((TORCH,), {"vitctl": JAX}, "torch", "jax-to-torch"),
 }
-
-
-# Sources: a reader in its own naming, seen under hub names.
-@dataclasses.dataclass
-class Source:
-    """An open source checkpoint, its model config, and a view of it under hub names."""
-
-    format: str
-    path: Path
-    reader: io.Reader
-    cfg: ViTConfig
-    notes: list[str]
-    provenance: dict[str, Any]
-
-    def __post_init__(self):
-        check_count(self.reader.count(), self.cfg, f"{self.path} ({self.format})")
-        self.infos = self.reader.infos()
-        got = {n: i.shape for n, i in self.infos.items()}
-        expected = jax_param_shapes(self.cfg, stacked=False) if self.reader.naming == "jax" else torch_param_shapes(self.cfg)
-        check_coverage(got, expected, f"{self.path} ({self.format})")  # names and shapes, from headers only
-        self.hub_shapes = jax_param_shapes(self.cfg, stacked=False)
-        self._names = {h: h if self.reader.naming == "jax" else rename(h, "jax")[0] for h in self.hub_shapes}
-
-    def info(self, hub_name: str) -> io.TensorInfo:
-        return self.infos[self._names[hub_name]]
-
-    def iter_hub(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(hub name, array with the hub shape) for every tensor, each read once."""
-        tensors = self.reader.iter_tensors(list(self._names.values()))
-        if not isinstance(self.reader, io.OrbaxReader):  # (which reads ahead on its own threads)
-            tensors = fastcopy.read_ahead(tensors)
-        if self.reader.naming == "jax":
-            yield from tensors
-            return
-        for name, w in tensors:
-            hub, layout = rename(name, "torch")
-            out = layout.to_jax(w, self.hub_shapes[hub])
-            del w  # hold one tensor, not two, while the next one is read
-            yield hub, out
-            del out
-
-    def close(self) -> None:
-        self.reader.close()
-
-
-def detect_source(src: Path, direction: str) -> str:
-    """The source format of SRC for this direction, from its content."""
-    allowed = DIRECTIONS[direction].sources
-    if src.is_file():
-        if zipfile.is_zipfile(src) and BIG_VISION in allowed:
-            return BIG_VISION
-        what = "an .npz (zip) file" if BIG_VISION in allowed else "a checkpoint directory"
-        raise CheckpointError(f"{src} is not {what}", hint="SRC is a checkpoint directory (config.json + weights) or a big_vision .npz")
-    found = ckpt.detect_formats(src)
-    if ckpt.TIMM in found:
-        raise ckpt.timm_export_error(src, f"convert {direction}")
-    usable = [f for f in allowed if f in found]
-    if not found:
-        raise CheckpointError(
-            f"{src} holds no weights: neither {ckpt.PARAMS}/ (a JAX checkpoint: params/_METADATA) nor {io.SAFETENSORS} or {io.INDEX} (a PyTorch checkpoint)",
-            hint=f"a checkpoint directory holds config.json and its weights; check the path, or {ckpt.INIT_HINT}",
-        )
-    if not usable:
-        want = " or ".join(f for f in allowed if f != BIG_VISION)
-        raise CheckpointError(
-            f"{src} holds no {want} weights (found: {', '.join(found) or 'none'})",
-            hint=f"`vitctl convert {'torch-to-jax' if direction == 'jax-to-torch' else 'jax-to-torch'}` converts the other way",
-        )
-    return usable[0]
-
-
-def open_source(src: Path, fmt: str, model: ViTConfig | None, prefix: str | None = None) -> Source:
-    """Opens SRC as `fmt` with its config: `model` if given, else SRC's config.json (big_vision: inferred)."""
-    if fmt == BIG_VISION:
-        return _open_big_vision(src, model, prefix)
-    if prefix is not None:
-        raise ConfigError("--prefix applies to big_vision .npz sources only")
-    if (src / ckpt.CONFIG).exists():
-        io.CheckpointRoot(src).check(src / ckpt.CONFIG)
-    cfg = model or ckpt.read_checkpoint_config(src)
-    reader = io.OrbaxReader(src / ckpt.PARAMS) if fmt == JAX else io.SafetensorsReader(src)
-    provenance = ckpt.read_provenance(src) if (src / ckpt.CONFIG).is_file() else {}
-    try:
-        return Source(fmt, src, reader, cfg, [], provenance)
-    except BaseException:
-        reader.close()
-        raise
-
-
-class BigVisionReader:
-    """A big_vision .npz through vitctl.convert.big_vision, as an io.Reader in JAX per-layer naming.
-
-    It reads in archive order, one member at a time: a scanned member (L, ...) is read
-    once and its L layers handed out back to back.
-    """
-
-    naming = "jax"
-
-    def __init__(self, path: Path, cfg: ViTConfig | None, prefix: str | None):
-        from vitctl.convert import big_vision
-
-        self.path = path
-        self._npz = big_vision.NpzReader(path)
-        try:
-            self.plan = big_vision.plan(self._npz, cfg, prefix)
-            member = {e.key: self._npz.held_bytes(e.key, e.index is not None) for e in self.plan.entries}
-        except BaseException:
-            self._npz.close()
-            raise
-        self._infos = {e.name: io.TensorInfo(e.name, e.shape, e.dtype, path, member[e.key]) for e in self.plan.entries}
-
-    def infos(self) -> dict[str, io.TensorInfo]:
-        return dict(self._infos)
-
-    def count(self) -> int:
-        return len(self._infos)
-
-    def iter_tensors(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
-        assert set(names) == set(self._infos), "a big_vision source is read whole, in archive order"
-        yield from self.plan.iter_tensors(self._npz)
-
-    def close(self) -> None:
-        self._npz.close()
-
-
-def _open_big_vision(src: Path, model: ViTConfig | None, prefix: str | None) -> Source:
-    reader = BigVisionReader(src, model, prefix)
-    try:
-        return Source(BIG_VISION, src, reader, reader.plan.cfg, list(reader.plan.notes), {})
-    except BaseException:
-        reader.close()
-        raise
 
 
 # Targets: which tensors, made from which hub tensors, how, written by what.
@@ -285,7 +154,7 @@ class Plan:
     direction: str
     src: Path
     dst: Path
-    source: Source
+    source: Checkpoint  # open, its coverage checked
     target: Target
     dtype: str  # --dtype: keep, float32, bfloat16
     cfg: ViTConfig  # DST's model config
@@ -331,24 +200,27 @@ def plan(
     force: bool = False,
     compress: bool = False,
 ) -> Plan:
-    """Opens SRC, checks every name and shape against the config, and lays out DST. Reads no data.
+    """Opens SRC (a path or hf://...), checks every name and shape against the config, and lays out DST. Reads no data.
 
     The caller owns `plan.source` (close it, or use `convert`, which does).
     """
-    src, dst = Path(src), Path(dst)
-    _check_paths(src, dst, force)
     d = DIRECTIONS[direction]
+    src, dst = locate(src, fetch=d.fetch), Path(dst)
+    _check_paths(src, dst, force)
     if target_format not in d.targets:
         raise ConfigError(f"--format {target_format} is not available for {direction}", hint=f"choose one of: {', '.join(d.targets)}")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown --dtype '{dtype}'", hint=f"choose one of: {', '.join(DTYPES)}")
-    fmt = source_format or detect_source(src, direction)
+    fmt = source_format or detect(
+        src, d.sources, doing=f"convert {direction}", other_hint=f"`vitctl convert {d.other}` converts the other way"
+    )
     if fmt not in d.sources:
         raise ConfigError(f"--from {fmt} cannot be converted by {direction}", hint=f"its sources are: {', '.join(d.sources)}")
     target = TARGETS[d.targets[target_format]]
     max_bytes = io.parse_size(max_shard_size) if max_shard_size is not None and target.sharded else None
-    source = open_source(src, fmt, model, prefix)
+    source = open_checkpoint(src, fmt=fmt, model=model, prefix=prefix)
     try:
+        source.check_coverage()  # every name and shape, from headers, before any data is read
         p = dataclasses.replace(_lay_out(direction, src, dst, source, target, dtype, max_bytes), compress=compress)
         _check_memory(p)
         return p
@@ -369,7 +241,7 @@ def _check_memory(p: Plan) -> None:
     )
 
 
-def _lay_out(direction: str, src: Path, dst: Path, source: Source, target: Target, dtype: str, max_bytes: int | None) -> Plan:
+def _lay_out(direction: str, src: Path, dst: Path, source: Checkpoint, target: Target, dtype: str, max_bytes: int | None) -> Plan:
     tensors = target.tensors(source.cfg)
     _check_target_coverage(tensors, source)
     specs = [(t.name, t.shape, _out_dtype(t, source, dtype)) for t in tensors]
@@ -388,7 +260,7 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
     ckpt.check_output(dst, force)
 
 
-def _check_target_coverage(tensors: list[TargetTensor], source: Source) -> None:
+def _check_target_coverage(tensors: list[TargetTensor], source: Checkpoint) -> None:
     """Every hub tensor feeds exactly one target tensor; target names are unique."""
     used = [s for t in tensors for s in t.sources]
     twice = sorted({s for s in used if used.count(s) > 1}) if len(used) != len(set(used)) else []
@@ -402,13 +274,13 @@ def _check_target_coverage(tensors: list[TargetTensor], source: Source) -> None:
         )
 
 
-def _out_dtype(t: TargetTensor, source: Source, dtype: str) -> np.dtype:
+def _out_dtype(t: TargetTensor, source: Checkpoint, dtype: str) -> np.dtype:
     """--dtype for floating tensors; else (and with keep) the dtype of its first source tensor."""
     first = np.dtype(source.info(t.sources[0]).dtype) if t.sources else _first_dtype(source)
     return DTYPES[dtype] if DTYPES[dtype] is not None and first in FLOATS else first
 
 
-def _first_dtype(source: Source) -> np.dtype:
+def _first_dtype(source: Checkpoint) -> np.dtype:
     """The dtype of the first tensor in the source (a timm tensor with no source part, e.g. a zero bias, takes it)."""
     return np.dtype(next(iter(source.infos.values())).dtype) if source.infos else np.dtype(np.float32)
 
@@ -436,7 +308,7 @@ def _current_peak_rss() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _step_bytes(t: TargetTensor, spec: tuple[str, tuple[int, ...], np.dtype], source: Source) -> int:
+def _step_bytes(t: TargetTensor, spec: tuple[str, tuple[int, ...], np.dtype], source: Checkpoint) -> int:
     """Peak bytes above the base while making one target tensor (see PIPELINE_FACTOR)."""
     held = sum(max(i.nbytes, i.chunk_bytes) for i in map(source.info, t.sources))  # a stored chunk may span layers
     return PIPELINE_FACTOR * max(held, math.prod(spec[1]) * spec[2].itemsize)
