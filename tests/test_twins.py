@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 JAX, TORCH = ROOT / "vitctl/model_jax/model.py", ROOT / "vitctl/model_torch/model.py"
-FLOOR = 0.55  # the aim is 0.70; raise this floor as the twins converge
+FLOOR = 0.70  # the share reached; raise it as the twins converge
 
 # Each side's spelling -> one neutral spelling. Applied in order, as regexes.
 COMMON = [
@@ -54,12 +54,18 @@ TORCH_TOKENS = [
     (r"\bnn\.", "fw."),
     (r"^\s*super\(\)\.__init__\(\)$", ""),
     (r"\bkeepdim=", "keepdim="),
+    # F is the mlp_dim shape letter on both sides; torch spells it F_ because F names its functional module.
+    (r"\bF_\b", "F"),
     (r"\btorch\b", "fw"),
 ]
 
 
 def normalise(text: str, tokens) -> list[str]:
-    """Code lines (no blanks, no comments), each side's framework spelling made neutral."""
+    """Code lines (no blanks, no comments), each side's framework spelling made neutral.
+
+    Only spellings that one framework forces are rewritten: module and API names, NNX's rngs
+    and sharding arguments, parameter leaf names, and the mlp_dim letter F, which torch code
+    spells F_ because F is its functional module. Docstrings stay as written."""
     out = []
     for line in text.splitlines():
         for pat, rep in COMMON + tokens:

@@ -108,7 +108,8 @@ def jax_forward(cfg, batch: int) -> tuple[Callable[[], None], float]:
     import numpy as np
     from flax import nnx
 
-    from vitctl.model_jax.model import DTYPES, abstract_model, load_flat_params
+    from vitctl.model_jax.model import DTYPES
+    from vitctl.model_jax.state import abstract_model, load_flat_params
 
     model = abstract_model(cfg)
     load_flat_params(model, {n: w.astype(DTYPES[cfg.param_dtype]) for n, w in random_weights(cfg).items()})

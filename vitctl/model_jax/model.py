@@ -1,8 +1,9 @@
 """ViT-22B-style Vision Transformer in Flax NNX (arXiv:2302.05442).
 
-The twin of model_torch/model.py: the same classes and functions, in the same order,
-with the same attribute names, so a parameter's path differs from its torch key only
-by separator and leaf (`blocks/q/kernel` <-> `blocks.3.q.weight`: vitctl/convert/mapping.py).
+One of the twin models, model_jax/model.py and model_torch/model.py: the same classes
+and functions, in the same order, with the same attribute names, so a JAX parameter path
+and its PyTorch state_dict key differ only by separator, block index and leaf name, as
+vitctl/convert/mapping.py spells out.
 
 - Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
   cfg.fused the forward runs the paper's output fusion as split-K: attention-out and
@@ -18,8 +19,8 @@ by separator and leaf (`blocks/q/kernel` <-> `blocks.3.q.weight`: vitctl/convert
 - Every parameter carries logical axis names (`axes`, stored as `out_sharding`),
   resolved to mesh axes by model_jax/sharding.py.
 
-Input images are NHWC (big_vision). Shapes: B batch, T tokens, D width, N heads,
-K head_dim, F mlp_dim, L depth, P patch, C channels.
+Shapes: B batch, T tokens, D width, N heads, K head_dim, F mlp_dim, L depth, P patch,
+C channels. Input images are NHWC (big_vision).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ INIT = nnx.initializers
 
 
 class Dense(nnx.Module):
-    """kernel: in_shape + out_shape, contracted over the in_shape axes; bias: out_shape."""
+    """A linear map from x's trailing in_shape axes to out_shape axes (either may be several, as (N, K))."""
 
     def __init__(self, cfg, in_shape, out_shape, *, bias, init=None, axes, rngs):
         n_in, dtype = len(in_shape), DTYPES[cfg.param_dtype]
         # Fans over the flattened in/out axes, so (D, N, K) initialises like (D, N*K).
         init = init or INIT.xavier_uniform(in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+        # kernel: in_shape + out_shape, heads kept as (N, K) axes; bias: out_shape.
         self.kernel = nnx.Param(init(rngs.params(), (*in_shape, *out_shape), dtype), out_sharding=axes)
         self.bias = nnx.Param(jnp.zeros(out_shape, dtype), out_sharding=axes[n_in:]) if bias else None
         self.n_in = n_in
@@ -61,14 +63,13 @@ class Norm(nnx.Module):
         self.center, self.eps = cfg.norm == "layernorm", cfg.norm_eps
 
     def __call__(self, x):
-        y = x.astype(jnp.float32)
+        # The centered formula for layernorm (not E[x^2]-E[x]^2), as the torch side's kernels.
+        y, w = x.astype(jnp.float32), self.scale[...].astype(jnp.float32)
+        b = None if self.bias is None else self.bias[...].astype(jnp.float32)
         if self.center:
             y = y - y.mean(-1, keepdims=True)
-        y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + self.eps) * w
+        return (y if b is None else y + b).astype(x.dtype)
 
 
 def attention(q, k, v, cfg):
@@ -76,7 +77,7 @@ def attention(q, k, v, cfg):
     if cfg.softmax_dtype == "float32" or q.dtype == jnp.float32:
         return jax.nn.dot_product_attention(q, k, v)
     logits = jnp.einsum("BSNK,BTNK->BNST", q, k) * (q.shape[-1] ** -0.5)  # softmax in bf16
-    return jnp.einsum("BNST,BTNK->BSNK", jax.nn.softmax(logits, axis=-1), v)
+    return jnp.einsum("BNST,BTNK->BSNK", jax.nn.softmax(logits, -1), v)
 
 
 def gelu(h, cfg):
@@ -191,11 +192,10 @@ class ViT(nnx.Module):
         self.norm = Norm(cfg, D, axis="norm")
         self.map_head = MAPHead(cfg, rngs=rngs) if cfg.pool == "map" else None
         head_init = INIT.zeros if cfg.head_zero_init else INIT.lecun_normal()
-        self.head = (
-            Dense(cfg, (D,), (cfg.num_classes,), bias=True, init=head_init, axes=("embed", "classes"), rngs=rngs)
-            if cfg.num_classes
-            else None
-        )
+        if cfg.num_classes:
+            self.head = Dense(cfg, (D,), (cfg.num_classes,), bias=True, init=head_init, axes=("embed", "classes"), rngs=rngs)
+        else:
+            self.head = None
         self.cfg = cfg
 
     def run_blocks(self, x):  # [B, T, D] -> [B, T, D], [L, B, T, D]
@@ -239,31 +239,5 @@ class ViT(nnx.Module):
         return logits, out
 
 
-def init_model(cfg: ViTConfig, seed: int = 0) -> ViT:
-    """A freshly initialised model; sharding annotations are metadata only (no mesh needed)."""
-    with nnx.use_eager_sharding(False):
-        return ViT(cfg, rngs=nnx.Rngs(seed))
-
-
-def abstract_model(cfg: ViTConfig) -> ViT:
-    """The model's shapes and dtypes, with no memory allocated (jax.eval_shape)."""
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
-
-
-def flat_params(model: ViT) -> dict[str, jax.Array]:
-    """{"blocks/q/kernel": array, ...}: the parameters by "/"-joined path."""
-    return {"/".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def load_flat_params(model: ViT, flat: dict) -> None:
-    """Sets every parameter from `flat` (as from flat_params); shapes and names must match exactly."""
-    from vitctl.convert.mapping import check_coverage
-
-    current = flat_params(model)
-    check_coverage({n: tuple(w.shape) for n, w in flat.items()}, {n: tuple(w.shape) for n, w in current.items()}, "the JAX parameters")
-    state = nnx.state(model, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        name = "/".join(map(str, path))
-        var.set_value(jnp.asarray(flat[name], dtype=current[name].dtype))
-    nnx.update(model, state)
+# Stand-in for callers that import these from here; they live in state.py.
+from vitctl.model_jax.state import abstract_model, flat_params, init_model, load_flat_params  # noqa: F401

@@ -1,8 +1,9 @@
 """ViT-22B-style Vision Transformer in PyTorch (arXiv:2302.05442).
 
-The twin of model_jax/model.py: the same classes and functions, in the same order,
-with the same attribute names, so a state_dict key differs from its JAX path only
-by separator and leaf (`blocks.3.q.weight` <-> `blocks/q/kernel`: vitctl/convert/mapping.py).
+One of the twin models, model_jax/model.py and model_torch/model.py: the same classes
+and functions, in the same order, with the same attribute names, so a JAX parameter path
+and its PyTorch state_dict key differ only by separator, block index and leaf name, as
+vitctl/convert/mapping.py spells out.
 
 - Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
   cfg.fused the forward runs the paper's output fusion as split-K: attention-out and
@@ -17,8 +18,8 @@ by separator and leaf (`blocks.3.q.weight` <-> `blocks/q/kernel`: vitctl/convert
 - GEMMs go through cpu_bf16: bf16 compute on a CPU without bf16 units multiplies the
   bf16 values in fp32 and rounds once.
 
-Input images are NCHW (torchvision). Shapes: B batch, T tokens, D width, N heads,
-K head_dim, F mlp_dim, L depth, P patch, C channels.
+Shapes: B batch, T tokens, D width, N heads, K head_dim, F mlp_dim, L depth, P patch,
+C channels. Input images are NCHW (torchvision).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitctl.config import ViTConfig
-from vitctl.model_torch.cpu_bf16 import accumulator, gemm_in_fp32, linear  # noqa: F401  (gemm_in_fp32: the old import path)
+from vitctl.model_torch.cpu_bf16 import accumulator, linear
 from vitctl.posemb import posemb_sincos_2d
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -49,16 +50,18 @@ def lecun_normal(w):
 
 
 class Dense(nn.Module):
-    """weight: prod(out_shape) + in_shape, contracted over the in_shape axes; bias: prod(out_shape)."""
+    """A linear map from x's trailing in_shape axes to out_shape axes (either may be several, as (N, K))."""
 
     def __init__(self, cfg, in_shape, out_shape, *, bias, init=None):
         super().__init__()
         n_in, dtype = len(in_shape), DTYPES[cfg.param_dtype]
-        # The transpose of JAX's kernel with the out axes flattened: nn.Linear's (d_out, d_in).
         init = init or xavier_uniform
+        # weight: prod(out_shape) + in_shape, the transpose of JAX's kernel with the out axes
+        # flattened (nn.Linear's (d_out, d_in)); bias: prod(out_shape).
         self.weight = nn.Parameter(init(torch.empty(math.prod(out_shape), *in_shape, dtype=dtype)))
         self.bias = nn.Parameter(torch.zeros(math.prod(out_shape), dtype=dtype)) if bias else None
-        self.n_in, self.out_shape = n_in, tuple(out_shape)
+        self.n_in = n_in
+        self.out_shape = tuple(out_shape)
 
     def forward(self, x):
         y = linear(x.flatten(-self.n_in), self.weight.flatten(1), self.bias)
@@ -78,8 +81,8 @@ class Norm(nn.Module):
     def forward(self, x):
         # One fused kernel each (the same centered formula as the JAX side, not
         # E[x^2]-E[x]^2): ~4x less time than the six elementwise passes of the formula.
-        y, w = x.float(), self.weight.float()
-        b = None if self.bias is None else self.bias.float()
+        y, w = x.to(torch.float32), self.weight.to(torch.float32)
+        b = None if self.bias is None else self.bias.to(torch.float32)
         if self.center:
             return F.layer_norm(y, y.shape[-1:], w, b, self.eps).to(x.dtype)
         y = F.rms_norm(y, y.shape[-1:], w, self.eps)
@@ -88,11 +91,10 @@ class Norm(nn.Module):
 
 def attention(q, k, v, cfg):
     """q: [B, S, N, K], k/v: [B, T, N, K] -> [B, S, N, K]; softmax per cfg.softmax_dtype."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, T, K)
     if cfg.softmax_dtype == "float32" or q.dtype == torch.float32:
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-    logits = torch.einsum("bnsk,bntk->bnst", q, k) * (q.shape[-1] ** -0.5)  # softmax in bf16
-    return torch.einsum("bnst,bntk->bnsk", logits.softmax(-1), v).transpose(1, 2)
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)  # SDPA: (B, N, T, K)
+    logits = torch.einsum("BSNK,BTNK->BNST", q, k) * (q.shape[-1] ** -0.5)  # softmax in bf16
+    return torch.einsum("BNST,BTNK->BSNK", F.softmax(logits, -1), v)
 
 
 def gelu(h, cfg):
@@ -159,12 +161,11 @@ class Block(nn.Module):
 
 def add_projections(x, *pairs):
     """x + sum(dense(a) for a, dense in pairs): one output that starts as the residual
-    plus the biases, then each projection's matmul is added on, in place (addmm_, beta=1):
-    no bias copy and no separate add pass per projection."""
+    plus the biases, then each projection's matmul is added on."""
     dt, acc = x.dtype, accumulator(x)
     biases = [m.bias for _, m in pairs if m.bias is not None]
     y = x.to(acc) + sum(biases).to(dt).to(acc) if biases else x.to(acc, copy=True)
-    for a, m in pairs:
+    for a, m in pairs:  # in place (addmm_, beta=1): no bias copy and no separate add pass per projection
         y.view(-1, y.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]).to(acc), m.weight.to(dt).to(acc).t())
     return y.to(dt)
 
@@ -186,7 +187,7 @@ class MAPHead(nn.Module):
         self.cfg = cfg
 
     def forward(self, x):  # [B, T, D] -> [B, D]
-        probe = self.probe.to(x.dtype).expand(x.shape[0], 1, x.shape[2])
+        probe = torch.broadcast_to(self.probe.to(x.dtype), (x.shape[0], 1, x.shape[2]))
         x = self.attn_out(attention(self.q(probe), self.k(x), self.v(x), self.cfg).flatten(-2))  # (B, 1, D)
         x = x + self.mlp_out(gelu(self.mlp_in(self.norm(x)), self.cfg))
         return x[:, 0]
@@ -209,7 +210,10 @@ class ViT(nn.Module):
         self.norm = Norm(cfg, D)
         self.map_head = MAPHead(cfg) if cfg.pool == "map" else None
         head_init = nn.init.zeros_ if cfg.head_zero_init else xavier_uniform
-        self.head = Dense(cfg, (D,), (cfg.num_classes,), bias=True, init=head_init) if cfg.num_classes else None
+        if cfg.num_classes:
+            self.head = Dense(cfg, (D,), (cfg.num_classes,), bias=True, init=head_init)
+        else:
+            self.head = None
         self.cfg = cfg
 
     def run_blocks(self, x):  # [B, T, D] -> [B, T, D], L x [B, T, D]
@@ -224,7 +228,7 @@ class ViT(nn.Module):
         x = out["patch_embed"] = self.patch_embed(images.to(DTYPES[cfg.dtype]))
         x = x + self.pos_embed.to(x.dtype)
         if self.cls_token is not None:  # big_vision: the class token gets no position embedding
-            x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], 1, cfg.width), x], 1)
+            x = torch.concatenate([torch.broadcast_to(self.cls_token.to(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
         out["embed"] = x
         x, per_block = self.run_blocks(x)
         for i in range(cfg.depth):
