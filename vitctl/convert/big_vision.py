@@ -13,7 +13,7 @@ and utils.py):
 - Every kernel already has vitctl's JAX layout: the `embedding` conv kernel is HWIO (P, P, C, D),
   flax `MultiHeadDotProductAttention` keeps query/key/value kernels as (D, N, K), biases as
   (N, K) and the `out` kernel as (N, K, D), dense kernels are (in, out). So every row of the
-  table is a rename, and shapes are checked against `mapping.jax_param_shapes`.
+  table is a rename, and shapes are checked against `params.jax_param_shapes`.
 - The function matches vitctl's classic config (sequential block, LayerNorm eps 1e-6 with bias,
   tanh GELU, position embedding added before the class token, final norm before pooling, MAP
   head with the encoder's heads and mlp_dim and no norm before its attention) to < 1e-6 in fp32
@@ -25,15 +25,8 @@ and utils.py):
   the same keys as "gap" (pass overrides={"pool": "none"}); "0" (token 0 without a class
   token) has no vitctl equivalent and cannot be told apart from "gap" by its keys.
 
-Reading: `np.load` on an `.npz` ignores `mmap_mode` and a naive `dict(np.load(...))` holds the
-whole checkpoint in memory (numpy#28795). `NpzReader` reads every member's `.npy` header (shape,
-dtype) without its data (zipfile reads the first 4 KiB), and one member's data only when asked.
-A stored member (np.savez does not compress) is read with positioned reads at its data offset
-straight into the result, its zip CRC-32 computed over the same bytes (ISA-L's, else zlib's; both release the GIL).
-A scanned member is one stacked tensor (L, ...); stored in C order, layer i is the next
-contiguous run of its bytes, so `NpzReader.iter_layers` reads it one layer at a time (the CRC
-accumulates and is checked after the last layer) and the peak memory is one layer. A deflated
-(np.savez_compressed) or Fortran-order member is read whole and its layers are views of it.
+Reading: `vitctl.formats.npz.NpzReader` reads member headers without their data and one member
+at a time; a scanned member (L, ...) is read one layer at a time, so the peak memory is one layer.
 
 Public API: `open_npz`, `NpzReader`, `resolve_prefix`, `infer_config`, `plan` -> `Plan`
 (entries, shapes, `iter_tensors`), `iter_jax_tensors`, `to_vitctl`, `to_big_vision`.
@@ -45,318 +38,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import struct
-import zipfile
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-try:  # Intel ISA-L's CRC-32 (a dependency where it has wheels): 3x zlib's; same values
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover
-    from zlib import crc32
-
-from vitctl import untrusted
+from vitctl import params
 from vitctl.config import ViTConfig
-from vitctl.convert import mapping
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
-from vitctl.formats import fastcopy
-from vitctl.formats.fastcopy import scratch
+from vitctl.formats.npz import BFLOAT16, NpzReader
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-# Deflate's largest possible expansion (RFC 1951: a 258-byte match in 2 bits, ~1032:1). A member
-# that declares more than this times its compressed size lies about its size.
-DEFLATE_MAX_RATIO = 1032
 Shapes = Mapping[str, tuple[tuple[int, ...], np.dtype]]  # npz key -> (shape, dtype), from headers
-
-
-# --- Lazy .npz reading ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Header:
-    shape: tuple[int, ...]
-    dtype: np.dtype  # as returned: bfloat16 for |V2
-    stored: np.dtype  # as written in the header
-    fortran: bool
-
-
-class NpzReader:
-    """An `.npz` opened lazily: member headers without their data, one member's data on request.
-
-    `shapes()` parses every `.npy` header (zipfile reads the first 4 KiB of a member) and returns
-    {key: (shape, dtype)}; `read(key)` reads one member, checking its CRC. Pickled (object)
-    arrays are refused, like `np.load(allow_pickle=False)`. Use as a context manager.
-    """
-
-    CHUNK = 64 << 20  # bytes copied per read call: the only buffer besides the output array
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self._zip = zipfile.ZipFile(self.path)
-        except FileNotFoundError:
-            raise CheckpointError(f"no such file: {self.path}", hint="check the path of the .npz checkpoint") from None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise CheckpointError(
-                f"{self.path} is not a readable .npz (zip) file: {e}",
-                hint="the file may be truncated or corrupt (an interrupted download or copy); fetch it again and compare its size",
-            ) from None
-        self._members: dict[str, zipfile.ZipInfo] = {}
-        try:
-            size = self.path.stat().st_size
-            for info in self._zip.infolist():
-                if info.is_dir():
-                    continue
-                self._check_member(info, size)
-                self._members[info.filename[: -len(".npy")]] = info
-        except BaseException:
-            self._zip.close()
-            raise
-        self._headers: dict[str, _Header] = {}
-
-    def _check_member(self, info: zipfile.ZipInfo, size: int) -> None:
-        """A member's name and declared sizes, from the zip directory alone: names become tensor
-        names (plain relative names only), and the declared size must be one the compressed
-        bytes can hold, so a small archive cannot promise (and make vitctl plan for) gigabytes."""
-        untrusted.check_name(info.filename, f"{self.path} (zip member)", kind="the member")
-        if not info.filename.endswith(".npy"):
-            raise CheckpointError(
-                f"{self.path}: member '{info.filename}' is not a .npy array",
-                hint="a big_vision checkpoint is an np.savez archive of .npy arrays only",
-            )
-        what = None
-        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            what = f"uses compression method {info.compress_type}; np.savez writes stored or deflated members only"
-        elif info.header_offset + info.compress_size > size:
-            what = f"ends at byte {info.header_offset + info.compress_size:,}, past the end of the file ({size:,} bytes): the file is truncated"
-        elif info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
-            what = f"is stored uncompressed, but declares {info.file_size:,} bytes in {info.compress_size:,}"
-        elif info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
-            what = f"declares {info.file_size:,} bytes from {info.compress_size:,} compressed, more than deflate can expand to"
-        if what:
-            raise CheckpointError(f"{self.path}: member '{info.filename}' {what}", hint="the archive is corrupt or hostile: do not use it")
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._zip.close()
-
-    def keys(self) -> list[str]:
-        """Array names in archive order (np.savez keeps the order it was given)."""
-        return list(self._members)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._members
-
-    def _error(self, key: str, what: str) -> CheckpointError:
-        return CheckpointError(
-            f"{self.path}: member '{key}': {what}",
-            hint="the checkpoint is corrupt or truncated; fetch it again (and compare its size and checksum)",
-        )
-
-    def _open_at_data(self, key: str):
-        """(stream positioned at the member's first data byte, header)."""
-        if key not in self._members:
-            raise CheckpointError(
-                f"{self.path}: no array '{key}'", hint=f"the archive holds {len(self._members)} arrays (NpzReader.keys())"
-            )
-        info, f = self._members[key], None
-        try:
-            f = self._zip.open(info)
-            version = np.lib.format.read_magic(f)
-            readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in readers:
-                raise ValueError(f"unsupported .npy format version {version}")
-            shape, fortran, stored = readers[version](f)
-            data_start = f.tell()
-        except (ValueError, SyntaxError, RecursionError, MemoryError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            if f is not None:
-                f.close()
-            raise self._error(key, f"unreadable .npy header ({type(e).__name__}: {str(e)[:200]})") from None
-        if stored.hasobject:
-            f.close()
-            raise CheckpointError(
-                f"{self.path}: member '{key}' is an object array, which needs pickle to load; refused (allow_pickle=False)",
-                hint="a checkpoint holds numeric arrays only; an object array can run arbitrary code when unpickled",
-            )
-        if stored.kind == "V" and (stored.itemsize != 2 or stored.fields):
-            f.close()
-            raise self._error(key, f"raw dtype {stored.str} (only 2-byte void, numpy's spelling of bfloat16, is understood)")
-        dtype = BFLOAT16 if stored.kind == "V" else stored
-        header = _Header(tuple(int(n) for n in shape), dtype, stored, bool(fortran))
-        expected = data_start + math.prod(header.shape) * stored.itemsize
-        if info.file_size != expected:
-            f.close()
-            raise self._error(
-                key, f"the header promises {expected} bytes ({header.shape} {stored.str}) but the member holds {info.file_size}"
-            )
-        self._headers[key] = header
-        return f, header
-
-    def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
-        """(shape, dtype) of one member, from its header alone."""
-        if key not in self._headers:
-            self._open_at_data(key)[0].close()
-        h = self._headers[key]
-        return h.shape, h.dtype
-
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """{key: (shape, dtype)} for every member, reading no array data."""
-        return {key: self.header(key) for key in self._members}
-
-    def _stored_span(self, key: str, f, h: _Header, data_start: int) -> int | None:
-        """The file offset of a stored (uncompressed, unencrypted) member's first array byte, else None."""
-        info = self._members[key]
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or h.fortran:
-            return None
-        with open(self.path, "rb") as raw:
-            local = os.pread(raw.fileno(), 30, info.header_offset)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            return None  # let zipfile report it
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        return info.header_offset + 30 + name_len + extra_len + data_start
-
-    def _finish(self, flat: np.ndarray, h: _Header, shape: tuple[int, ...]) -> np.ndarray:
-        if not h.stored.isnative:
-            flat = flat.byteswap(inplace=True).view(h.stored.newbyteorder("="))
-        if h.stored.kind == "V":
-            flat = flat.view(BFLOAT16)  # big_vision's recover_dtype: same bits, no float32 detour
-        if h.fortran:
-            return np.ascontiguousarray(flat.reshape(shape[::-1]).T)
-        return flat.reshape(shape)
-
-    def _open_stored(self, key: str):
-        """(header, fd, first array byte's offset, CRC-32 of the .npy header) of a stored member, or (header, None, ...)."""
-        f, h = self._open_at_data(key)
-        with f:
-            data_start = f.tell()
-            offset = self._stored_span(key, f, h, data_start)
-        if offset is None:
-            return h, None, 0, 0
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            head = os.pread(fd, data_start, offset - data_start)
-        except OSError:
-            os.close(fd)
-            raise
-        return h, fd, offset, crc32(head)
-
-    def _pread_into(self, key: str, fd: int, buf: memoryview, offset: int, crc: int, done: int, total: int) -> int:
-        """Fills `buf` from the file at `offset` (positioned reads, no intermediate copy); returns the running CRC-32."""
-        pos = 0
-        try:
-            while pos < len(buf):
-                n = os.preadv(fd, [buf[pos : pos + self.CHUNK]], offset + pos)
-                if not n:
-                    raise EOFError(f"data ends after {done + pos} of {total} bytes")
-                crc = crc32(buf[pos : pos + n], crc)  # releases the GIL on large buffers
-                pos += n
-        except OSError as e:
-            raise self._error(key, str(e)) from None
-        except EOFError as e:
-            raise self._error(key, str(e)) from None
-        return crc
-
-    def _check_crc(self, key: str, crc: int) -> None:
-        if crc != self._members[key].CRC:
-            raise self._error(key, f"Bad CRC-32 for file '{self._members[key].filename}'")
-
-    def held_bytes(self, key: str, per_layer: bool = False) -> int:
-        """Bytes held in memory while reading `key`: one layer for a stored C-order member read
-        with `iter_layers` (per_layer=True), else the whole member."""
-        shape, _ = self.header(key)
-        h, info = self._headers[key], self._members[key]
-        total = math.prod(shape) * h.stored.itemsize
-        stored = info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1 and not h.fortran
-        return total // shape[0] if per_layer and stored and shape and shape[0] else total
-
-    def read(self, key: str) -> np.ndarray:
-        """One member's array, CRC-checked.
-
-        A stored (np.savez) member in native byte order is mapped (fastcopy.mapped: the result
-        views the file's pages, read-only, no copy) and its CRC-32 computed over them; other
-        stored members are read with positioned reads into the result's buffer; a deflated
-        one goes through zipfile.
-        """
-        h, fd, offset, crc = self._open_stored(key)
-        if fd is None:
-            return self._read_zipfile(key)
-        try:
-            flat, crc = self._read_span(key, h, fd, offset, math.prod(h.shape), crc, 0, math.prod(h.shape) * h.stored.itemsize)
-        finally:
-            os.close(fd)
-        self._check_crc(key, crc)
-        return self._finish(flat, h, h.shape)
-
-    def _read_span(self, key: str, h: _Header, fd: int, offset: int, count: int, crc: int, done: int, total: int) -> tuple[np.ndarray, int]:
-        """`count` items of the member from byte `offset` of the file, and the running CRC-32."""
-        nbytes = count * h.stored.itemsize
-        if h.stored.isnative and offset + nbytes <= os.fstat(fd).st_size:
-            flat = fastcopy.mapped([(fd, offset, nbytes)]).view(h.stored)
-            return flat, crc32(flat.view(np.uint8), crc)  # (ISA-L and zlib release the GIL on large buffers)
-        flat = scratch((count,), h.stored)
-        return flat, self._pread_into(key, fd, memoryview(flat.view(np.uint8)), offset, crc, done, total)
-
-    def iter_layers(self, key: str) -> Iterator[np.ndarray]:
-        """The slices [0], [1], ... of a member along its leading axis, one fresh array each.
-
-        A stored C-order member is read one layer at a time (layer i is the next contiguous run
-        of bytes), so memory is one layer, not the stacked tensor; the CRC-32 accumulates over
-        the layers and is checked after the last one (a corrupt member fails only then, after
-        earlier layers were handed out). Deflated or Fortran-order members fall back to one
-        whole-member read, whose slices (views) are yielded.
-        """
-        h, fd, offset, crc = self._open_stored(key)
-        if fd is None or not h.shape:
-            if fd is not None:
-                os.close(fd)
-            array = self.read(key)
-            for i in range(array.shape[0] if array.ndim else 0):
-                yield array[i]
-            return
-        try:
-            layer = math.prod(h.shape[1:])
-            total = math.prod(h.shape) * h.stored.itemsize
-            step = layer * h.stored.itemsize
-            for i in range(h.shape[0]):
-                flat, crc = self._read_span(key, h, fd, offset + i * step, layer, crc, i * step, total)
-                if i == h.shape[0] - 1:
-                    self._check_crc(key, crc)
-                yield self._finish(flat, h, h.shape[1:])
-                del flat
-            if h.shape[0] == 0:
-                self._check_crc(key, crc)
-        finally:
-            os.close(fd)
-
-    def _read_zipfile(self, key: str) -> np.ndarray:
-        """One member through zipfile (deflated members), in chunks straight into the result."""
-        f, h = self._open_at_data(key)
-        with f:
-            flat = np.empty(math.prod(h.shape), dtype=h.stored)
-            buf, pos = memoryview(flat.view(np.uint8)), 0
-            try:
-                while pos < len(buf):
-                    n = f.readinto(buf[pos : pos + self.CHUNK])
-                    if not n:
-                        raise EOFError(f"data ends after {pos} of {len(buf)} bytes")
-                    pos += n
-                if f.read(1):  # also makes zipfile check the CRC of a member read to its end
-                    raise ValueError("more data than the header describes")
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-                raise self._error(key, str(e)) from None
-        return self._finish(flat, h, h.shape)
 
 
 def open_npz(path: str | Path) -> NpzReader:
@@ -366,18 +60,11 @@ def open_npz(path: str | Path) -> NpzReader:
 
 # --- The key table ----------------------------------------------------------------------------
 
-# Slot values are the same on both sides; they match one path component each.
-SLOTS = {"i": r"\d+", "dense": "kernel|bias", "ln": "scale|bias"}
-
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     big_vision: str  # name under the prefix, per layer (scanned trees are unstacked first)
-    vitctl: str  # vitctl JAX per-layer name (mapping.jax_param_shapes(cfg, stacked=False))
-
-    def pattern(self, side: str) -> re.Pattern:
-        parts = re.split(r"\{(\w+)\}", getattr(self, side))  # literal, slot, literal, ...
-        return re.compile("".join(re.escape(p) if j % 2 == 0 else f"(?P<{p}>{SLOTS[p]})" for j, p in enumerate(parts)))
+    vitctl: str  # vitctl JAX per-layer name (params.jax_param_shapes(cfg, stacked=False))
 
 
 def _attention_mlp(bv: str, ours: str) -> tuple[Row, ...]:
@@ -403,7 +90,8 @@ KEY_MAP: tuple[Row, ...] = (
     *_attention_mlp("MAPHead_0/", "map_head/"),  # no norm before its attention
     Row("head/{dense}", "head/{dense}"),
 )
-_PATTERNS = {side: [(r, r.pattern(side)) for r in KEY_MAP] for side in ("big_vision", "vitctl")}
+# Slot values are the same on both sides; they match one path component each.
+KEYS = params.NameTable(KEY_MAP, {"big_vision": "big_vision", "vitctl": "vitctl"}, {"dense": "kernel|bias", "ln": "scale|bias"})
 
 # Keys big_vision can write that vitctl's models cannot hold: a clear refusal, not a silent drop.
 UNSUPPORTED: tuple[tuple[str, str], ...] = (
@@ -419,9 +107,9 @@ WRAPPERS = ("params/", "opt/target/")  # what big_vision's utils.load_params unw
 
 def _rename(name: str, src: str) -> str | None:
     dst = "vitctl" if src == "big_vision" else "big_vision"
-    hits = [(r, m) for r, p in _PATTERNS[src] if (m := p.fullmatch(name))]
+    hits = KEYS.matches(name, src)
     assert len(hits) <= 1, f"{name} matches {len(hits)} rows of the big_vision key table"
-    return getattr(hits[0][0], dst).format(**hits[0][1].groupdict()) if hits else None
+    return KEYS.fill(hits[0][0], dst, hits[0][1]) if hits else None
 
 
 def to_vitctl(name: str) -> str | None:
@@ -519,23 +207,7 @@ def infer_config(
     rel = {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
     if _EMBED not in rel:
         raise CheckpointError(f"no '{prefix}{_EMBED}' in the checkpoint", hint="pass the --prefix of the image model's sub-tree")
-    scanned = any(SCANNED.fullmatch(k) for k in rel)
-    layers = {int(m.group(1)) for k in rel if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
-    if scanned and layers:
-        raise CheckpointError(
-            f"the checkpoint has both scanned (Transformer/encoderblock/) and per-layer (Transformer/encoderblock_{{i}}/) blocks under '{prefix}'"
-        )
-    if scanned:
-        block = "Transformer/encoderblock"
-        depths = {rel[k][0][0] if rel[k][0] else 0 for k in rel if SCANNED.fullmatch(k)}
-        if len(depths) != 1:
-            raise CheckpointError(f"scanned blocks disagree on the depth (leading axis): {sorted(depths)}")
-        depth = depths.pop()
-    else:
-        block = "Transformer/encoderblock_0"
-        if sorted(layers) != list(range(len(layers))) or not layers:
-            raise CheckpointError(f"encoder blocks are not numbered 0..L-1 under '{prefix}': found {sorted(layers)}")
-        depth = len(layers)
+    block, depth = _blocks(rel, prefix)
     fields: dict[str, Any] = dict(BIG_VISION, depth=depth)
     for field, key, get in SIZES:
         key = key.format(block=block)
@@ -551,22 +223,7 @@ def infer_config(
     fields.update({field: key.format(block=block) in rel for field, key in BIASES})
     fields["pool"] = "map" if "MAPHead_0/probe" in rel else "tok" if "cls" in rel else "gap"
     fields["num_classes"] = int(rel["head/kernel"][0][-1]) if "head/kernel" in rel else 0
-    if "pos_embedding" in rel:
-        T = rel["pos_embedding"][0][1]
-        g = math.isqrt(T)
-        if g * g != T:
-            old = math.isqrt(T - 1) ** 2 == T - 1  # old vit.py: cls concatenated first, then the posemb added
-            raise CheckpointError(
-                f"pos_embedding has {T} tokens, not a square grid" + (": an old layout with a class-token slot (h*w + 1)" if old else ""),
-                hint="load it with big_vision's vit.fix_old_checkpoints and re-save" if old else "only square patch grids are supported",
-            )
-        fields.update(posemb="learn", image_size=g * fields["patch_size"])
-    else:
-        fields.update(posemb="sincos2d", image_size=SINCOS_IMAGE_SIZE)
-        if "image_size" not in (overrides or {}):
-            notes.append(
-                f"no pos_embedding: sincos2d position embedding, image size unknown; assumed {SINCOS_IMAGE_SIZE} (set image_size to change it)"
-            )
+    fields.update(_posemb(rel, fields["patch_size"], "image_size" in (overrides or {}), notes))
     floats = {np.dtype(dt) for k, (_, dt) in rel.items() if np.dtype(dt).kind == "f" or np.dtype(dt) == BFLOAT16}
     fields["param_dtype"] = "bfloat16" if floats == {BFLOAT16} else "float32"
     if floats - {BFLOAT16, np.dtype(np.float32)}:
@@ -577,6 +234,43 @@ def infer_config(
         return ViTConfig(**fields)
     except TypeError as e:  # an unknown override field
         raise ConfigError(f"invalid config override: {e}") from None
+
+
+def _blocks(rel: Shapes, prefix: str) -> tuple[str, int]:
+    """(the first block's key prefix, depth): `Transformer/encoderblock` if scanned, else `..._0`."""
+    scanned = any(SCANNED.fullmatch(k) for k in rel)
+    layers = {int(m.group(1)) for k in rel if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))}
+    if scanned and layers:
+        raise CheckpointError(
+            f"the checkpoint has both scanned (Transformer/encoderblock/) and per-layer (Transformer/encoderblock_{{i}}/) blocks under '{prefix}'"
+        )
+    if scanned:
+        depths = {rel[k][0][0] if rel[k][0] else 0 for k in rel if SCANNED.fullmatch(k)}
+        if len(depths) != 1:
+            raise CheckpointError(f"scanned blocks disagree on the depth (leading axis): {sorted(depths)}")
+        return "Transformer/encoderblock", depths.pop()
+    if sorted(layers) != list(range(len(layers))) or not layers:
+        raise CheckpointError(f"encoder blocks are not numbered 0..L-1 under '{prefix}': found {sorted(layers)}")
+    return "Transformer/encoderblock_0", len(layers)
+
+
+def _posemb(rel: Shapes, patch_size: int, image_size_given: bool, notes: list[str]) -> dict[str, Any]:
+    """posemb and image_size: a learned table's token count gives the grid; sincos stores nothing."""
+    if "pos_embedding" not in rel:
+        if not image_size_given:
+            notes.append(
+                f"no pos_embedding: sincos2d position embedding, image size unknown; assumed {SINCOS_IMAGE_SIZE} (set image_size to change it)"
+            )
+        return {"posemb": "sincos2d", "image_size": SINCOS_IMAGE_SIZE}
+    T = rel["pos_embedding"][0][1]
+    g = math.isqrt(T)
+    if g * g != T:
+        old = math.isqrt(T - 1) ** 2 == T - 1  # old vit.py: cls concatenated first, then the posemb added
+        raise CheckpointError(
+            f"pos_embedding has {T} tokens, not a square grid" + (": an old layout with a class-token slot (h*w + 1)" if old else ""),
+            hint="load it with big_vision's vit.fix_old_checkpoints and re-save" if old else "only square patch grids are supported",
+        )
+    return {"posemb": "learn", "image_size": g * patch_size}
 
 
 # --- The plan: every tensor's name, source and shape, before any data is read ----------------
@@ -679,11 +373,18 @@ def plan(
     produced = sum(
         (shape[0] if shape else 1) if SCANNED.fullmatch(k[len(prefix) :]) else 1 for k, (shape, _) in shapes.items() if k.startswith(prefix)
     )
-    mapping.check_count(produced, cfg, f"the big_vision checkpoint {reader.path}")  # before listing a name per layer
+    params.check_count(produced, cfg, f"the big_vision checkpoint {reader.path}")  # before listing a name per layer
     ignored = tuple(k for k in shapes if not k.startswith(prefix))
     if ignored:
         notes.append(f"{len(ignored)} arrays outside '{prefix}' ignored (e.g. {ignored[0]})")
+    entries = _entries(shapes, prefix, reader.path)
+    _check_coverage(entries, cfg, reader.path, prefix)
+    return Plan(Path(reader.path), prefix, cfg, tuple(entries), ignored, tuple(notes))
 
+
+def _entries(shapes: Shapes, prefix: str, path: Path) -> list[Entry]:
+    """One Entry per vitctl tensor under `prefix` (a scanned member gives one per layer), in archive
+    order; keys vitctl cannot hold (UNSUPPORTED) or that match no row are refused, all named."""
     entries, unmapped, unsupported = [], [], []
     for key, (shape, dtype) in shapes.items():
         if not key.startswith(prefix):
@@ -691,7 +392,7 @@ def plan(
         name = key[len(prefix) :]
         if m := SCANNED.fullmatch(name):  # unstack: the table speaks per layer
             if not shape:
-                raise CheckpointError(f"{reader.path}: scanned member '{key}' is a scalar, expected a leading depth axis")
+                raise CheckpointError(f"{path}: scanned member '{key}' is a scalar, expected a leading depth axis")
             per_layer = [(f"Transformer/encoderblock_{i}/{m.group(1)}", i, shape[1:]) for i in range(shape[0])]
         else:
             per_layer = [(name, None, shape)]
@@ -706,16 +407,15 @@ def plan(
                 break  # one message per scanned member, not L
     if unsupported:
         raise UnmappedParamError(
-            f"{reader.path} holds tensors vitctl's models cannot represent: " + "; ".join(unsupported[:4]),
+            f"{path} holds tensors vitctl's models cannot represent: " + "; ".join(unsupported[:4]),
             hint="convert a checkpoint without them, or drop them knowingly (e.g. re-save the npz without pre_logits/* to keep the features without the pre-logits layer)",
         )
     if unmapped:
         raise UnmappedParamError(
-            f"{reader.path}: {len(unmapped)} key(s) match no row of the big_vision key table: {', '.join(repr(k) for k in unmapped[:8])}{' ...' if len(unmapped) > 8 else ''}",
+            f"{path}: {len(unmapped)} key(s) match no row of the big_vision key table: {', '.join(repr(k) for k in unmapped[:8])}{' ...' if len(unmapped) > 8 else ''}",
             hint=f"vitctl reads big_vision's models/vit.py layout under prefix '{prefix}'; pass --prefix if the ViT lives in a sub-tree",
         )
-    _check_coverage(entries, cfg, reader.path, prefix)
-    return Plan(Path(reader.path), prefix, cfg, tuple(entries), ignored, tuple(notes))
+    return entries
 
 
 def _check_coverage(entries: list[Entry], cfg: ViTConfig, path: Path, prefix: str) -> None:
@@ -725,7 +425,7 @@ def _check_coverage(entries: list[Entry], cfg: ViTConfig, path: Path, prefix: st
         if e.name in seen:
             raise UnmappedParamError(f"{path}: '{e.name}' would be produced twice, from '{seen[e.name]}' and '{e.key}'")
         seen[e.name] = e.key
-    expected = mapping.jax_param_shapes(cfg, stacked=False)
+    expected = params.jax_param_shapes(cfg, stacked=False)
     got = {e.name: e.shape for e in entries}
     missing = [n for n in expected if n not in got]
     if missing:
@@ -734,7 +434,7 @@ def _check_coverage(entries: list[Entry], cfg: ViTConfig, path: Path, prefix: st
             f"{path}: missing {len(missing)} tensor(s) the config needs: {', '.join(named[:8])}{' ...' if len(named) > 8 else ''}",
             hint="the checkpoint is incomplete, or the config (--model/--config) does not describe it; omit both to infer the config",
         )
-    mapping.check_coverage(got, expected, f"the big_vision checkpoint {path}")
+    params.check_coverage(got, expected, f"the big_vision checkpoint {path}")
 
 
 def iter_jax_tensors(

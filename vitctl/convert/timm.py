@@ -61,9 +61,10 @@ import numpy as np
 
 from vitctl.config import ViTConfig
 from vitctl.convert.io import RowStack
-from vitctl.convert.mapping import check_coverage, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.formats.fastcopy import copy_into, scratch
+from vitctl.params import WHEN as PARAM_WHEN
+from vitctl.params import check_coverage, torch_param_shapes
 from vitctl.posemb import posemb_sincos_2d
 
 # --- The create_model call ------------------------------------------------------------------------
@@ -217,13 +218,10 @@ class TimmRule:
     when: tuple[str, ...] = ()
 
 
+# The parameter table's switches (vitctl.params.WHEN), and timm's own.
 WHEN: dict[str, Callable[[ViTConfig], bool]] = {
-    "tok": lambda c: c.pool == "tok",
-    "map": lambda c: c.pool == "map",
-    "head": lambda c: c.num_classes > 0,
+    **PARAM_WHEN,
     "layernorm": lambda c: c.norm == "layernorm",  # timm's LayerNorm always has a bias, RmsNorm never
-    "qk_norm": lambda c: c.qk_norm,
-    "qkv_bias": lambda c: c.qkv_bias,
     "no_qkv_bias": lambda c: not c.qkv_bias,  # ParallelScalingBlock keeps `mlp_bias` apart only then
     "proj_bias": lambda c: c.attn_out_bias or c.mlp_bias,  # timm's one switch for attn-out and MLP biases
 }
