@@ -1,4 +1,4 @@
-"""The mapping table: invertible layouts, one row per name, coverage errors."""
+"""jax_to_torch / torch_to_jax: bit-identical round trips, dtypes kept, coverage errors named."""
 
 import numpy as np
 import pytest
@@ -6,47 +6,6 @@ import pytest
 from tests.conftest import random_params, tiny
 from vitctl.convert import mapping
 from vitctl.errors import UnmappedParamError
-
-SHAPES = {"same": (5, 7), "dense": (5, 7), "conv": (2, 3, 4, 5), "heads_in": (6, 3, 4), "heads_out": (3, 4, 6), "heads_bias": (3, 4)}
-
-
-@pytest.mark.parametrize("layout", mapping.LAYOUTS, ids=lambda lay: lay.name)
-def test_layouts_are_inverse_pairs(layout):
-    w = np.random.default_rng(0).normal(size=SHAPES[layout.name]).astype(np.float32)
-    assert np.array_equal(layout.to_jax(layout.to_torch(w), w.shape), w)
-
-
-def test_layouts_match_framework_conventions():
-    rng = np.random.default_rng(0)
-    D, N, K = 6, 3, 4
-    x = rng.normal(size=(2, D))
-    q = rng.normal(size=(D, N, K))  # JAX (D, N, K); torch Linear weight (N*K, D), y = x W^T
-    np.testing.assert_allclose(x @ mapping.HEADS_IN.to_torch(q).T, np.einsum("bd,dnk->bnk", x, q).reshape(2, -1))
-    o = rng.normal(size=(N, K, D))
-    a = rng.normal(size=(2, N, K))
-    np.testing.assert_allclose(a.reshape(2, -1) @ mapping.HEADS_OUT.to_torch(o).T, np.einsum("bnk,nkd->bd", a, o))
-    hwio = rng.normal(size=(2, 2, 3, 5))
-    assert mapping.CONV.to_torch(hwio).shape == (5, 3, 2, 2)  # OIHW
-    assert mapping.CONV.to_torch(hwio)[4, 1, 0, 1] == hwio[0, 1, 1, 4]
-
-
-@pytest.mark.parametrize(
-    "name", ["blocks/3/q/kernel", "blocks/0/mlp_norm/scale", "map_head/k/bias", "head/kernel", "patch_embed/proj/kernel"]
-)
-def test_rename_round_trip(name):
-    tname, _layout = mapping.rename(name, "jax")
-    assert mapping.rename(tname, "torch")[0] == name
-    assert "/" not in tname
-
-
-def test_every_name_matches_exactly_one_row():
-    cfg = tiny(pool="map", qkv_bias=True, norm_bias=True, block="sequential", qk_norm=True)
-    for name in mapping.jax_param_shapes(cfg, stacked=False):
-        mapping.match(name, "jax")
-    for name in mapping.torch_param_shapes(cfg):
-        mapping.match(name, "torch")
-    with pytest.raises(UnmappedParamError, match="no mapping rule matches jax parameter 'blocks/0/qkv/kernel'"):
-        mapping.match("blocks/0/qkv/kernel", "jax")
 
 
 @pytest.mark.parametrize(
@@ -96,18 +55,3 @@ def test_missing_unexpected_and_misshaped_tensors_are_named():
 
     with pytest.raises(UnmappedParamError, match="missing 1: blocks/mlp_in/bias"):
         mapping.jax_to_torch({k: v for k, v in params.items() if k != "blocks/mlp_in/bias"}, cfg)
-
-
-def test_shape_table_counts():
-    counts = mapping.param_counts(tiny())
-    assert counts["params_total"] == sum(int(np.prod(s)) for s in mapping.jax_param_shapes(tiny()).values())
-    assert counts["params_total"] == counts["params_encoder"] + counts["params_head"]
-    # Same total from the torch side.
-    assert counts["params_total"] == sum(int(np.prod(s)) for s in mapping.torch_param_shapes(tiny()).values())
-
-
-def test_torch_param_shapes_need_no_memory():
-    from vitctl.config import ViTConfig
-
-    shapes = mapping.torch_param_shapes(ViTConfig.from_variant("vit-22b"))
-    assert shapes["blocks.47.mlp_in.weight"] == (24576, 6144)
