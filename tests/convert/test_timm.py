@@ -65,6 +65,14 @@ def test_timm_model_computes_the_same_function(name):
     assert logits.abs().max().item() > 0.1  # not trivially zero
 
 
+def test_timm_table_speaks_the_parameter_table():
+    from vitctl import params
+
+    rules = (*vt.EMBED_RULES, *vt.BLOCK_RULES["sequential"], *vt.BLOCK_RULES["parallel"], *vt.HEAD_RULES)
+    assert {p for r in rules for p in r.parts} <= {p.torch for p in params.PARAMS}  # vitctl torch templates, `{i}` per block
+    assert {w for r in rules for w in r.when} <= set(vt.WHEN) and params.WHEN.items() <= vt.WHEN.items()
+
+
 def test_plan_matches_timm_state_dict_and_block_type():
     cfg = FAMILIES["parallel-22b"]
     model = timm_model(cfg)
