@@ -1,4 +1,5 @@
-"""vitctl.formats.fastcopy: bit-exact copies of layout views (BLAS transpose and numpy tiles), the scratch pool."""
+"""vitctl.formats.fastcopy: bit-exact copies of layout views (BLAS transpose and numpy tiles), the scratch pool,
+mapped reads, background writes; every path with its speed tricks on and on its plain path, byte for byte alike."""
 
 from __future__ import annotations
 
@@ -30,6 +31,48 @@ def same_bits(got, want):
     return got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == np.ascontiguousarray(want).tobytes()
 
 
+@pytest.fixture(params=["tricks", "plain"])
+def both_paths(request):
+    """The test runs twice: with every speed trick on, and with all of them on their plain path."""
+    if request.param == "plain":
+        with fastcopy.plain():
+            yield request.param
+    else:
+        yield request.param
+
+
+def _every_function(pool: list[np.ndarray], fd: int, nbytes: int, out) -> list:
+    """What each public function makes of `pool` and of the file `fd` (nbytes long)."""
+    with fastcopy.pooled():
+        got = [fastcopy.contiguous(w, w.dtype).tobytes() for w in pool]
+    got += [b"".join(bytes(b) for _, b in fastcopy.iter_blocks(w, np.dtype(np.float32), block_bytes=5000)) for w in pool]
+    got += [fastcopy.mapped([(fd, 12, nbytes - 12)]).tobytes(), list(fastcopy.read_ahead(iter(range(20)), 3))]
+    writer, offset = fastcopy.BlockWriter(block_bytes=1 << 17, depth=2), 5  # a block holds a row of each
+    with open(out, "wb") as f:
+        for w in pool:
+            offset += writer.write(f.fileno(), offset, w, np.dtype(np.float32))
+        writer.close()
+    return [*got, out.read_bytes()]
+
+
+def test_plain_path_gives_the_same_bytes(tmp_path):
+    """Every public function, tricks on against all of them on their plain path, on every bit pattern."""
+    pool = [random_bits((300, 4, 64), BF16).transpose(1, 2, 0), finite((1100, 2051), np.float32, 1).T,
+            random_bits((600, 200), np.float32).T, finite((4, 4, 3, 16), np.float64).transpose(3, 2, 0, 1)]  # fmt: skip
+    data = random_bits((3 * fastcopy._PAGE + 100,), np.uint8)
+    (tmp_path / "data").write_bytes(data.tobytes())
+    fd = os.open(tmp_path / "data", os.O_RDONLY)
+    try:
+        tricks = _every_function(pool, fd, data.size, tmp_path / "tricks")
+        with fastcopy.plain():
+            plain = _every_function(pool, fd, data.size, tmp_path / "plain")
+    finally:
+        os.close(fd)
+    assert plain == tricks and plain[2 * len(pool)] == data[12:].tobytes()
+    assert plain[-1][5:] == b"".join(np.ascontiguousarray(w).astype(np.float32).tobytes() for w in pool)
+
+
+@pytest.mark.usefixtures("both_paths")
 def test_contiguous_copies_views_exactly():
     a = finite((70, 33, 5), np.float32)
     for view in (a.transpose(2, 0, 1), a.reshape(70, -1).T, a[::2], a[..., 1], a):
@@ -42,6 +85,7 @@ def test_contiguous_copies_views_exactly():
         assert same_bits(fastcopy.contiguous(big.T, dtype), big.T.astype(dtype))
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16, np.float16], ids=str)
 @pytest.mark.parametrize("make", [finite, random_bits], ids=["finite", "any-bits"])
 def test_every_layout_view_copies_bit_exactly(dtype, make):
@@ -138,6 +182,7 @@ def test_scratch_reuses_only_buffers_nobody_holds():
     assert after.base is None  # outside pooled(): np.empty
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=str)
 def test_write_array_writes_every_layout_view_at_its_offset(tmp_path, dtype):
     """Block by block (several blocks for the large one), cast on the way."""
@@ -157,6 +202,7 @@ def test_write_array_writes_every_layout_view_at_its_offset(tmp_path, dtype):
         assert bytes(got) == want and (n > 1 or len(want) <= 1000)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_block_writer_queues_every_layout_and_reports_a_failed_write(tmp_path):
     """Blocks (re-laid out or in place) written by the background thread at their offsets, with fewer
     buffers than blocks; a failing os.pwrite surfaces, labelled, at the next call, and nothing after it is written."""
