@@ -172,7 +172,7 @@ def write_fashion_mnist(root, n_train=30, n_test=20):
 def test_fashion_mnist(monkeypatch, tmp_path):
     """`fashion-mnist` reads the installed IDX files, its own test split, with the ten class names. The files are
     built here (the package is not on every machine), in its layout; an installed copy is checked as well."""
-    from vitctl.data import sources as data
+    from vitctl.data.sources import builtin as data
 
     if FASHION_MNIST_DIR.is_dir():
         real = load_dataset("fashion-mnist", "test", channels=1)
@@ -374,7 +374,7 @@ def test_bad_labels_and_batches(digits_train):
 
 
 def test_fashion_mnist_missing_says_how_to_install(monkeypatch, tmp_path):
-    from vitctl.data import sources as data
+    from vitctl.data.sources import builtin as data
 
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "absent")
     assert_error(DataError, lambda: load_dataset("fashion-mnist"), "not installed", "apt-get install dataset-fashion-mnist")
