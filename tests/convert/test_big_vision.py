@@ -26,9 +26,9 @@ import jax
 
 from tests.conftest import jax_model
 from tests.convert import bv_reference as ref
+from vitctl import params
 from vitctl.config import ViTConfig
 from vitctl.convert import big_vision as bv
-from vitctl.convert import mapping
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -70,7 +70,7 @@ def load_vitctl(p: bv.Plan):
     scan_layers=False: a forward-pass option that changes neither parameters nor the function
     (tests/model_jax covers it), and a Python loop of cached ops is faster here than compiling a scan.
     """
-    return jax_model(dataclasses.replace(p.cfg, scan_layers=False), mapping.stack(dict(p.iter_tensors()), p.cfg.depth))
+    return jax_model(dataclasses.replace(p.cfg, scan_layers=False), params.stack(dict(p.iter_tensors()), p.cfg.depth))
 
 
 def max_diffs(reference_output, p: bv.Plan, x) -> dict[str, float]:
@@ -391,7 +391,7 @@ def test_each_member_is_read_once(saved, monkeypatch):
     p = bv.plan(path)
     assert reads == []  # planning reads no data
     names = [n for n, _ in bv.iter_jax_tensors(path)]
-    assert sorted(names) == sorted(mapping.jax_param_shapes(p.cfg, stacked=False))
+    assert sorted(names) == sorted(params.jax_param_shapes(p.cfg, stacked=False))
     with zipfile.ZipFile(path) as z:
         assert sorted(reads) == sorted(n[: -len(".npy")] for n in z.namelist())  # one read per member
     assert p.entries[0].nbytes == int(np.prod(p.entries[0].shape)) * 4
@@ -400,7 +400,7 @@ def test_each_member_is_read_once(saved, monkeypatch):
 @pytest.mark.parametrize("kw", [{"pool": "map"}, {"pool": "tok", "posemb": "learn"}])
 def test_key_table_covers_every_vitctl_tensor_both_ways(kw):
     cfg = ViTConfig.from_variant("B/16", **kw)
-    for name in mapping.jax_param_shapes(cfg, stacked=False):
+    for name in params.jax_param_shapes(cfg, stacked=False):
         back = bv.to_big_vision(name)
         assert back is not None and bv.to_vitctl(back) == name, name
     assert bv.to_vitctl("Transformer/encoderblock_3/MultiHeadDotProductAttention_0/out/kernel") == "blocks/3/attn_out/kernel"
