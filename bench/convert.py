@@ -39,14 +39,13 @@ which swings single runs of cp and of vitctl alike by 2x. Peak RSS is the larges
 gate waits while other processes use more than a quarter of the CPUs (at most --max-wait
 seconds over the whole run); the table shows their share all the same. Neither cp nor vitctl
 calls fsync: both times end when the data is in the page cache.
-With --tricks, each round converts once more per variant, in turn: with one speed trick on its
-plain path (vitctl.formats.fastcopy's $VITCTL_PLAIN; `tune`: the command's mallopt and
-gc.disable made no-ops), then with all of them. A second table shows each variant's best
-seconds (the conversion alone, and CPU) and peak RSS against the shipped run's: the gain of
-the trick it turns off.
-Throughput (GB/s, 10^9) for both is the source's bytes on disk / seconds, so the ratio vs
-cp is cp seconds / convert seconds. The source's page-cache residency just before the
-conversion is read with fincore where installed.
+Variants, in turn in each round on the same sources: --against CHECKOUT runs that checkout's
+vitctl (a worktree of an earlier commit: before and after); --tricks runs with one speed trick
+on its plain path (vitctl.formats.fastcopy's $VITCTL_PLAIN; `tune`: the command's mallopt and
+gc.disable made no-ops), then all of them. A second table: each variant's best seconds (alone
+and CPU) and peak RSS against the shipped run's (with a trick off: that trick's gain).
+Throughput (GB/s, 10^9) for both is the source's bytes on disk / seconds (ratio vs cp = cp s /
+convert s). The source's page-cache residency before the conversion: fincore, where installed.
 
 Peak RSS: os.wait4 returns the child's ru_maxrss (KiB on Linux), the high-water mark of its
 resident memory over its whole life, imports included. Linux counts the memory of the
@@ -55,9 +54,8 @@ at spawn: vitctl.bench.run_command spawns through a fresh small launcher interpr
 ru_maxrss in the same run shows that floor). The converter's own VmHWM, which it prints in
 its --json, is shown next to it. Page cache is not part of RSS.
 
---json prints one JSON object {"rows": [{"name", "value", "unit", "baseline", "ratio"}, ...],
-...} (the schema of bench/forward.py) on stdout and nothing else there; progress goes to
-stderr. Nothing asserts on time: a missed target is printed as FAIL and the exit code is 0.
+--json prints one JSON object {"rows": [...], ...} (bench/forward.py's schema) on stdout, progress
+goes to stderr. Nothing asserts on time: a missed target is printed as FAIL, the exit code is 0.
 """
 
 from __future__ import annotations
@@ -212,6 +210,7 @@ class Variant:
     name: str  # "" as shipped; else "no <trick>"
     plain: str = ""  # $VITCTL_PLAIN: the fastcopy tricks that take their plain path
     untuned: bool = False  # neither mallopt nor gc.disable (the command's process tuning)
+    tree: str = ""  # another checkout whose vitctl runs instead (first on PYTHONPATH)
 
 
 SHIPPED = Variant("")
@@ -231,15 +230,16 @@ runpy.run_module("vitctl", run_name="__main__", alter_sys=True)
 """
 
 
-def variants(spec: str | None) -> list[Variant]:
-    """SHIPPED, then (with --tricks) one variant per trick turned off, then all of them off."""
+def variants(spec: str | None, trees: list[str]) -> list[Variant]:
+    """SHIPPED, each --against checkout, then (with --tricks) one variant per trick turned off, then all of them off."""
+    shipped = [SHIPPED] + [Variant(f"at {t}", tree=str(Path(t).resolve())) for t in trees]
     if not spec:
-        return [SHIPPED]
+        return shipped
     names = [*TRICKS, TUNE] if spec == "all" else [n.strip() for n in spec.split(",") if n.strip()]
     unknown = sorted(set(names) - {*TRICKS, TUNE})
     if unknown:
         raise SystemExit(f"--tricks: unknown {unknown}; choose from all, {', '.join([*TRICKS, TUNE])}")
-    out = [SHIPPED] + [Variant(f"no {n}", plain="" if n == TUNE else n, untuned=n == TUNE) for n in names]
+    out = shipped + [Variant(f"no {n}", plain="" if n == TUNE else n, untuned=n == TUNE) for n in names]
     return out + [Variant("plain", ",".join(n for n in names if n != TUNE), TUNE in names)] if len(names) > 1 else out
 
 
@@ -262,7 +262,7 @@ class Result:
     @property
     def run_seconds(self) -> float:
         """The fastest conversion alone (--json `seconds`: no interpreter start, imports or planning)."""
-        return min(float(s.get("seconds", 0)) for s in self.summaries) if self.summaries else self.summary.get("seconds", 0)
+        return min(float(s.get("seconds", 0)) for s in self.summaries)
 
     @property
     def cpu_seconds(self) -> float:
@@ -289,41 +289,36 @@ class Result:
     def cp_gbps(self) -> float:
         return self.source["disk_bytes"] / self.cp_seconds / 1e9
 
-    @property
-    def rss_ok(self) -> bool:
-        return self.maxrss_bytes < RSS_TARGET
-
-    @property
-    def speed_ok(self) -> bool:
-        return self.ratio >= SPEED_TARGET
+    def targets(self) -> tuple[str, str]:
+        """'pass' or 'fail' for the peak RSS and the speed target."""
+        return tuple("pass" if ok else "fail" for ok in (self.maxrss_bytes < RSS_TARGET, self.ratio >= SPEED_TARGET))
 
 
 def fmt_gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
+OPTIONS = (  # (flags, argparse keywords)
+    ("--size-gib", {"type": float, "default": 4.0, "help": "parameter bytes of each synthetic checkpoint, at least (default 4)"}),
+    ("--json", {"action": "store_true", "help": 'print one JSON object {"rows": [...]} on stdout, nothing else there'}),
+    ("--keep", {"action": "store_true", "help": "keep the synthetic sources (not the outputs) and print where they are"}),
+    ("--workdir", {"help": "where to write (default: a temp dir on the filesystem with the most free space)"}),
+    ("--cases", {"default": ",".join(c.key for c in CASES), "help": "comma-separated subset of: " + ", ".join(c.key for c in CASES)}),
+    ("--timeout", {"type": float, "default": 3600, "help": "seconds allowed per conversion (default 3600)"}),
+    ("--repeat", {"type": int, "default": 3, "help": "timed conversions per case, each after a cp; the fastest of each counts (default 3)"}),
+    ("--max-wait", {"type": float, "default": 300,
+                        "help": "seconds, over the whole run, to wait for other processes to leave the CPUs before timed commands (default 300)"}),
+    ("--against", {"action": "append", "default": [], "metavar": "CHECKOUT",
+                       "help": "also convert with the vitctl of another checkout (a git worktree of an earlier commit), in turn"}),
+    ("--tricks", {"metavar": "all|NAME,...",
+                      "help": f"also convert with each speed trick turned off, one at a time, then all together ({', '.join([*TRICKS, TUNE])})"}),
+)  # fmt: skip
+
+
 def parse_args(argv) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-gib", type=float, default=4.0, help="parameter bytes of each synthetic checkpoint, at least (default 4)")
-    p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} on stdout, nothing else there')
-    p.add_argument("--keep", action="store_true", help="keep the synthetic sources (not the outputs) and print where they are")
-    p.add_argument("--workdir", help="where to write (default: a temp dir on the filesystem with the most free space)")
-    p.add_argument("--cases", default=",".join(c.key for c in CASES), help="comma-separated subset of: " + ", ".join(c.key for c in CASES))
-    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per conversion (default 3600)")
-    p.add_argument(
-        "--repeat", type=int, default=3, help="timed conversions per case, each after a cp; the fastest of each counts (default 3)"
-    )
-    p.add_argument(
-        "--max-wait",
-        type=float,
-        default=300,
-        help="seconds, over the whole run, to wait for other processes to leave the CPUs before timed commands (default 300)",
-    )
-    p.add_argument(
-        "--tricks",
-        metavar="all|NAME,...",
-        help=f"also convert with each speed trick turned off, one at a time, then all together (names: {', '.join([*TRICKS, TUNE])})",
-    )
+    for flag, kw in OPTIONS:
+        p.add_argument(flag, **kw)
     return p, p.parse_args(argv)  # fmt: skip
 
 
@@ -387,6 +382,8 @@ def convert_once(case: Case, src: Path, dst: Path, variant: Variant, session: Se
     args = ["convert", case.direction, str(src), str(dst), *case.args, "--json"]
     launch = [sys.executable, "-c", UNTUNED_LAUNCH] if variant.untuned else session.vitctl
     env = {**os.environ, PLAIN_ENV: variant.plain} if variant.plain else None
+    if variant.tree:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([variant.tree, *filter(None, [os.environ.get("PYTHONPATH")])])}
     log(f"  {variant.name + ': ' if variant.name else ''}vitctl {' '.join(args)} ...")
     try:
         run = B.run_command([*launch, *args], session.args.timeout, env=env)
@@ -473,7 +470,7 @@ def case_rows(r: Result) -> tuple[list[dict], list[str]]:
         f"{r.cp_gbps:.2f}", f"{r.ratio:.2f}x", f"{rss / MiB:.0f}", f"{s.get('peak_rss_bytes', 0) / MiB:.0f}",
         f"{s.get('estimated_peak_bytes', 0) / MiB:.0f}", "-" if r.cached is None else f"{100 * r.cached:.0f}%",
         "-" if r.convert.others_cpu_frac is None else f"{100 * r.convert.others_cpu_frac:.0f}%",
-        "pass" if r.rss_ok else "FAIL", "pass" if r.speed_ok else "FAIL",
+        *(t.replace("fail", "FAIL") for t in r.targets()),
     ]  # fmt: skip
     return rows, table
 
@@ -522,7 +519,7 @@ def case_details(r: Result) -> dict:
         "cp_maxrss_bytes": [c.maxrss_bytes for c in r.cps], "maxrss_bytes": [c.maxrss_bytes for c in r.converts],
         "vmhwm_bytes": r.summary.get("peak_rss_bytes"), "source_cached_before": r.cached,
         "others_cpu_frac": [c.others_cpu_frac for c in r.converts], "cp_others_cpu_frac": [c.others_cpu_frac for c in r.cps],
-        "rss_target": "pass" if r.rss_ok else "fail", "speed_target": "pass" if r.speed_ok else "fail",
+        "rss_target": r.targets()[0], "speed_target": r.targets()[1],
     }  # fmt: skip
 
 
@@ -551,7 +548,7 @@ def print_report(args, session: Session, results: list[Result], method: str, not
     )  # fmt: skip
     if tricks:
         print()
-        B.print_table("The gain of each speed trick: seconds (and peak RSS) with it turned off / as shipped",
+        B.print_table("Each variant against the code as shipped: seconds (and peak RSS) with it / as shipped",
                       ["case", "variant", "run s", "every run s", "conv s", "CPU s", "peak RSS MiB", "run s x", "CPU s x", "RSS x"],
                       tricks)  # fmt: skip
     print()
@@ -570,8 +567,8 @@ LEGEND = (
     "peak RSS: os.wait4 ru_maxrss of the vitctl child; VmHWM / est.: what the converter itself reports / planned.",
     "src cached: source bytes in the page cache before the conversion (fincore); others CPU: other processes' share",
     "of all CPUs during the conversion.",
-    "Per trick (--tricks): `no X` converts with X on its plain path (fastcopy's $VITCTL_PLAIN; `tune`: neither mallopt nor",
-    "gc.disable), `plain` with all of them; run s x / CPU s x > 1: the trick saves that share (best of --repeat, interleaved).",
+    "Variants: `at DIR` runs DIR's vitctl (--against); `no X` converts with trick X on its plain path (--tricks; `tune`:",
+    "neither mallopt nor gc.disable), `plain` with all of them; run s x > 1: the variant is slower (best of --repeat, interleaved).",
 )
 
 
@@ -587,9 +584,9 @@ def main(argv=None) -> int:
     workdir = make_workdir(args, cases, size)
     if workdir is None:
         return 2
-    session = Session(workdir, size, args, variants(args.tricks), gate=QuietGate(args.max_wait))
+    session = Session(workdir, size, args, variants(args.tricks, args.against), gate=QuietGate(args.max_wait))
     results = run_cases(cases, session)
-    others = f", then once per variant ({', '.join(v.name for v in session.variants[1:])}), in turn" if args.tricks else ""
+    others = f", then once per variant ({', '.join(v.name for v in session.variants[1:])}), in turn" if session.variants[1:] else ""
     notes = [
         session.gate.describe(),
         f"this process's peak RSS: {self_peak_rss() / MiB:.0f} MiB (children are spawned by a small launcher, so it is no floor of theirs)",
