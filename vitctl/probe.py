@@ -3,8 +3,8 @@
 Every choice that moves such numbers by points is explicit and
 reported: which layer, which pooling, which preprocessing, which classifier protocol.
 
-- Checkpoint: anything `vitctl verify` opens (vitctl-jax, vitctl-torch, timm export, big_vision
-  .npz: vitctl.verify.open_side), run on either backend: the parameters are read under
+- Checkpoint: anything vitctl.open opens (vitctl-jax, vitctl-torch, timm export, big_vision
+  .npz, hf://), run on either backend: the parameters are read under
   JAX per-layer names and loaded into the JAX or the PyTorch model, whatever the format.
 - Data: the sources of `vitctl train` (vitctl.train.data.load_dataset: digits, Fashion-MNIST,
   ImageFolder, .npz, IDX, HF datasets), its train/test split (seeded, stratified where the
@@ -70,9 +70,9 @@ from typing import Any
 
 import numpy as np
 
-from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError, DataError, MissingDependencyError
+from vitctl.open import Checkpoint, open_checkpoint
 
 FEATURES_VERSION = 1  # bump when extraction changes, so old cache entries are not used
 MODES = ("linear", "fewshot", "both")
@@ -149,12 +149,12 @@ def pool_tokens(x, feats: Features, cfg: ViTConfig):
 
 
 # Running the model.
-def make_extractor(side, cfg: ViTConfig, backend: str, feats: Features) -> Callable[[np.ndarray], np.ndarray]:
+def make_extractor(ck: Checkpoint, cfg: ViTConfig, backend: str, feats: Features) -> Callable[[np.ndarray], np.ndarray]:
     """A function: float32 [B, S, S, C] prepared images (NHWC) -> float32 [B, D] features."""
     from vitctl.convert import mapping
     from vitctl.verify import _tensor
 
-    params = mapping.stack(side.params(), cfg.depth)
+    params = mapping.stack(ck.params(), cfg.depth)
     if backend == "jax":
         try:
             import jax.numpy as jnp
@@ -213,24 +213,6 @@ def extract(
 
 
 # Content hashes and the feature cache.
-def weight_files(side) -> list[Path]:
-    """The files whose bytes define `side`'s function: config.json and its weight files."""
-    if side.path.is_file():  # big_vision .npz: config inferred from the tensors
-        return [side.path]
-    from vitctl.convert import io
-
-    root = side.path
-    files = [root / ckpt.CONFIG]
-    if side.format == ckpt.JAX:
-        files += sorted(p for p in (root / ckpt.PARAMS).rglob("*") if p.is_file())
-    else:
-        files += sorted(root.glob("model*.safetensors")) + (
-            [root / ckpt.SAFETENSORS_INDEX] if (root / ckpt.SAFETENSORS_INDEX).is_file() else []
-        )
-    checked = io.CheckpointRoot(root)  # every file hashed lies inside the checkpoint (or its HF cache blobs)
-    return [checked.check(f) for f in files]
-
-
 def content_hash(files: Sequence[Path], root: Path) -> str:
     """SHA-256 over (name relative to root, SHA-256 of the bytes) of every file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -429,80 +411,35 @@ def probe(
     """Linear probe and/or few-shot of `ckpt_path`'s frozen features on `data`; returns what --json prints.
 
     Args:
+        ckpt_path: a checkpoint directory, a big_vision .npz or hf://org/name[@rev] (vitctl.open).
         backend: "jax" or "torch"; None: the checkpoint's own (vitctl-torch and timm: torch, else jax).
         cs: the linear probe's grid of C (inverse L2 strength) before refinement; default CLIP's range.
         split_seed, test_fraction: the train/test split of sources without one (as `vitctl train`).
         on_batch: called with (images done, images in all) after each batch of extraction.
     """
-    from vitctl import verify
+    from vitctl.verify import set_precision
 
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     check_options(mode, shots, seeds, batch_size, l2)
-    side = verify.open_side(ckpt_path, "CKPT", prefix)
-    cfg = side.cfg
-    backend = backend or ("torch" if side.backend in ("torch", "timm") else "jax")
-    if backend not in ("jax", "torch"):
-        raise ConfigError(f"unknown --backend '{backend}'", hint="choose jax or torch")
-    feats = resolve_features(cfg, layer, pool)
-    if cfg.channels not in (1, 3):
-        raise DataError(f"the model takes {cfg.channels}-channel images; data sources give 1 (grayscale) or 3 (RGB)",
-                        hint="probe a model with channels 1 or 3")  # fmt: skip
-    precision = verify.set_precision("fp32" if cfg.dtype == "float32" else "bf16")
-    timings["open"] = time.perf_counter() - t0
-
-    from vitctl.data.sources import load_dataset
-
-    t = time.perf_counter()
-    split = {"channels": cfg.channels, "test_fraction": test_fraction, "seed": split_seed}
-    train, test = (load_dataset(str(data), s, **split) for s in ("train", "test"))
-    check_data(train, test, mode, shots)
-    timings["load_data"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    ckpt_hash = content_hash(weight_files(side), side.path)
-    key = json.dumps({
-        "version": FEATURES_VERSION, "checkpoint": ckpt_hash, "backend": backend, "data": data_hash(train, test),
-        "layer": feats.layer, "pool": feats.pool, "image_size": cfg.image_size, "channels": cfg.channels,
-        "preprocess": dataclasses.asdict(cfg.preprocess), "dtype": cfg.dtype,
-    }, sort_keys=True)  # fmt: skip
-    entry = cache_dir() / "probe" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-    timings["hash"] = time.perf_counter() - t
-
-    notes, cached = [], False
-    try:  # a checkpoint may hold a one-token model (train refuses to make one): its features are one patch's
-        cfg.check_patch_grid(str(ckpt_path))
-    except ConfigError as e:
-        notes.append(e.message)
-    if use_cache and entry.exists():
-        got = load_cached(entry, key, (len(train), len(test)))
-        if isinstance(got, str):
-            notes.append(f"cache entry {entry} not used: {got}; recomputed")
-        else:
-            (x_train, x_test), cached = got, True
-    if not cached:
+    with open_checkpoint(ckpt_path, prefix=prefix, label="CKPT") as ck:
+        ck.check_memory("CKPT")  # the parameters are held whole: refused before the data is loaded
+        cfg = ck.cfg
+        backend, feats = _check_model(ck, backend, layer, pool)
+        precision = set_precision("fp32" if cfg.dtype == "float32" else "bf16")
+        timings = {"open": time.perf_counter() - t0}
         t = time.perf_counter()
-        extractor = make_extractor(side, cfg, backend, feats)
-        timings["load_model"] = time.perf_counter() - t
+        train, test = _load_data(data, cfg, mode, shots, test_fraction, split_seed)
+        timings["load_data"] = time.perf_counter() - t
         t = time.perf_counter()
-        total, done = len(train) + len(test), 0
-        bs = min(batch_size, max(len(train), len(test)))
-
-        def step(k: int) -> None:
-            nonlocal done
-            done += k
-            if on_batch:
-                on_batch(done, total)
-
-        x_train, x_test = (extract(extractor, d.images, cfg, bs, backend == "jax", step) for d in (train, test))
-        timings["features"] = time.perf_counter() - t
-        if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
-            raise DataError("the model's features hold NaN or infinite values", hint="check the checkpoint with `vitctl verify`")
-        if use_cache:
-            save_cached(entry, key, x_train, x_test)
-
+        ckpt_hash = content_hash(ck.files(), ck.path)
+        key = _cache_key(ckpt_hash, backend, data_hash(train, test), feats, cfg)
+        entry = cache_dir() / "probe" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+        timings["hash"] = time.perf_counter() - t
+        notes = _patch_grid_notes(cfg, ckpt_path)
+        cache = (entry, key) if use_cache else None
+        x_train, x_test, cached = _features(ck, backend, feats, (train, test), batch_size, cache, notes, timings, on_batch)
     result: dict[str, Any] = {
-        "checkpoint": {"path": str(side.path), "format": side.format, "sha256": ckpt_hash},
+        "checkpoint": {"path": str(ck.path), "format": ck.format, "sha256": ckpt_hash},
         "data": str(data), "backend": backend, "layer": feats.layer, "pool": feats.pool, "mode": mode,
         "train_size": len(train), "test_size": len(test), "num_classes": train.num_classes, "feature_dim": int(x_train.shape[1]),
         "preprocess": {"image_size": cfg.image_size, **dataclasses.asdict(cfg.preprocess)}, "precision": precision.get("precision"),
@@ -515,10 +452,80 @@ def probe(
     if mode != "linear":
         t = time.perf_counter()
         result["fewshot"] = fewshot(x_train, train.labels, x_test, test.labels, train.num_classes, shots=shots, seeds=seeds, l2=l2)
-        result["fewshot_l2"] = l2
-        result["fewshot_seeds"] = seeds
+        result.update(fewshot_l2=l2, fewshot_seeds=seeds)
         timings["fewshot"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    result["timings"] = {k: round(v, 4) for k, v in timings.items()}
-    result["notes"] = notes
-    return result
+    return {**result, "timings": {k: round(v, 4) for k, v in timings.items()}, "notes": notes}
+
+
+def _check_model(ck: Checkpoint, backend: str | None, layer: str, pool: str | None) -> tuple[str, Features]:
+    """The backend to run (default: the checkpoint's own) and the features to extract, checked against the model."""
+    backend = backend or ("torch" if ck.backend in ("torch", "timm") else "jax")
+    if backend not in ("jax", "torch"):
+        raise ConfigError(f"unknown --backend '{backend}'", hint="choose jax or torch")
+    feats = resolve_features(ck.cfg, layer, pool)
+    if ck.cfg.channels not in (1, 3):
+        raise DataError(f"the model takes {ck.cfg.channels}-channel images; data sources give 1 (grayscale) or 3 (RGB)",
+                        hint="probe a model with channels 1 or 3")  # fmt: skip
+    return backend, feats
+
+
+def _load_data(data: str, cfg: ViTConfig, mode: str, shots: Sequence[int], test_fraction: float, split_seed: int):
+    """The (train, test) splits of `data`, as `vitctl train` splits them, checked for this probe."""
+    from vitctl.data.sources import load_dataset
+
+    split = {"channels": cfg.channels, "test_fraction": test_fraction, "seed": split_seed}
+    train, test = (load_dataset(str(data), s, **split) for s in ("train", "test"))
+    check_data(train, test, mode, shots)
+    return train, test
+
+
+def _cache_key(ckpt_hash: str, backend: str, data: str, feats: Features, cfg: ViTConfig) -> str:
+    """Everything the features depend on, as sorted JSON."""
+    return json.dumps({
+        "version": FEATURES_VERSION, "checkpoint": ckpt_hash, "backend": backend, "data": data,
+        "layer": feats.layer, "pool": feats.pool, "image_size": cfg.image_size, "channels": cfg.channels,
+        "preprocess": dataclasses.asdict(cfg.preprocess), "dtype": cfg.dtype,
+    }, sort_keys=True)  # fmt: skip
+
+
+def _patch_grid_notes(cfg: ViTConfig, ckpt_path: str | Path) -> list[str]:
+    """A checkpoint may hold a one-token model (train refuses to make one): its features are one patch's."""
+    try:
+        cfg.check_patch_grid(str(ckpt_path))
+    except ConfigError as e:
+        return [e.message]
+    return []
+
+
+def _features(
+    ck: Checkpoint, backend: str, feats: Features, splits: tuple, batch_size: int, cache: tuple[Path, str] | None,
+    notes: list[str], timings: dict[str, float], on_batch: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray, bool]:  # fmt: skip
+    """(train, test) features and whether they came from `cache` (entry, key); else extracted and stored there."""
+    train, test = splits
+    if cache is not None and cache[0].exists():
+        got = load_cached(cache[0], cache[1], (len(train), len(test)))
+        if not isinstance(got, str):
+            return *got, True
+        notes.append(f"cache entry {cache[0]} not used: {got}; recomputed")
+    t = time.perf_counter()
+    extractor = make_extractor(ck, ck.cfg, backend, feats)
+    timings["load_model"] = time.perf_counter() - t
+    t = time.perf_counter()
+    total, done = len(train) + len(test), 0
+    bs = min(batch_size, max(len(train), len(test)))
+
+    def step(k: int) -> None:
+        nonlocal done
+        done += k
+        if on_batch:
+            on_batch(done, total)
+
+    x_train, x_test = (extract(extractor, d.images, ck.cfg, bs, backend == "jax", step) for d in (train, test))
+    timings["features"] = time.perf_counter() - t
+    if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
+        raise DataError("the model's features hold NaN or infinite values", hint="check the checkpoint with `vitctl verify`")
+    if cache is not None:
+        save_cached(*cache, x_train, x_test)
+    return x_train, x_test, False

@@ -408,17 +408,44 @@ def verify(
     images: str | Path | None = None, precision: str = "fp32", run_diagnose: bool = False, prefix_a: str | None = None,
     prefix_b: str | None = None, rel_tol: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The whole check; returns the report (see module docstring). Raises only for usage errors."""
+    """The whole check of A against B (each a checkpoint directory, a big_vision .npz or hf://...);
+    returns the report (see module docstring). Raises only for usage errors and unreadable headers."""
     if precision not in PRESETS:
         raise ConfigError(f"unknown --precision '{precision}'", hint="choose fp32 or bf16")
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1, got {batch}")
     t0 = time.perf_counter()
-    preset = PRESETS[precision]
     given = {"--tolerance": tolerance, "--rtol": rtol, "--rel-tol": rel_tol}
-    tol = Tolerance(*(p if v is None else v for p, v in zip(dataclasses.astuple(preset), given.values())))
+    tol = Tolerance(*(p if v is None else v for p, v in zip(dataclasses.astuple(PRESETS[precision]), given.values())))
     settings = set_precision(precision)
     side_a, side_b = open_side(a, "A", prefix_a), open_side(b, "B", prefix_b)
+    report = _header(side_a, side_b, tol, settings)
+    names, files = [], []
+    if images is not None:
+        names, files = preprocess.load_image_files(images, channels=side_a.cfg.channels)
+    inputs = preprocess.random_images(batch, side_a.cfg.image_size, side_a.cfg.channels, seed) + files
+    report["inputs"] = {"seeded": batch, "seed": seed, "image_files": names}
+    try:
+        b_params = side_b.params()
+        report["weights"] = compare_weights(side_a, b_params)
+        out_b = run_side(side_b, run_config(side_b.cfg, precision), b_params, inputs)
+        out_a = run_side(side_a, run_config(side_a.cfg, precision), side_a.params(), inputs)
+    except CheckpointError as e:  # missing or unexpected tensors, corrupt files: a failed check
+        problem = e.message + (f" ({e.hint})" if e.hint else "")
+        report.update(passed=False, problems=[problem], layers=[], first_divergent=None, max_abs=None)
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return report
+    result = compare_outputs(out_a, out_b, tol)
+    bf16_weights = "bfloat16" in (side_a.cfg.param_dtype, side_b.cfg.param_dtype)
+    _verdict(report, result, precision, [(f, v) for f, v in given.items() if v is not None], bf16_weights)
+    if run_diagnose and not report["passed"] and not result["unmatched_layers"]:
+        report.update(_diagnosis(report, side_b, b_params, inputs, out_a, tol, precision, result), hint=None)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _header(side_a: Side, side_b: Side, tol: Tolerance, settings: dict[str, Any]) -> dict[str, Any]:
+    """What the report says before anything runs: the sides, the bars, the settings, the config differences."""
     report: dict[str, Any] = {
         "a": {"path": str(side_a.path), "format": side_a.format, "backend": side_a.backend},
         "b": {"path": str(side_b.path), "format": side_b.format, "backend": side_b.backend},
@@ -430,47 +457,31 @@ def verify(
         import timm as timm_lib
 
         report["settings"]["timm"] = timm_lib.__version__
+    return report
 
-    names, files = [], []
-    if images is not None:
-        names, files = preprocess.load_image_files(images, channels=side_a.cfg.channels)
-    inputs = preprocess.random_images(batch, side_a.cfg.image_size, side_a.cfg.channels, seed) + files
-    report["inputs"] = {"seeded": batch, "seed": seed, "image_files": names}
 
+def _verdict(report: dict[str, Any], result: dict[str, Any], precision: str, given: list[tuple[str, float]], bf16_weights: bool) -> None:
+    """Adds the comparison, the problems, the verdict, the round-off judgement and the hint to `report`."""
     problems = []
-    try:
-        b_params = side_b.params()
-        report["weights"] = compare_weights(side_a, b_params)
-        out_b = run_side(side_b, run_config(side_b.cfg, precision), b_params, inputs)
-        out_a = run_side(side_a, run_config(side_a.cfg, precision), side_a.params(), inputs)
-    except CheckpointError as e:  # missing or unexpected tensors, corrupt files: a failed check
-        report.update(
-            passed=False, problems=[e.message + (f" ({e.hint})" if e.hint else "")], layers=[], first_divergent=None, max_abs=None
-        )
-        report["seconds"] = round(time.perf_counter() - t0, 3)
-        return report
     if report["weights"]["only_in_a"] or report["weights"]["only_in_b"]:
         problems.append("the checkpoints hold different tensors (see weights.only_in_a / only_in_b)")
-    result = compare_outputs(out_a, out_b, tol)
     report.update(result)
     if result["unmatched_layers"]:
         problems.append(f"outputs differ in shape or name: {', '.join(result['unmatched_layers'])}")
     report["passed"] = result["first_divergent"] is None and not problems
     report["problems"] = problems
-    bf16_weights = "bfloat16" in (side_a.cfg.param_dtype, side_b.cfg.param_dtype)
     if precision == "bf16" or bf16_weights:
         report["roundoff"] = roundoff(result)
     if not report["passed"]:
-        report["hint"] = hint(report, precision, [(f, v) for f, v in given.items() if v is not None])
-    if run_diagnose and not report["passed"] and not result["unmatched_layers"]:
-        if report.get("roundoff", {}).get("consistent"):
-            report["diagnosis"] = []
-            report["diagnosis_note"] = (
-                f"differences are consistent with bf16 round-off: {report['roundoff']['summary']}; no convention is flipped"
-            )
-        else:
-            report["diagnosis"] = diagnose(side_b, b_params, inputs, out_a, tol, precision, result)
-            report["diagnosis_note"] = diagnosis_note(report["diagnosis"], precision)
-        report["hint"] = None
-    report["seconds"] = round(time.perf_counter() - t0, 3)
-    return report
+        report["hint"] = hint(report, precision, given)
+
+
+def _diagnosis(
+    report: dict[str, Any], side_b: Side, b_params: dict, inputs: list, out_a: dict, tol: Tolerance, precision: str, result: dict
+) -> dict[str, Any]:
+    """--diagnose: the flips on B and what they show; none where the differences are bf16 round-off."""
+    if report.get("roundoff", {}).get("consistent"):
+        note = f"differences are consistent with bf16 round-off: {report['roundoff']['summary']}; no convention is flipped"
+        return {"diagnosis": [], "diagnosis_note": note}
+    diagnosis = diagnose(side_b, b_params, inputs, out_a, tol, precision, result)
+    return {"diagnosis": diagnosis, "diagnosis_note": diagnosis_note(diagnosis, precision)}

@@ -126,38 +126,29 @@ def _progress(total: int) -> Progress:
 
 def _convert(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dtype, max_shard_size: str | None, source_format: SourceFormat | None,
              model: str | None, prefix: str | None, force: bool, dry_run: bool, json: bool) -> None:  # fmt: skip
-    from vitctl.convert import convert as cv
-
-    with cv.tuned_process():  # process-wide: malloc tuning, no cyclic gc
-        _convert_tuned(direction, src, dst, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size, source_format=source_format,
-                       model=model, prefix=prefix, force=force, dry_run=dry_run, json=json)  # fmt: skip
-
-
-def _convert_tuned(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dtype, max_shard_size: str | None,
-                   source_format: SourceFormat | None, model: str | None, prefix: str | None, force: bool, dry_run: bool,
-                   json: bool) -> None:  # fmt: skip
     from vitctl.cli._options import resolve
     from vitctl.convert import convert as cv
-    from vitctl.hub import resolve_checkpoint
+    from vitctl.open import locate
 
-    src = resolve_checkpoint(src, backend="jax" if direction == "jax-to-torch" else "torch", must_exist=True)
+    src = locate(src, fetch=cv.DIRECTIONS[direction].fetch, must_exist=True)
     cfg = resolve(model)[1] if model is not None else None
     source = source_format.value if source_format else None
-    plan = cv.plan(src, dst, direction, fmt, dtype.value, max_shard_size, source, cfg, prefix, force)
-    try:
-        for note in plan.source.notes:
-            err.print(f"note: {note}", markup=False)
-        if dry_run:
-            summary = {**plan.summary(), "dry_run": True}
-            if json:
-                print_json(summary)
-            else:
-                _print_plan(summary)
-            return
-        with _progress(plan.bytes) as bar:
-            result = cv.run(plan, force, progress=lambda n: bar.advance(bar.task_ids[0], n))
-    finally:
-        plan.source.close()
+    with cv.tuned_process():  # process-wide, for this command: malloc tuned for large buffers, no cyclic gc
+        plan = cv.plan(src, dst, direction, fmt, dtype.value, max_shard_size, source, cfg, prefix, force)
+        try:
+            for note in plan.source.notes:
+                err.print(f"note: {note}", markup=False)
+            if dry_run:
+                summary = {**plan.summary(), "dry_run": True}
+                if json:
+                    print_json(summary)
+                else:
+                    _print_plan(summary)
+                return
+            with _progress(plan.bytes) as bar:
+                result = cv.run(plan, force, progress=lambda n: bar.advance(bar.task_ids[0], n))
+        finally:
+            plan.source.close()
     result["dry_run"] = False
     if json:
         print_json(result)

@@ -89,9 +89,9 @@ def probe(
     json_: JsonOpt = False,
 ) -> None:
     """Linear-probe and few-shot accuracy of a checkpoint's frozen features, on either backend."""
-    from vitctl.hub import resolve_checkpoint
+    from vitctl.open import locate
 
-    ckpt = resolve_checkpoint(ckpt, backend=backend.value if backend else "all", must_exist=True)
+    ckpt = locate(ckpt, fetch=backend.value if backend else "all", must_exist=True)
     result = probe_with_progress(
         ckpt, data, quiet=json_, backend=backend.value if backend else None, layer=layer, pool=pool.value if pool else None,
         mode=mode.value, shots=parse_shots(shots), seeds=seeds, l2=l2, batch_size=batch_size, use_cache=not no_cache,

@@ -92,16 +92,12 @@ def verify(
     json_: JsonOpt = False,
 ) -> None:
     """Prove that two checkpoints compute the same function, or point at the first layer that does not."""
-    for flag, value in (("--tolerance", tolerance), ("--rtol", rtol), ("--rel-tol", rel_tol)):
-        if value is not None and not (math.isfinite(value) and value >= 0):  # nan compares false: it would pass nothing, or everything
-            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}", hint=f"e.g. {flag} 1e-5 (fp32) or 1e-1 (bf16)")
-    if batch < 1:
-        raise ConfigError(f"--batch must be at least 1, got {batch}", hint="e.g. --batch 4")
+    _check_options(tolerance, rtol, rel_tol, batch)
     from vitctl import checkpoint
-    from vitctl.hub import resolve_checkpoint
+    from vitctl.open import locate
     from vitctl.verify import verify as run
 
-    a, b = resolve_checkpoint(a), resolve_checkpoint(b)
+    a, b = locate(a), locate(b)
     result = run(
         a, b, tolerance=tolerance, rtol=rtol, rel_tol=rel_tol, batch=batch, seed=seed, images=images, precision=precision.value,
         run_diagnose=diagnose,
@@ -113,3 +109,11 @@ def verify(
     else:
         show_verify(result)
     raise typer.Exit(0 if result["passed"] else 1)
+
+
+def _check_options(tolerance: float | None, rtol: float | None, rel_tol: float | None, batch: int) -> None:
+    for flag, value in (("--tolerance", tolerance), ("--rtol", rtol), ("--rel-tol", rel_tol)):
+        if value is not None and not (math.isfinite(value) and value >= 0):  # nan compares false: it would pass nothing, or everything
+            raise ConfigError(f"{flag} must be a finite number >= 0, got {value}", hint=f"e.g. {flag} 1e-5 (fp32) or 1e-1 (bf16)")
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1, got {batch}", hint="e.g. --batch 4")
