@@ -381,9 +381,8 @@ def convert_once(case: Case, src: Path, dst: Path, variant: Variant, session: Se
     session.gate.wait()
     args = ["convert", case.direction, str(src), str(dst), *case.args, "--json"]
     launch = [sys.executable, "-c", UNTUNED_LAUNCH] if variant.untuned else session.vitctl
-    env = {**os.environ, PLAIN_ENV: variant.plain} if variant.plain else None
-    if variant.tree:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([variant.tree, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    launch = [sys.executable, "-P", "-m", "vitctl"] if variant.tree else launch  # -P: not the current directory's vitctl
+    env = {**os.environ, PLAIN_ENV: variant.plain, "PYTHONPATH": variant.tree or os.environ.get("PYTHONPATH", "")}
     log(f"  {variant.name + ': ' if variant.name else ''}vitctl {' '.join(args)} ...")
     try:
         run = B.run_command([*launch, *args], session.args.timeout, env=env)
