@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vitctl.params import check_coverage
+
 if TYPE_CHECKING:
     from vitctl.config import ViTConfig
     from vitctl.model_jax.model import ViT
@@ -40,8 +42,6 @@ def flat_params(model: ViT) -> dict[str, jax.Array]:
 
 def load_flat_params(model: ViT, flat: dict) -> None:
     """Sets every parameter from `flat` (as from flat_params); shapes and names must match exactly."""
-    from vitctl.convert.mapping import check_coverage
-
     current = flat_params(model)
     check_coverage({n: tuple(w.shape) for n, w in flat.items()}, {n: tuple(w.shape) for n, w in current.items()}, "the JAX parameters")
     state = nnx.state(model, nnx.Param)
