@@ -115,8 +115,10 @@ def probe_torch_cast_at_use(cfg: ViTConfig) -> str:
     return ""
 
 
-# ----------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+# ----------------------------------------------------------------------------- options
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with --warmup, --iters and --max-wait resolved to numbers (their
+    defaults depend on --quick)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--quick",
@@ -149,40 +151,44 @@ def main(argv=None) -> int:
         p.error("batch sizes must be positive")
     if (args.iters is not None and args.iters < 1) or (args.warmup is not None and args.warmup < 0):
         p.error("--iters must be at least 1 and --warmup at least 0")
-    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
-    iters = args.iters if args.iters is not None else (1 if args.quick else 3)
-    B = args.batch_size
-    gate = C.QuietGate(args.max_wait if args.max_wait is not None else (20.0 if args.quick else 60.0))
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.iters is None:
+        args.iters = 1 if args.quick else 3
+    if args.max_wait is None:
+        args.max_wait = 20.0 if args.quick else 60.0
+    return args
 
-    monitor = C.LoadMonitor()
+
+def describe_settings(args: argparse.Namespace, cores: int) -> dict[str, str]:
+    """The frameworks' threading and kernels, and the timing method: printed above the tables."""
+    import jax
     import torch
 
-    cores = C.num_cores()
-    torch.set_num_threads(cores)
-    import jax
-
-    settings = {
+    return {
         "cpu": C.cpu_description(),
         "torch": f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads (set_num_threads({cores})), "
         f"{torch.get_num_interop_threads()} inter-op, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
         f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, mkldnn {'on' if torch.backends.mkldnn.is_available() else 'off'}",
         "jax": f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, XLA CPU intra-op pool = all "
         f"{cores} cores (XLA default), XLA_FLAGS={os.environ.get('XLA_FLAGS', 'unset')}, default matmul precision (fp32 = full)",
-        "method": f"batch {B}, 224 px, {warmup} warm-up + {iters} timed rounds, rows of one (config, dtype) interleaved; "
-        "images/s = batch / best round (median also shown); torch.inference_mode()",
+        "method": f"batch {args.batch_size}, 224 px, {args.warmup} warm-up + {args.iters} timed rounds, rows of one (config, dtype) "
+        "interleaved; images/s = batch / best round (median also shown); torch.inference_mode()",
     }
 
-    # --- GEMM peaks ---------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------- GEMM peaks
+def measure_gemm(shapes, batch: int, quick: bool, gate) -> dict[str, dict]:
+    """label -> {shape: GFLOP/s} of each framework's GEMM on the model's shapes."""
     cfg0 = CONFIGS["classic"][0]
-    shapes = C.gemm_shapes(cfg0, B)
     # bf16 may hit a reference kernel: the batch's MLP-in shape and the batch-1 one (the
     # torch bf16 rows fall back to batch 1 there) are enough.
-    bf16_shapes = [shapes[0], (cfg0.seq_len, cfg0.width, cfg0.mlp_dim)] if B > 1 else shapes[:1]
-    gemm: dict[str, dict] = {}  # label -> {shape: GFLOP/s}
+    bf16_shapes = [shapes[0], (cfg0.seq_len, cfg0.width, cfg0.mlp_dim)] if batch > 1 else shapes[:1]
+    gemm: dict[str, dict] = {}
     gate.wait()
     log("GEMM: torch fp32 (F.linear, MKL) ...")
     gemm["torch fp32 F.linear (MKL)"] = C.torch_gemm_gflops("float32", shapes)
-    if not args.quick:
+    if not quick:
         log("GEMM: torch fp32 (oneDNN MkldnnLinear) ...")
         gemm["torch fp32 MkldnnLinear (oneDNN)"] = C.torch_mkldnn_gemm_gflops(shapes)
     log("GEMM: torch bf16 (F.linear) ...")
@@ -190,120 +196,116 @@ def main(argv=None) -> int:
     log("GEMM: XLA fp32 and bf16 (jit a @ b) ...")
     gemm["XLA fp32 jit(a @ b)"] = C.xla_gemm_gflops("float32", shapes)
     gemm["XLA bf16 jit(a @ b)"] = C.xla_gemm_gflops("bfloat16", shapes)
+    return gemm
 
-    def peak(framework: str, dtype: str) -> tuple[str, float]:
-        prefix = ("torch " if framework == "torch" else "XLA ") + DT_SHORT[dtype]
-        label, rates = max(((k, v) for k, v in gemm.items() if k.startswith(prefix)), key=lambda kv: max(kv[1].values()))
-        return label, max(rates.values())
 
-    torch_bf16_slow = peak("torch", "bfloat16")[1] < 0.25 * peak("torch", "float32")[1]
-    B16 = args.bf16_batch_size or (1 if torch_bf16_slow else B)
+def measure_gemm_again(gemm: dict[str, dict], shapes, gate) -> None:
+    """A second look at the peaks after the models, so one busy moment cannot set them."""
+    gate.wait()
+    log("GEMM: second pass (torch fp32, XLA fp32 and bf16; model shapes) ...")
+    again = {
+        "torch fp32 F.linear (MKL)": C.torch_gemm_gflops("float32", shapes),
+        "torch fp32 MkldnnLinear (oneDNN)": C.torch_mkldnn_gemm_gflops(shapes),
+        "XLA fp32 jit(a @ b)": C.xla_gemm_gflops("float32", shapes),
+        "XLA bf16 jit(a @ b)": C.xla_gemm_gflops("bfloat16", shapes),
+    }
+    for label, rates in again.items():
+        for shape, r in rates.items():
+            gemm[label][shape] = max(gemm[label][shape], r)
 
-    # --- models -------------------------------------------------------------------------
-    groups: list[list[Entry]] = []
-    notes: list[str] = []
+
+def peak(gemm: dict[str, dict], framework: str, dtype: str) -> tuple[str, float]:
+    """(label, GFLOP/s) of the best GEMM measured for a framework and dtype."""
+    prefix = ("torch " if framework == "torch" else "XLA ") + DT_SHORT[dtype]
+    label, rates = max(((k, v) for k, v in gemm.items() if k.startswith(prefix)), key=lambda kv: max(kv[1].values()))
+    return label, max(rates.values())
+
+
+# ----------------------------------------------------------------------------- models
+def torch_entries(label: str, dtype: str, batch: int, args: argparse.Namespace, notes: list[str]) -> list[Entry]:
+    """vitctl-torch and timm rows of one (config, dtype); a failed bf16 cast-at-use probe adds a note."""
+    base_cfg, timm_name = CONFIGS[label]
+    d = DT_SHORT[dtype]
+    timm_entry = f"timm {label} {d}"
+    log(f"build: {label} {d} ...")
+    timm = Entry(timm_entry, "torch", label, dtype, batch, torch_timm(base_cfg, dtype, batch), base_cfg, note=timm_name)
+    err = ""
+    if dtype == "float32":
+        cfg, tnote = base_cfg, ""
+    else:
+        cfg, tnote = dataclasses.replace(base_cfg, dtype=dtype, param_dtype=dtype), "param_dtype bf16"
+        err = probe_torch_cast_at_use(base_cfg)
+        if err:
+            notes.append(f"vitctl-torch {label}: dtype=bfloat16 with fp32 params fails ({err})")
+    group = [Entry(f"vitctl-torch {label} {d}", "torch", label, dtype, batch, torch_vitctl(cfg, batch), cfg, timm_entry, tnote)]
+    if dtype == "bfloat16" and label == "parallel" and not err and args.extra:
+        cast = dataclasses.replace(base_cfg, dtype=dtype)
+        call = torch_vitctl(cast, batch)
+        group.append(Entry(f"vitctl-torch {label} {d} params fp32", "torch", label, dtype, batch, call, cast, timm_entry, "cast at use"))
+    group.append(timm)
+    if label == "parallel" and dtype == "float32" and not args.quick:
+        unfused = dataclasses.replace(cfg, fused=False)
+        call = torch_vitctl(unfused, batch)
+        note = "no per-call weight concat"
+        group.append(Entry(f"vitctl-torch {label} {d} fused=False", "torch", label, dtype, batch, call, unfused, timm_entry, note))
+    return group
+
+
+def jax_entries(label: str, dtype: str, batch: int, args: argparse.Namespace) -> list[Entry]:
+    """vitctl-jax rows of one (config, dtype), each compiled ahead of time."""
+    base_cfg = CONFIGS[label][0]
+    d = DT_SHORT[dtype]
+    variants = [(dataclasses.replace(base_cfg, dtype=dtype), "" if dtype == "float32" else "params fp32, cast at use")]
+    if label == "parallel" and dtype == "bfloat16" and args.extra:
+        variants.append((dataclasses.replace(base_cfg, dtype=dtype, param_dtype=dtype), "param_dtype bf16"))
+    if label == "parallel" and dtype == "float32" and not args.quick:
+        variants.append((dataclasses.replace(base_cfg, fused=False), "fused=False"))
+    entries = []
+    for jcfg, jnote in variants:
+        log(f"compile: vitctl-jax {label} {d} {jnote} ...")
+        call, compile_s = C.jax_forward(jcfg, batch)
+        suffix = "" if not jnote or jnote.startswith("params fp32") else " " + jnote
+        note = ", ".join(filter(None, [jnote if not suffix else "", f"compile {compile_s:.1f} s"]))
+        entries.append(Entry(f"vitctl-jax {label} {d}{suffix}", "jax", label, dtype, batch, call, jcfg, f"timm {label} {d}", note))
+    return entries
+
+
+def measure_models(args: argparse.Namespace, bf16_batch: int, gate, notes: list[str]) -> list[list[Entry]]:
+    """Every row, in groups of one (config, dtype), each group timed interleaved."""
+    groups = []
     for dtype in ("float32", "bfloat16"):
-        for label, (base_cfg, timm_name) in CONFIGS.items():
-            d = DT_SHORT[dtype]
-            tb = B16 if dtype == "bfloat16" else B
-            group = []
-            timm_entry = f"timm {label} {d}"
-            log(f"build: {label} {d} ...")
-            group.append(Entry(timm_entry, "torch", label, dtype, tb, torch_timm(base_cfg, dtype, tb), base_cfg, note=timm_name))
-            err = ""
-            if dtype == "float32":
-                cfg = base_cfg
-                tnote = ""
-            else:
-                cfg = dataclasses.replace(base_cfg, dtype=dtype, param_dtype=dtype)
-                tnote = "param_dtype bf16"
-                err = probe_torch_cast_at_use(base_cfg)
-                if err:
-                    notes.append(f"vitctl-torch {label}: dtype=bfloat16 with fp32 params fails ({err})")
-            group.insert(0, Entry(f"vitctl-torch {label} {d}", "torch", label, dtype, tb, torch_vitctl(cfg, tb), cfg, timm_entry, tnote))
-            if dtype == "bfloat16" and label == "parallel" and not err and args.extra:
-                cast = dataclasses.replace(base_cfg, dtype=dtype)
-                group.insert(
-                    1,
-                    Entry(
-                        f"vitctl-torch {label} {d} params fp32",
-                        "torch",
-                        label,
-                        dtype,
-                        tb,
-                        torch_vitctl(cast, tb),
-                        cast,
-                        timm_entry,
-                        "cast at use",
-                    ),
-                )
-            if label == "parallel" and dtype == "float32" and not args.quick:
-                unfused = dataclasses.replace(cfg, fused=False)
-                group.append(
-                    Entry(
-                        f"vitctl-torch {label} {d} fused=False",
-                        "torch",
-                        label,
-                        dtype,
-                        tb,
-                        torch_vitctl(unfused, tb),
-                        unfused,
-                        timm_entry,
-                        "no per-call weight concat",
-                    )
-                )
-            jax_variants = [(dataclasses.replace(base_cfg, dtype=dtype), "" if dtype == "float32" else "params fp32, cast at use")]
-            if label == "parallel" and dtype == "bfloat16" and args.extra:
-                jax_variants.append((dataclasses.replace(base_cfg, dtype=dtype, param_dtype=dtype), "param_dtype bf16"))
-            if label == "parallel" and dtype == "float32" and not args.quick:
-                jax_variants.append((dataclasses.replace(base_cfg, fused=False), "fused=False"))
-            for jcfg, jnote in jax_variants:
-                log(f"compile: vitctl-jax {label} {d} {jnote} ...")
-                call, compile_s = C.jax_forward(jcfg, B)
-                suffix = "" if not jnote or jnote.startswith("params fp32") else " " + jnote
-                note = ", ".join(filter(None, [jnote if not suffix else "", f"compile {compile_s:.1f} s"]))
-                group.append(Entry(f"vitctl-jax {label} {d}{suffix}", "jax", label, dtype, B, call, jcfg, timm_entry, note))
-            log(f"time: {label} {d}: " + ", ".join(e.name for e in group) + " ...")
-            for e, ts in zip(group, C.interleaved_times({e.name: e.call for e in group}, warmup, iters, gate).values()):
+        for label in CONFIGS:
+            torch_batch = bf16_batch if dtype == "bfloat16" else args.batch_size
+            group = torch_entries(label, dtype, torch_batch, args, notes) + jax_entries(label, dtype, args.batch_size, args)
+            log(f"time: {label} {DT_SHORT[dtype]}: " + ", ".join(e.name for e in group) + " ...")
+            for e, ts in zip(group, C.interleaved_times({e.name: e.call for e in group}, args.warmup, args.iters, gate).values()):
                 e.times = ts
             groups.append(group)
+    return groups
 
-    if not args.quick:  # a second look at the peaks, so one busy moment cannot set them
-        gate.wait()
-        log("GEMM: second pass (torch fp32, XLA fp32 and bf16; model shapes) ...")
-        again = {
-            "torch fp32 F.linear (MKL)": C.torch_gemm_gflops("float32", shapes),
-            "torch fp32 MkldnnLinear (oneDNN)": C.torch_mkldnn_gemm_gflops(shapes),
-            "XLA fp32 jit(a @ b)": C.xla_gemm_gflops("float32", shapes),
-            "XLA bf16 jit(a @ b)": C.xla_gemm_gflops("bfloat16", shapes),
-        }
-        for label, rates in again.items():
-            for shape, r in rates.items():
-                gemm[label][shape] = max(gemm[label][shape], r)
 
-    # --- report -------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- report
+def report_rows(groups: list[list[Entry]], gemm: dict[str, dict]) -> tuple[list[dict], list[list[str]]]:
+    """(the JSON rows, the forward table's rows)."""
     entries = {e.name: e for g in groups for e in g}
     rows_json, table = [], []
     for label, rates in gemm.items():
         for shape, r in rates.items():
             rows_json.append(C.Row(f"gemm {label} {C.fmt_shape(shape)}", r, "GFLOP/s").as_dict())
-    for g in groups:
-        for e in g:
-            base = entries.get(e.baseline) if e.baseline else None
-            ratio = e.img_s / base.img_s if base else None
-            plabel, pval = peak(e.framework, e.dtype)
-            rows_json.append(C.Row(f"{e.name} images/s", e.img_s, "images/s", f"{e.baseline} images/s" if base else None, ratio).as_dict())
-            rows_json.append(C.Row(f"{e.name} GFLOP/s", e.gflops, "GFLOP/s", f"gemm peak {plabel}", e.gflops / pval).as_dict())
-            table.append([
-                e.name, str(e.batch), f"{e.img_s:.2f}", f"{e.median_img_s:.2f}", f"{min(e.times):.3f}", f"{e.gflops:.1f}",
-                f"{ratio:.2f}x" if ratio else "-", f"{100 * e.gflops / pval:.0f}% of {plabel}", e.note,
-            ])  # fmt: skip
-    load = monitor.summary()
-    load_line = monitor.describe()
-    if args.json:
-        print(json.dumps({"rows": rows_json, "settings": settings, "notes": notes, "load": {**load, "quiet_gate": gate.describe()}}))
-        return 0
+    for e in (e for g in groups for e in g):
+        base = entries.get(e.baseline) if e.baseline else None
+        ratio = e.img_s / base.img_s if base else None
+        plabel, pval = peak(gemm, e.framework, e.dtype)
+        rows_json.append(C.Row(f"{e.name} images/s", e.img_s, "images/s", f"{e.baseline} images/s" if base else None, ratio).as_dict())
+        rows_json.append(C.Row(f"{e.name} GFLOP/s", e.gflops, "GFLOP/s", f"gemm peak {plabel}", e.gflops / pval).as_dict())
+        table.append([
+            e.name, str(e.batch), f"{e.img_s:.2f}", f"{e.median_img_s:.2f}", f"{min(e.times):.3f}", f"{e.gflops:.1f}",
+            f"{ratio:.2f}x" if ratio else "-", f"{100 * e.gflops / pval:.0f}% of {plabel}", e.note,
+        ])  # fmt: skip
+    return rows_json, table
 
+
+def print_header(settings: dict[str, str], gemm: dict[str, dict], batch: int, bf16_batch: int) -> None:
     print("vitctl forward benchmark (bench/forward.py)")
     for k, v in settings.items():
         print(f"  {k}: {v}")
@@ -318,13 +320,16 @@ def main(argv=None) -> int:
     print("  FLOPs/image = 2*MACs: 2*Np*P*P*C*D + L*(2*T*(4*D*D + 2*D*F) + 4*T*T*D) + 2*D*classes (+ MAP head if any)")
     print("  bf16: timm = model.to(torch.bfloat16), bf16 input (no autocast); vitctl-torch = dtype+param_dtype bfloat16;")
     print("        vitctl-jax = dtype bfloat16 with fp32 params cast at use (unless the row says param_dtype bf16)")
-    if B16 != B:
-        print(f"  torch bf16 rows run at batch {B16}: torch's bf16 GEMM here is {peak('torch', 'bfloat16')[1]:.1f} GFLOP/s "
-              f"vs {peak('torch', 'float32')[1]:.1f} fp32 (no native bf16 kernel on this CPU); --bf16-batch-size {B} to override")  # fmt: skip
+    if bf16_batch != batch:
+        print(f"  torch bf16 rows run at batch {bf16_batch}: torch's bf16 GEMM here is {peak(gemm, 'torch', 'bfloat16')[1]:.1f} GFLOP/s "
+              f"vs {peak(gemm, 'torch', 'float32')[1]:.1f} fp32 (no native bf16 kernel on this CPU); --bf16-batch-size {batch} to override")  # fmt: skip
     print()
+
+
+def print_tables(gemm: dict[str, dict], table: list[list[str]], quick: bool) -> None:
     gemm_rows = [[label, C.fmt_shape(s), f"{r:.1f}"] for label, rates in gemm.items() for s, r in rates.items()]
     C.print_table(
-        "GEMM peak (best of repeated calls" + ("" if args.quick else ", two passes: before and after the models") + ")",
+        "GEMM peak (best of repeated calls" + ("" if quick else ", two passes: before and after the models") + ")",
         ["kernel", "shape (MxK)@(KxN)", "GFLOP/s"],
         gemm_rows,
     )
@@ -333,9 +338,12 @@ def main(argv=None) -> int:
         ["model", "batch", "img/s (best)", "img/s (median)", "s/batch (best)", "GFLOP/s", "vs timm same cfg+dtype", "of GEMM peak", "note"],
         table,
     )
+
+
+def print_footer(notes: list[str], groups: list[list[Entry]], gemm: dict[str, dict], load: dict, load_line: str, gate) -> None:
     for n in notes:
         print(f"note: {n}")
-    if any(e.gflops > peak(e.framework, e.dtype)[1] for g in groups for e in g):
+    if any(e.gflops > peak(gemm, e.framework, e.dtype)[1] for g in groups for e in g):
         print(
             "note: above 100% of the GEMM peak: the GEMM probe met a busier moment than the model did, or the model's shapes suit the kernel better"
         )
@@ -346,6 +354,35 @@ def main(argv=None) -> int:
               "(interleaved ratios hold better); rerun on a quiet machine or raise --max-wait")  # fmt: skip
     elif load.get("other_processes_frac", 0) > 0.1:
         print("note: other processes were busy at times; timed calls were held back until the CPUs were quiet")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    B = args.batch_size
+    gate = C.QuietGate(args.max_wait)
+    monitor = C.LoadMonitor()
+    import torch
+
+    cores = C.num_cores()
+    torch.set_num_threads(cores)
+    settings = describe_settings(args, cores)
+    shapes = C.gemm_shapes(CONFIGS["classic"][0], B)
+    gemm = measure_gemm(shapes, B, args.quick, gate)
+    torch_bf16_slow = peak(gemm, "torch", "bfloat16")[1] < 0.25 * peak(gemm, "torch", "float32")[1]
+    B16 = args.bf16_batch_size or (1 if torch_bf16_slow else B)
+    notes: list[str] = []
+    groups = measure_models(args, B16, gate, notes)
+    if not args.quick:
+        measure_gemm_again(gemm, shapes, gate)
+    rows_json, table = report_rows(groups, gemm)
+    load, load_line = monitor.summary(), monitor.describe()
+    if args.json:
+        print(json.dumps({"rows": rows_json, "settings": settings, "notes": notes, "load": {**load, "quiet_gate": gate.describe()}}))
+        return 0
+    print_header(settings, gemm, B, B16)
+    print_tables(gemm, table, args.quick)
+    print_footer(notes, groups, gemm, load, load_line, gate)
     return 0
 
 
