@@ -63,7 +63,7 @@ class Norm(nnx.Module):
         self.center, self.eps = cfg.norm == "layernorm", cfg.norm_eps
 
     def __call__(self, x):
-        # The centered formula for layernorm (not E[x^2]-E[x]^2), as the torch side's kernels.
+        # The centered formula for layernorm (not E[x^2]-E[x]^2), the one the torch kernels compute.
         y, w = x.astype(jnp.float32), self.scale[...].astype(jnp.float32)
         b = None if self.bias is None else self.bias[...].astype(jnp.float32)
         if self.center:
