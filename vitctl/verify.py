@@ -23,8 +23,9 @@ LayerNorm/RMSNorm, softmax dtype, QKV head layout) and names the flips that pass
 least halve the error; differences consistent with bf16 round-off are called that, and
 no flip is tried.
 
-Backends: vitctl-jax and big_vision .npz run the JAX model, vitctl-torch the PyTorch
-model, a timm export timm's own model (timm.create_model from config.json).
+Sides: anything vitctl.open opens (a checkpoint directory, a big_vision .npz, hf://...).
+vitctl-jax and big_vision .npz run the JAX model, vitctl-torch the PyTorch model, a timm
+export timm's own model (timm.create_model from config.json).
 """
 
 from __future__ import annotations
