@@ -80,9 +80,10 @@ def models(json: JsonOpt = False) -> None:
 @commands.command("info", epilog=INFO_EXAMPLES)
 def info(model: ModelArg, json: JsonOpt = False) -> None:
     """Show a model's config, exact parameter counts and bytes per dtype (no weights allocated)."""
-    from vitctl.hub import is_hub_uri, resolve_checkpoint
+    from vitctl.hub import is_hub_uri
+    from vitctl.open import locate
 
-    local = str(resolve_checkpoint(model, backend="config")) if is_hub_uri(model) else model  # hf://: config.json only
+    local = str(locate(model, fetch="config")) if is_hub_uri(model) else model  # hf://: config.json only
     name, (_, cfg, path) = model, resolve(local)
     result: dict[str, Any] = {"name": name, "config": cfg.to_dict(), **sizes(cfg)}
     if warning := _grid_warning(cfg, name):
