@@ -410,10 +410,10 @@ def time_case(case: Case, session: Session) -> list[Result]:
     done: dict[Variant, list[tuple[Run, dict]]] = {v: [] for v in session.variants}
     failed: set[Variant] = set()
     cached = None
-    for _ in range(session.args.repeat):
+    for k in range(session.args.repeat):
         cp_once(src, copy, session.gate, cps)
         cached = cached_fraction(src) if cached is None else cached
-        for v in session.variants:
+        for v in session.variants[k:] + session.variants[:k]:  # each round starts with the next variant: none always follows cp
             got = None if v in failed else convert_once(case, src, dst, v, session)
             (done[v].append(got) if got else failed.add(v))
     cp_once(src, copy, session.gate, cps)  # the last conversion is bracketed too
