@@ -62,7 +62,7 @@ def test_flops_match_the_compiled_program():
     import jax.numpy as jnp
     from flax import nnx
 
-    from vitctl.model_jax.state import abstract_model
+    from vitctl.model_jax.model import abstract_model
 
     cfg = ViTConfig.from_variant(
         "vit22b-mu/16", width=48, depth=2, mlp_dim=80, num_heads=3, patch_size=8, image_size=32, num_classes=10, scan_layers=False
@@ -188,7 +188,8 @@ def test_plain_flax_baseline_computes_vitctl_jax_function(variant, extra):
     import numpy as np
     from flax import nnx
 
-    from vitctl.model_jax.state import abstract_model, load_flat_params
+    from vitctl.model_jax.model import abstract_model
+    from vitctl.model_jax.state import load_flat_params
 
     cfg = ViTConfig.from_variant(variant, **_SMALL, **extra)
     flat = bench.random_weights(cfg)

@@ -38,7 +38,7 @@ JAX_TOKENS = [
     (r",\s*axes=\([^)]*\)", ""),
     (r",\s*axis=\"\w+\"", ""),
     (r",\s*out_sharding=(\([^)]*\)|[\w.]+(\[[^\]]*\])?)", ""),
-    (r",\s*rngs=rngs", ""),
+    (r",\s*rngs=(rngs|fw\.Rngs\(\w*\))", ""),
     (r"\(rngs=rngs\)", "()"),
     (r"\b(kernel|scale)\b", "weight"),  # parameter leaf names (the mapping renames them)
     (r"\.astype\(", ".to("),

@@ -10,7 +10,8 @@ from tests.conftest import jax_model, random_params, tiny
 from tests.golden import CASES, golden_case
 from vitctl.config import ViTConfig
 from vitctl.convert import mapping
-from vitctl.model_jax.state import abstract_model, flat_params, init_model
+from vitctl.model_jax.model import abstract_model, init_model
+from vitctl.model_jax.state import flat_params
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 from tests.conftest import tiny
 from vitctl.errors import ConfigError
 from vitctl.model_jax import sharding
-from vitctl.model_jax.state import flat_params, init_model
+from vitctl.model_jax.model import init_model
+from vitctl.model_jax.state import flat_params
 
 # Divisible by 2 wherever the rules shard (D, N, F), still all different.
 CFG = tiny(width=48, num_heads=4, mlp_dim=96)

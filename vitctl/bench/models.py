@@ -47,20 +47,18 @@ def timm_model(cfg, dtype: str = "float32"):
 
 def vitctl_torch_model(cfg):
     """vitctl's torch ViT for `cfg`, returning logits only (as timm's)."""
-    import torch
     from torch import nn
 
-    from vitctl.model_torch.model import ViT
+    from vitctl.model_torch.model import init_model
 
     class Logits(nn.Module):
         def __init__(self):
             super().__init__()
-            self.vit = ViT(cfg)
+            self.vit = init_model(cfg, seed=0)
 
         def forward(self, x):
             return self.vit(x)[0]
 
-    torch.manual_seed(0)
     return Logits()
 
 
@@ -108,8 +106,8 @@ def jax_forward(cfg, batch: int) -> tuple[Callable[[], None], float]:
     import numpy as np
     from flax import nnx
 
-    from vitctl.model_jax.model import DTYPES
-    from vitctl.model_jax.state import abstract_model, load_flat_params
+    from vitctl.model_jax.model import DTYPES, abstract_model
+    from vitctl.model_jax.state import load_flat_params
 
     model = abstract_model(cfg)
     load_flat_params(model, {n: w.astype(DTYPES[cfg.param_dtype]) for n, w in random_weights(cfg).items()})

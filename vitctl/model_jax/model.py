@@ -239,5 +239,17 @@ class ViT(nnx.Module):
         return logits, out
 
 
+def init_model(cfg: ViTConfig, seed: int = 0) -> ViT:
+    """A freshly initialised model, drawn from `seed`."""
+    with nnx.use_eager_sharding(False):  # sharding annotations stay metadata: no mesh needed
+        return ViT(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ViTConfig) -> ViT:
+    """The model's shapes and dtypes, with no memory allocated."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))  # jax.eval_shape: abstract arrays only
+
+
 # Stand-in for callers that import these from here; they live in state.py.
-from vitctl.model_jax.state import abstract_model, flat_params, init_model, load_flat_params  # noqa: F401
+from vitctl.model_jax.state import flat_params, load_flat_params  # noqa: F401

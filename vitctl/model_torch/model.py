@@ -243,3 +243,15 @@ class ViT(nn.Module):
         out["pre_logits"] = x
         logits = out["logits"] = self.head(x) if self.head is not None else x
         return logits, out
+
+
+def init_model(cfg: ViTConfig, seed: int = 0) -> ViT:
+    """A freshly initialised model, drawn from `seed`."""
+    torch.manual_seed(seed)  # torch's global generator, the one nn.init draws from
+    return ViT(cfg)
+
+
+def abstract_model(cfg: ViTConfig) -> ViT:
+    """The model's shapes and dtypes, with no memory allocated."""
+    with torch.device("meta"):  # tensors without storage; load_state_dict(..., assign=True) fills them
+        return ViT(cfg)
