@@ -10,7 +10,7 @@ the GPU each framework sees:
   - vitctl-torch train step: bf16 compute on fp32 parameters, cross-entropy, AdamW (fused);
   - timm's model of the same configuration (`timm_spec`), same forward, when timm imports;
   - vitctl-jax forward (jit, bf16 compute) and the train step `vitctl train` runs
-    (vitctl.train.loop.Setup: AdamW, clipping; bf16 compute, fp32 parameters, donated state).
+    (vitctl.train.step.Setup: AdamW, clipping; bf16 compute, fp32 parameters, donated state).
 MFU = FLOPs (vitctl.bench.flops: 2 x every matmul's multiply-adds; a train step 3x the
 forward) / seconds / the chip's dense bf16 peak (H200: 790 TFLOP/s;
 override with --peak-tflops). Each timing is the best of --reps calls after --warmup calls,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vitctl.convert.mapping import random_weights
+from vitctl.params import random_weights
 from vitctl.posemb import posemb_sincos_2d
 
 

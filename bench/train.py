@@ -8,7 +8,7 @@ Configuration: vitctl `vit22b-{size}/16` with pool "tok" (parallel block, QK-nor
 class token), 224 px, fp32; timm's model is built from the same config by
 vitctl.convert.timm.timm_spec (`vit_base_patch16_xp_224`-like), so both compute the same
 function and the same FLOPs. Also vitctl-torch + torch AdamW on the same config.
-- vitctl-jax: vitctl.train.loop.Setup's jitted step (softmax cross-entropy, AdamW,
+- vitctl-jax: vitctl.train.step.Setup's jitted step (softmax cross-entropy, AdamW,
   global-norm clipping 1.0, donated state) on one device.
 - timm / vitctl-torch: cross-entropy, backward, torch.optim.AdamW, zero_grad.
 Measurement (vitctl/bench/): GEMM peaks of torch (MKL, oneDNN) and XLA on the model's

@@ -20,7 +20,7 @@ from pathlib import Path
 from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.convert.convert import convert
-from vitctl.convert.mapping import random_weights
+from vitctl.params import random_weights
 from vitctl.verify import run_config, run_side, set_precision, verify
 
 
@@ -41,8 +41,8 @@ def row(name: str, value: float, baseline: float | None = None, unit: str = "") 
 def measure(cfg: ViTConfig, batch: int) -> tuple[dict, dict, dict]:
     """Writes a random checkpoint with fp32 and bf16 torch copies, times one forward of each
     model as verify runs them, then verify itself; returns (seconds by step, fp32 report, bf16 report)."""
-    from vitctl import preprocess
-    from vitctl.convert.mapping import unstack
+    from vitctl.data import preprocess
+    from vitctl.params import unstack
     from vitctl.verify import Side
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,9 +25,9 @@ from pathlib import Path
 import ml_dtypes
 
 from vitctl import checkpoint as ckpt
-from vitctl import preprocess
 from vitctl.config import ViTConfig
-from vitctl.convert.mapping import random_weights, unstack
+from vitctl.data import preprocess
+from vitctl.params import random_weights, unstack
 from vitctl.verify import PRESETS, Side, compare_outputs, flips, run_config, run_side, set_precision
 
 

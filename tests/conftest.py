@@ -53,14 +53,15 @@ def _fp32_exact():
 
 def random_params(cfg: ViTConfig, seed: int = 0):
     """JAX-named (stacked) float32 numpy parameters with distinct, non-trivial values
-    (vitctl.bench.random_weights: no XLA compile, the same on every backend)."""
-    from vitctl.bench import random_weights
+    (vitctl.params.random_weights: no XLA compile, the same on every backend)."""
+    from vitctl.params import random_weights
 
     return random_weights(cfg, seed)
 
 
 def jax_model(cfg: ViTConfig, params):
-    from vitctl.model_jax.model import abstract_model, load_flat_params
+    from vitctl.model_jax.model import abstract_model
+    from vitctl.model_jax.state import load_flat_params
 
     model = abstract_model(cfg)
     load_flat_params(model, params)

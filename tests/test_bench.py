@@ -15,6 +15,7 @@ import pytest
 from tests.cli.conftest import cli  # noqa: F401  (the in-process CLI fixture)
 from vitctl import bench
 from vitctl.config import ViTConfig
+from vitctl.params import random_weights
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -192,7 +193,7 @@ def test_plain_flax_baseline_computes_vitctl_jax_function(variant, extra):
     from vitctl.model_jax.state import load_flat_params
 
     cfg = ViTConfig.from_variant(variant, **_SMALL, **extra)
-    flat = bench.random_weights(cfg)
+    flat = random_weights(cfg)
     ours = abstract_model(cfg)
     load_flat_params(ours, flat)
     plain = bench.plain_flax().plain_flax_model(cfg, flat)  # bench/plain_flax.py of this checkout

@@ -31,7 +31,8 @@ def _cache(tmp_path, monkeypatch):
 def init_checkpoint(path, cfg: ViTConfig, seed: int = 0):
     """What `vitctl init --backend jax` writes: config.json + Orbax params/."""
     from vitctl import checkpoint as ckpt
-    from vitctl.model_jax.model import flat_params, init_model
+    from vitctl.model_jax.model import init_model
+    from vitctl.model_jax.state import flat_params
 
     path.mkdir(parents=True)
     ckpt.save_jax(path, flat_params(init_model(cfg, seed=seed)))
@@ -195,7 +196,8 @@ def test_trained_checkpoint_probes_better_than_its_random_init(tmp_path, random_
     linear 90.8% vs 81.1%; 1/5/10/25-shot 67.1/75.7/77.2/80.7% vs 21.4/36.6/45.8/51.9%."""
     from vitctl.checkpoint import read_checkpoint_config
     from vitctl.data.sources import load_dataset
-    from vitctl.train.loop import TrainConfig, train
+    from vitctl.train.loop import train
+    from vitctl.train.settings import TrainConfig
 
     (tmp_path / "model.json").write_text(tiny().to_json())
     tcfg = TrainConfig(model=str(tmp_path / "model.json"), data="digits", steps=100, batch_size=32, lr=3e-3, warmup=5, stats_every=0)

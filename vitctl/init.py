@@ -27,7 +27,8 @@ RUNTIME_BYTES = 2**30  # what jax, XLA and the interpreter take beside the param
 
 
 def _jax_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
-    from vitctl.model_jax.model import flat_params, init_model
+    from vitctl.model_jax.model import init_model
+    from vitctl.model_jax.state import flat_params
 
     return flat_params(init_model(cfg, seed))
 
@@ -39,12 +40,11 @@ def _torch_init(cfg: ViTConfig, seed: int) -> dict[str, Any]:
     try:
         import torch
 
-        from vitctl.model_torch.model import ViT
+        from vitctl.model_torch.model import init_model
     except ImportError as e:
         raise MissingDependencyError(f"vitctl init needs jax or torch ({e})", hint="pip install 'vitctl[jax]' or 'vitctl[torch]'") from None
 
-    torch.manual_seed(seed)
-    state = ViT(cfg).state_dict()
+    state = init_model(cfg, seed).state_dict()
     as_np = {torch.bfloat16: lambda t: t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)}
     return {k: np.asarray(as_np.get(t.dtype, torch.Tensor.numpy)(t.detach().cpu())) for k, t in state.items()}
 

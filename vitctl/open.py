@@ -38,8 +38,8 @@ import numpy as np
 from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.convert import io
-from vitctl.convert.mapping import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, VitctlError
+from vitctl.params import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
 
 JAX, TORCH, TIMM, BIG_VISION = ckpt.JAX, ckpt.TORCH, ckpt.TIMM, "big_vision"
 FORMATS = (TIMM, JAX, TORCH, BIG_VISION)  # detection preference: a timm export is timm even beside params/
@@ -52,6 +52,18 @@ def locate(where: str | os.PathLike, *, fetch: str = "all", must_exist: bool = F
     from vitctl import hub
 
     return hub.resolve_checkpoint(where, backend=fetch, must_exist=must_exist)
+
+
+def read_config(path: Path) -> tuple[ViTConfig, list[str]]:
+    """The model config of a checkpoint directory (its config.json, whether or not weights sit
+    beside it) or of a big_vision .npz (inferred from its member headers, as convert does),
+    with the notes on what the weights cannot confirm."""
+    if path.is_file():
+        from vitctl.convert import big_vision
+
+        plan = big_vision.plan(path)
+        return plan.cfg, list(plan.notes)
+    return ckpt.read_checkpoint_config(path), []
 
 
 def formats_in(path: Path) -> list[str]:

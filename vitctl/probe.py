@@ -152,15 +152,17 @@ def pool_tokens(x, feats: Features, cfg: ViTConfig):
 def make_extractor(ck: Checkpoint, cfg: ViTConfig, backend: str, feats: Features) -> Callable[[np.ndarray], np.ndarray]:
     """A function: float32 [B, S, S, C] prepared images (NHWC) -> float32 [B, D] features."""
     from vitctl.convert import mapping
+    from vitctl.params import stack
     from vitctl.verify import _tensor
 
-    params = mapping.stack(ck.params(), cfg.depth)
+    params = stack(ck.params(), cfg.depth)
     if backend == "jax":
         try:
             import jax.numpy as jnp
             from flax import nnx
 
-            from vitctl.model_jax.model import abstract_model, load_flat_params
+            from vitctl.model_jax.model import abstract_model
+            from vitctl.model_jax.state import load_flat_params
         except ImportError as e:
             raise MissingDependencyError(
                 f"--backend jax needs jax and flax ({e})", hint="pip install 'vitctl[jax]', or use --backend torch"
@@ -173,15 +175,14 @@ def make_extractor(ck: Checkpoint, cfg: ViTConfig, backend: str, feats: Features
     try:
         import torch
 
-        from vitctl.model_torch.model import ViT
+        from vitctl.model_torch.model import abstract_model
     except ImportError as e:
         raise MissingDependencyError(
             f"--backend torch needs torch ({e})", hint="pip install 'vitctl[torch]', or use --backend jax"
         ) from None
     state = {k: _tensor(v) for k, v in mapping.jax_to_torch(params, cfg).items()}
     del params
-    with torch.device("meta"):
-        model = ViT(cfg)
+    model = abstract_model(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval()
 

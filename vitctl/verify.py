@@ -40,10 +40,10 @@ import numpy as np
 
 import vitctl
 from vitctl.config import ViTConfig
-from vitctl.convert import mapping
 from vitctl.data import preprocess
 from vitctl.errors import CheckpointError, ConfigError, VitctlError
 from vitctl.open import BACKENDS, open_checkpoint
+from vitctl.params import jax_param_shapes, rename, stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +135,11 @@ def run_side(side: Side, cfg: ViTConfig, params: dict[str, np.ndarray], images: 
     if side.backend == "jax":
         from flax import nnx
 
-        from vitctl.model_jax.model import abstract_model, load_flat_params
+        from vitctl.model_jax.model import abstract_model
+        from vitctl.model_jax.state import load_flat_params
 
         model = abstract_model(cfg)
-        load_flat_params(model, mapping.stack(params, cfg.depth))
+        load_flat_params(model, stack(params, cfg.depth))
         x = preprocess.to_jax_input(images, cfg.preprocess, cfg.image_size)
         _, out = nnx.jit(lambda m, x: m(x))(model, x)
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
@@ -147,14 +148,13 @@ def run_side(side: Side, cfg: ViTConfig, params: dict[str, np.ndarray], images: 
     x = preprocess.to_torch_input(images, cfg.preprocess, cfg.image_size)
     state = {}
     for name, w in params.items():
-        tname, layout = mapping.rename(name, "jax")
+        tname, layout = rename(name, "jax")
         state[tname] = layout.to_torch(w)
     if side.backend == "timm":
         return _run_timm(cfg, state, x)
-    from vitctl.model_torch.model import ViT
+    from vitctl.model_torch.model import abstract_model
 
-    with torch.device("meta"):
-        model = ViT(cfg)
+    model = abstract_model(cfg)
     model.load_state_dict({k: _tensor(v) for k, v in state.items()}, strict=True, assign=True)
     with torch.inference_mode():
         _, out = model.eval()(x)
@@ -326,7 +326,7 @@ def flips(cfg: ViTConfig, precision: str) -> list[tuple[str, ViTConfig, Callable
     out += [(f"norm epsilon {eps:g}", r(cfg, norm_eps=eps), None) for eps in (1e-5, 1e-6, 1e-12) if eps != cfg.norm_eps]
     other = {"layernorm": "rmsnorm", "rmsnorm": "layernorm"}[cfg.norm]
     norm_cfg = r(cfg, norm=other, norm_bias=cfg.norm_bias and other == "layernorm")
-    keep = set(mapping.jax_param_shapes(norm_cfg, stacked=False))  # RMSNorm has no bias: drop the norms' biases
+    keep = set(jax_param_shapes(norm_cfg, stacked=False))  # RMSNorm has no bias: drop the norms' biases
     drop_bias = (lambda p: {k: v for k, v in p.items() if k in keep}) if cfg.norm_bias != norm_cfg.norm_bias else None
     out.append((f"{'LayerNorm' if other == 'layernorm' else 'RMSNorm'} instead of {cfg.norm}", norm_cfg, drop_bias))
     if precision == "bf16":  # in fp32 the softmax dtype is fp32 either way

@@ -278,10 +278,11 @@ def test_verify_rejects_a_meaningless_bar(sandbox, made, flag):
 
 # info on a big_vision .npz, as convert reads it.
 def test_info_on_a_big_vision_npz(sandbox):
-    from vitctl.convert import big_vision, mapping
+    from vitctl.convert import big_vision
+    from vitctl.params import jax_param_shapes
 
     cfg = dataclasses.replace(ViTConfig.from_variant("mu/16"), image_size=32, num_classes=5)
-    shapes = mapping.jax_param_shapes(cfg, stacked=False)
+    shapes = jax_param_shapes(cfg, stacked=False)
     np.savez(sandbox.root / "bv.npz", **{big_vision.to_big_vision(n): np.zeros(s, np.float32) for n, s in shapes.items()})
     r = run_vitctl("info", "bv.npz", "--json", cwd=sandbox.root)
     assert r.returncode == 0, r.stderr

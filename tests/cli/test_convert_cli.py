@@ -20,7 +20,7 @@ from tests.convert.test_convert import BV_CFG, assert_nothing_written, make_jax,
 from vitctl import checkpoint as ckpt
 from vitctl.convert import convert as cv
 from vitctl.convert import io
-from vitctl.convert.mapping import jax_param_shapes
+from vitctl.params import jax_param_shapes
 
 CFG = tiny(depth=3)
 # Runs the CLI in a fresh interpreter; at exit reports the frameworks it imported and its peak RSS

@@ -91,7 +91,8 @@ def test_train_writes_a_plot_of_loss_and_attention_entropy(tmp_path, cli):
 
 def test_the_demo_model_is_a_listed_preset(cli):
     """`vitctl models` lists vit22b-demo/4 with its exact parameter count (that of the JAX model's arrays)."""
-    from vitctl.model_jax.model import abstract_model, flat_params
+    from vitctl.model_jax.model import abstract_model
+    from vitctl.model_jax.state import flat_params
 
     r = cli("models", "--json")
     (row,) = [m for m in json.loads(r.stdout)["models"] if m["name"] == demo_cli.MODEL]

@@ -102,7 +102,7 @@ def tiny(**overrides):
 
 def jax_ckpt(path: Path, cfg=None, seed: int = 0) -> None:
     from vitctl import checkpoint as ckpt
-    from vitctl.bench import random_weights
+    from vitctl.params import random_weights
 
     cfg = cfg or tiny()
     path.mkdir(parents=True)
@@ -126,10 +126,9 @@ def torch_ckpt(box: Sandbox, path: Path) -> None:
 
 def big_vision_npz(box: Sandbox, path: Path) -> None:
     """A classic big_vision ViT (16 px, 3 channels) as big_vision writes it: "/"-named leaves in np.savez."""
-    from vitctl.bench import random_weights
     from vitctl.config import ViTConfig
     from vitctl.convert.big_vision import to_big_vision
-    from vitctl.convert.mapping import unstack
+    from vitctl.params import random_weights, unstack
 
     cfg = ViTConfig.from_variant("mu/16", width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=4, image_size=16, num_classes=10)
     np.savez(path, **{to_big_vision(k): v for k, v in unstack(random_weights(cfg), cfg.depth)})

@@ -58,7 +58,7 @@ def test_push_pull_verify_bitwise(hub, vitctl, tmp_path, capsys):
 
 def test_model_card_is_valid_yaml_and_markdown(hub, vitctl, tmp_path):
     """A real checkpoint with a verify report: the card's front matter parses and holds the required keys."""
-    from vitctl.convert.mapping import param_counts
+    from vitctl.params import param_counts
 
     src = torch_ckpt(tmp_path / "run/torch")
     report = {"a": {"path": str(tmp_path / ".run.tmp-1a2b/jax")}, "b": {"path": str(tmp_path / ".run.tmp-1a2b/torch")}, "passed": True, "max_abs": 0.0,

@@ -9,9 +9,9 @@ from flax import nnx
 from tests.conftest import jax_model, random_params, tiny
 from tests.golden import CASES, golden_case
 from vitctl.config import ViTConfig
-from vitctl.convert import mapping
 from vitctl.model_jax.model import abstract_model, init_model
 from vitctl.model_jax.state import flat_params
+from vitctl.params import jax_param_shapes, param_counts
 
 
 @pytest.mark.parametrize(
@@ -25,7 +25,7 @@ from vitctl.model_jax.state import flat_params
 def test_shapes_match_the_table(kw):
     cfg = tiny(**kw)
     got = {k: tuple(v.shape) for k, v in flat_params(abstract_model(cfg)).items()}
-    assert got == mapping.jax_param_shapes(cfg)
+    assert got == jax_param_shapes(cfg)
 
 
 def test_vit22b_abstract_param_count():
@@ -33,7 +33,7 @@ def test_vit22b_abstract_param_count():
     cfg = ViTConfig.from_variant("vit-22b")
     shapes = flat_params(abstract_model(cfg))
     total = sum(int(np.prod(v.shape)) for v in shapes.values())
-    assert total == mapping.param_counts(cfg)["params_total"]
+    assert total == param_counts(cfg)["params_total"]
     block_matmul = sum(int(np.prod(v.shape)) for k, v in shapes.items() if k.startswith("blocks/") and k.endswith("/kernel"))
     assert block_matmul == 48 * (4 * 6144**2 + 2 * 6144 * 24576) == 21_743_271_936
 

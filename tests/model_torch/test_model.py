@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 from tests.conftest import tiny, torch_model
 from tests.golden import CASES, golden_case
 from vitctl.config import ViTConfig
-from vitctl.convert import mapping
 from vitctl.model_torch.model import Norm, ViT, abstract_model
+from vitctl.params import param_counts, torch_param_shapes
 
 
 @pytest.mark.parametrize(
@@ -25,13 +25,13 @@ from vitctl.model_torch.model import Norm, ViT, abstract_model
 def test_shapes_match_the_table(kw):
     cfg = tiny(**kw)
     got = {k: tuple(v.shape) for k, v in ViT(cfg).state_dict().items()}
-    assert got == mapping.torch_param_shapes(cfg)
+    assert got == torch_param_shapes(cfg)
 
 
 def test_vit22b_on_meta_device():
     cfg = ViTConfig.from_variant("vit-22b")
     model = abstract_model(cfg)
-    assert sum(p.numel() for p in model.parameters()) == mapping.param_counts(cfg)["params_total"]
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg)["params_total"]
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -19,7 +19,8 @@ if __name__ == "__main__":  # only then: the tests import config() from here
 import jax
 
 from vitctl.train.distributed import init_distributed
-from vitctl.train.loop import TrainConfig, train
+from vitctl.train.loop import train
+from vitctl.train.settings import TrainConfig
 
 STEPS, BATCH, SAVE_EVERY, MESH = 6, 16, 2, "data=2,fsdp=2,tensor=2"
 

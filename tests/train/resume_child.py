@@ -21,7 +21,8 @@ if os.environ.get("VITCTL_TEST_JAX_CACHE"):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 from tests.train import standin
-from vitctl.train.loop import TrainConfig, train
+from vitctl.train.loop import train
+from vitctl.train.settings import TrainConfig
 
 
 def main(argv):

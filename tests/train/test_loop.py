@@ -113,7 +113,8 @@ def test_train_config_refuses_unknown_keys(tmp_path):
 
 def test_run_outputs_a_checkpoint_directory(runs):
     from vitctl import checkpoint as ckpt
-    from vitctl.model_jax.model import abstract_model, flat_params, load_flat_params
+    from vitctl.model_jax.model import abstract_model
+    from vitctl.model_jax.state import flat_params, load_flat_params
 
     out, r = runs["root"] / "single", runs["single"]
     assert r["steps"] == STEPS and not r["interrupted"] and 0 <= r["test_accuracy"] <= 1

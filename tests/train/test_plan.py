@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import jax_model, random_params, tiny
 from vitctl.cli import main
 from vitctl.config import ViTConfig
-from vitctl.convert.mapping import param_counts
 from vitctl.errors import ConfigError
+from vitctl.params import param_counts
 
 jax = pytest.importorskip("jax")
 from vitctl.train import plan as planner
@@ -103,8 +103,8 @@ def test_validation(mesh, batch, cfg, what):
 
 @pytest.mark.parametrize("mesh", ["data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2", "data=8"])
 def test_matches_real_shards_on_8_devices(mesh):
-    from vitctl.model_jax.model import flat_params
     from vitctl.model_jax.sharding import make_mesh, shard_model
+    from vitctl.model_jax.state import flat_params
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 simulated devices (tests/conftest.py sets XLA_FLAGS)")
@@ -122,7 +122,8 @@ def test_matches_real_shards_on_8_devices(mesh):
 def test_optimizer_state_matches_optax(optimizer):
     """On a 1-device mesh the plan's optimizer bytes equal the bytes of optax's own state."""
     optax = pytest.importorskip("optax")
-    from vitctl.model_jax.model import abstract_model, flat_params
+    from vitctl.model_jax.model import abstract_model
+    from vitctl.model_jax.state import flat_params
 
     cfg = tiny(width=256, mlp_dim=384, num_heads=4)  # dims >= 128, so adafactor factors the matrices
     tx = optax.adamw(1e-3) if optimizer == "adamw" else optax.adafactor(1e-3)

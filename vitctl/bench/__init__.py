@@ -79,10 +79,6 @@ from vitctl.bench.models import (
 from vitctl.bench.rows import Row, fmt_value, link, print_table, rows_table, short_baseline, table
 from vitctl.bench.sections import DT_SHORT, INFO_CMD, PLAN_CMD, SECTIONS, TIMM_MISSING
 
-# Re-exported for the code that imports the test suite's weight generator from here
-# (tests/conftest.py, tests/docs); it lives with the parameter shapes it draws.
-from vitctl.convert.mapping import random_weights
-
 __all__ = [
     "DT_SHORT",
     "INFO_CMD",
@@ -113,7 +109,6 @@ __all__ = [
     "plain_flax",
     "print_table",
     "proc_stat_busy",
-    "random_weights",
     "rows_table",
     "run",
     "run_command",

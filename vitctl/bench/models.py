@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vitctl.convert.mapping import random_weights
+from vitctl.params import random_weights
 
 # The plain Flax baseline is a benchmark script, not part of the library: it is found in the
 # source checkout that this vitctl package belongs to (an editable install or `python -m vitctl`
@@ -124,13 +124,15 @@ def jax_forward(cfg, batch: int) -> tuple[Callable[[], None], float]:
 
 
 def jax_train_step(cfg, batch: int) -> tuple[Callable[[], None], float]:
-    """The train step of `vitctl train` (vitctl.train.loop.Setup: AdamW, global-norm clipping,
+    """The train step of `vitctl train` (vitctl.train.step.Setup: AdamW, global-norm clipping,
     softmax cross-entropy, donated state) on one device; returns (synchronised call,
     seconds to compile and run the first step)."""
     import jax
     import numpy as np
 
-    from vitctl.train.loop import Setup, TrainConfig, mesh_for
+    from vitctl.train.distributed import mesh_for
+    from vitctl.train.settings import TrainConfig
+    from vitctl.train.step import Setup
 
     setup = Setup(cfg, TrainConfig(batch_size=batch, steps=1000, warmup=10), mesh_for(""))
     rng = np.random.default_rng(0)

@@ -25,7 +25,7 @@ from vitctl.bench.models import (
 )
 from vitctl.bench.modes import Mode
 from vitctl.bench.rows import Row, fmt_value
-from vitctl.convert.mapping import random_weights
+from vitctl.params import random_weights
 
 SECTIONS = ("gemm", "torch-forward", "jax-forward", "torch-train", "jax-train", "convert", "cli")
 DT_SHORT = {"float32": "fp32", "bfloat16": "bf16"}

@@ -57,19 +57,16 @@ def resolve(spec: str) -> tuple[str, ViTConfig, Path | None]:
     a config.json or a big_vision .npz (its config inferred from the member headers, as convert does)."""
     import zipfile
 
-    from vitctl import checkpoint as ckpt
     from vitctl.config import PRESETS, load_config
     from vitctl.errors import ConfigError
 
     if spec in PRESETS:
         return spec, PRESETS[spec], None
     path = Path(spec).expanduser()
-    if path.is_dir():
-        return spec, ckpt.read_checkpoint_config(path), path
-    if path.is_file() and (path.suffix == ".npz" or zipfile.is_zipfile(path)):
-        from vitctl.convert import big_vision
+    if path.is_dir() or (path.is_file() and (path.suffix == ".npz" or zipfile.is_zipfile(path))):
+        from vitctl.open import read_config
 
-        return spec, big_vision.plan(path).cfg, path
+        return spec, read_config(path)[0], path
     if path.is_file():
         return spec, load_config(path), None
     if spec.endswith((".json", ".npz")) or spec.startswith((".", "/", "~")):

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from vitctl.cli._options import ForceOpt, JsonOpt, err, out, print_json
+from vitctl.units import human_bytes
 
 commands = typer.Typer(
     no_args_is_help=True, help="Convert checkpoints between JAX (Orbax) and PyTorch (safetensors), one tensor at a time."
@@ -93,23 +94,16 @@ TORCH_TO_JAX_EXAMPLES = """Examples:
 """
 
 
-def _human(n: float) -> str:
-    for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{n / scale:.2f} {suffix}"
-    return f"{n:.0f} B"
-
-
 def _print_plan(summary: dict[str, Any]) -> None:
     table = Table("plan", "value", box=None, title=escape(f"{summary['src']} -> {summary['dst']}"), title_justify="left")
     rows = (
-        ("from", f"{summary['source_format']} ({_human(summary['source_bytes'])})"),
+        ("from", f"{summary['source_format']} ({human_bytes(summary['source_bytes'])})"),
         ("to", f"{summary['format']} ({', '.join(summary['output_dtypes'])}, --dtype {summary['dtype']})"),
         ("tensors", f"{summary['tensors']:,}"),
-        ("bytes", f"{summary['bytes']:,} ({_human(summary['bytes'])})"),
+        ("bytes", f"{summary['bytes']:,} ({human_bytes(summary['bytes'])})"),
         ("shards", str(summary["shards"])),
         ("files", ", ".join(summary["files"])),
-        ("estimated peak memory", _human(summary["estimated_peak_bytes"])),
+        ("estimated peak memory", human_bytes(summary["estimated_peak_bytes"])),
         *((("load with timm", summary["timm"]["create_model"]),) if "timm" in summary else ()),
     )
     for k, v in rows:
@@ -155,7 +149,7 @@ def _convert(direction: str, src: str | Path, dst: Path, *, fmt: str, dtype: Dty
         return
     print(dst)
     err.print(
-        f"{result['tensors']} tensors, {_human(result['bytes'])} in {result['seconds']:.1f} s; peak memory {_human(result['peak_rss_bytes'])}",
+        f"{result['tensors']} tensors, {human_bytes(result['bytes'])} in {result['seconds']:.1f} s; peak memory {human_bytes(result['peak_rss_bytes'])}",
         markup=False,
     )
     if "timm" in result:

@@ -78,7 +78,8 @@ def model_config():
 def step_train(run: Run) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from vitctl.train.loop import TrainConfig, train
+    from vitctl.train.loop import train
+    from vitctl.train.settings import TrainConfig
 
     short = {"warmup": min(TRAIN["warmup"], run.steps // 10), "stats_every": min(TRAIN["stats_every"], max(1, run.steps // 3))}
     tcfg = TrainConfig(**{**TRAIN, "steps": run.steps, **short})

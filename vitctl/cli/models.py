@@ -7,7 +7,7 @@ shapes (vitctl.convert.mapping), so `info vit-22b` allocates no weights.
 - models: {"models": [{"name", "params_total", "config"}, ...]} in preset order.
 - info: {"name", "config", "params_total", "params_block_matmul", "params_head",
   "params_encoder", "bytes_float32", "bytes_bfloat16"}; for a checkpoint directory
-  also "path", "formats" (see checkpoint.detect_formats) and "provenance"; for a big_vision
+  also "path", "formats" (see vitctl.open.formats_in) and "provenance"; for a big_vision
   .npz "path", "formats": ["big_vision"] and "notes" (what the weights cannot confirm).
 - init: {"path", "format", "name", "params_total", "seed", "init"}; "init" is "jax"
   (both backends: the JAX init, converted for torch) or "torch" (jax not installed).
@@ -26,8 +26,8 @@ from rich.table import Table
 from vitctl import checkpoint as ckpt
 from vitctl.cli._options import Backend, BackendOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, ParamDtype, SeedOpt, err, out, print_json, resolve
 from vitctl.config import PRESETS, ViTConfig
-from vitctl.convert.mapping import param_counts
 from vitctl.errors import ConfigError
+from vitctl.params import param_counts
 from vitctl.units import human_bytes, human_count
 
 commands = typer.Typer()
@@ -81,7 +81,7 @@ def models(json: JsonOpt = False) -> None:
 def info(model: ModelArg, json: JsonOpt = False) -> None:
     """Show a model's config, exact parameter counts and bytes per dtype (no weights allocated)."""
     from vitctl.hub import is_hub_uri
-    from vitctl.open import locate
+    from vitctl.open import formats_in, locate, read_config
 
     local = str(locate(model, fetch="config")) if is_hub_uri(model) else model  # hf://: config.json only
     name, (_, cfg, path) = model, resolve(local)
@@ -89,11 +89,9 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
     if warning := _grid_warning(cfg, name):
         result["warnings"] = [warning]
     if path is not None and path.is_file():  # a big_vision .npz (resolve returns no other file)
-        from vitctl.convert import big_vision
-
-        result.update(path=str(path), formats=["big_vision"], notes=list(big_vision.plan(path).notes))
+        result.update(path=str(path), formats=["big_vision"], notes=read_config(path)[1])
     elif path is not None:
-        result.update(path=str(path), formats=ckpt.detect_formats(path), provenance=ckpt.read_provenance(path))
+        result.update(path=str(path), formats=formats_in(path), provenance=ckpt.read_provenance(path))
     if json:
         print_json(result)
         return

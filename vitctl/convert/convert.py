@@ -2,7 +2,7 @@
 
     source reader --(source names)--> hub --(per-layer JAX names)--> target writer
     vitctl-jax (Orbax params/)        rename + Layout per tensor     vitctl-torch (safetensors, sharded)
-    vitctl-torch (safetensors)        (mapping.PARAM_MAP)            vitctl-jax (Orbax params/)
+    vitctl-torch (safetensors)        (params.PARAMS)                vitctl-jax (Orbax params/)
     big_vision .npz                                                  timm (one model.safetensors)
 
 - `plan()` opens the source through vitctl.open (a path or hf://...), reads only headers, and checks coverage before any data
@@ -55,10 +55,10 @@ from vitctl import checkpoint as ckpt
 from vitctl import untrusted
 from vitctl.config import ViTConfig
 from vitctl.convert import io
-from vitctl.convert.mapping import jax_param_shapes, rename, torch_param_shapes
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.formats import fastcopy
 from vitctl.open import BIG_VISION, JAX, TIMM, TORCH, Checkpoint, detect, locate, open_checkpoint
+from vitctl.params import jax_param_shapes, rename, torch_param_shapes
 from vitctl.untrusted import sigterm_as_interrupt
 
 DTYPES = {"keep": None, "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}

@@ -164,7 +164,7 @@ def model_card(
     """README.md: YAML metadata and a Markdown body (see the module docstring)."""
     import yaml
 
-    from vitctl.convert.mapping import param_counts
+    from vitctl.params import param_counts
 
     model = cfg.to_dict()
     pre = model.pop("preprocess")

@@ -31,7 +31,7 @@ def check_config(snap: Path, files: list[str], where: str) -> dict[str, Any]:
     names (from params/_METADATA). Else a CheckpointError naming the repo and the file."""
     from vitctl.config import ViTConfig
     from vitctl.convert.io import read_safetensors_header
-    from vitctl.convert.mapping import check_coverage, jax_param_shapes, torch_param_shapes
+    from vitctl.params import check_coverage, jax_param_shapes, torch_param_shapes
 
     source = f"{where}:{CONFIG}"
     config = _json(snap / CONFIG, source)

@@ -3,7 +3,7 @@
 One of the twin models, model_jax/model.py and model_torch/model.py: the same classes
 and functions, in the same order, with the same attribute names, so a JAX parameter path
 and its PyTorch state_dict key differ only by separator, block index and leaf name, as
-vitctl/convert/mapping.py spells out.
+the parameter table in vitctl/params.py spells out.
 
 - Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
   cfg.fused the forward runs the paper's output fusion as split-K: attention-out and
@@ -249,7 +249,3 @@ def abstract_model(cfg: ViTConfig) -> ViT:
     """The model's shapes and dtypes, with no memory allocated."""
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))  # jax.eval_shape: abstract arrays only
-
-
-# Stand-in for callers that import these from here; they live in state.py.
-from vitctl.model_jax.state import flat_params, load_flat_params  # noqa: F401

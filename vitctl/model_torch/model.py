@@ -3,7 +3,7 @@
 One of the twin models, model_jax/model.py and model_torch/model.py: the same classes
 and functions, in the same order, with the same attribute names, so a JAX parameter path
 and its PyTorch state_dict key differ only by separator, block index and leaf name, as
-vitctl/convert/mapping.py spells out.
+the parameter table in vitctl/params.py spells out.
 
 - Parallel block: y = x + Attn(N(x)) + MLP(N(x)); one norm feeds both branches. With
   cfg.fused the forward runs the paper's output fusion as split-K: attention-out and

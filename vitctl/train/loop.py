@@ -45,9 +45,9 @@ from vitctl.train.optim import schedule_change
 from vitctl.train.report import METRICS
 from vitctl.train.settings import TrainConfig, base_model, model_config, public_source, write_train_config
 from vitctl.train.state import STATE
-from vitctl.train.step import Setup, evaluate, get_setup
+from vitctl.train.step import evaluate, get_setup
 
-__all__ = ["METRICS", "STATE", "Setup", "TrainConfig", "mesh_for", "train"]
+__all__ = ["train"]
 
 
 class _StopFlag:

@@ -50,9 +50,9 @@ import math
 from typing import Any
 
 from vitctl.config import ViTConfig
-from vitctl.convert.mapping import check_coverage, jax_param_shapes
 from vitctl.errors import ConfigError
 from vitctl.model_jax.sharding import MESH_AXES, parse_mesh
+from vitctl.params import check_coverage, is_stacked, jax_param_shapes
 
 BYTES = {"float32": 4, "bfloat16": 2}
 OPTIMIZERS = ("adamw", "adafactor")
@@ -181,7 +181,7 @@ def _weights(cfg: ViTConfig, sizes: dict[str, int], pbytes: int, optimizer: str,
         params += math.prod(shard_shape(shape, spec, sizes)) * pbytes
         opt += sum(math.prod(shard_shape(s, sp, sizes)) * nb for s, sp, nb in optimizer_states(shape, spec, optimizer, momentum_dtype))
         bad += indivisible(pname, shape, spec, sizes)
-        if pname.startswith("blocks/"):  # one layer, gathered over data/fsdp, still split over tensor
+        if is_stacked(pname):  # one layer, gathered over data/fsdp, still split over tensor
             tp_only = tuple(tuple(a for a in axes if a == "tensor") for axes in spec[1:])
             layer_weights += math.prod(shard_shape(shape[1:], tp_only, sizes)) * pbytes
     return params, opt, layer_weights, bad
