@@ -59,7 +59,7 @@ def _bench_config(kind: SourceKind, size_bytes: int):
     import numpy as np
 
     from vitctl.config import ViTConfig
-    from vitctl.convert.mapping import jax_param_shapes
+    from vitctl.params import jax_param_shapes
 
     itemsize = 2 if kind.dtype == "bfloat16" else 4
 
@@ -87,7 +87,7 @@ def _build_orbax(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
     """Orbax params/ of `cfg`, one tensor at a time; returns the largest stored unit (a chunk)."""
     from vitctl import checkpoint as ckpt
     from vitctl.convert import io
-    from vitctl.convert.mapping import jax_param_shapes
+    from vitctl.params import jax_param_shapes
 
     path.mkdir()
     specs = [(n, s, dt) for n, s in jax_param_shapes(cfg, stacked=False).items()]
@@ -108,7 +108,7 @@ def _build_safetensors(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
 
     from vitctl import checkpoint as ckpt
     from vitctl.convert import io
-    from vitctl.convert.mapping import jax_param_shapes, rename
+    from vitctl.params import jax_param_shapes, rename
 
     path.mkdir()
     specs = []
@@ -128,7 +128,7 @@ def _build_safetensors(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
 def _npz_members(kind: SourceKind, cfg) -> list[tuple[str, tuple[int, ...], int | None]]:
     """(big_vision key, shape, layers written one at a time or None) of every member."""
     from vitctl.convert import big_vision
-    from vitctl.convert.mapping import jax_param_shapes
+    from vitctl.params import jax_param_shapes
 
     if kind.layout == "npz":
         return [(big_vision.to_big_vision(n), s, None) for n, s in jax_param_shapes(cfg, stacked=False).items()]
@@ -169,7 +169,7 @@ def build(kind_key: str, path: Path, size_bytes: int) -> dict:
     import ml_dtypes
     import numpy as np
 
-    from vitctl.convert.mapping import jax_param_shapes
+    from vitctl.params import jax_param_shapes
 
     kind = SOURCES[kind_key]
     cfg = _bench_config(kind, size_bytes)
