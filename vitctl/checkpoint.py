@@ -1,36 +1,18 @@
-"""The checkpoint directory: one layout for every command.
+"""Writing checkpoint directories safely: atomic outputs, `--force`, temporaries of killed runs,
+atomic JSON, config.json with provenance in public form.
 
-    config.json        {"vitctl_version", "model": ViTConfig dict, "provenance": {...}}
-    params/            JAX: Orbax checkpoint of the parameters (format "vitctl-jax")
-    model.safetensors  torch: state_dict arrays, metadata {"format": "pt"} ("vitctl-torch"),
-                       or HF shards model-0000i-of-0000N.safetensors + model.safetensors.index.json
-
-A directory may hold both weight sets; `detect_formats` lists what is there and
-`detect_format` picks one (JAX first unless told otherwise).
-
-- params/ stores the parameters as the nested dict of NNX path parts
-  ({"blocks": {"q": {"kernel": (L, D, N, K)}}, ...}), the structure that
-  `nnx.state(model, nnx.Param).to_pure_dict()` has, so Orbax names each array
-  `blocks.q.kernel`. Every array is cut into chunks of at most `chunk_bytes`
-  (SaveArgs.chunk_byte_size; Orbax's default is one piece of up to 2 GiB), and stacked
-  block parameters are split along the layer axis first (SaveArgs.shard_axes=(0,)),
-  so a reader can stream one layer at a time. `save_jax` (init, train) writes Orbax's
-  OCDBT layout uncompressed (vitctl.convert.io.OrbaxWriter; Orbax itself for arrays sharded
-  over several processes); `vitctl convert` writes Orbax's one-directory-per-array
-  layout (vitctl.convert.io.OrbaxFilesWriter); Orbax restores both, and zstd-compressed
-  checkpoints from elsewhere too. Restores always go into an abstract target built from
-  the config, never from the stored metadata alone.
-- model.safetensors (or its shards) is written and read one tensor at a time by
-  vitctl.convert.io (headers validated, no mmap): bfloat16 is ml_dtypes.bfloat16 on the
-  numpy side and BF16 in the file. Never pickle.
 - Writes are atomic: build everything in a temporary sibling, then rename
   (`atomic_output`). `--force` replaces only a directory that vitctl wrote (`check_output`:
   its config.json or vitctl-run.json, and only entries that vitctl writes), never a user's
   folder. A temporary that a killed run left (SIGKILL, a native abort) is removed by the
   next run to the same output, once its owner process is known to be gone.
+- config.json's provenance names where the weights came from in a form that means something
+  elsewhere (`public_provenance`), never this machine's directories.
 
-jax, orbax and torch are imported inside the functions that need them; importing
-this module loads neither.
+The directory's layout (config.json, params/, model.safetensors; detect_format(s), save_jax,
+load_jax, save_torch, load_torch, read_checkpoint_config, ...) lives in
+vitctl.formats.layout; its names are re-exported here. Importing this module loads neither
+jax, orbax nor torch.
 """
 
 from __future__ import annotations
@@ -49,26 +31,37 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import vitctl
-from vitctl.config import PRESETS, ViTConfig, load_config
-from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, OutputError, OutputExistsError, VitctlError
+from vitctl.config import PRESETS, ViTConfig
+from vitctl.errors import CheckpointError, ConfigError, OutputError, OutputExistsError, VitctlError
+from vitctl.formats.base import hf_snapshot
+from vitctl.formats.layout import (  # noqa: F401  (re-exported: the directory's layout, as its users import it from here)
+    CHUNK_BYTES,
+    CONFIG,
+    INIT_HINT,
+    JAX,
+    PARAMS,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    SLEEP_ENV,
+    TIMM,
+    TORCH,
+    detect_format,
+    detect_formats,
+    is_timm_config,
+    load_jax,
+    load_torch,
+    read_checkpoint_config,
+    read_provenance,
+    save_jax,
+    save_torch,
+    timm_export_error,
+)
+from vitctl.formats.layout import flatten as _flatten  # noqa: F401
+from vitctl.formats.layout import nest as _nest  # noqa: F401
 from vitctl.untrusted import raise_if_interrupted, read_json
 
-CONFIG, PARAMS, SAFETENSORS = "config.json", "params", "model.safetensors"
 RUN_MARKER = "vitctl-run.json"  # marks a directory of several checkpoints that vitctl made (demo, train runs)
-SAFETENSORS_INDEX = "model.safetensors.index.json"  # beside HF-style shards model-0000i-of-0000N.safetensors
-JAX, TORCH, TIMM = "vitctl-jax", "vitctl-torch", "timm"  # TIMM: `vitctl convert ... --format timm` (timm's hub layout)
-# One stored chunk of params/ is at most this many bytes: small enough that a streaming
-# reader holds only a few in memory and that one layer slice spans several chunks, which
-# tensorstore encodes and decodes on several threads (a 64 MiB layer in one chunk used one:
-# 16 MiB chunks read 2.5x and write 1.9x faster with zstd on 2 cores); large enough that
-# per-chunk overhead is negligible. ViT-22B's mlp_in, (48, 6144, 24576) in fp32, is stored as
-# 48 * 36 chunks of (1, 2048, 2048) = 16 MiB.
-CHUNK_BYTES = 16 * 2**20
-INIT_HINT = "create a checkpoint with `vitctl init MODEL --out DIR`"
-SLEEP_ENV = "VITCTL_TEST_SLEEP_PER_TENSOR"  # tests only (as for convert): seconds to pause after each tensor written
 
 
 # What vitctl writes at the top of an output directory. `--force` replaces a directory only
@@ -353,10 +346,8 @@ def public_value(value: str, path_key: bool = False) -> str:
             local = os.path.lexists(value)
     if not local:
         return value
-    parts = Path(value).parts  # a Hugging Face cache snapshot: .../models--org--name/snapshots/SHA[/...]
-    for i in range(1, len(parts) - 1):
-        if parts[i] == "snapshots" and parts[i - 1].startswith("models--") and "--" in parts[i - 1][8:]:
-            return f"hf://{parts[i - 1][8:].replace('--', '/', 1)}@{parts[i + 1]}"
+    if snapshot := hf_snapshot(value):  # a Hugging Face cache snapshot: .../models--org--name/snapshots/SHA[/...]
+        return f"hf://{snapshot}"
     name = Path(value.rstrip("/")).name
     while m := TEMPORARY_NAME.fullmatch(name):
         name = m["base"]
@@ -373,214 +364,3 @@ def public_provenance(provenance: Any, key: str = "") -> Any:
     if isinstance(provenance, str):
         return public_value(provenance, key in PATH_KEYS)
     return provenance
-
-
-def read_checkpoint_config(path: str | Path) -> ViTConfig:
-    """The ViTConfig of a checkpoint directory (or of a bare config.json)."""
-    path = Path(path)
-    if path.is_dir() and not (path / CONFIG).is_file():
-        raise CheckpointError(f"{path} is not a vitctl checkpoint: it has no {CONFIG}", hint=INIT_HINT)
-    if not path.exists():
-        raise CheckpointError(f"no such checkpoint or config file: {path}", hint=INIT_HINT)
-    return load_config(path)
-
-
-def read_provenance(path: str | Path) -> dict[str, Any]:
-    """The provenance block of a checkpoint's config.json ({} if it has none)."""
-    path = Path(path)
-    d = read_json(path / CONFIG if path.is_dir() else path, ConfigError)
-    provenance = d.get("provenance", {})
-    return provenance if isinstance(provenance, dict) else {}
-
-
-def detect_formats(path: str | Path) -> list[str]:
-    """The weight sets a checkpoint directory holds, from its content: JAX, then torch; safetensors
-    beside timm's hub config.json (`architecture` + `model_args`) are a timm export, not vitctl-torch."""
-    path = Path(path)
-    found = []
-    if (path / PARAMS / "_METADATA").is_file() or (path / PARAMS / "_CHECKPOINT_METADATA").is_file():
-        found.append(JAX)
-    if (path / SAFETENSORS).is_file() or (path / SAFETENSORS_INDEX).is_file():
-        found.append(TIMM if is_timm_config(path / CONFIG) else TORCH)
-    return found
-
-
-def is_timm_config(path: str | Path) -> bool:
-    """Whether `path` is the config.json of a timm export (timm's hub keys `architecture` and `model_args`)."""
-    with contextlib.suppress(VitctlError, OSError):
-        d = read_json(path, CheckpointError)
-        return isinstance(d, dict) and "architecture" in d and isinstance(d.get("model_args"), dict)
-    return False
-
-
-def timm_export_error(where: str | Path, doing: str, load: str | None = None) -> CheckpointError:
-    """The refusal for a timm export given to a command that reads vitctl's own checkpoints.
-    `load`: the timm.create_model name that loads it (default: local-dir:WHERE)."""
-    if load is None:  # a Hugging Face cache snapshot loads by its repo id, anything else by its folder
-        public = public_value(str(Path(where).absolute()))
-        load = f"hf-hub:{public[len('hf://') :]}" if public.startswith("hf://") else f"local-dir:{Path(where).absolute()}"
-    return CheckpointError(
-        f"{where} is a timm export (written by --format timm); {doing} reads vitctl-torch and vitctl-jax checkpoints, "
-        "and vitctl reads timm checkpoints from the transfer issue on",
-        hint=f"convert from the vitctl-torch or vitctl-jax checkpoint it came from; timm itself loads it: "
-        f"timm.create_model({load!r}, pretrained=True)",
-    )
-
-
-def detect_format(path: str | Path, prefer: str | None = None) -> str:
-    """ "vitctl-jax", "vitctl-torch" or "timm"; with several present, `prefer` if given, else JAX."""
-    found = detect_formats(path)
-    if not found:
-        raise CheckpointError(
-            f"{path} holds no weights: neither {PARAMS}/ (an Orbax checkpoint) nor {SAFETENSORS}",
-            hint=INIT_HINT,
-        )
-    return prefer if prefer in found else found[0]
-
-
-def _test_pause() -> None:
-    if seconds := float(os.environ.get(SLEEP_ENV, "0") or 0):
-        time.sleep(seconds)
-
-
-# JAX: params/ (Orbax).
-def _orbax():
-    try:
-        import jax
-        import orbax.checkpoint as ocp
-    except ImportError as e:
-        raise MissingDependencyError(f"JAX checkpoints need jax and orbax-checkpoint ({e})", hint="pip install 'vitctl[jax]'") from None
-    return jax, ocp
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{"blocks/q/kernel": x} -> {"blocks": {"q": {"kernel": x}}}."""
-    tree: dict[str, Any] = {}
-    for name, leaf in flat.items():
-        *parents, last = name.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def save_jax(ckpt: str | Path, flat: Mapping[str, Any], chunk_bytes: int = CHUNK_BYTES) -> Path:
-    """Writes ckpt/params/ from {"/"-joined NNX path: array} (jax or numpy arrays).
-
-    Each array is stored in chunks of at most `chunk_bytes`, uncompressed; stacked block
-    parameters (`blocks/x/y`, leading L axis) are cut along L first, so no chunk spans two layers.
-    Arrays this process holds whole are written one layer at a time by vitctl.convert.io's
-    OrbaxWriter (Orbax's OCDBT layout): a failed write (full disk, file-size limit) is one
-    CheckpointError, raised once every background write has stopped, so nothing lands in ckpt
-    after the caller removes it. Arrays sharded over several processes go through Orbax
-    itself, which coordinates the processes.
-    """
-    from vitctl.convert import io
-
-    path = (Path(ckpt) / PARAMS).absolute()
-    local = all(getattr(a, "is_fully_addressable", True) for a in flat.values())
-    if local and not any(io.split_layer(n)[1] is not None for n in flat):
-        arrays = {n: np.asarray(a) for n, a in flat.items()}  # jax arrays on the CPU: views, not copies
-        layers = [(io.layer_name(n, i), a[i]) for n, a in arrays.items() if io.is_stacked(n) for i in range(a.shape[0])]
-        parts = [(n, a) for n, a in arrays.items() if not io.is_stacked(n)] + layers
-        writer = io.OrbaxWriter(path, [(n, a.shape, a.dtype) for n, a in parts], chunk_bytes, compress=False)
-        try:
-            for n, a in parts:
-                writer.write(n, a)
-                _test_pause()
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        return path
-
-    _, ocp = _orbax()
-
-    def args(name: str):
-        stacked = name.startswith("blocks/") and not name.split("/")[1].isdigit()
-        return ocp.SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if stacked else ())
-
-    save_args = {n: args(n) for n in flat}
-    # Orbax's layout (OCDBT, zarr), chunks stored uncompressed: zstd saves ~8% of float weights'
-    # bytes and costs ~2 CPU-s per GB at every read (vitctl convert, probe, verify).
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as ckptr:
-        ckptr.save(path, args=ocp.args.PyTreeSave(_nest(flat), save_args=_nest(save_args)))
-    return path
-
-
-def load_jax(ckpt: str | Path, cfg: ViTConfig) -> dict[str, np.ndarray]:
-    """Reads ckpt/params/ into numpy arrays, with the shapes and param_dtype of `cfg`."""
-    from vitctl.convert.mapping import check_coverage, jax_param_shapes
-
-    jax, ocp = _orbax()
-    path = (Path(ckpt) / PARAMS).absolute()
-    if JAX not in detect_formats(ckpt):
-        raise CheckpointError(f"{ckpt} has no JAX weights ({PARAMS}/)", hint=f"found: {', '.join(detect_formats(ckpt)) or 'none'}")
-    expected = jax_param_shapes(cfg)
-    with ocp.StandardCheckpointer() as ckptr:
-        try:  # the stored metadata only checks names and shapes, for a clear error
-            stored = _flatten(ckptr.metadata(path).item_metadata.tree)
-        except Exception as e:  # noqa: BLE001  (Orbax and TensorStore raise many types for a damaged checkpoint)
-            raise CheckpointError(f"cannot read the Orbax metadata of {path}: {e}") from None
-        check_coverage({n: tuple(m.shape) for n, m in stored.items()}, expected, f"{path}")
-        dtype = jax.numpy.dtype(cfg.param_dtype)
-        # One local device, whatever the writer's topology (a multi-process save records its own).
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = _nest({n: jax.ShapeDtypeStruct(s, dtype, sharding=one) for n, s in expected.items()})
-        try:
-            restored = ckptr.restore(path, target)
-        except Exception as e:  # noqa: BLE001  (as above)
-            raise CheckpointError(f"cannot restore {path}: {e}") from None
-    return {n: np.asarray(a) for n, a in _flatten(restored).items()}
-
-
-# torch: model.safetensors (or shards + index).
-def save_torch(ckpt: str | Path, state: Mapping[str, np.ndarray], max_shard_bytes: int | None = None) -> Path:
-    """Writes ckpt/model.safetensors (or shards + index past max_shard_bytes) from state_dict arrays (numpy; bf16 as ml_dtypes).
-
-    Returns the file written (the index when sharded).
-    """
-    from vitctl.convert import io
-
-    specs = [(n, tuple(np.shape(a)), np.asarray(a).dtype) for n, a in state.items()]
-    writer = io.SafetensorsWriter(ckpt, specs, max_shard_bytes, metadata={"format": "pt"})
-    try:
-        for n, a in state.items():
-            writer.write(n, np.ascontiguousarray(a))  # jax_to_torch returns transposed views
-            _test_pause()
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    return Path(ckpt) / writer.files[-1]
-
-
-def load_torch(ckpt: str | Path, cfg: ViTConfig | None = None) -> dict[str, np.ndarray]:
-    """Reads ckpt's safetensors (one file or shards) into numpy arrays; checks names and shapes if `cfg` is given."""
-    from vitctl.convert import io
-
-    formats = detect_formats(ckpt)
-    if TIMM in formats and cfg is not None:  # (without a config: the arrays as stored, timm's names)
-        raise timm_export_error(ckpt, "loading vitctl torch weights")
-    if TORCH not in formats and TIMM not in formats:
-        raise CheckpointError(f"{ckpt} has no torch weights ({SAFETENSORS})", hint=f"found: {', '.join(detect_formats(ckpt)) or 'none'}")
-    reader = io.SafetensorsReader(ckpt)
-    try:
-        if cfg is not None:
-            from vitctl.convert.mapping import check_coverage, torch_param_shapes
-
-            check_coverage({n: i.shape for n, i in reader.infos().items()}, torch_param_shapes(cfg), f"{ckpt}")
-        return {n: np.array(a) for n, a in reader.iter_tensors(list(reader.infos()))}  # writable copies, not views of the file
-    finally:
-        reader.close()
