@@ -15,7 +15,16 @@ MAX_FUNCTION_LINES = 60
 
 LEAVES = {"vitctl", "vitctl.errors", "vitctl.untrusted", "vitctl.units", "vitctl.background", "vitctl.devices"}
 DEFINITION = {"vitctl.config", "vitctl.params", "vitctl.posemb"}
-APPS = ("vitctl.open", "vitctl.verify", "vitctl.probe", "vitctl.init", "vitctl.train", "vitctl.bench", "vitctl.cli", "vitctl.convert.convert")
+APPS = (
+    "vitctl.open",
+    "vitctl.verify",
+    "vitctl.probe",
+    "vitctl.init",
+    "vitctl.train",
+    "vitctl.bench",
+    "vitctl.cli",
+    "vitctl.convert.convert",
+)
 # Reading a checkpoint: the names that open one. Apps reach them only through vitctl.open.
 READERS = {
     "SafetensorsReader",

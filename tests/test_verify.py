@@ -15,9 +15,9 @@ pytest.importorskip("torch")
 from tests.conftest import random_params, tiny
 from vitctl import checkpoint as ckpt
 from vitctl.cli import main
-from vitctl.convert import io
 from vitctl.convert.convert import convert
 from vitctl.convert.mapping import jax_to_torch
+from vitctl.formats.safetensors import SafetensorsReader
 from vitctl.verify import MATERIAL, PRESETS, verify
 
 
@@ -71,7 +71,7 @@ def test_table_output_and_report_file(pair, tmp_path, capsys):
 
 def test_one_perturbed_block_is_named(pair, tmp_path, capsys):
     cfg = tiny()
-    state = io.SafetensorsReader(pair[1])
+    state = SafetensorsReader(pair[1])
     sd = {n: state.read(n) for n in state.infos()}
     sd["blocks.1.mlp_in.weight"] = sd["blocks.1.mlp_in.weight"] + np.float32(1e-3)
     bad = write_torch(tmp_path / "bad", cfg, sd)
@@ -86,7 +86,7 @@ def test_one_perturbed_block_is_named(pair, tmp_path, capsys):
 
 def test_diagnose_names_gelu(pair, tmp_path, capsys):
     cfg = tiny()
-    reader = io.SafetensorsReader(pair[1])
+    reader = SafetensorsReader(pair[1])
     sd = {n: reader.read(n) for n in reader.infos()}
     wrong = write_torch(tmp_path / "gelu", tiny(gelu_approximate=True), sd)  # same weights, tanh GELU
     code, out, _ = cli("verify", pair[0], wrong, "--diagnose", "--json", capsys=capsys)
@@ -205,7 +205,7 @@ def test_mismatched_configs_report_and_exit_1(pair, tmp_path, capsys):
 
 
 def test_missing_tensor_reports_and_exits_1(pair, tmp_path, capsys):
-    reader = io.SafetensorsReader(pair[1])
+    reader = SafetensorsReader(pair[1])
     sd = {n: reader.read(n) for n in reader.infos() if n != "blocks.0.k.weight"}
     broken = write_torch(tmp_path / "missing", tiny(), sd)
     code, out, err = cli("verify", pair[0], broken, "--json", capsys=capsys)

@@ -4,9 +4,9 @@ It returns a `Checkpoint`: the detected format, the local path, the model config
 streaming reader (names, shapes and dtypes from headers alone; tensors one at a time).
 
     format        on disk                                        reader (naming)
-    vitctl-jax    DIR/params/ (Orbax) + DIR/config.json          io.OrbaxReader (jax)
-    vitctl-torch  DIR/model.safetensors or shards + index        io.SafetensorsReader (torch)
-    timm          DIR/model.safetensors + timm's config.json     io.SafetensorsReader (timm's names)
+    vitctl-jax    DIR/params/ (Orbax) + DIR/config.json          OrbaxReader (jax)
+    vitctl-torch  DIR/model.safetensors or shards + index        SafetensorsReader (torch)
+    timm          DIR/model.safetensors + timm's config.json     SafetensorsReader (timm's names)
     big_vision    FILE.npz (`prefix`: the sub-tree of the ViT)   BigVisionReader (jax)
 
 - The format comes from the content (`detect`), never from a name: a zip file is a
@@ -15,7 +15,7 @@ streaming reader (names, shapes and dtypes from headers alone; tensors one at a 
 - `hf://org/name[@rev]` is fetched into the Hugging Face cache by vitctl.hub (only the
   weights `fetch` names) and opened there (`locate`).
 - Before a tensor is read, config.json must lie inside the checkpoint, and the header's
-  tensor count must fit the config (mapping.check_count): a small hostile config cannot
+  tensor count must fit the config (params.check_count): a small hostile config cannot
   make vitctl list millions of names. `check_coverage` then compares every name and shape.
 - `iter_hub` hands out every parameter under per-layer JAX names (`blocks/{i}/q/kernel`),
   re-laid out from torch or timm names where needed: the one naming the apps compare,
@@ -37,8 +37,10 @@ import numpy as np
 
 from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
-from vitctl.convert import io
 from vitctl.errors import CheckpointError, ConfigError, VitctlError
+from vitctl.formats.base import CheckpointRoot, Reader, TensorInfo
+from vitctl.formats.orbax import OrbaxReader
+from vitctl.formats.safetensors import INDEX, SAFETENSORS, SafetensorsReader
 from vitctl.params import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
 
 JAX, TORCH, TIMM, BIG_VISION = ckpt.JAX, ckpt.TORCH, ckpt.TIMM, "big_vision"
@@ -92,7 +94,7 @@ def detect(path: Path, formats: Sequence[str] = FORMATS, *, doing: str = "vitctl
         raise ckpt.timm_export_error(path, doing)
     if not found:
         raise CheckpointError(
-            f"{path} holds no weights: neither {ckpt.PARAMS}/ (a JAX checkpoint: params/_METADATA) nor {io.SAFETENSORS} or {io.INDEX} (a PyTorch checkpoint)",
+            f"{path} holds no weights: neither {ckpt.PARAMS}/ (a JAX checkpoint: params/_METADATA) nor {SAFETENSORS} or {INDEX} (a PyTorch checkpoint)",
             hint=f"a checkpoint directory holds config.json and its weights; check the path, or {ckpt.INIT_HINT}",
         )
     usable = [f for f in formats if f in found]
@@ -109,13 +111,13 @@ class Checkpoint:
     format: str  # vitctl-jax, vitctl-torch, timm, big_vision
     path: Path
     cfg: ViTConfig
-    reader: io.Reader
+    reader: Reader
     notes: list[str] = dataclasses.field(default_factory=list)  # assumptions the weights cannot confirm
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  # config.json's, {} for an .npz
 
     def __post_init__(self):
         check_count(self.reader.count(), self.cfg, self.what)  # before any per-layer name is listed
-        self.infos: dict[str, io.TensorInfo] = self.reader.infos()  # in the reader's naming
+        self.infos: dict[str, TensorInfo] = self.reader.infos()  # in the reader's naming
         self._covered = False
 
     @property
@@ -150,7 +152,7 @@ class Checkpoint:
         check_coverage(got, expected, self.what)
         self._covered = True
 
-    def info(self, hub_name: str) -> io.TensorInfo:
+    def info(self, hub_name: str) -> TensorInfo:
         return self.infos[self._names[hub_name]]
 
     def iter_hub(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -162,7 +164,7 @@ class Checkpoint:
         from vitctl.formats import fastcopy
 
         tensors = self.reader.iter_tensors(list(self._names.values()))
-        if not isinstance(self.reader, io.OrbaxReader):  # (which reads ahead on its own threads)
+        if not isinstance(self.reader, OrbaxReader):  # (which reads ahead on its own threads)
             tensors = fastcopy.read_ahead(tensors)
         if self.reader.naming == "jax":
             yield from tensors
@@ -199,7 +201,7 @@ class Checkpoint:
         else:
             index = root / ckpt.SAFETENSORS_INDEX
             files += sorted(root.glob("model*.safetensors")) + ([index] if index.is_file() else [])
-        checked = io.CheckpointRoot(root)  # inside the checkpoint (or its HF cache blobs)
+        checked = CheckpointRoot(root)  # inside the checkpoint (or its HF cache blobs)
         return [checked.check(f) for f in files]
 
     def check_memory(self, label: str) -> None:
@@ -249,9 +251,9 @@ def open_checkpoint(
     if prefix is not None:
         raise ConfigError("--prefix applies to big_vision .npz sources only")
     if (path / ckpt.CONFIG).exists():
-        io.CheckpointRoot(path).check(path / ckpt.CONFIG)
+        CheckpointRoot(path).check(path / ckpt.CONFIG)
     cfg = model or ckpt.read_checkpoint_config(path)
-    reader = io.OrbaxReader(path / ckpt.PARAMS) if fmt == JAX else io.SafetensorsReader(path)
+    reader = OrbaxReader(path / ckpt.PARAMS) if fmt == JAX else SafetensorsReader(path)
     provenance = ckpt.read_provenance(path) if (path / ckpt.CONFIG).is_file() else {}
     return _opened(reader, lambda: Checkpoint(fmt, path, cfg, reader, [], provenance))
 
@@ -266,7 +268,7 @@ def _opened(reader, make) -> Checkpoint:
 
 
 class BigVisionReader:
-    """A big_vision .npz through vitctl.convert.big_vision, as an io.Reader in JAX per-layer naming.
+    """A big_vision .npz through vitctl.convert.big_vision, as an Reader in JAX per-layer naming.
 
     It reads in archive order, one member at a time: a scanned member (L, ...) is read
     once and its L layers handed out back to back.
@@ -285,9 +287,9 @@ class BigVisionReader:
         except BaseException:
             self._npz.close()
             raise
-        self._infos = {e.name: io.TensorInfo(e.name, e.shape, e.dtype, path, member[e.key]) for e in self.plan.entries}
+        self._infos = {e.name: TensorInfo(e.name, e.shape, e.dtype, path, member[e.key]) for e in self.plan.entries}
 
-    def infos(self) -> dict[str, io.TensorInfo]:
+    def infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
     def count(self) -> int:

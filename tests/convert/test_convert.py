@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import random_params, tiny
-from tests.convert.test_io import zarr_metadata
+from tests.formats.orbax_testing import orbax_restore, zarr_metadata
 from vitctl import checkpoint as ckpt
 from vitctl.convert import convert as cv
-from vitctl.convert import io
 from vitctl.convert.mapping import jax_param_shapes, jax_to_torch, unstack
 from vitctl.errors import CheckpointError, ConfigError, OutputExistsError, UnmappedParamError
+from vitctl.formats.orbax import OrbaxReader
+from vitctl.formats.safetensors import INDEX, SafetensorsReader, read_safetensors_header, shard_names
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CFG = tiny(depth=3)
@@ -88,7 +89,7 @@ def test_jax_to_torch_is_the_mapping_table(jax_src, tmp_path):
     assert_bitwise(ckpt.load_torch(dst, CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()})
     assert result["tensors"] == len(jax_param_shapes(CFG, stacked=False)) and result["shards"] == 1
     assert result["bytes"] == sum(a.nbytes for a in params().values()) and result["peak_rss_bytes"] > 0
-    r = io.SafetensorsReader(dst)
+    r = SafetensorsReader(dst)
     assert r.metadata == {"format": "pt", "source_format": "vitctl-jax", "source_dtype": "float32", "vitctl_version": "0.1.0"}
     r.close()
     prov = ckpt.read_provenance(dst)
@@ -109,7 +110,7 @@ def test_converted_torch_checkpoint_loads_strictly(jax_src, tmp_path):
 
     cv.convert(jax_src, tmp_path / "pt", "jax-to-torch", max_shard_size="30KB")
     state = {}
-    for shard in json.loads((tmp_path / "pt" / io.INDEX).read_text())["weight_map"].values():
+    for shard in json.loads((tmp_path / "pt" / INDEX).read_text())["weight_map"].values():
         state.update(load_file(tmp_path / "pt" / shard))
     result = ViT(CFG).load_state_dict(state, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -125,12 +126,14 @@ def test_round_trip_is_bit_identical(tmp_path, param_dtype):
     cv.convert(src, tmp_path / "pt", "jax-to-torch", max_shard_size="20KB")  # sharded on the way
     cv.convert(tmp_path / "pt", tmp_path / "jax2", "torch-to-jax")
     cv.convert(tmp_path / "jax2", tmp_path / "pt2", "jax-to-torch", max_shard_size="20KB")
-    assert_bitwise(ckpt.load_jax(tmp_path / "jax2", cfg), flat)  # restored by Orbax
+    assert_bitwise(orbax_restore(tmp_path / "jax2", cfg), flat)  # restored by Orbax itself
+    assert_bitwise(ckpt.load_jax(tmp_path / "jax2", cfg), flat)  # and by vitctl's reader
     assert {m["compressor"] for m in zarr_metadata(tmp_path / "jax2" / "params").values()} == {None}  # stored uncompressed
     assert not (tmp_path / "jax2" / "params" / "manifest.ocdbt").exists()  # one directory per array, read without tensorstore:
-    assert sorted(io.OrbaxReader(tmp_path / "jax2" / "params")._plain) == sorted(flat)
+    assert sorted(OrbaxReader(tmp_path / "jax2" / "params")._plain) == sorted(flat)
     cv.convert(tmp_path / "pt", tmp_path / "jax3", "torch-to-jax", compress=True)  # zstd level 1, as Orbax writes
     assert all(m["compressor"] == {"id": "zstd", "level": 1} for m in zarr_metadata(tmp_path / "jax3" / "params").values())
+    assert_bitwise(orbax_restore(tmp_path / "jax3", cfg), flat)
     assert_bitwise(ckpt.load_jax(tmp_path / "jax3", cfg), flat)
     for f in (tmp_path / "pt").iterdir():
         if f.suffix == ".safetensors":
@@ -154,7 +157,7 @@ def test_torch_to_jax_from_the_safetensors_library(tmp_path):
 def test_sharded_torch_source(tmp_path):
     pytest.importorskip("orbax.checkpoint")
     src = make_torch(tmp_path / "pt", max_shard_bytes=25_000)
-    assert (src / io.INDEX).is_file() and ckpt.detect_formats(src) == [ckpt.TORCH]
+    assert (src / INDEX).is_file() and ckpt.detect_formats(src) == [ckpt.TORCH]
     assert_bitwise(ckpt.load_torch(src, CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()})
     cv.convert(src, tmp_path / "jax", "torch-to-jax")
     assert_bitwise(ckpt.load_jax(tmp_path / "jax", CFG), params())
@@ -164,9 +167,9 @@ def test_max_shard_size_gives_hf_shards(jax_src, tmp_path):
     result = cv.convert(jax_src, tmp_path / "pt", "jax-to-torch", max_shard_size="40KB")
     names = sorted(p.name for p in (tmp_path / "pt").iterdir())
     n = result["shards"]
-    assert n > 2 and names == sorted(["config.json", io.INDEX, *io.shard_names(n)])
-    for shard in io.shard_names(n):
-        _, tensors = io.read_safetensors_header(tmp_path / "pt" / shard)
+    assert n > 2 and names == sorted(["config.json", INDEX, *shard_names(n)])
+    for shard in shard_names(n):
+        _, tensors = read_safetensors_header(tmp_path / "pt" / shard)
         assert sum(i.nbytes for i, _ in tensors.values()) <= 40_000 or len(tensors) == 1
 
 
@@ -209,7 +212,7 @@ def test_float32_to_bfloat16_matches_torch(tmp_path):
         assert np.isnan(got[n][nan].astype(np.float32)).all(), n  # NaN stays NaN (torch's CPU cast writes 0xFFFF, we the quiet NaN)
     assert ckpt.read_checkpoint_config(tmp_path / "jax16").param_dtype == "bfloat16"
     assert ckpt.read_provenance(tmp_path / "jax16")["dtype"] == "bfloat16"
-    r = io.SafetensorsReader(tmp_path / "pt16")
+    r = SafetensorsReader(tmp_path / "pt16")
     assert r.metadata["source_dtype"] == "bfloat16"
     r.close()
 

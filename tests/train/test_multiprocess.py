@@ -97,15 +97,17 @@ def test_two_processes_match_one_and_resume(reference, tmp_path):
     got = np.array(losses(out))
     print(f"2 processes vs 1, steps 1-3: max relative loss difference {np.max(np.abs(got - want[:3]) / want[:3]):.3g}")
     np.testing.assert_allclose(got, want[:3], rtol=MP_RTOL, atol=0)
+    from tests.formats.orbax_testing import orbax_restore
     from vitctl import checkpoint as ckpt
-    from vitctl.convert import io
+    from vitctl.formats.orbax import OrbaxReader
+    from vitctl.params import split_layer
 
-    reader = io.OrbaxReader(out / "params")  # params/, written by both processes, reads back as convert reads it
+    reader = OrbaxReader(out / "params")  # params/, written by both processes, reads back as convert reads it
     try:
-        restored = ckpt.load_jax(out, ckpt.read_checkpoint_config(out))  # and as real Orbax restores it, in one process
+        restored = orbax_restore(out, ckpt.read_checkpoint_config(out))  # and as real Orbax restores it, in one process
         assert len(reader.infos()) > 10
         for n in reader.infos():
-            stacked, i = io.split_layer(n)
+            stacked, i = split_layer(n)
             assert np.array_equal(reader.read(n), restored[stacked] if i is None else restored[stacked][i]), n
     finally:
         reader.close()

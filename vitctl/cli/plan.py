@@ -65,7 +65,7 @@ def plan(
     json: JsonOpt = False,
 ) -> None:
     """Per-device bytes for params, grads, optimizer state and activations (with and without remat), and whether they fit."""
-    from vitctl.convert.io import parse_size
+    from vitctl.formats.base import parse_size
     from vitctl.model_jax.sharding import parse_mesh
     from vitctl.train import plan as planner
 

@@ -17,7 +17,7 @@
   torch.Tensor.to(torch.bfloat16) for every non-NaN value; a NaN becomes the canonical
   quiet NaN of its sign (torch's vectorised CPU cast writes 0xFFFF for every NaN).
 - vitctl-jax output is Orbax's one-directory-per-array layout, chunks uncompressed, written as
-  plain files (io.OrbaxFilesWriter); `compress=True` writes Orbax's default instead (OCDBT, zstd
+  plain files (OrbaxWriter without compression or OCDBT); `compress=True` writes Orbax's default instead (OCDBT, zstd
   level 1) through tensorstore: on float weights zstd saves ~8% of the bytes for most of the
   CPU time of writing and, later, reading it. Orbax restores either. A tensor reaches its
   writer as it comes (often a transposed view): the safetensors and Orbax-files writers
@@ -54,9 +54,11 @@ import vitctl
 from vitctl import checkpoint as ckpt
 from vitctl import untrusted
 from vitctl.config import ViTConfig
-from vitctl.convert import io
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.formats import fastcopy
+from vitctl.formats.base import Writer, parse_size
+from vitctl.formats.orbax import OrbaxWriter
+from vitctl.formats.safetensors import INDEX, SafetensorsWriter, plan_shards, shard_names
 from vitctl.open import BIG_VISION, JAX, TIMM, TORCH, Checkpoint, detect, locate, open_checkpoint
 from vitctl.params import jax_param_shapes, rename, torch_param_shapes
 from vitctl.untrusted import sigterm_as_interrupt
@@ -217,7 +219,7 @@ def plan(
     if fmt not in d.sources:
         raise ConfigError(f"--from {fmt} cannot be converted by {direction}", hint=f"its sources are: {', '.join(d.sources)}")
     target = TARGETS[d.targets[target_format]]
-    max_bytes = io.parse_size(max_shard_size) if max_shard_size is not None and target.sharded else None
+    max_bytes = parse_size(max_shard_size) if max_shard_size is not None and target.sharded else None
     source = open_checkpoint(src, fmt=fmt, model=model, prefix=prefix)
     try:
         source.check_coverage()  # every name and shape, from headers, before any data is read
@@ -295,8 +297,8 @@ def _output_config(cfg: ViTConfig, dtypes: set[np.dtype]) -> ViTConfig:
 def _target_files(target: Target, specs: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int | None) -> list[str]:
     if target.format == JAX:
         return [ckpt.PARAMS + "/"]
-    shards = io.plan_shards([(n, math.prod(s) * d.itemsize) for n, s, d in specs], max_bytes)
-    return io.shard_names(len(shards)) + ([io.INDEX] if len(shards) > 1 else [])
+    shards = plan_shards([(n, math.prod(s) * d.itemsize) for n, s, d in specs], max_bytes)
+    return shard_names(len(shards)) + ([INDEX] if len(shards) > 1 else [])
 
 
 def _current_peak_rss() -> int:
@@ -315,17 +317,17 @@ def _step_bytes(t: TargetTensor, spec: tuple[str, tuple[int, ...], np.dtype], so
 
 
 # Running it.
-def _open_writer(plan: Plan, tmp: Path) -> io.Writer:
+def _open_writer(plan: Plan, tmp: Path) -> Writer:
     if plan.target.format == JAX and plan.compress:
-        return io.OrbaxWriter(tmp / ckpt.PARAMS, plan.specs, ckpt.CHUNK_BYTES, compress=True)
+        return OrbaxWriter(tmp / ckpt.PARAMS, plan.specs, ckpt.CHUNK_BYTES, compress=True)
     if plan.target.format == JAX:
-        return io.OrbaxFilesWriter(tmp / ckpt.PARAMS, plan.specs, ckpt.CHUNK_BYTES)
+        return OrbaxWriter(tmp / ckpt.PARAMS, plan.specs, ckpt.CHUNK_BYTES, compress=False, use_ocdbt=False)
     src_dtypes = sorted({str(plan.source.info(h).dtype) for h in plan.source.hub_shapes})
     metadata = {
         "format": "pt", "source_format": plan.source.format, "vitctl_version": vitctl.__version__,
         "source_dtype": src_dtypes[0] if len(src_dtypes) == 1 else ",".join(src_dtypes),
     }  # fmt: skip
-    return io.SafetensorsWriter(tmp, plan.specs, plan.max_shard_bytes, metadata)
+    return SafetensorsWriter(tmp, plan.specs, plan.max_shard_bytes, metadata)
 
 
 def stream(plan: Plan) -> Iterator[tuple[str, np.ndarray]]:

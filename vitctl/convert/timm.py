@@ -60,9 +60,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vitctl.config import ViTConfig
-from vitctl.convert.io import RowStack
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
 from vitctl.formats.fastcopy import copy_into, scratch
+from vitctl.formats.safetensors import RowStack
 from vitctl.params import WHEN as PARAM_WHEN
 from vitctl.params import check_coverage, torch_param_shapes
 from vitctl.posemb import posemb_sincos_2d

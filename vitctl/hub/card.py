@@ -40,7 +40,7 @@ def _own_report(ckpt: Path, name: str, sides: Any) -> dict[str, Any] | None:
     here = ckpt.resolve()
     for path in (ckpt / name, ckpt.parent / name):
         if path.parent == ckpt and path.exists():  # its own report is uploaded: it must be the checkpoint's file
-            from vitctl.convert.io import hf_cache_repo
+            from vitctl.formats.base import hf_cache_repo
 
             untrusted.inside(ckpt, path, str(ckpt), also=hf_cache_repo(ckpt))
         try:

@@ -30,7 +30,7 @@ def check_config(snap: Path, files: list[str], where: str) -> dict[str, Any]:
     weights fetched with it: safetensors tensor names and shapes (from the headers), Orbax array
     names (from params/_METADATA). Else a CheckpointError naming the repo and the file."""
     from vitctl.config import ViTConfig
-    from vitctl.convert.io import read_safetensors_header
+    from vitctl.formats.safetensors import read_safetensors_header
     from vitctl.params import check_coverage, jax_param_shapes, torch_param_shapes
 
     source = f"{where}:{CONFIG}"
@@ -154,7 +154,7 @@ def check_files(snap: Path, files: list[str], remote: dict[str, Any] | None, whe
 
 def _check_safetensors(snap: Path, files: list[str], where: str) -> dict[str, str]:
     """Each shard's header parses (JSON, no pickle), fits the file, and holds the tensors the index gives it."""
-    from vitctl.convert.io import read_safetensors_header
+    from vitctl.formats.safetensors import read_safetensors_header
 
     bad: dict[str, str] = {}
     assigned: dict[str, set[str]] | None = None

@@ -138,7 +138,7 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
         )
     if include_jax and ckpt_mod.JAX not in formats:
         raise ConfigError(f"--include-jax: {ckpt} has no JAX weights ({PARAMS}/)", hint="drop --include-jax")
-    from vitctl.convert.io import hf_cache_repo
+    from vitctl.formats.base import hf_cache_repo
 
     also = hf_cache_repo(ckpt)
 
@@ -181,7 +181,7 @@ def local_markers(ckpt: Path) -> list[str]:
 def check_public(ckpt: Path, uploads: dict[str, Path | bytes]) -> None:
     """Refuses (CheckpointError, nothing uploaded) a push whose files hold a local path: every text
     file (JSON, the card, Orbax metadata) whole, and the header of each safetensors file."""
-    from vitctl.convert.io import MAX_HEADER_BYTES
+    from vitctl.formats.safetensors import MAX_HEADER_BYTES
 
     markers = [m.encode() for m in local_markers(ckpt)]
     for rel, src in uploads.items():

@@ -1,7 +1,7 @@
 """Per-device memory plan for training on a (data, fsdp, tensor) mesh, from shapes alone.
 
 Nothing is allocated and no jax Mesh is built: parameter names and shapes come from
-vitctl.convert.mapping.jax_param_shapes, their logical axes from the model itself
+vitctl.params.jax_param_shapes, their logical axes from the model itself
 (`abstract_model`, i.e. jax.eval_shape, about 0.5 s for ViT-22B), resolved to mesh axes by
 the one rules table in vitctl.model_jax.sharding. The mesh is hypothetical: shard sizes
 are arithmetic, ceil(dim / prod(sizes of the dim's mesh axes)), and every dimension that
