@@ -12,8 +12,8 @@ depth keep the largest stacked tensor of a 4 GiB model under ~256 MiB: one layer
 block kernels (4*D*D + 2*D*F) are at most 6x its largest one, so it is >= 4 GiB / 6.
 Only two places see stacked tensors: Orbax params/ (stored and read in per-layer chunks)
 and the scanned .npz (one zip member per stacked tensor: `scan-torch`). Each source is
-written tensor by tensor, with the project's streaming writers (io.OrbaxWriter,
-io.SafetensorsWriter) or zipfile + numpy.lib.format one member at a time (stored, not
+written tensor by tensor, with the project's streaming writers (OrbaxWriter,
+SafetensorsWriter) or zipfile + numpy.lib.format one member at a time (stored, not
 deflated, as np.savez), from a seeded numpy generator (standard normal: not compressible
 beyond the float exponent bits). The writing runs in a child process, so that this
 process stays small (see "Peak RSS").
@@ -86,20 +86,21 @@ def _random(rng, shape, dtype):
 def _build_orbax(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
     """Orbax params/ of `cfg`, one tensor at a time; returns the largest stored unit (a chunk)."""
     from vitctl import checkpoint as ckpt
-    from vitctl.convert import io
+    from vitctl.formats import layout
+    from vitctl.formats.orbax import OrbaxWriter
     from vitctl.params import jax_param_shapes
 
     path.mkdir()
     specs = [(n, s, dt) for n, s in jax_param_shapes(cfg, stacked=False).items()]
     if kind.layout == "orbax":  # OCDBT, as Orbax saves it (vitctl init / train: uncompressed; Orbax's default: zstd)
-        writer = io.OrbaxWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES, compress=kind.compress)
+        writer = OrbaxWriter(path / layout.PARAMS, specs, layout.CHUNK_BYTES, compress=kind.compress)
     else:  # as vitctl convert writes vitctl-jax: one directory per array, uncompressed
-        writer = io.OrbaxFilesWriter(path / ckpt.PARAMS, specs, ckpt.CHUNK_BYTES)
+        writer = OrbaxWriter(path / layout.PARAMS, specs, layout.CHUNK_BYTES, compress=False, use_ocdbt=False)
     for n, s, _ in specs:
         writer.write(n, _random(rng, s, kind.dtype))
     writer.close()
     ckpt.write_config(path, cfg, PROVENANCE)
-    return ckpt.CHUNK_BYTES
+    return layout.CHUNK_BYTES
 
 
 def _build_safetensors(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
@@ -107,7 +108,7 @@ def _build_safetensors(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
     import numpy as np
 
     from vitctl import checkpoint as ckpt
-    from vitctl.convert import io
+    from vitctl.formats.safetensors import SafetensorsWriter
     from vitctl.params import jax_param_shapes, rename
 
     path.mkdir()
@@ -117,7 +118,7 @@ def _build_safetensors(kind: SourceKind, path: Path, cfg, rng, dt) -> int:
         specs.append((tname, tuple(layout.to_torch(np.broadcast_to(np.uint8(0), s)).shape), dt))
     total = sum(math.prod(s) for _, s, _ in specs) * dt.itemsize
     max_shard = math.ceil(total / 4) if kind.layout == "shards" else None  # 4-5 shards
-    writer = io.SafetensorsWriter(path, specs, max_shard, {"format": "pt"})
+    writer = SafetensorsWriter(path, specs, max_shard, {"format": "pt"})
     for tname, s, _ in specs:
         writer.write(tname, _random(rng, s, kind.dtype))
     writer.close()

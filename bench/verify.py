@@ -20,6 +20,7 @@ from pathlib import Path
 from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.convert.convert import convert
+from vitctl.formats import layout
 from vitctl.params import random_weights
 from vitctl.verify import run_config, run_side, set_precision, verify
 
@@ -50,7 +51,7 @@ def measure(cfg: ViTConfig, batch: int) -> tuple[dict, dict, dict]:
         jax_dir.mkdir()
         ckpt.write_config(jax_dir, cfg, {"created_by": "bench/verify.py"})
         params = random_weights(cfg)
-        ckpt.save_jax(jax_dir, params)
+        layout.save_jax(jax_dir, params)
         convert(jax_dir, torch_dir, "jax-to-torch")
         convert(jax_dir, bf16_dir, "jax-to-torch", dtype="bfloat16")
 

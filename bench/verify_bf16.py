@@ -24,9 +24,9 @@ from pathlib import Path
 
 import ml_dtypes
 
-from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.data import preprocess
+from vitctl.formats import layout
 from vitctl.params import random_weights, unstack
 from vitctl.verify import PRESETS, Side, compare_outputs, flips, run_config, run_side, set_precision
 
@@ -84,8 +84,8 @@ def main() -> None:
         cfg = ViTConfig.from_variant(name, head_zero_init=False, **over)  # a zero head makes the logits all 0
         rows += measure(f"{spec} random", cfg, dict(unstack(random_weights(cfg), cfg.depth)), args.batch)
     for path in args.trained:
-        cfg = ckpt.read_checkpoint_config(Path(path))
-        params = Side("A", Path(path), ckpt.JAX, cfg).params()
+        cfg = layout.read_checkpoint_config(Path(path))
+        params = Side("A", Path(path), layout.JAX, cfg).params()
         rows += measure(f"{Path(path).name} trained (D={cfg.width} L={cfg.depth})", cfg, params, args.batch)
     if args.json:
         print(json.dumps({"rows": rows, "bar": dataclasses.asdict(PRESETS["bf16"])}, indent=2))

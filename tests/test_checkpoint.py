@@ -14,6 +14,7 @@ from tests.conftest import tiny
 from vitctl import checkpoint as ckpt
 from vitctl.convert.mapping import jax_param_shapes, jax_to_torch
 from vitctl.errors import CheckpointError, OutputExistsError
+from vitctl.formats import layout
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -35,12 +36,12 @@ def assert_same(got, want):
 def test_config_json(tmp_path):
     cfg = tiny(param_dtype="bfloat16")
     ckpt.write_config(tmp_path, cfg, {"source_format": "init", "source": "tiny", "created_by": "test"})
-    d = json.loads((tmp_path / ckpt.CONFIG).read_text())
+    d = json.loads((tmp_path / layout.CONFIG).read_text())
     assert set(d) == {"vitctl_version", "model", "provenance"}
-    assert ckpt.read_checkpoint_config(tmp_path) == cfg
-    assert ckpt.read_checkpoint_config(tmp_path / ckpt.CONFIG) == cfg
-    assert ckpt.read_provenance(tmp_path)["source"] == "tiny"
-    assert [p.name for p in tmp_path.iterdir()] == [ckpt.CONFIG]  # no temporary left behind
+    assert layout.read_checkpoint_config(tmp_path) == cfg
+    assert layout.read_checkpoint_config(tmp_path / layout.CONFIG) == cfg
+    assert layout.read_provenance(tmp_path)["source"] == "tiny"
+    assert [p.name for p in tmp_path.iterdir()] == [layout.CONFIG]  # no temporary left behind
 
 
 def siblings(path):
@@ -53,7 +54,7 @@ def test_atomic_output_writes_on_success(tmp_path):
         assert tmp.parent == dst.parent and tmp.name.startswith(".ckpt.tmp-") and not dst.exists()
         ckpt.write_config(tmp, tiny(), {})
     assert siblings(dst) == ["ckpt"]
-    assert (dst / ckpt.CONFIG).is_file()
+    assert (dst / layout.CONFIG).is_file()
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
@@ -61,7 +62,7 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path, exc):
     dst = tmp_path / "ckpt"
     with pytest.raises(exc), ckpt.atomic_output(dst) as tmp:
         ckpt.write_config(tmp, tiny(), {})
-        ckpt.save_torch(tmp, jax_to_torch(random_params(tiny()), tiny()))
+        layout.save_torch(tmp, jax_to_torch(random_params(tiny()), tiny()))
         raise exc("interrupted mid-write")
     assert siblings(dst) == []
 
@@ -82,10 +83,10 @@ def test_atomic_output_force_replaces_only_when_complete(tmp_path):
     with pytest.raises(RuntimeError), ckpt.atomic_output(dst, force=True) as tmp:
         ckpt.write_config(tmp, tiny(depth=3), {"source": "new"})
         raise RuntimeError("fails before completion")
-    assert ckpt.read_provenance(dst)["source"] == "old" and siblings(dst) == ["ckpt"]
+    assert layout.read_provenance(dst)["source"] == "old" and siblings(dst) == ["ckpt"]
     with ckpt.atomic_output(dst, force=True) as tmp:
         ckpt.write_config(tmp, tiny(depth=3), {"source": "new"})
-    assert ckpt.read_provenance(dst)["source"] == "new" and siblings(dst) == ["ckpt"]
+    assert layout.read_provenance(dst)["source"] == "new" and siblings(dst) == ["ckpt"]
 
 
 def test_force_never_replaces_a_foreign_directory(tmp_path):
@@ -159,7 +160,7 @@ def test_force_refuses_symlinks_and_files(tmp_path):
         with pytest.raises(OutputExistsError, match="not a vitctl checkpoint directory") as e:
             ckpt.check_output(dst, force=True)
         assert "yourself" in e.value.hint
-    assert (target / ckpt.CONFIG).is_file()
+    assert (target / layout.CONFIG).is_file()
 
 
 def test_stale_temporaries_are_reclaimed_by_owner(tmp_path, capsys):
@@ -191,7 +192,7 @@ def test_atomic_output_leaves_no_owner_record(tmp_path):
     with ckpt.atomic_output(tmp_path / "o") as tmp:
         assert (tmp / ckpt.OWNER).is_file()
         ckpt.write_config(tmp, tiny(), {})
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [ckpt.CONFIG]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [layout.CONFIG]
 
 
 def test_no_space_reads_the_errno_wherever_it_is():

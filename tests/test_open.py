@@ -8,6 +8,7 @@ from vitctl import checkpoint as ckpt
 from vitctl import hub
 from vitctl.convert.mapping import jax_to_torch, unstack
 from vitctl.errors import CheckpointError, ConfigError
+from vitctl.formats import layout
 from vitctl.open import BIG_VISION, JAX, TIMM, TORCH, detect, open_checkpoint
 
 CFG = tiny(depth=2)
@@ -24,14 +25,14 @@ def make_jax(path, cfg=CFG):
     pytest.importorskip("orbax.checkpoint")
     path.mkdir(parents=True)
     ckpt.write_config(path, cfg, {"created_by": "test"})
-    ckpt.save_jax(path, random_params(cfg))
+    layout.save_jax(path, random_params(cfg))
     return path
 
 
 def make_torch(path, cfg=CFG, max_shard_bytes=None):
     path.mkdir(parents=True)
     ckpt.write_config(path, cfg, {"created_by": "test"})
-    ckpt.save_torch(path, jax_to_torch(random_params(cfg), cfg), max_shard_bytes)
+    layout.save_torch(path, jax_to_torch(random_params(cfg), cfg), max_shard_bytes)
     return path
 
 
@@ -55,7 +56,7 @@ def test_every_format_opens_to_the_same_parameters(tmp_path):
         with open_checkpoint(path) as c:
             assert (c.format, c.path, c.cfg) == (fmt, path, CFG)
             assert len(c.infos) == len(want) and c.backend == ("torch" if fmt == TORCH else "jax")
-            assert c.provenance["created_by"] == "test" and c.files()[0] == path / ckpt.CONFIG
+            assert c.provenance["created_by"] == "test" and c.files()[0] == path / layout.CONFIG
             assert_same(c.params(), want)
 
 

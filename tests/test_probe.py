@@ -31,11 +31,12 @@ def _cache(tmp_path, monkeypatch):
 def init_checkpoint(path, cfg: ViTConfig, seed: int = 0):
     """What `vitctl init --backend jax` writes: config.json + Orbax params/."""
     from vitctl import checkpoint as ckpt
+    from vitctl.formats import layout
     from vitctl.model_jax.model import init_model
     from vitctl.model_jax.state import flat_params
 
     path.mkdir(parents=True)
-    ckpt.save_jax(path, flat_params(init_model(cfg, seed=seed)))
+    layout.save_jax(path, flat_params(init_model(cfg, seed=seed)))
     ckpt.write_config(path, cfg, {"source_format": "init", "seed": seed})
     return path
 

@@ -17,6 +17,7 @@ from vitctl import checkpoint as ckpt
 from vitctl.cli import main
 from vitctl.convert.convert import convert
 from vitctl.convert.mapping import jax_to_torch
+from vitctl.formats import layout
 from vitctl.formats.safetensors import SafetensorsReader
 from vitctl.verify import MATERIAL, PRESETS, verify
 
@@ -27,7 +28,7 @@ def make_pair(tmp_path, cfg=None, seed=0):
     jax_dir, torch_dir = tmp_path / "jax", tmp_path / "torch"
     jax_dir.mkdir()
     ckpt.write_config(jax_dir, cfg, {"created_by": "test"})
-    ckpt.save_jax(jax_dir, random_params(cfg, seed))
+    layout.save_jax(jax_dir, random_params(cfg, seed))
     convert(jax_dir, torch_dir, "jax-to-torch")
     return jax_dir, torch_dir
 
@@ -35,7 +36,7 @@ def make_pair(tmp_path, cfg=None, seed=0):
 def write_torch(path, cfg, state):
     path.mkdir()
     ckpt.write_config(path, cfg, {"created_by": "test"})
-    ckpt.save_torch(path, state)
+    layout.save_torch(path, state)
     return path
 
 
@@ -142,7 +143,7 @@ def test_bf16_verdict_scales_with_the_activations(tmp_path, capsys):
         jax_dir = tmp_path / f"jax{factor}"
         jax_dir.mkdir()
         ckpt.write_config(jax_dir, cfg, {"created_by": "test"})
-        ckpt.save_jax(jax_dir, scaled_map_head(cfg, factor))
+        layout.save_jax(jax_dir, scaled_map_head(cfg, factor))
         convert(jax_dir, tmp_path / f"bf16-{factor}", "jax-to-torch", dtype="bfloat16")
         reports[factor] = verify(jax_dir, tmp_path / f"bf16-{factor}", precision="bf16")
     small, large = ({x["name"]: x for x in reports[f]["layers"]} for f in (1, 16))

@@ -9,10 +9,8 @@ atomic JSON, config.json with provenance in public form.
 - config.json's provenance names where the weights came from in a form that means something
   elsewhere (`public_provenance`), never this machine's directories.
 
-The directory's layout (config.json, params/, model.safetensors; detect_format(s), save_jax,
-load_jax, save_torch, load_torch, read_checkpoint_config, ...) lives in
-vitctl.formats.layout; its names are re-exported here. Importing this module loads neither
-jax, orbax nor torch.
+The directory's layout (config.json, params/, model.safetensors; saving and loading) is
+vitctl.formats.layout. Importing this module loads neither jax, orbax nor torch.
 """
 
 from __future__ import annotations
@@ -35,30 +33,7 @@ import vitctl
 from vitctl.config import PRESETS, ViTConfig
 from vitctl.errors import CheckpointError, ConfigError, OutputError, OutputExistsError, VitctlError
 from vitctl.formats.base import hf_snapshot
-from vitctl.formats.layout import (  # noqa: F401  (re-exported: the directory's layout, as its users import it from here)
-    CHUNK_BYTES,
-    CONFIG,
-    INIT_HINT,
-    JAX,
-    PARAMS,
-    SAFETENSORS,
-    SAFETENSORS_INDEX,
-    SLEEP_ENV,
-    TIMM,
-    TORCH,
-    detect_format,
-    detect_formats,
-    is_timm_config,
-    load_jax,
-    load_torch,
-    read_checkpoint_config,
-    read_provenance,
-    save_jax,
-    save_torch,
-    timm_export_error,
-)
-from vitctl.formats.layout import flatten as _flatten  # noqa: F401
-from vitctl.formats.layout import nest as _nest  # noqa: F401
+from vitctl.formats.layout import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.untrusted import raise_if_interrupted, read_json
 
 RUN_MARKER = "vitctl-run.json"  # marks a directory of several checkpoints that vitctl made (demo, train runs)

@@ -20,6 +20,7 @@ from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.convert.mapping import jax_to_torch, param_counts
 from vitctl.errors import MissingDependencyError, ResourceError, VitctlError
+from vitctl.formats import layout
 from vitctl.units import human_bytes
 from vitctl.untrusted import require_disk, require_memory, sigterm_as_interrupt
 
@@ -97,11 +98,11 @@ def init_checkpoint(
         try:
             with status(f"Writing {out_dir}"):
                 if backend == "jax":
-                    ckpt.save_jax(tmp, flat)
+                    layout.save_jax(tmp, flat)
                 elif how == "jax":
-                    ckpt.save_torch(tmp, jax_to_torch({k: np.asarray(v) for k, v in flat.items()}, cfg))
+                    layout.save_torch(tmp, jax_to_torch({k: np.asarray(v) for k, v in flat.items()}, cfg))
                 else:
-                    ckpt.save_torch(tmp, flat)
+                    layout.save_torch(tmp, flat)
             provenance = {"source_format": "init", "source": name, "created_by": "vitctl init", "seed": seed, "init": how}
             ckpt.write_config(tmp, cfg, provenance)
         except (VitctlError, OSError) as e:
@@ -111,5 +112,5 @@ def init_checkpoint(
                 f"no space to write {out_dir}: {why} (it needs {human_bytes(nbytes)})",
                 hint="free disk space, raise the file-size limit (ulimit -f), or choose an --out on another disk; nothing was written",
             ) from None
-    fmt = ckpt.JAX if backend == "jax" else ckpt.TORCH
+    fmt = layout.JAX if backend == "jax" else layout.TORCH
     return {"path": str(out_dir), "format": fmt, "name": name, "params_total": total, "seed": seed, "init": how}

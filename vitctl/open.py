@@ -35,15 +35,15 @@ from typing import Any, Self
 
 import numpy as np
 
-from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.errors import CheckpointError, ConfigError, VitctlError
+from vitctl.formats import layout
 from vitctl.formats.base import CheckpointRoot, Reader, TensorInfo
 from vitctl.formats.orbax import OrbaxReader
 from vitctl.formats.safetensors import INDEX, SAFETENSORS, SafetensorsReader
 from vitctl.params import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
 
-JAX, TORCH, TIMM, BIG_VISION = ckpt.JAX, ckpt.TORCH, ckpt.TIMM, "big_vision"
+JAX, TORCH, TIMM, BIG_VISION = layout.JAX, layout.TORCH, layout.TIMM, "big_vision"
 FORMATS = (TIMM, JAX, TORCH, BIG_VISION)  # detection preference: a timm export is timm even beside params/
 BACKENDS = {TORCH: "torch", TIMM: "timm"}  # the model each format runs on; the rest run the JAX model
 
@@ -65,16 +65,16 @@ def read_config(path: Path) -> tuple[ViTConfig, list[str]]:
 
         plan = big_vision.plan(path)
         return plan.cfg, list(plan.notes)
-    return ckpt.read_checkpoint_config(path), []
+    return layout.read_checkpoint_config(path), []
 
 
 def formats_in(path: Path) -> list[str]:
-    """The weight sets a directory holds (checkpoint.detect_formats), with safetensors that
+    """The weight sets a directory holds (layout.detect_formats), with safetensors that
     config.json's provenance calls a timm export counted as timm."""
-    found = ckpt.detect_formats(path)
-    if TORCH in found and (path / ckpt.CONFIG).is_file():
+    found = layout.detect_formats(path)
+    if TORCH in found and (path / layout.CONFIG).is_file():
         with contextlib.suppress(VitctlError, OSError):
-            if ckpt.read_provenance(path).get("target_format") == TIMM:
+            if layout.read_provenance(path).get("target_format") == TIMM:
                 found[found.index(TORCH)] = TIMM
     return found
 
@@ -91,11 +91,11 @@ def detect(path: Path, formats: Sequence[str] = FORMATS, *, doing: str = "vitctl
         raise CheckpointError(f"{path} is not {what}", hint="SRC is a checkpoint directory (config.json + weights) or a big_vision .npz")
     found = formats_in(path)
     if TIMM in found and TIMM not in formats:
-        raise ckpt.timm_export_error(path, doing)
+        raise layout.timm_export_error(path, doing)
     if not found:
         raise CheckpointError(
-            f"{path} holds no weights: neither {ckpt.PARAMS}/ (a JAX checkpoint: params/_METADATA) nor {SAFETENSORS} or {INDEX} (a PyTorch checkpoint)",
-            hint=f"a checkpoint directory holds config.json and its weights; check the path, or {ckpt.INIT_HINT}",
+            f"{path} holds no weights: neither {layout.PARAMS}/ (a JAX checkpoint: params/_METADATA) nor {SAFETENSORS} or {INDEX} (a PyTorch checkpoint)",
+            hint=f"a checkpoint directory holds config.json and its weights; check the path, or {layout.INIT_HINT}",
         )
     usable = [f for f in formats if f in found]
     if not usable:
@@ -170,8 +170,8 @@ class Checkpoint:
             yield from tensors
             return
         for name, w in tensors:
-            hub, layout = rename(name, "torch")
-            out = layout.to_jax(w, self.hub_shapes[hub])
+            hub, form = rename(name, "torch")
+            out = form.to_jax(w, self.hub_shapes[hub])
             del w  # hold one tensor, not two, while the next one is read
             yield hub, out
             del out
@@ -182,8 +182,8 @@ class Checkpoint:
 
         state = timm.from_timm_state_dict({n: self.reader.read(n) for n in self.infos}, self.cfg)
         for name, w in state.items():
-            hub, layout = rename(name, "torch")
-            yield hub, layout.to_jax(w, self.hub_shapes[hub])
+            hub, form = rename(name, "torch")
+            yield hub, form.to_jax(w, self.hub_shapes[hub])
 
     def params(self) -> dict[str, np.ndarray]:
         """Every parameter under per-layer JAX names, read whole."""
@@ -195,11 +195,11 @@ class Checkpoint:
         if self.path.is_file():
             return [self.path]
         root = self.path
-        files = [root / ckpt.CONFIG]
+        files = [root / layout.CONFIG]
         if self.format == JAX:
-            files += sorted(p for p in (root / ckpt.PARAMS).rglob("*") if p.is_file())
+            files += sorted(p for p in (root / layout.PARAMS).rglob("*") if p.is_file())
         else:
-            index = root / ckpt.SAFETENSORS_INDEX
+            index = root / layout.SAFETENSORS_INDEX
             files += sorted(root.glob("model*.safetensors")) + ([index] if index.is_file() else [])
         checked = CheckpointRoot(root)  # inside the checkpoint (or its HF cache blobs)
         return [checked.check(f) for f in files]
@@ -250,11 +250,11 @@ def open_checkpoint(
         return _opened(reader, lambda: Checkpoint(BIG_VISION, path, reader.plan.cfg, reader, list(reader.plan.notes)))
     if prefix is not None:
         raise ConfigError("--prefix applies to big_vision .npz sources only")
-    if (path / ckpt.CONFIG).exists():
-        CheckpointRoot(path).check(path / ckpt.CONFIG)
-    cfg = model or ckpt.read_checkpoint_config(path)
-    reader = OrbaxReader(path / ckpt.PARAMS) if fmt == JAX else SafetensorsReader(path)
-    provenance = ckpt.read_provenance(path) if (path / ckpt.CONFIG).is_file() else {}
+    if (path / layout.CONFIG).exists():
+        CheckpointRoot(path).check(path / layout.CONFIG)
+    cfg = model or layout.read_checkpoint_config(path)
+    reader = OrbaxReader(path / layout.PARAMS) if fmt == JAX else SafetensorsReader(path)
+    provenance = layout.read_provenance(path) if (path / layout.CONFIG).is_file() else {}
     return _opened(reader, lambda: Checkpoint(fmt, path, cfg, reader, [], provenance))
 
 

@@ -24,6 +24,7 @@ from tests.conftest import random_params, tiny
 from vitctl import checkpoint as ckpt
 from vitctl.convert import convert as cv
 from vitctl.convert.mapping import jax_to_torch
+from vitctl.formats import layout
 
 CFG = tiny()
 MiB = 2**20
@@ -32,7 +33,7 @@ MiB = 2**20
 def write_torch(path: Path, cfg=CFG, max_shard_bytes=None) -> Path:
     path.mkdir(parents=True)
     ckpt.write_config(path, cfg, {"source_format": "init", "created_by": "test"})
-    ckpt.save_torch(path, {n: np.ascontiguousarray(a) for n, a in jax_to_torch(random_params(cfg), cfg).items()}, max_shard_bytes)
+    layout.save_torch(path, {n: np.ascontiguousarray(a) for n, a in jax_to_torch(random_params(cfg), cfg).items()}, max_shard_bytes)
     return path
 
 

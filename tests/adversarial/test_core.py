@@ -22,6 +22,7 @@ import pytest
 from tests.adversarial.conftest import assert_refused, leftovers, run_vitctl, snapshot, start_vitctl, wait_for
 from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
+from vitctl.formats import layout
 
 MODEL = "vit22b-mu/16"  # the paper's block at its smallest: a JAX init in seconds
 SLOW = {"VITCTL_TEST_SLEEP_PER_TENSOR": "1"}  # init pauses after each tensor it writes: a signal lands mid-write
@@ -135,7 +136,7 @@ def test_a_killed_init_is_reclaimed_by_the_next_run(sandbox):
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if "removed" in line]
     assert len(notes) == 1 and ".out.tmp-" in notes[0] and f"process {p.pid}" in notes[0]
-    assert leftovers(sandbox.root) == [] and ckpt.detect_formats(sandbox.root / "out") == [ckpt.JAX]
+    assert leftovers(sandbox.root) == [] and layout.detect_formats(sandbox.root / "out") == [layout.JAX]
 
 
 def test_stale_temporaries_are_removed_and_live_or_foreign_ones_kept(sandbox):

@@ -270,10 +270,10 @@ def _nothing_uploaded(hub):
 @pytest.mark.parametrize("link", ["params/secret", "config.json", "model.safetensors"])
 def test_push_refuses_a_symlink_out_of_the_checkpoint(hub, env, sandbox, link):
     from tests.conftest import random_params
-    from vitctl import checkpoint as ckpt
+    from vitctl.formats import layout
 
     src = torch_ckpt(sandbox.root / "src", max_shard_bytes=None)
-    ckpt.save_jax(src, random_params(CFG, 0))
+    layout.save_jax(src, random_params(CFG, 0))
     secret = sandbox.root / "secret"
     secret.write_bytes((src / link).read_bytes() if (src / link).is_file() else b"ssh-rsa AAAA private")
     (src / link).unlink(missing_ok=True)

@@ -11,12 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import TINY
-from vitctl import checkpoint as ckpt
 from vitctl.cli import app
 from vitctl.cli.models import sizes
 from vitctl.config import PRESETS, ViTConfig
 from vitctl.convert.mapping import jax_to_torch
 from vitctl.errors import OutputExistsError
+from vitctl.formats import layout
 
 # Runs the CLI in a fresh interpreter and, at exit, reports which frameworks it imported
 # and its peak RSS on the last stderr line.
@@ -219,7 +219,7 @@ def test_debug_shows_traceback(cli, monkeypatch):
 def test_interrupt_leaves_nothing(tmp_path):
     # Ctrl-C halfway through writing the weights (no JAX needed: the init is stubbed out).
     code = (
-        "import sys; import vitctl.init as m, vitctl.checkpoint as c\n"
+        "import sys; import vitctl.init as m, vitctl.formats.layout as c\n"
         "def boom(d, flat): (d / 'params').mkdir(); (d / 'params' / 'half').write_text('x'); raise KeyboardInterrupt\n"
         "m._jax_init, c.save_jax = (lambda cfg, seed: {}), boom\n"
         "from vitctl.cli import main; main(sys.argv[1:])\n"
@@ -256,21 +256,21 @@ def test_init_both_backends_then_info(tmp_path, tiny_json):
     r = invoke("init", "--config", tiny_json, "--out", torch_dir, "--seed", 3, "--backend", "torch", "--json")
     assert json.loads(r.stdout) == {
         "path": str(torch_dir),
-        "format": ckpt.TORCH,
+        "format": layout.TORCH,
         "name": str(tiny_json),
         "params_total": 55_130,
         "seed": 3,
         "init": "jax",
     }
 
-    flat = ckpt.load_jax(jax_dir, TINY)
-    state = ckpt.load_torch(torch_dir, TINY)
+    flat = layout.load_jax(jax_dir, TINY)
+    state = layout.load_torch(torch_dir, TINY)
     want = jax_to_torch(flat, TINY)
     assert sorted(state) == sorted(want)
     for n in want:
         np.testing.assert_array_equal(state[n], want[n], err_msg=n)
 
-    for d, fmt in ((jax_dir, ckpt.JAX), (torch_dir, ckpt.TORCH)):
+    for d, fmt in ((jax_dir, layout.JAX), (torch_dir, layout.TORCH)):
         info = json.loads(invoke("info", d, "--json").stdout)
         assert info["formats"] == [fmt] and ViTConfig.from_dict(info["config"]) == TINY
         assert info["params_total"] == 55_130
@@ -287,7 +287,7 @@ def test_init_both_backends_then_info(tmp_path, tiny_json):
     r = CliRunner().invoke(app, ["init", "--config", str(tiny_json), "--out", str(jax_dir), "--seed", 4])
     assert isinstance(r.exception, OutputExistsError)
     invoke("init", "--config", tiny_json, "--out", jax_dir, "--seed", 4, "--force")
-    assert not np.array_equal(ckpt.load_jax(jax_dir, TINY)["blocks/q/kernel"], flat["blocks/q/kernel"])
+    assert not np.array_equal(layout.load_jax(jax_dir, TINY)["blocks/q/kernel"], flat["blocks/q/kernel"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jax", "torch"]
 
 
@@ -299,9 +299,9 @@ def test_init_overrides(tmp_path, monkeypatch):
 
     monkeypatch.setattr(init, "_jax_init", lambda cfg, seed: random_params(cfg, seed))
     invoke("init", "vit22b-mu/16", "--out", tmp_path / "o", "--num-classes", 7, "--image-size", 32, "--param-dtype", "bfloat16")
-    cfg = ckpt.read_checkpoint_config(tmp_path / "o")
+    cfg = layout.read_checkpoint_config(tmp_path / "o")
     assert cfg == dataclasses.replace(PRESETS["vit22b-mu/16"], num_classes=7, image_size=32, param_dtype="bfloat16")
-    assert ckpt.load_jax(tmp_path / "o", cfg)["head/kernel"].dtype.name == "bfloat16"
+    assert layout.load_jax(tmp_path / "o", cfg)["head/kernel"].dtype.name == "bfloat16"
 
 
 def test_init_torch_without_jax(tmp_path, tiny_json):
@@ -312,8 +312,8 @@ def test_init_torch_without_jax(tmp_path, tiny_json):
     p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["init"] == "torch" and "torch's own initialisation" in p.stderr
-    assert ckpt.read_provenance(tmp_path / "o")["init"] == "torch"
-    ckpt.load_torch(tmp_path / "o", TINY)  # names and shapes match the config
+    assert layout.read_provenance(tmp_path / "o")["init"] == "torch"
+    layout.load_torch(tmp_path / "o", TINY)  # names and shapes match the config
     p = subprocess.run(
         [sys.executable, "-c", code, "init", "--config", str(tiny_json), "--out", str(tmp_path / "j")],
         capture_output=True,

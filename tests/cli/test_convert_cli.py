@@ -19,6 +19,7 @@ from tests.conftest import tiny
 from tests.convert.test_convert import BV_CFG, assert_nothing_written, make_jax, make_torch, params, tree_hash, write_npz
 from vitctl import checkpoint as ckpt
 from vitctl.convert import convert as cv
+from vitctl.formats import layout
 from vitctl.formats.orbax import OrbaxWriter
 from vitctl.params import jax_param_shapes
 
@@ -220,7 +221,7 @@ def test_memory_is_bounded_by_a_tensor_not_the_checkpoint(tmp_path):
     ckpt.write_config(src, cfg, {})
     rng = np.random.default_rng(0)
     specs = [(n, s, np.dtype(np.float32)) for n, s in jax_param_shapes(cfg, stacked=False).items()]
-    w = OrbaxWriter(src / "params", specs, ckpt.CHUNK_BYTES, compress=False)
+    w = OrbaxWriter(src / "params", specs, layout.CHUNK_BYTES, compress=False)
     for n, s, _ in specs:
         w.write(n, rng.standard_normal(s, dtype=np.float32))
     w.close()

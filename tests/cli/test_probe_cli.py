@@ -24,9 +24,10 @@ def _cache(tmp_path, monkeypatch):
 def torch_checkpoint(path, cfg):
     from vitctl import checkpoint as ckpt
     from vitctl.convert.mapping import jax_to_torch
+    from vitctl.formats import layout
 
     path.mkdir()
-    ckpt.save_torch(path, jax_to_torch(random_params(cfg), cfg))
+    layout.save_torch(path, jax_to_torch(random_params(cfg), cfg))
     ckpt.write_config(path, cfg, {"source_format": "test"})
     return path
 
@@ -89,10 +90,11 @@ def test_probe_reads_a_timm_export_of_its_model(cli, model, tmp_path):
     vitctl-torch checkpoint it was written from, so the same few-shot accuracy; its format named."""
     from vitctl import checkpoint as ckpt
     from vitctl.convert import timm as vt
+    from vitctl.formats import layout
 
-    cfg = ckpt.read_checkpoint_config(model)
+    cfg = layout.read_checkpoint_config(model)
     (tmp_path / "timm").mkdir()
-    ckpt.save_torch(tmp_path / "timm", vt.to_timm_state_dict(ckpt.load_torch(model, cfg), cfg))
+    layout.save_torch(tmp_path / "timm", vt.to_timm_state_dict(layout.load_torch(model, cfg), cfg))
     ckpt.write_config(tmp_path / "timm", cfg, {"target_format": "timm"}, head=vt.timm_hub_config(cfg))
     args = ("--data", "digits", "--mode", "fewshot", "--shots", "5", "--seeds", "1", "--json")
     ours, theirs = (cli("probe", c, *args) for c in (model, tmp_path / "timm"))

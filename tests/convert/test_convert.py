@@ -1,7 +1,7 @@
 """The streaming driver: every format pair, exact round trips, casts, and every bad input.
 
-Sources are written by the real libraries (Orbax via checkpoint.save_jax, safetensors
-via checkpoint.save_torch / safetensors.numpy); results are read back by them too.
+Sources are written by the real libraries (Orbax via layout.save_jax, safetensors
+via layout.save_torch / safetensors.numpy); results are read back by them too.
 After a failure DST is absent, no temporary sibling is left, and SRC is byte-identical.
 Signals and a full disk are tested in a subprocess in tests/cli/test_convert_cli.py.
 """
@@ -21,6 +21,7 @@ from vitctl import checkpoint as ckpt
 from vitctl.convert import convert as cv
 from vitctl.convert.mapping import jax_param_shapes, jax_to_torch, unstack
 from vitctl.errors import CheckpointError, ConfigError, OutputExistsError, UnmappedParamError
+from vitctl.formats import layout
 from vitctl.formats.orbax import OrbaxReader
 from vitctl.formats.safetensors import INDEX, SafetensorsReader, read_safetensors_header, shard_names
 
@@ -35,14 +36,14 @@ def params(cfg=CFG, seed=0):
 def make_jax(path, cfg=CFG, flat=None):
     path.mkdir(parents=True)
     ckpt.write_config(path, cfg, {"source_format": "init", "created_by": "test"})
-    ckpt.save_jax(path, params(cfg) if flat is None else flat)
+    layout.save_jax(path, params(cfg) if flat is None else flat)
     return path
 
 
 def make_torch(path, cfg=CFG, state=None, max_shard_bytes=None):
     path.mkdir(parents=True)
     ckpt.write_config(path, cfg, {"source_format": "init", "created_by": "test"})
-    ckpt.save_torch(path, jax_to_torch(params(cfg), cfg) if state is None else state, max_shard_bytes)
+    layout.save_torch(path, jax_to_torch(params(cfg), cfg) if state is None else state, max_shard_bytes)
     return path
 
 
@@ -85,21 +86,21 @@ def test_jax_to_torch_is_the_mapping_table(jax_src, tmp_path):
     before = tree_hash(jax_src)
     result = cv.convert(jax_src, dst, "jax-to-torch")
     assert tree_hash(jax_src) == before
-    assert ckpt.detect_formats(dst) == [ckpt.TORCH] and sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
-    assert_bitwise(ckpt.load_torch(dst, CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()})
+    assert layout.detect_formats(dst) == [layout.TORCH] and sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    assert_bitwise(layout.load_torch(dst, CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()})
     assert result["tensors"] == len(jax_param_shapes(CFG, stacked=False)) and result["shards"] == 1
     assert result["bytes"] == sum(a.nbytes for a in params().values()) and result["peak_rss_bytes"] > 0
     r = SafetensorsReader(dst)
     assert r.metadata == {"format": "pt", "source_format": "vitctl-jax", "source_dtype": "float32", "vitctl_version": "0.1.0"}
     r.close()
-    prov = ckpt.read_provenance(dst)
+    prov = layout.read_provenance(dst)
     assert (
         prov["source_format"] == "vitctl-jax"
         and prov["source"] == jax_src.name  # a local path is stored as its final name (checkpoint.public_provenance)
         and prov["created_by"] == "vitctl convert jax-to-torch"
     )
     assert prov["source_provenance"]["created_by"] == "test"
-    assert ckpt.read_checkpoint_config(dst) == CFG
+    assert layout.read_checkpoint_config(dst) == CFG
 
 
 def test_converted_torch_checkpoint_loads_strictly(jax_src, tmp_path):
@@ -127,18 +128,18 @@ def test_round_trip_is_bit_identical(tmp_path, param_dtype):
     cv.convert(tmp_path / "pt", tmp_path / "jax2", "torch-to-jax")
     cv.convert(tmp_path / "jax2", tmp_path / "pt2", "jax-to-torch", max_shard_size="20KB")
     assert_bitwise(orbax_restore(tmp_path / "jax2", cfg), flat)  # restored by Orbax itself
-    assert_bitwise(ckpt.load_jax(tmp_path / "jax2", cfg), flat)  # and by vitctl's reader
+    assert_bitwise(layout.load_jax(tmp_path / "jax2", cfg), flat)  # and by vitctl's reader
     assert {m["compressor"] for m in zarr_metadata(tmp_path / "jax2" / "params").values()} == {None}  # stored uncompressed
     assert not (tmp_path / "jax2" / "params" / "manifest.ocdbt").exists()  # one directory per array, read without tensorstore:
     assert sorted(OrbaxReader(tmp_path / "jax2" / "params")._plain) == sorted(flat)
     cv.convert(tmp_path / "pt", tmp_path / "jax3", "torch-to-jax", compress=True)  # zstd level 1, as Orbax writes
     assert all(m["compressor"] == {"id": "zstd", "level": 1} for m in zarr_metadata(tmp_path / "jax3" / "params").values())
     assert_bitwise(orbax_restore(tmp_path / "jax3", cfg), flat)
-    assert_bitwise(ckpt.load_jax(tmp_path / "jax3", cfg), flat)
+    assert_bitwise(layout.load_jax(tmp_path / "jax3", cfg), flat)
     for f in (tmp_path / "pt").iterdir():
         if f.suffix == ".safetensors":
             assert f.read_bytes() == (tmp_path / "pt2" / f.name).read_bytes(), f.name
-    assert ckpt.read_checkpoint_config(tmp_path / "jax2") == cfg
+    assert layout.read_checkpoint_config(tmp_path / "jax2") == cfg
 
 
 def test_torch_to_jax_from_the_safetensors_library(tmp_path):
@@ -151,16 +152,16 @@ def test_torch_to_jax_from_the_safetensors_library(tmp_path):
     ckpt.write_config(src, CFG, {})
     save_file({n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()}, str(src / "model.safetensors"))
     cv.convert(src, tmp_path / "jax", "torch-to-jax")
-    assert_bitwise(ckpt.load_jax(tmp_path / "jax", CFG), params())
+    assert_bitwise(layout.load_jax(tmp_path / "jax", CFG), params())
 
 
 def test_sharded_torch_source(tmp_path):
     pytest.importorskip("orbax.checkpoint")
     src = make_torch(tmp_path / "pt", max_shard_bytes=25_000)
-    assert (src / INDEX).is_file() and ckpt.detect_formats(src) == [ckpt.TORCH]
-    assert_bitwise(ckpt.load_torch(src, CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()})
+    assert (src / INDEX).is_file() and layout.detect_formats(src) == [layout.TORCH]
+    assert_bitwise(layout.load_torch(src, CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(params(), CFG).items()})
     cv.convert(src, tmp_path / "jax", "torch-to-jax")
-    assert_bitwise(ckpt.load_jax(tmp_path / "jax", CFG), params())
+    assert_bitwise(layout.load_jax(tmp_path / "jax", CFG), params())
 
 
 def test_max_shard_size_gives_hf_shards(jax_src, tmp_path):
@@ -203,15 +204,15 @@ def test_float32_to_bfloat16_matches_torch(tmp_path):
     src = make_torch(tmp_path / "pt", state=state)
     cv.convert(src, tmp_path / "jax16", "torch-to-jax", dtype="bfloat16")
     cv.convert(tmp_path / "jax16", tmp_path / "pt16", "jax-to-torch")
-    got = ckpt.load_torch(tmp_path / "pt16")
+    got = layout.load_torch(tmp_path / "pt16")
     for n, a in state.items():
         want = torch.from_numpy(a).to(torch.bfloat16).view(torch.uint16).numpy()
         bits = got[n].view(np.uint16)
         nan = np.isnan(a)
         assert got[n].dtype == BF16 and np.array_equal(bits[~nan], want[~nan]), n
         assert np.isnan(got[n][nan].astype(np.float32)).all(), n  # NaN stays NaN (torch's CPU cast writes 0xFFFF, we the quiet NaN)
-    assert ckpt.read_checkpoint_config(tmp_path / "jax16").param_dtype == "bfloat16"
-    assert ckpt.read_provenance(tmp_path / "jax16")["dtype"] == "bfloat16"
+    assert layout.read_checkpoint_config(tmp_path / "jax16").param_dtype == "bfloat16"
+    assert layout.read_provenance(tmp_path / "jax16")["dtype"] == "bfloat16"
     r = SafetensorsReader(tmp_path / "pt16")
     assert r.metadata["source_dtype"] == "bfloat16"
     r.close()
@@ -224,8 +225,8 @@ def test_bfloat16_to_float32_is_exact(tmp_path):
     result = cv.convert(src, tmp_path / "pt", "jax-to-torch", dtype="float32")
     assert result["output_dtypes"] == ["float32"] and result["bytes"] == 2 * result["source_bytes"]
     want = {n: np.ascontiguousarray(a).astype(np.float32) for n, a in jax_to_torch(params(cfg), cfg).items()}
-    assert_bitwise(ckpt.load_torch(tmp_path / "pt"), want)
-    assert ckpt.read_checkpoint_config(tmp_path / "pt").param_dtype == "float32"
+    assert_bitwise(layout.load_torch(tmp_path / "pt"), want)
+    assert layout.read_checkpoint_config(tmp_path / "pt").param_dtype == "float32"
 
 
 # Dry run and plan.
@@ -320,9 +321,9 @@ def test_existing_dst_needs_force(jax_src, tmp_path):
     cv.convert(jax_src, dst, "jax-to-torch")
     with pytest.raises(OutputExistsError, match="already exists") as e:
         cv.convert(jax_src, dst, "jax-to-torch", dtype="bfloat16")
-    assert e.value.exit_code == 2 and ckpt.read_checkpoint_config(dst).param_dtype == "float32"
+    assert e.value.exit_code == 2 and layout.read_checkpoint_config(dst).param_dtype == "float32"
     cv.convert(jax_src, dst, "jax-to-torch", dtype="bfloat16", force=True)
-    assert ckpt.read_checkpoint_config(dst).param_dtype == "bfloat16"
+    assert layout.read_checkpoint_config(dst).param_dtype == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pt"]
 
 
@@ -357,7 +358,7 @@ def test_missing_config_json(torch_src, tmp_path):
     with pytest.raises(CheckpointError, match="has no config.json"):
         cv.convert(src, tmp_path / "jax", "torch-to-jax")
     cv.convert(src, tmp_path / "jax", "torch-to-jax", model=CFG)  # --model supplies it
-    assert ckpt.read_checkpoint_config(tmp_path / "jax") == CFG
+    assert layout.read_checkpoint_config(tmp_path / "jax") == CFG
 
 
 # The colleagues' formats, through the same driver.
@@ -395,8 +396,8 @@ def test_big_vision_npz_to_torch(tmp_path, scanned):
     before = tree_hash(src)
     result = cv.convert(src, tmp_path / "pt", "jax-to-torch")
     assert result["source_format"] == "big_vision" and tree_hash(src) == before
-    assert_bitwise(ckpt.load_torch(tmp_path / "pt", BV_CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(flat, BV_CFG).items()})
-    cfg = ckpt.read_checkpoint_config(tmp_path / "pt")
+    assert_bitwise(layout.load_torch(tmp_path / "pt", BV_CFG), {n: np.ascontiguousarray(a) for n, a in jax_to_torch(flat, BV_CFG).items()})
+    cfg = layout.read_checkpoint_config(tmp_path / "pt")
     assert (cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.block, cfg.pool) == (48, 3, 3, 80, "sequential", "tok")
 
 
@@ -406,7 +407,7 @@ def test_big_vision_npz_to_timm(tmp_path):
     src = write_npz(tmp_path / "vit.npz", flat, BV_CFG, scanned=True)
     cv.convert(src, tmp_path / "timm", "jax-to-torch", target_format="timm")
     want = timm.to_timm_state_dict(jax_to_torch(flat, BV_CFG), BV_CFG)
-    assert_bitwise(ckpt.load_torch(tmp_path / "timm"), {n: np.ascontiguousarray(a) for n, a in want.items()})
+    assert_bitwise(layout.load_torch(tmp_path / "timm"), {n: np.ascontiguousarray(a) for n, a in want.items()})
 
 
 def test_big_vision_npz_refuses_pickles_and_corruption(tmp_path):
@@ -426,7 +427,7 @@ def test_timm_target(jax_src, tmp_path):
     result = cv.convert(jax_src, tmp_path / "timm", "jax-to-torch", target_format="timm", max_shard_size="1KB")
     assert result["format"] == "timm" and result["shards"] == 1  # timm reads one file
     want = timm.to_timm_state_dict(jax_to_torch(params(), CFG), CFG)
-    assert_bitwise(ckpt.load_torch(tmp_path / "timm"), {n: np.ascontiguousarray(a) for n, a in want.items()})
+    assert_bitwise(layout.load_torch(tmp_path / "timm"), {n: np.ascontiguousarray(a) for n, a in want.items()})
     config = json.loads((tmp_path / "timm" / "config.json").read_text())
     assert config["architecture"] == timm.timm_spec(CFG)["model_name"] and config["model_args"]["depth"] == 3
-    assert ckpt.read_checkpoint_config(tmp_path / "timm") == CFG and config["provenance"]["target_format"] == "timm"
+    assert layout.read_checkpoint_config(tmp_path / "timm") == CFG and config["provenance"]["target_format"] == "timm"

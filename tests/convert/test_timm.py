@@ -206,11 +206,12 @@ def test_convert_cli_prints_the_calls_that_load_the_export(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from vitctl import checkpoint as ckpt
     from vitctl.cli import main
+    from vitctl.formats import layout
 
     cfg = FAMILIES["parallel-22b"]
     src = tmp_path / "jax"
     src.mkdir()
-    ckpt.save_jax(src, random_params(cfg))
+    layout.save_jax(src, random_params(cfg))
     ckpt.write_config(src, cfg, {"source_format": "test"})
 
     def cli(*args):

@@ -102,12 +102,13 @@ def tiny(**overrides):
 
 def jax_ckpt(path: Path, cfg=None, seed: int = 0) -> None:
     from vitctl import checkpoint as ckpt
+    from vitctl.formats import layout
     from vitctl.params import random_weights
 
     cfg = cfg or tiny()
     path.mkdir(parents=True)
     ckpt.write_config(path, cfg, {"source_format": "test", "source": "random_weights", "seed": seed})
-    ckpt.save_jax(path, random_weights(cfg, seed))
+    layout.save_jax(path, random_weights(cfg, seed))
 
 
 def converted(src: str, **options):

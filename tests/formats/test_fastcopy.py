@@ -10,8 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from vitctl.convert.mapping import LAYOUTS
 from vitctl.formats import fastcopy
+from vitctl.params import LAYOUTS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

@@ -67,9 +67,10 @@ def torch_ckpt(path: Path, seed: int = 0, max_shard_bytes: int | None = 20_000, 
     """A sharded torch checkpoint (config.json + shards + index) with distinct random weights."""
     from vitctl import checkpoint as ckpt
     from vitctl.convert.mapping import jax_to_torch
+    from vitctl.formats import layout
 
     path.mkdir(parents=True)
-    ckpt.save_torch(path, jax_to_torch(random_params(cfg, seed), cfg), max_shard_bytes)
+    layout.save_torch(path, jax_to_torch(random_params(cfg, seed), cfg), max_shard_bytes)
     ckpt.write_config(path, cfg, {"source_format": "test", "source": "random_params", "seed": seed})
     return path
 
@@ -79,7 +80,7 @@ def repo_files(ckpt: Path) -> dict[str, bytes]:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    from vitctl import checkpoint as ckpt
+    from vitctl.formats import layout
 
-    wa, wb = ckpt.load_torch(a), ckpt.load_torch(b)
+    wa, wb = layout.load_torch(a), layout.load_torch(b)
     return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)

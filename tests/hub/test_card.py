@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import random_params
 from tests.hub.conftest import CFG, TOKEN
 from vitctl import checkpoint as ckpt
+from vitctl.formats import layout
 
 REPO = "me/run"
 CLASSES = [f"digit {i}" for i in range(CFG.num_classes)]
@@ -40,7 +41,7 @@ def make_run(root: Path) -> Path:
     with ckpt.atomic_output(root) as tmp:
         (tmp / "model.json").write_text(CFG.to_json())
         (tmp / "jax").mkdir()
-        ckpt.save_jax(tmp / "jax", random_params(CFG, 0))
+        layout.save_jax(tmp / "jax", random_params(CFG, 0))
         provenance = {"source_format": "train", "source": str(tmp / "model.json"), "created_by": "vitctl train", "data": "digits",
                       "step": 40, "test_accuracy": 0.875, "class_names": CLASSES}  # fmt: skip
         ckpt.write_config(tmp / "jax", CFG, provenance)
@@ -222,7 +223,7 @@ def test_card_states_the_bar_each_precision_was_judged_by(tmp_path):
     from vitctl.hub.card import model_card
 
     run = make_run(tmp_path / "run")
-    cfg = ckpt.read_checkpoint_config(run / "jax")
+    cfg = layout.read_checkpoint_config(run / "jax")
     fp32 = {"passed": True, "max_abs": 2e-6, "tolerance": 1e-5, "rel_tol": None, "settings": {"precision": "fp32"}}
     bf16 = {"passed": True, "max_abs": 0.125, "tolerance": None, "rel_rms": 8.5e-3, "rel_tol": 0.05, "rel_rms_layer": "pre_logits",
             "settings": {"precision": "bf16"}}  # fmt: skip

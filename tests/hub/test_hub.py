@@ -194,13 +194,14 @@ def test_hf_uris_in_info_and_convert(hub, vitctl, tmp_path):
 def test_include_jax_and_backend_jax_downloads_only_params(hub, vitctl, tmp_path, capsys):
     from tests.conftest import random_params
     from vitctl import checkpoint as ckpt
+    from vitctl.formats import layout
 
     src = torch_ckpt(tmp_path / "both")
     params = random_params(CFG, 0)
-    ckpt.save_jax(src, params)
+    layout.save_jax(src, params)
     jax_only = tmp_path / "jax-only"
     jax_only.mkdir()
-    ckpt.save_jax(jax_only, params)
+    layout.save_jax(jax_only, params)
     ckpt.write_config(jax_only, CFG, {"source_format": "test"})
     code, refused = in_process("hub", "push", jax_only, REPO, "--endpoint", hub.url, capsys=capsys)  # refused before any upload
     assert code == 2 and "--include-jax" in refused and REPO not in hub.repos
@@ -212,8 +213,8 @@ def test_include_jax_and_backend_jax_downloads_only_params(hub, vitctl, tmp_path
     assert pull.returncode == 0, pull.stderr
     fetched = {p.split("/resolve/")[1].split("/", 1)[1] for m, p, s in hub.log[before:] if m == "GET" and "/resolve/" in p}
     assert fetched == {"config.json"} | {f for f in repo_files(src) if f.startswith("params/")}  # no safetensors
-    got = ckpt.load_jax(tmp_path / "jax", CFG)
-    assert ckpt.detect_formats(tmp_path / "jax") == ["vitctl-jax"]
+    got = layout.load_jax(tmp_path / "jax", CFG)
+    assert layout.detect_formats(tmp_path / "jax") == ["vitctl-jax"]
     assert all((got[k] == params[k]).all() for k in params)
 
 

@@ -112,7 +112,7 @@ def test_train_config_refuses_unknown_keys(tmp_path):
 
 
 def test_run_outputs_a_checkpoint_directory(runs):
-    from vitctl import checkpoint as ckpt
+    from vitctl.formats import layout
     from vitctl.model_jax.model import abstract_model
     from vitctl.model_jax.state import flat_params, load_flat_params
 
@@ -129,12 +129,12 @@ def test_run_outputs_a_checkpoint_directory(runs):
     from vitctl.train.state import steps
 
     assert steps(out / "state") == [2, 4, 6][-3:]  # keep=3 default
-    assert ckpt.detect_format(out) == ckpt.JAX and (out / "train_config.json").is_file()
-    cfg = ckpt.read_checkpoint_config(out)
+    assert layout.detect_format(out) == layout.JAX and (out / "train_config.json").is_file()
+    cfg = layout.read_checkpoint_config(out)
     assert cfg == MODEL  # image size and classes from the data agree with the given model
     model = abstract_model(cfg)
-    load_flat_params(model, ckpt.load_jax(out, cfg))  # the standard layout reads back
-    assert set(flat_params(model)) == set(ckpt.load_jax(out, cfg))
+    load_flat_params(model, layout.load_jax(out, cfg))  # the standard layout reads back
+    assert set(flat_params(model)) == set(layout.load_jax(out, cfg))
 
 
 def test_sharded_losses_match_single_device(runs):

@@ -98,13 +98,13 @@ def test_two_processes_match_one_and_resume(reference, tmp_path):
     print(f"2 processes vs 1, steps 1-3: max relative loss difference {np.max(np.abs(got - want[:3]) / want[:3]):.3g}")
     np.testing.assert_allclose(got, want[:3], rtol=MP_RTOL, atol=0)
     from tests.formats.orbax_testing import orbax_restore
-    from vitctl import checkpoint as ckpt
+    from vitctl.formats import layout
     from vitctl.formats.orbax import OrbaxReader
     from vitctl.params import split_layer
 
     reader = OrbaxReader(out / "params")  # params/, written by both processes, reads back as convert reads it
     try:
-        restored = orbax_restore(out, ckpt.read_checkpoint_config(out))  # and as real Orbax restores it, in one process
+        restored = orbax_restore(out, layout.read_checkpoint_config(out))  # and as real Orbax restores it, in one process
         assert len(reader.infos()) > 10
         for n in reader.infos():
             stacked, i = split_layer(n)

@@ -179,6 +179,7 @@ class Bench:
 
     def convert(self) -> None:
         from vitctl import checkpoint as ckpt
+        from vitctl.formats import layout
 
         cfg = self.cfgs["parallel"]
         label = self.mode.label("parallel")
@@ -187,7 +188,7 @@ class Bench:
             self.log(f"write a {label} vitctl-jax checkpoint ...")
             src.mkdir()
             ckpt.write_config(src, cfg, {"created_by": "vitctl bench"})
-            ckpt.save_jax(src, random_weights(cfg))
+            layout.save_jax(src, random_weights(cfg))
             nbytes = disk_bytes(src)
             cps = []
             for i in range(2):  # cp before and after: both sides meet the same page-cache state and load

@@ -23,10 +23,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl import checkpoint as ckpt
 from vitctl.cli._options import Backend, BackendOpt, ForceOpt, JsonOpt, ModelArg, OutOpt, ParamDtype, SeedOpt, err, out, print_json, resolve
 from vitctl.config import PRESETS, ViTConfig
 from vitctl.errors import ConfigError
+from vitctl.formats import layout
 from vitctl.params import param_counts
 from vitctl.units import human_bytes, human_count
 
@@ -91,7 +91,7 @@ def info(model: ModelArg, json: JsonOpt = False) -> None:
     if path is not None and path.is_file():  # a big_vision .npz (resolve returns no other file)
         result.update(path=str(path), formats=["big_vision"], notes=read_config(path)[1])
     elif path is not None:
-        result.update(path=str(path), formats=formats_in(path), provenance=ckpt.read_provenance(path))
+        result.update(path=str(path), formats=formats_in(path), provenance=layout.read_provenance(path))
     if json:
         print_json(result)
         return

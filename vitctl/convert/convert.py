@@ -55,7 +55,7 @@ from vitctl import checkpoint as ckpt
 from vitctl import untrusted
 from vitctl.config import ViTConfig
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
-from vitctl.formats import fastcopy
+from vitctl.formats import fastcopy, layout
 from vitctl.formats.base import Writer, parse_size
 from vitctl.formats.orbax import OrbaxWriter
 from vitctl.formats.safetensors import INDEX, SafetensorsWriter, plan_shards, shard_names
@@ -105,8 +105,8 @@ def _identity(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -> Iterat
 
 def _hub_to_torch(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -> Iterator[tuple[str, np.ndarray]]:
     for hub, w in items:
-        name, layout = rename(hub, "jax")
-        out = layout.to_torch(w)
+        name, form = rename(hub, "jax")
+        out = form.to_torch(w)
         del w
         yield name, out
         del out
@@ -184,7 +184,7 @@ class Plan:
             "source_format": self.source.format, "format": self.target.format, "dtype": self.dtype,
             "output_dtypes": dtypes, "tensors": len(self.specs), "bytes": self.bytes,
             "source_bytes": sum(i.nbytes for i in self.source.infos.values()),
-            "shards": sum(f.endswith(".safetensors") for f in self.files) or 1, "files": [ckpt.CONFIG, *self.files],
+            "shards": sum(f.endswith(".safetensors") for f in self.files) or 1, "files": [layout.CONFIG, *self.files],
             "estimated_peak_bytes": self.estimated_peak_bytes, "notes": list(self.source.notes),
         }  # fmt: skip
 
@@ -296,7 +296,7 @@ def _output_config(cfg: ViTConfig, dtypes: set[np.dtype]) -> ViTConfig:
 
 def _target_files(target: Target, specs: list[tuple[str, tuple[int, ...], np.dtype]], max_bytes: int | None) -> list[str]:
     if target.format == JAX:
-        return [ckpt.PARAMS + "/"]
+        return [layout.PARAMS + "/"]
     shards = plan_shards([(n, math.prod(s) * d.itemsize) for n, s, d in specs], max_bytes)
     return shard_names(len(shards)) + ([INDEX] if len(shards) > 1 else [])
 
@@ -319,9 +319,9 @@ def _step_bytes(t: TargetTensor, spec: tuple[str, tuple[int, ...], np.dtype], so
 # Running it.
 def _open_writer(plan: Plan, tmp: Path) -> Writer:
     if plan.target.format == JAX and plan.compress:
-        return OrbaxWriter(tmp / ckpt.PARAMS, plan.specs, ckpt.CHUNK_BYTES, compress=True)
+        return OrbaxWriter(tmp / layout.PARAMS, plan.specs, layout.CHUNK_BYTES, compress=True)
     if plan.target.format == JAX:
-        return OrbaxWriter(tmp / ckpt.PARAMS, plan.specs, ckpt.CHUNK_BYTES, compress=False, use_ocdbt=False)
+        return OrbaxWriter(tmp / layout.PARAMS, plan.specs, layout.CHUNK_BYTES, compress=False, use_ocdbt=False)
     src_dtypes = sorted({str(plan.source.info(h).dtype) for h in plan.source.hub_shapes})
     metadata = {
         "format": "pt", "source_format": plan.source.format, "vitctl_version": vitctl.__version__,

@@ -13,29 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from vitctl.config import ViTConfig
-from vitctl.params import (  # noqa: F401
-    CONV,
-    DENSE,
-    HEADS_BIAS,
-    HEADS_IN,
-    HEADS_OUT,
-    LAYOUTS,
-    MAX_TENSORS,
-    PARAMS,
-    SAME,
-    Layout,
-    check_count,
-    check_coverage,
-    jax_param_shapes,
-    match,
-    param_count,
-    param_counts,
-    random_weights,
-    rename,
-    stack,
-    torch_param_shapes,
-    unstack,
-)
+from vitctl.params import check_coverage, jax_param_shapes, rename, stack, torch_param_shapes, unstack
 
 
 def jax_to_torch(flat: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:

@@ -295,10 +295,11 @@ vitctl info hf://{repo_id}
 import numpy as np
 import torch
 from vitctl import checkpoint
+from vitctl.formats import layout
 from vitctl.model_torch.model import ViT
 
-cfg = checkpoint.read_checkpoint_config("{name}")
+cfg = layout.read_checkpoint_config("{name}")
 model = ViT(cfg).eval()
-model.load_state_dict({{k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in checkpoint.load_torch("{name}", cfg).items()}})
+model.load_state_dict({{k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in layout.load_torch("{name}", cfg).items()}})
 ```
 """

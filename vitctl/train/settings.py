@@ -198,17 +198,17 @@ def base_model(tcfg: TrainConfig) -> ViTConfig:
     A checkpoint directory is refused: taking only its config would silently train its
     architecture from scratch (its step-1 loss is ln(classes), as for any new model).
     """
-    from vitctl import checkpoint as ckpt
     from vitctl.config import PRESETS, load_config
+    from vitctl.formats import layout
 
     if tcfg.model in PRESETS:
         return PRESETS[tcfg.model]
     path = Path(tcfg.model)
-    if path.is_dir() and (path / ckpt.CONFIG).is_file():
+    if path.is_dir() and (path / layout.CONFIG).is_file():
         raise ConfigError(
             f"--model {tcfg.model} is a checkpoint directory; vitctl train cannot start from its weights yet "
             "(fine-tuning comes with --init-from), and taking only its config would train from scratch",
-            hint=f"to train its architecture from scratch, pass its config: --model {path / ckpt.CONFIG}",
+            hint=f"to train its architecture from scratch, pass its config: --model {path / layout.CONFIG}",
         )
     if path.exists():
         return load_config(tcfg.model)

@@ -40,6 +40,7 @@ from typing import Any
 from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
 from vitctl.errors import CheckpointError
+from vitctl.formats import layout
 from vitctl.train.distributed import any_process, sync
 from vitctl.untrusted import free_disk, read_json
 
@@ -307,7 +308,7 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], 
 
     def failed(reason: str) -> CheckpointError:
         return CheckpointError(
-            f"cannot write {out / ckpt.PARAMS}: {reason}",
+            f"cannot write {out / layout.PARAMS}: {reason}",
             hint="check the free disk space and the file size limit (ulimit -f); the training state under "
             f"{out / STATE} is complete: continue with --resume once there is room",
         )
@@ -324,15 +325,15 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], 
     sync(f"vitctl-params-begin-{tag}")
     try:
         try:
-            ckpt.save_jax(tmp, ckpt._flatten(params))
+            layout.save_jax(tmp, layout.flatten(params))
         except Exception as e:  # Orbax and tensorstore raise many types for a failed write
             raise failed(_brief(e)) from e
         sync(f"vitctl-params-written-{tag}")
         if primary:
             old = out / f".params.old-{secrets.token_hex(4)}"
-            if (out / ckpt.PARAMS).exists():
-                (out / ckpt.PARAMS).rename(old)
-            (tmp / ckpt.PARAMS).rename(out / ckpt.PARAMS)
+            if (out / layout.PARAMS).exists():
+                (out / layout.PARAMS).rename(old)
+            (tmp / layout.PARAMS).rename(out / layout.PARAMS)
             shutil.rmtree(old, ignore_errors=True)
             ckpt.write_config(out, cfg, provenance)
     finally:

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
+from vitctl.formats import layout
 from vitctl.train import optim
 from vitctl.train.distributed import check_batch
 from vitctl.train.settings import TrainConfig
@@ -70,7 +70,7 @@ class Setup:
         check_batch(tcfg.batch_size, mesh)
         self.graphdef, abs_state = nnx.split(abstract)
         specs = param_specs(abstract)
-        self.param_shardings = ckpt._nest({n: NamedSharding(mesh, s) for n, s in specs.items()})
+        self.param_shardings = layout.nest({n: NamedSharding(mesh, s) for n, s in specs.items()})
         abs_params = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abs_state), self.param_shardings
         )
@@ -79,7 +79,7 @@ class Setup:
             self.lr_fn, tcfg.optimizer, tcfg.weight_decay, tcfg.head_weight_decay, tcfg.clip_norm, tcfg.b1, tcfg.b2
         )
         repl = NamedSharding(mesh, PartitionSpec())
-        shapes = {n: x.shape for n, x in ckpt._flatten(abs_params).items()}
+        shapes = {n: x.shape for n, x in layout.flatten(abs_params).items()}
         abs_opt = jax.eval_shape(self.tx.init, abs_params)
         opt_shardings = jax.tree_util.tree_map_with_path(lambda path, x: _opt_sharding(path, x, specs, shapes, mesh), abs_opt)
         self.shardings = {"params": self.param_shardings, "opt": opt_shardings, "step": repl, "rng": repl}
