@@ -85,9 +85,11 @@ def test_sink_consumes_in_order_and_reports_a_failure_at_the_next_call():
 
 
 def test_sink_abort_discards_what_is_queued():
-    go, seen, dropped = threading.Event(), [], []
-    sink = Sink(lambda x: (go.wait(), seen.append(x)), depth=4, discard=dropped.append)
-    for x in range(4):
+    started, go, seen, dropped = threading.Event(), threading.Event(), [], []
+    sink = Sink(lambda x: (started.set(), go.wait(), seen.append(x)), depth=4, discard=dropped.append)
+    sink.put(0)
+    started.wait()  # item 0 is being consumed
+    for x in range(1, 4):
         sink.put(x)
     aborter = threading.Thread(target=sink.abort)
     aborter.start()

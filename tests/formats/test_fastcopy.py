@@ -156,15 +156,30 @@ def test_two_byte_transposes_move_as_float32_pairs_bit_exactly(dtype):
     assert fastcopy._blas_plan(odd) is None and same_bits(fastcopy.contiguous(odd, np.dtype(dtype)), odd)
 
 
-def test_scratch_is_a_fresh_array_inside_pooled_and_out():
-    n = 1 << 20
+def test_scratch_reuses_only_buffers_nobody_holds():
+    n = fastcopy.SCRATCH_MIN_BYTES // 4
     outside = fastcopy.scratch((n,), np.float32)
     with fastcopy.pooled():
-        a = fastcopy.scratch((2, n // 2), np.int32)
-        a[...] = 7  # its own memory, writable
-        b = fastcopy.scratch((n,), np.float32)
-        assert a.flags.c_contiguous and a.shape == (2, n // 2) and a.dtype == np.int32 and not np.shares_memory(a, b)
-    assert outside.base is None and not np.shares_memory(outside, b)
+        a = fastcopy.scratch((n,), np.float32)
+        view = a.reshape(2, -1)[1]
+        ptr = a.ctypes.data
+        del a
+        b = fastcopy.scratch((2, n // 2), np.float32)  # the view keeps a's buffer busy
+        assert b.ctypes.data != ptr
+        del view
+        c = fastcopy.scratch((n,), np.int32)  # now free: reused, in any dtype and shape of its size
+        assert c.ctypes.data == ptr and c.dtype == np.int32 and c.shape == (n,)
+        small = fastcopy.scratch((4,), np.float32)
+        assert small.base is None  # small arrays: plain np.empty
+        del b, c
+        idle = [fastcopy.scratch((4 * n + k,), np.uint8) for k in range(300)]  # 300 MiB (untouched) held, then dropped
+        del idle
+        kept = fastcopy.scratch((4 * n + 299,), np.uint8)  # the newest idle one, reused; the oldest let go
+        assert sum(x.nbytes for x in fastcopy._POOL._buffers) - kept.nbytes <= 2 * kept.nbytes  # idle: twice the largest
+        assert kept.base is fastcopy._POOL._buffers[-1] and len(fastcopy._POOL._buffers) < 300
+    assert not fastcopy._POOL._buffers and outside.base is None
+    after = fastcopy.scratch((n,), np.float32)
+    assert after.base is None  # outside pooled(): np.empty
 
 
 @pytest.mark.usefixtures("both_paths")

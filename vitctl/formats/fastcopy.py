@@ -1,24 +1,24 @@
-"""Copies and file I/O that dominate a conversion's time, behind a small door: re-laying out
-tensors, reading file ranges, writing arrays.
+"""Copies that dominate a conversion's CPU time, made cheap: transposes and fresh buffers.
 
-numpy only (plus, where present, the BLAS that numpy ships), no torch or jax. The door:
+numpy only (plus, where present, the BLAS that numpy ships), no torch or jax.
 
-- `contiguous(w, dtype)` (`copy_into(out, w)` for a given `out`): a view (a layout
-  transform's transpose, a cast) as a C-contiguous array, bit-exact. A transposed view of a
-  C-contiguous array (every layout transform of params.py except the conv kernel's is one)
-  is one 2-D transpose, done with BLAS `?omatcopy` (OpenBLAS's blocked SIMD kernel; numpy
-  copies a transposed view element by element) on COPY_THREADS threads (ctypes releases the
-  GIL). `?omatcopy` computes alpha * a, which is exact for alpha = 1 except that it quiets a
-  signalling NaN: a block holding any NaN is copied again by numpy. Other dtypes, casts and
-  layouts go through numpy in 128x128 tiles (both sides stay in the cache).
-- `mapped(pieces)`: file ranges as one read-only array that maps the page cache's pages (no
-  copy; several page-aligned ranges joined with MAP_FIXED).
-- `BlockWriter` (`write_array`, `iter_blocks`): arrays written into files block by block,
-  each block re-laid out in a small cached buffer, on a background thread.
-  `read_ahead(items)` produces a reader's tensors on a background thread.
-
-Each trick has a plain path beside it that gives the same bytes (see TRICKS); the tests run
-both. `scratch` and `pooled` are np.empty and a no-op: names the readers use.
+- `scratch(shape, dtype)`: an uninitialised array from a small pool of reused buffers. A
+  fresh 64 MiB `np.empty` costs 16,384 page faults, each zeroing a page: in `perf` profiles
+  of `vitctl convert` the kernel's page zeroing was 10-20% of all CPU time. A pooled buffer
+  is handed out again only when no Python object refers to it any more (its refcount), so a
+  caller can never see its array overwritten; the pool keeps at most `SCRATCH_FREE_BYTES`,
+  and at most twice its largest buffer, of idle buffers (counted in convert's memory estimate), and only within `pooled()` (a
+  conversion's run): elsewhere `scratch` is `np.empty`.
+- `copy_into(out, w)`: `out[...] = w` for a C-contiguous `out`, bit-exact. When `w` is a
+  transposed view of a C-contiguous array (every layout transform of mapping.py except the
+  conv kernel's is one), it is one 2-D transpose, done with BLAS `?omatcopy` (OpenBLAS's
+  blocked SIMD kernel: 2.5-2.9 GB per CPU-second here vs 0.7-0.8 for numpy's strided copy
+  in 128x128 tiles) on two threads (ctypes releases the GIL). `?omatcopy` computes
+  alpha * a, which is exact for alpha = 1 except that it quiets a signalling NaN; a source
+  holding any NaN takes numpy's copy instead (checked with one `max` over the contiguous
+  source: ~12 GB per CPU-second). Other dtypes (bfloat16, float16), casts and layouts
+  without a BLAS copy go through numpy in 128x128 tiles (numpy copies a transposed view
+  element by element across the whole source, ~100 MB/s; tiles keep both sides in cache).
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ from vitctl.background import Sink, produced
 #   blas        ?omatcopy transposes            plain: numpy copies in 128x128 tiles
 #   threads     copies split over COPY_THREADS   plain: the caller's thread alone
 #   map         mapped() maps the file's pages   plain: os.preadv into a new array (one piece; several: None)
+#   pool        scratch() reuses idle buffers    plain: np.empty
 #   writer      BlockWriter writes on a thread   plain: os.pwrite in the caller's thread
 #   read_ahead  read_ahead() on a thread         plain: the items as they come
 # $VITCTL_PLAIN (names, comma-separated, or "all") turns tricks off for a process, `plain()` within a block.
-TRICKS = ("blas", "threads", "map", "writer", "read_ahead")
+TRICKS = ("blas", "threads", "map", "pool", "writer", "read_ahead")
 PLAIN_ENV = "VITCTL_PLAIN"
 
 
@@ -81,24 +82,82 @@ def plain(*tricks: str) -> Iterator[None]:
         _plain = was
 
 
+SCRATCH_MIN_BYTES = 1 << 20  # smaller arrays come from np.empty (malloc reuses them anyway)
+SCRATCH_FREE_BYTES = 256 << 20  # idle pooled bytes kept, at most (and at most 2 of the largest buffer); the oldest go first
 COPY_THREADS = min(2, os.cpu_count() or 1)
 BLOCK_BYTES = 2 << 20  # iter_blocks: rows copied per block (fits in the L3 cache)
 # Bytes per os.pwrite. Linux (6.x, ext4 with large folios) allocates page-cache folios as large
-# as the write, and high-order pages cost several times more CPU per GB than the 128-512 KiB
-# writes cp makes.
+# as the write: 2 MiB writes cost 1.3-2.4 CPU-s per GB here (high-order pages), 128-512 KiB
+# writes 0.36-0.40, as cp's 128 KiB writes do.
 WRITE_BYTES = 512 << 10
 _TILE = 128
 
 
+class _Pool:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buffers: list[np.ndarray] = []  # flat uint8 bases, oldest first
+
+    def get(self, nbytes: int) -> np.ndarray:
+        """An idle buffer of at least `nbytes` (the smallest that fits; its first `nbytes`), else a new one."""
+        with self._lock:
+            best = None
+            for k in range(len(self._buffers)):  # (not enumerate: its cached tuple holds a reference)
+                b = self._buffers[k]
+                # 3 = the list, `b` and getrefcount's argument: no array views it now.
+                if b.nbytes >= nbytes and sys.getrefcount(b) == 3 and (best is None or b.nbytes < self._buffers[best].nbytes):
+                    best = k
+                del b
+            if best is not None:
+                b = self._buffers.pop(best)
+                self._buffers.append(b)  # most recently used last
+            else:
+                b = np.empty(nbytes, np.uint8)
+                self._buffers.append(b)
+            self._trim()  # `b` is referenced here, so not idle
+            return b[:nbytes]
+
+    def _trim(self) -> None:
+        idle = [b for b in self._buffers if sys.getrefcount(b) == 3]  # list, `b`, the call's argument
+        limit = min(SCRATCH_FREE_BYTES, 2 * max((b.nbytes for b in self._buffers), default=0))
+        excess = sum(b.nbytes for b in idle) - limit
+        for b in idle:  # oldest first
+            if excess <= 0:
+                break
+            excess -= b.nbytes
+            self._buffers = [x for x in self._buffers if x is not b]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+
+_POOL = _Pool()
+
+
+_active = 0  # depth of `pooled()` blocks (the pool is used only inside one)
+
+
 def scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array (np.empty)."""
-    return np.empty(shape, dtype)
+    """An uninitialised C-contiguous array: inside `pooled()` and when large, a reused buffer."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not _active or nbytes < SCRATCH_MIN_BYTES or not uses("pool"):
+        return np.empty(shape, dtype)
+    return _POOL.get(nbytes).view(dtype).reshape(shape)
 
 
 @contextlib.contextmanager
 def pooled() -> Iterator[None]:
-    """A block within which `scratch` is used (nothing to set up or let go)."""
-    yield
+    """Within the block, `scratch` reuses buffers; at its end the pool lets go of them all."""
+    global _active
+    _active += 1
+    try:
+        yield
+    finally:
+        _active -= 1
+        if not _active:
+            _POOL.clear()
 
 
 # BLAS ?omatcopy from the OpenBLAS that numpy's wheels bundle (symbol names by build).
@@ -166,8 +225,8 @@ def _blas_plan(w: np.ndarray) -> tuple[Callable[[np.ndarray, int, int], None], i
     while it is still in the cache (?omatcopy computes 1.0 * a, which quiets a signalling
     NaN) and, if it holds one, copied again by numpy. float32 and float64 move as they are;
     2-byte elements (bfloat16, float16) move as float32 pairs of adjacent base columns, which
-    land as pairs of output rows and are then de-interleaved in the cache (by SIMD casts, about
-    twice as fast as strided copies).
+    land as pairs of output rows and are then de-interleaved in the cache (by casts: 11 GB/s
+    here, against 5 for strided copies and 0.4 for numpy's tiled transpose).
     """
     fns = _omatcopy() if uses("blas") else None
     pairs = w.dtype.itemsize == 2 and sys.byteorder == "little"
@@ -316,10 +375,10 @@ class BlockWriter:
     `write(fd, offset, w, dtype, label)` returns once every block of `w` (cast to `dtype`,
     C order) is queued: a re-laid-out block sits in one of a few reused `block_bytes` buffers,
     a C-contiguous `w` of `dtype` is queued in place, as slices that hold a reference to it
-    until it is written. `write_segments` spreads
+    (a pooled buffer is not handed out again before it is written). `write_segments` spreads
     the bytes over several files (zarr chunk files). At most `depth` pieces are queued;
     writing waits for room. One thread does every os.pwrite: two writers into one file only
-    contend for its inode lock.
+    contend for its inode lock (perf: 7% of a conversion's CPU time spinning).
     A failed write is raised as WriteFailed by the next call or by `flush`; after it, the
     thread writes nothing more. `close()` flushes and stops the thread; `abort()` stops it
     without writing what is still queued, and returns only when no write is in progress.
@@ -429,8 +488,8 @@ def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
 
 
 # Mapped reads. A tensor read through the page cache's own pages costs no copy: pread into a
-# buffer larger than the CPU cache copies at DRAM speed, about as long as the transpose that
-# follows, and the buffer adds to the peak memory; the transpose reads a mapping as fast.
+# buffer larger than the CPU cache cost 0.55-0.7 CPU-s per GB here (the copy runs at DRAM speed),
+# as much again as the transpose that follows; the transpose reads a mapping as fast as a buffer.
 _MADV_POPULATE_READ = 22  # Linux >= 5.14: page tables filled in one call (else on first touch)
 _PAGE = mmap.PAGESIZE
 
@@ -527,7 +586,7 @@ def copy_into(out: np.ndarray, w: np.ndarray, threads: bool = True) -> None:
 
 
 def contiguous(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """`w` as a C-contiguous array of `dtype` (w itself if it already is one, else a new array)."""
+    """`w` as a C-contiguous array of `dtype` (w itself if it already is one), in a scratch buffer."""
     dtype = np.dtype(dtype)
     if w.flags.c_contiguous and w.dtype == dtype:
         return w
