@@ -1,24 +1,29 @@
-"""Copies that dominate a conversion's CPU time, made cheap: transposes and fresh buffers.
+"""Copies and file I/O that dominate a conversion's time, behind a small door: re-laying out
+tensors, reading file ranges, writing arrays.
 
-numpy only (plus, where present, the BLAS that numpy ships), no torch or jax.
+numpy only (plus, where present, the BLAS that numpy ships), no torch or jax. The door:
 
-- `scratch(shape, dtype)`: an uninitialised array from a small pool of reused buffers. A
-  fresh 64 MiB `np.empty` costs 16,384 page faults, each zeroing a page: in `perf` profiles
-  of `vitctl convert` the kernel's page zeroing was 10-20% of all CPU time. A pooled buffer
-  is handed out again only when no Python object refers to it any more (its refcount), so a
-  caller can never see its array overwritten; the pool keeps at most `SCRATCH_FREE_BYTES`,
-  and at most twice its largest buffer, of idle buffers (counted in convert's memory estimate), and only within `pooled()` (a
-  conversion's run): elsewhere `scratch` is `np.empty`.
-- `copy_into(out, w)`: `out[...] = w` for a C-contiguous `out`, bit-exact. When `w` is a
-  transposed view of a C-contiguous array (every layout transform of mapping.py except the
-  conv kernel's is one), it is one 2-D transpose, done with BLAS `?omatcopy` (OpenBLAS's
-  blocked SIMD kernel: 2.5-2.9 GB per CPU-second here vs 0.7-0.8 for numpy's strided copy
-  in 128x128 tiles) on two threads (ctypes releases the GIL). `?omatcopy` computes
-  alpha * a, which is exact for alpha = 1 except that it quiets a signalling NaN; a source
-  holding any NaN takes numpy's copy instead (checked with one `max` over the contiguous
-  source: ~12 GB per CPU-second). Other dtypes (bfloat16, float16), casts and layouts
-  without a BLAS copy go through numpy in 128x128 tiles (numpy copies a transposed view
-  element by element across the whole source, ~100 MB/s; tiles keep both sides in cache).
+- `contiguous(w, dtype)` (`copy_into(out, w)` for a given `out`): a view (a layout
+  transform's transpose, a cast) as a C-contiguous array, bit-exact. A transposed view of a
+  C-contiguous array (every layout transform of params.py except the conv kernel's is one)
+  is one 2-D transpose, done with BLAS `?omatcopy` (OpenBLAS's blocked SIMD kernel; numpy
+  copies a transposed view element by element) on COPY_THREADS threads (ctypes releases the
+  GIL). `?omatcopy` computes alpha * a, which is exact for alpha = 1 except that it quiets a
+  signalling NaN: a block holding any NaN is copied again by numpy. Other dtypes, casts and
+  layouts go through numpy in 128x128 tiles (both sides stay in the cache).
+- `scratch(shape, dtype)`: an uninitialised array, within `pooled()` (a conversion's run)
+  from a small pool of reused buffers: a fresh large `np.empty` faults in and zeroes every
+  page. A pooled buffer is handed out again only when no Python object refers to it any more
+  (its refcount), so a caller never sees its array overwritten; the pool keeps at most
+  `SCRATCH_FREE_BYTES`, and at most twice its largest buffer, of idle buffers.
+- `mapped(pieces)`: file ranges as one read-only array that maps the page cache's pages (no
+  copy; several page-aligned ranges joined with MAP_FIXED).
+- `BlockWriter` (`write_array`, `iter_blocks`): arrays written into files block by block,
+  each block re-laid out in a small cached buffer, on a background thread.
+  `read_ahead(items)` produces a reader's tensors on a background thread.
+
+Each trick has a plain path beside it that gives the same bytes (see TRICKS); the tests run
+both.
 """
 
 from __future__ import annotations
@@ -87,8 +92,8 @@ SCRATCH_FREE_BYTES = 256 << 20  # idle pooled bytes kept, at most (and at most 2
 COPY_THREADS = min(2, os.cpu_count() or 1)
 BLOCK_BYTES = 2 << 20  # iter_blocks: rows copied per block (fits in the L3 cache)
 # Bytes per os.pwrite. Linux (6.x, ext4 with large folios) allocates page-cache folios as large
-# as the write: 2 MiB writes cost 1.3-2.4 CPU-s per GB here (high-order pages), 128-512 KiB
-# writes 0.36-0.40, as cp's 128 KiB writes do.
+# as the write, and high-order pages cost several times more CPU per GB than the 128-512 KiB
+# writes cp makes.
 WRITE_BYTES = 512 << 10
 _TILE = 128
 
@@ -225,8 +230,8 @@ def _blas_plan(w: np.ndarray) -> tuple[Callable[[np.ndarray, int, int], None], i
     while it is still in the cache (?omatcopy computes 1.0 * a, which quiets a signalling
     NaN) and, if it holds one, copied again by numpy. float32 and float64 move as they are;
     2-byte elements (bfloat16, float16) move as float32 pairs of adjacent base columns, which
-    land as pairs of output rows and are then de-interleaved in the cache (by casts: 11 GB/s
-    here, against 5 for strided copies and 0.4 for numpy's tiled transpose).
+    land as pairs of output rows and are then de-interleaved in the cache (by SIMD casts, about
+    twice as fast as strided copies).
     """
     fns = _omatcopy() if uses("blas") else None
     pairs = w.dtype.itemsize == 2 and sys.byteorder == "little"
@@ -378,7 +383,7 @@ class BlockWriter:
     (a pooled buffer is not handed out again before it is written). `write_segments` spreads
     the bytes over several files (zarr chunk files). At most `depth` pieces are queued;
     writing waits for room. One thread does every os.pwrite: two writers into one file only
-    contend for its inode lock (perf: 7% of a conversion's CPU time spinning).
+    contend for its inode lock.
     A failed write is raised as WriteFailed by the next call or by `flush`; after it, the
     thread writes nothing more. `close()` flushes and stops the thread; `abort()` stops it
     without writing what is still queued, and returns only when no write is in progress.
@@ -488,8 +493,8 @@ def read_ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
 
 
 # Mapped reads. A tensor read through the page cache's own pages costs no copy: pread into a
-# buffer larger than the CPU cache cost 0.55-0.7 CPU-s per GB here (the copy runs at DRAM speed),
-# as much again as the transpose that follows; the transpose reads a mapping as fast as a buffer.
+# buffer larger than the CPU cache copies at DRAM speed, about as long as the transpose that
+# follows, and the buffer adds to the peak memory; the transpose reads a mapping as fast.
 _MADV_POPULATE_READ = 22  # Linux >= 5.14: page tables filled in one call (else on first touch)
 _PAGE = mmap.PAGESIZE
 
