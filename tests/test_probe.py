@@ -195,8 +195,8 @@ def test_trained_checkpoint_probes_better_than_its_random_init(tmp_path, random_
     """A checkpoint from vitctl.train.loop.train (digits, 100 steps at batch 32) against a random init
     of the same config (vitctl init, seed 0). Measured (pre_logits, MAP head, C grid 0.1/1/10 refined):
     linear 90.8% vs 81.1%; 1/5/10/25-shot 67.1/75.7/77.2/80.7% vs 21.4/36.6/45.8/51.9%."""
-    from vitctl.checkpoint import read_checkpoint_config
     from vitctl.data.sources import load_dataset
+    from vitctl.formats.layout import read_checkpoint_config
     from vitctl.train.loop import train
     from vitctl.train.settings import TrainConfig
 

@@ -18,9 +18,10 @@ import numpy as np
 
 from vitctl import checkpoint as ckpt
 from vitctl.config import ViTConfig
-from vitctl.convert.mapping import jax_to_torch, param_counts
+from vitctl.convert.mapping import jax_to_torch
 from vitctl.errors import MissingDependencyError, ResourceError, VitctlError
 from vitctl.formats import layout
+from vitctl.params import param_counts
 from vitctl.units import human_bytes
 from vitctl.untrusted import require_disk, require_memory, sigterm_as_interrupt
 

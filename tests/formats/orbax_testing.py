@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from vitctl.formats import layout
-from vitctl.formats.orbax import CHUNK_BYTES, OrbaxWriter
+from vitctl.formats.base import CHUNK_BYTES
+from vitctl.formats.orbax import OrbaxWriter
 from vitctl.params import jax_param_shapes, unstack
 
 

@@ -17,7 +17,8 @@ from tests.formats.orbax_testing import assert_bitwise, orbax_restore, specs, wr
 from vitctl import checkpoint as ckpt
 from vitctl.errors import CheckpointError
 from vitctl.formats import layout, zarr
-from vitctl.formats.orbax import CHUNK_BYTES, OrbaxReader, OrbaxWriter
+from vitctl.formats.base import CHUNK_BYTES
+from vitctl.formats.orbax import OrbaxReader, OrbaxWriter
 from vitctl.params import unstack
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

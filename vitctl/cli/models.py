@@ -81,17 +81,23 @@ def models(json: JsonOpt = False) -> None:
 def info(model: ModelArg, json: JsonOpt = False) -> None:
     """Show a model's config, exact parameter counts and bytes per dtype (no weights allocated)."""
     from vitctl.hub import is_hub_uri
-    from vitctl.open import formats_in, locate, read_config
 
-    local = str(locate(model, fetch="config")) if is_hub_uri(model) else model  # hf://: config.json only
+    local = model
+    if is_hub_uri(model):  # hf://: config.json only
+        from vitctl.open import locate
+
+        local = str(locate(model, fetch="config"))
     name, (_, cfg, path) = model, resolve(local)
     result: dict[str, Any] = {"name": name, "config": cfg.to_dict(), **sizes(cfg)}
     if warning := _grid_warning(cfg, name):
         result["warnings"] = [warning]
-    if path is not None and path.is_file():  # a big_vision .npz (resolve returns no other file)
-        result.update(path=str(path), formats=["big_vision"], notes=read_config(path)[1])
-    elif path is not None:
-        result.update(path=str(path), formats=formats_in(path), provenance=layout.read_provenance(path))
+    if path is not None:  # a checkpoint (the readers load only for one)
+        from vitctl.open import formats_in, read_config
+
+        if path.is_file():  # a big_vision .npz (resolve returns no other file)
+            result.update(path=str(path), formats=["big_vision"], notes=read_config(path)[1])
+        else:
+            result.update(path=str(path), formats=formats_in(path), provenance=layout.read_provenance(path))
     if json:
         print_json(result)
         return

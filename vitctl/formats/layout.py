@@ -22,8 +22,9 @@ A directory may hold both weight sets; `detect_formats` lists what is there and
   formats.safetensors (headers validated, tensors mapped from the file): bfloat16 is
   ml_dtypes.bfloat16 on the numpy side and BF16 in the file. Never pickle.
 
-jax and orbax are imported only by `save_jax`, for arrays sharded over several processes;
-importing this module loads neither.
+jax and orbax are imported only by `save_jax`, for arrays sharded over several processes, and
+the formats' readers and writers only by the functions that use them: importing this module
+(as `vitctl --help` and `vitctl info` do, through vitctl.checkpoint) loads none of them.
 """
 
 from __future__ import annotations
@@ -35,15 +36,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from vitctl.config import ViTConfig, load_config
 from vitctl.errors import CheckpointError, ConfigError, MissingDependencyError, VitctlError
-from vitctl.formats.base import Writer, hf_snapshot
-from vitctl.formats.orbax import CHECKPOINT_METADATA, CHUNK_BYTES, METADATA, OrbaxReader, OrbaxWriter
-from vitctl.formats.safetensors import INDEX as SAFETENSORS_INDEX
-from vitctl.formats.safetensors import SAFETENSORS, SafetensorsReader, SafetensorsWriter
+from vitctl.formats.base import CHECKPOINT_METADATA, CHUNK_BYTES, METADATA, SAFETENSORS, Writer, hf_snapshot
+from vitctl.formats.base import INDEX as SAFETENSORS_INDEX
 from vitctl.params import check_coverage, is_stacked, jax_param_shapes, layer_name, split_layer, torch_param_shapes
 from vitctl.untrusted import read_json
 
@@ -165,6 +163,8 @@ def save_jax(ckpt: str | Path, flat: Mapping[str, Any], chunk_bytes: int = CHUNK
     it. Arrays sharded over several processes go through Orbax itself, which coordinates the
     processes.
     """
+    from vitctl.formats.orbax import OrbaxWriter
+
     path = (Path(ckpt) / PARAMS).absolute()
     local = all(getattr(a, "is_fully_addressable", True) for a in flat.values())
     if not local or any(split_layer(n)[1] is not None for n in flat):
@@ -196,6 +196,10 @@ def load_jax(ckpt: str | Path, cfg: ViTConfig) -> dict[str, np.ndarray]:
 
     The stored names and shapes are checked against cfg's parameters first; the arrays are then
     read layer by layer through OrbaxReader (whatever wrote them: vitctl, Orbax, several processes)."""
+    import ml_dtypes
+
+    from vitctl.formats.orbax import OrbaxReader
+
     path = (Path(ckpt) / PARAMS).absolute()
     if JAX not in detect_formats(ckpt):
         raise CheckpointError(f"{ckpt} has no JAX weights ({PARAMS}/)", hint=f"found: {', '.join(detect_formats(ckpt)) or 'none'}")
@@ -219,6 +223,8 @@ def save_torch(ckpt: str | Path, state: Mapping[str, np.ndarray], max_shard_byte
 
     Returns the file written (the index when sharded).
     """
+    from vitctl.formats.safetensors import SafetensorsWriter
+
     specs = [(n, tuple(np.shape(a)), np.asarray(a).dtype) for n, a in state.items()]
     writer = SafetensorsWriter(ckpt, specs, max_shard_bytes, metadata={"format": "pt"})
     _write_all(writer, ((n, np.ascontiguousarray(a)) for n, a in state.items()))  # jax_to_torch returns transposed views
@@ -227,6 +233,8 @@ def save_torch(ckpt: str | Path, state: Mapping[str, np.ndarray], max_shard_byte
 
 def load_torch(ckpt: str | Path, cfg: ViTConfig | None = None) -> dict[str, np.ndarray]:
     """Reads ckpt's safetensors (one file or shards) into numpy arrays; checks names and shapes if `cfg` is given."""
+    from vitctl.formats.safetensors import SafetensorsReader
+
     formats = detect_formats(ckpt)
     if TIMM in formats and cfg is not None:  # (without a config: the arrays as stored, timm's names)
         raise timm_export_error(ckpt, "loading vitctl torch weights")

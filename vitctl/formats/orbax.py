@@ -44,7 +44,7 @@ import numpy as np
 from vitctl import untrusted
 from vitctl.errors import CheckpointError, MissingDependencyError
 from vitctl.formats import fastcopy
-from vitctl.formats.base import CheckpointRoot, Spec, TensorInfo, block_writes, guarded, nbytes
+from vitctl.formats.base import CHECKPOINT_METADATA, METADATA, CheckpointRoot, Spec, TensorInfo, block_writes, guarded, nbytes
 from vitctl.formats.fastcopy import scratch
 from vitctl.formats.zarr import (
     RECREATE,
@@ -62,15 +62,6 @@ from vitctl.formats.zarr import (
 )
 from vitctl.params import is_stacked, layer_name, split_layer
 
-# Orbax params/: layout constants (orbax-checkpoint 0.12.8, StandardCheckpointer).
-METADATA, CHECKPOINT_METADATA = "_METADATA", "_CHECKPOINT_METADATA"
-# One stored chunk of params/ is at most this many bytes: small enough that a streaming
-# reader holds only a few in memory and that one layer slice spans several chunks, which
-# tensorstore encodes and decodes on several threads (a 64 MiB layer in one chunk used one:
-# 16 MiB chunks read 2.5x and write 1.9x faster with zstd on 2 cores); large enough that
-# per-chunk overhead is negligible. ViT-22B's mlp_in, (48, 6144, 24576) in fp32, is stored as
-# 48 * 36 chunks of (1, 2048, 2048) = 16 MiB by tensorstore (choose_chunks).
-CHUNK_BYTES = 16 * 2**20
 ORBAX_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000, "manifest_kind": "single"}
 

@@ -31,9 +31,8 @@ import numpy as np
 from vitctl import untrusted
 from vitctl.errors import CheckpointError
 from vitctl.formats import fastcopy
-from vitctl.formats.base import CheckpointRoot, Spec, TensorInfo, block_writes, guarded, iter_by_name, nbytes
+from vitctl.formats.base import INDEX, SAFETENSORS, CheckpointRoot, Spec, TensorInfo, block_writes, guarded, iter_by_name, nbytes
 
-SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
 SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
 # safetensors dtype codes <-> numpy: the dtypes vitctl's formats carry. Parameters are floats; the rest only pass through.
 ST_DTYPES: dict[str, np.dtype] = {

@@ -26,8 +26,9 @@ from typing import Any
 import vitctl
 from vitctl import checkpoint as ckpt_mod
 from vitctl import untrusted
-from vitctl.checkpoint import PARAMS
 from vitctl.errors import CheckpointError
+from vitctl.formats import layout
+from vitctl.formats.layout import PARAMS
 
 VERIFY_REPORT, PROBE_REPORT = "verify.json", "probe.json"
 DEFAULT_LICENSE = "other"  # the weights' license is the owner's to state: the Hub shows "other" until they do
@@ -170,8 +171,8 @@ def model_card(
     pre = model.pop("preprocess")
     counts = param_counts(cfg)
     jax = any(p.startswith(PARAMS + "/") for p in files)
-    timm = ckpt_mod.TIMM in ckpt_mod.detect_formats(ckpt)
-    provenance = ckpt_mod.public_provenance(ckpt_mod.read_provenance(ckpt))
+    timm = layout.TIMM in layout.detect_formats(ckpt)
+    provenance = ckpt_mod.public_provenance(layout.read_provenance(ckpt))
     train = training(provenance, cfg.num_classes)
     verify, probe = _verify_summary(report), _probe_summary(probe_report)
     name = repo_id.split("/")[-1]
@@ -188,7 +189,7 @@ def model_card(
         meta["model-index"] = index
     meta["vitctl"] = {
         "version": vitctl.__version__,
-        "format": ckpt_mod.TIMM if timm else ckpt_mod.TORCH if any(p.endswith(".safetensors") for p in files) else ckpt_mod.JAX,
+        "format": layout.TIMM if timm else layout.TORCH if any(p.endswith(".safetensors") for p in files) else layout.JAX,
         "parameters": counts["params_total"],
         "architecture": model,
         "preprocessing": pre,
@@ -294,7 +295,6 @@ vitctl info hf://{repo_id}
 ```python
 import numpy as np
 import torch
-from vitctl import checkpoint
 from vitctl.formats import layout
 from vitctl.model_torch.model import ViT
 

@@ -15,10 +15,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vitctl import checkpoint as ckpt_mod
 from vitctl import untrusted
-from vitctl.checkpoint import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.errors import CheckpointError, ConfigError, UnmappedParamError
+from vitctl.formats import layout
+from vitctl.formats.layout import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.hub.errors import HubError
 from vitctl.hub.names import COMMIT, SCHEME, _matches
 
@@ -122,8 +122,8 @@ def _require(repo_id: str, sha: str, files: list[str], backend: str, offline: bo
     if backend == "torch" and not torch:
         raise CheckpointError(f"{where} has no PyTorch weights ({SAFETENSORS})", hint=again if offline else "try --backend jax")
     if backend == "jax" and not jax:
-        if snap is not None and ckpt_mod.is_timm_config(snap / CONFIG):
-            raise ckpt_mod.timm_export_error(f"{SCHEME}{repo_id}@{sha}", "hub pull --backend jax", load=f"hf-hub:{repo_id}@{sha}")
+        if snap is not None and layout.is_timm_config(snap / CONFIG):
+            raise layout.timm_export_error(f"{SCHEME}{repo_id}@{sha}", "hub pull --backend jax", load=f"hf-hub:{repo_id}@{sha}")
         hint = again if offline else "try --backend torch, then vitctl convert torch-to-jax"
         raise CheckpointError(f"{where} has no JAX weights ({PARAMS}/)", hint=hint)
     if backend == "all" and not (torch or jax):

@@ -22,8 +22,9 @@ from typing import Any
 
 from vitctl import checkpoint as ckpt_mod
 from vitctl import untrusted
-from vitctl.checkpoint import CONFIG, PARAMS
 from vitctl.errors import CheckpointError, ConfigError
+from vitctl.formats import layout
+from vitctl.formats.layout import CONFIG, PARAMS
 from vitctl.hub.checks import DAMAGED_REPO, _commit, _describe, _listed, _require, check_config, check_files
 from vitctl.hub.client import _endpoint, _hf
 from vitctl.hub.errors import HubError, _hub_errors, _retry
@@ -78,7 +79,7 @@ def pull(
                 "backend": backend, "created_by": "vitctl hub pull", "upstream": config.get("provenance", {}),
             })  # fmt: skip
             ckpt_mod.write_json(tmp / CONFIG, config)
-    return {**got, "path": str(out), "formats": ckpt_mod.detect_formats(out)}
+    return {**got, "path": str(out), "formats": layout.detect_formats(out)}
 
 
 def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool = False, endpoint: str | None = None) -> dict[str, Any]:

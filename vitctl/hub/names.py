@@ -7,8 +7,8 @@ import os
 import re
 import urllib.parse
 
-from vitctl.checkpoint import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.errors import ConfigError
+from vitctl.formats.layout import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.hub.card import PROBE_REPORT, VERIFY_REPORT
 
 SCHEME = "hf://"

@@ -21,8 +21,9 @@ from typing import Any
 import vitctl
 from vitctl import checkpoint as ckpt_mod
 from vitctl import untrusted
-from vitctl.checkpoint import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.errors import CheckpointError, ConfigError
+from vitctl.formats import layout
+from vitctl.formats.layout import CONFIG, PARAMS, SAFETENSORS, SAFETENSORS_INDEX
 from vitctl.hub.card import DEFAULT_LICENSE, PROBE_REPORT, VERIFY_REPORT, find_probe_report, find_verify_report, model_card, public_report
 from vitctl.hub.checks import _json, _local_digest, _weight_map
 from vitctl.hub.client import _endpoint, _hf
@@ -47,7 +48,7 @@ def push(
         raise ConfigError(f"push takes a repo id without @revision, got '{repo_id}@{rev}'", hint="pass the branch with --revision")
     check_endpoint(endpoint)
     files = checkpoint_files(ckpt, include_jax)  # first: the card below reads config.json, which must be the checkpoint's own
-    cfg = ckpt_mod.read_checkpoint_config(ckpt)
+    cfg = layout.read_checkpoint_config(ckpt)
     report, probe = find_verify_report(ckpt), find_probe_report(ckpt)
     extra = _generated(ckpt, cfg, repo_id, files, report, probe, license)
     check_public(ckpt, {rel: path for rel, path in files.items() if rel not in extra} | extra)
@@ -130,13 +131,13 @@ def checkpoint_files(ckpt: Path, include_jax: bool) -> dict[str, Path]:
     (model.safetensors, or the index and the shards it names), and params/ if asked; nothing
     else. Each file, symlinks followed, lies inside `ckpt` (or inside the Hugging Face cache
     folder of the repo whose snapshot `ckpt` is); the values are those real paths."""
-    formats = ckpt_mod.detect_formats(ckpt)
-    if ckpt_mod.TORCH not in formats and ckpt_mod.TIMM not in formats and not include_jax:
+    formats = layout.detect_formats(ckpt)
+    if layout.TORCH not in formats and layout.TIMM not in formats and not include_jax:
         raise ConfigError(
             f"{ckpt} has no PyTorch weights ({SAFETENSORS}); its formats: {', '.join(formats) or 'none'}",
             hint=f"pass --include-jax to push params/, or convert first: vitctl convert jax-to-torch {ckpt} DST",
         )
-    if include_jax and ckpt_mod.JAX not in formats:
+    if include_jax and layout.JAX not in formats:
         raise ConfigError(f"--include-jax: {ckpt} has no JAX weights ({PARAMS}/)", hint="drop --include-jax")
     from vitctl.formats.base import hf_cache_repo
 
