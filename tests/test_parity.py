@@ -12,18 +12,10 @@ jax = pytest.importorskip("jax")
 torch = pytest.importorskip("torch")
 
 from tests.conftest import jax_model, random_params, tiny, torch_model
+from tests.golden import CLASSIC
 from vitctl.convert import mapping
 from vitctl.model_torch.model import ViT as TorchViT
 
-CLASSIC = {
-    "block": "sequential",
-    "qk_norm": False,
-    "qkv_bias": True,
-    "norm": "layernorm",
-    "norm_bias": True,
-    "gelu_approximate": True,
-    "pool": "tok",
-}
 CASES = {
     "vit22b": {},  # the paper's combination: parallel, QK-norm, no QKV/norm bias, RMSNorm, MAP
     "classic": CLASSIC,  # big_vision's ViT
