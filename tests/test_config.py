@@ -143,3 +143,23 @@ def test_patch_grid_refuses_a_single_token():
     assert "--model vit22b-demo/4" in e.value.hint and "--image-size 32 or more" in e.value.hint
     ViTConfig.from_variant("vit22b-mu/16", image_size=32).check_patch_grid()  # 2x2: something to attend to
     ViTConfig.from_variant("vit22b-demo/4").check_patch_grid()
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"class_posemb": True, "pool": "gap"}, "class_posemb needs"),
+        ({"class_posemb": True, "pool": "tok", "posemb": "sincos2d"}, "class_posemb needs"),
+        ({"layer_scale": -1e-5}, "layer_scale must be"),
+        ({"layer_scale": float("nan")}, "layer_scale must be"),
+        ({"layer_scale": True}, "layer_scale must be"),
+    ],
+)
+def test_public_family_options_are_checked(kw, words):
+    with pytest.raises(ConfigError, match=words):
+        ViTConfig(**kw)
+
+
+def test_public_family_options_round_trip_through_json():
+    cfg = ViTConfig(block="sequential", pool="tok", class_posemb=True, norm_pre=True, fc_norm=True, layer_scale=1e-5, norm_eps=1e-12)
+    assert ViTConfig.from_json(cfg.to_json()) == cfg and cfg.posemb_len == cfg.num_patches + 1

@@ -34,7 +34,13 @@ def test_tiny_shapes_by_hand():
 
 @pytest.mark.parametrize("block, pool, bias", list(itertools.product(["parallel", "sequential"], ["map", "tok", "gap"], [False, True])))
 def test_counts_and_listings_agree(block, pool, bias):
-    cfg = tiny(block=block, pool=pool, qkv_bias=bias, norm_bias=bias, mlp_bias=not bias)
+    family = {
+        "class_posemb": pool == "tok",
+        "norm_pre": bias,
+        "fc_norm": not bias,
+        "layer_scale": 1e-5 * bias,
+    }  # the public families' options
+    cfg = tiny(block=block, pool=pool, qkv_bias=bias, norm_bias=bias, mlp_bias=not bias, **family)
     per_layer = params.jax_param_shapes(cfg, stacked=False)
     assert params.param_count(cfg) == len(per_layer) == len(params.torch_param_shapes(cfg))
     assert [params.rename(n, "jax")[0] for n in per_layer] == list(params.torch_param_shapes(cfg))

@@ -28,6 +28,17 @@ CASES = {
     "sequential_qknorm_map": {"block": "sequential", "pool": "map", "qk_norm": True},
     "rmsnorm_bias_tok": {"norm_bias": True, "pool": "tok", "posemb": "sincos2d"},
 }
+# The options of the public ViT families (timm, Hugging Face, CLIP, DINOv2), every combination:
+# block x norm_pre x fc_norm x layer_scale x (class token with its own position | GAP | MAP).
+POOLS = {"tok_class_posemb": {"pool": "tok", "class_posemb": True}, "gap": {"pool": "gap"}, "map": {"pool": "map"}}
+FAMILY_CASES = {
+    f"{block}-{pool}{'-norm_pre' * pre}{'-fc_norm' * fc}{'-layer_scale' * ls}": {
+        "block": block, **POOLS[pool], "norm_pre": pre, "fc_norm": fc, "layer_scale": 0.1 * ls,
+        **({"norm": "layernorm", "norm_bias": True, "qkv_bias": True} if block == "sequential" else {}),
+    }
+    for block in ("parallel", "sequential") for pool in POOLS for pre in (False, True) for fc in (False, True) for ls in (False, True)
+}  # fmt: skip
+CASES["hf_vit"] = {**CLASSIC, "class_posemb": True, "norm_eps": 1e-12, "gelu_approximate": False}
 FP32_ATOL = 1e-5
 
 
@@ -62,7 +73,18 @@ def test_jax_to_torch_fp32(case):
     assert np.abs(pairs["logits"][0]).max() > 0.1  # a real signal, not zeros
 
 
-@pytest.mark.parametrize("case", ["vit22b", "classic"])
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_public_family_options_fp32(case):
+    """Every combination of the options timm, HF, CLIP and DINOv2 models need, on every intermediate."""
+    cfg = tiny(**FAMILY_CASES[case])
+    params = random_params(cfg, seed=2)
+    pairs = run_both(cfg, jax_model(cfg, params), torch_model(cfg, params), images(cfg))
+    errs = max_abs(pairs)
+    assert max(errs.values()) < FP32_ATOL, errs
+    assert np.abs(pairs["logits"][0]).max() > 0.1
+
+
+@pytest.mark.parametrize("case", ["vit22b", "classic", "hf_vit"])
 def test_torch_to_jax_fp32(case):
     """The other direction: the torch model's own init, perturbed -> JAX."""
     cfg = tiny(**CASES[case])

@@ -152,6 +152,10 @@ class ViTConfig:
     gelu_approximate: bool = False  # set explicitly: jax.nn.gelu defaults to tanh, torch to erf
     pool: str = "map"  # big_vision MAPHead; final norm always comes before pooling
     posemb: str = "learn"
+    class_posemb: bool = False  # timm's default, HF ViT: the learned posemb's first row is the class token's
+    norm_pre: bool = False  # CLIP's ln_pre, timm's norm_pre: a norm on the embedded tokens, before the blocks
+    fc_norm: bool = False  # timm's fc_norm: the final norm comes after pooling instead of before it
+    layer_scale: float = 0.0  # DINOv2, timm's init_values: per-channel branch scales, initialised to this; 0: none
     # Numerics.
     softmax_dtype: str = "float32"  # "compute": softmax in the compute dtype
     dtype: str = "float32"  # compute dtype
@@ -209,6 +213,14 @@ class ViTConfig:
             )
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < 1:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        if self.class_posemb and (self.posemb != "learn" or self.pool != "tok"):
+            raise ConfigError(
+                f"class_posemb needs a learned position embedding and a class token (posemb learn, pool tok), got posemb {self.posemb}, pool {self.pool}",
+                hint="set class_posemb to false, or use posemb learn with pool tok",
+            )
+        ls = self.layer_scale
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not (math.isfinite(ls) and ls >= 0):
+            raise ConfigError(f"layer_scale must be 0 (none) or a positive initial value, got {ls!r}", hint="DINOv2 and timm use 1e-5")
         if self.posemb == "sincos2d" and self.width % 4:
             raise ConfigError(f"posemb sincos2d needs width divisible by 4, got {self.width}")
 
@@ -244,6 +256,10 @@ class ViTConfig:
     @property
     def seq_len(self) -> int:  # T: patches, plus the class token for pool="tok"
         return self.num_patches + (self.pool == "tok")
+
+    @property
+    def posemb_len(self) -> int:  # rows of the learned position embedding: the patches, and the class token with class_posemb
+        return self.num_patches + self.class_posemb
 
     # Constructors and I/O.
     @classmethod

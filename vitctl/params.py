@@ -13,7 +13,7 @@ regexes both ways, so one row renames in either direction; the big_vision key ta
 too. A name must match exactly one row (re.fullmatch) or renaming raises UnmappedParamError.
 
 Shapes: D width, N heads, K head_dim, F mlp_dim, L depth, P patch, C channels, T tokens
-(patches), O classes.
+(patches), E position-embedding rows (T, plus the class token's with class_posemb), O classes.
 """
 
 from __future__ import annotations
@@ -87,13 +87,15 @@ WHEN: dict[str, Callable[[ViTConfig], bool]] = {
     "attn_out_bias": lambda c: c.attn_out_bias,
     "mlp_bias": lambda c: c.mlp_bias,
     "norm_bias": lambda c: c.norm_bias,
+    "norm_pre": lambda c: c.norm_pre,
+    "layer_scale": lambda c: c.layer_scale > 0,
 }
 
 
 def dims(cfg: ViTConfig) -> dict[str, int]:
     """The shape letters' sizes (per layer: L is the stacking axis, not a letter)."""
     return {"D": cfg.width, "N": cfg.num_heads, "K": cfg.head_dim, "F": cfg.mlp_dim, "P": cfg.patch_size,
-            "C": cfg.channels, "T": cfg.num_patches, "O": cfg.num_classes, "1": 1}  # fmt: skip
+            "C": cfg.channels, "T": cfg.num_patches, "E": cfg.posemb_len, "O": cfg.num_classes, "1": 1}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,9 +146,13 @@ PARAMS: tuple[Param, ...] = (
     #     JAX path                  torch state_dict key       layout  shape  exists when
     Param("patch_embed/proj/kernel", "patch_embed.proj.weight", CONV, "PPCD"),  # HWIO <-> OIHW
     Param("patch_embed/proj/bias", "patch_embed.proj.bias", SAME, "D"),
-    Param("pos_embed", "pos_embed", SAME, "1TD", ("learn",)),
+    Param("pos_embed", "pos_embed", SAME, "1ED", ("learn",)),  # E: T, or T + 1 with class_posemb
     Param("cls_token", "cls_token", SAME, "11D", ("tok",)),
+    Param("norm_pre/scale", "norm_pre.weight", SAME, "D", ("norm_pre",)),
+    Param("norm_pre/bias", "norm_pre.bias", SAME, "D", ("norm_pre", "norm_bias")),
     *_scope("blocks/", "blocks.{i}.", block=True),
+    Param("blocks/ls_attn/scale", "blocks.{i}.ls_attn.weight", SAME, "D", ("layer_scale",)),
+    Param("blocks/ls_mlp/scale", "blocks.{i}.ls_mlp.weight", SAME, "D", ("layer_scale",)),
     Param("norm/scale", "norm.weight", SAME, "D"),
     Param("norm/bias", "norm.bias", SAME, "D", ("norm_bias",)),
     Param("map_head/probe", "map_head.probe", SAME, "11D", ("map",)),

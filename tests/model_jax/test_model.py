@@ -20,6 +20,15 @@ from vitctl.params import jax_param_shapes, param_counts
         {},
         {"block": "sequential", "pool": "tok", "qkv_bias": True, "norm_bias": True},
         {"pool": "gap", "posemb": "sincos2d", "num_classes": 0},
+        {
+            "block": "sequential",
+            "pool": "tok",
+            "class_posemb": True,
+            "norm_pre": True,
+            "fc_norm": True,
+            "layer_scale": 1e-5,
+            "norm_bias": True,
+        },
     ],
 )
 def test_shapes_match_the_table(kw):

@@ -10,6 +10,9 @@ the parameter table in vitctl/params.py spells out.
   MLP-out accumulate onto residual + biases in one buffer (parameters stay separate;
   measurements in docs/performance.md).
 - Sequential block (classic big_vision ViT) with its second norm `mlp_norm`.
+- The options public ViTs need (timm, Hugging Face, CLIP, DINOv2): a position for the
+  class token (class_posemb), a norm before the blocks (norm_pre), the final norm after
+  pooling (fc_norm), per-channel branch scales (layer_scale; such a block runs unfused).
 - QK-norm over head_dim on queries and keys; optional biases everywhere (cfg).
 - Norms computed in float32 by one formula on both sides (centered for layernorm).
 - Dense(in_shape, out_shape): kernel in_shape + out_shape, heads kept as (N, K) axes.
@@ -93,6 +96,17 @@ class PatchEmbed(nnx.Module):
         self.proj = Dense(cfg, (P, P, C), (D,), bias=True, init=init, axes=("patch", "patch", "channels", "embed"), rngs=rngs)
         self.patch_size = P
 
+    def embed(self, x):  # patches [B, T, D] -> the blocks' input: position embedding, class token, norm_pre
+        cfg = self.cfg
+        pos = self.pos_embed[...] if cfg.posemb == "learn" else posemb_sincos_2d(cfg.grid, cfg.grid, cfg.width)
+        if not cfg.class_posemb:
+            x = x + pos.astype(x.dtype)
+        if self.cls_token is not None:  # big_vision: the class token gets no position embedding (timm, HF: class_posemb)
+            x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
+        if cfg.class_posemb:
+            x = x + pos.astype(x.dtype)
+        return x if self.norm_pre is None else self.norm_pre(x)
+
     def __call__(self, images):  # [B, H, W, C] -> [B, T, D]
         B, H, W, C = images.shape
         P = self.patch_size
@@ -115,6 +129,8 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, D, axis="norm") if cfg.block == "sequential" else None
         self.mlp_in = Dense(cfg, (D,), (F,), bias=cfg.mlp_bias, axes=("embed", "mlp"), rngs=rngs)
         self.mlp_out = Dense(cfg, (F,), (D,), bias=cfg.mlp_bias, axes=("mlp", "embed"), rngs=rngs)
+        self.ls_attn = LayerScale(cfg, D) if cfg.layer_scale else None
+        self.ls_mlp = LayerScale(cfg, D) if cfg.layer_scale else None
         self.cfg = cfg
 
     def attend(self, q, k, v):  # [B, T, N, K] each -> [B, T, N, K]
@@ -124,6 +140,8 @@ class Block(nnx.Module):
 
     def __call__(self, x):  # [B, T, D] -> [B, T, D]
         cfg = self.cfg
+        if self.ls_attn is not None:
+            return self.scaled(x)
         if cfg.block == "sequential":
             h = self.norm(x)
             x = add_projections(x, (self.attend(self.q(h), self.k(h), self.v(h)), self.attn_out))
@@ -138,6 +156,25 @@ class Block(nnx.Module):
         # GEMM already runs at the BLAS's peak at these sizes.
         a = self.attend(self.q(h), self.k(h), self.v(h))
         return add_projections(x, (a, self.attn_out), (gelu(self.mlp_in(h), cfg), self.mlp_out))
+
+    def scaled(self, x):  # layer scale: each branch's output (its bias included) times a learned vector, unfused
+        cfg = self.cfg
+        h = self.norm(x)
+        a = self.ls_attn(self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))))
+        if cfg.block == "sequential":
+            x = x + a
+            return x + self.ls_mlp(self.mlp_out(gelu(self.mlp_in(self.mlp_norm(x)), cfg)))
+        return x + a + self.ls_mlp(self.mlp_out(gelu(self.mlp_in(h), cfg)))
+
+
+class LayerScale(nnx.Module):
+    """x * scale, per channel (DINOv2, timm's init_values): scale starts at cfg.layer_scale."""
+
+    def __init__(self, cfg, dim):
+        self.scale = nnx.Param(jnp.full((dim,), cfg.layer_scale, DTYPES[cfg.param_dtype]), out_sharding=("norm",))
+
+    def __call__(self, x):
+        return x * self.scale[...].astype(x.dtype)
 
 
 def add_projections(x, *pairs):
@@ -179,9 +216,10 @@ class ViT(nnx.Module):
         D, dtype = cfg.width, DTYPES[cfg.param_dtype]
         self.patch_embed = PatchEmbed(cfg, rngs=rngs)
         if cfg.posemb == "learn":
-            pos = INIT.normal(stddev=D**-0.5)(rngs.params(), (1, cfg.num_patches, D), dtype)
+            pos = INIT.normal(stddev=D**-0.5)(rngs.params(), (1, cfg.posemb_len, D), dtype)
             self.pos_embed = nnx.Param(pos, out_sharding=(None, None, "embed"))
         self.cls_token = nnx.Param(jnp.zeros((1, 1, D), dtype=dtype), out_sharding=(None, None, "embed")) if cfg.pool == "tok" else None
+        self.norm_pre = Norm(cfg, D, axis="norm") if cfg.norm_pre else None
 
         @nnx.split_rngs(splits=cfg.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -216,25 +254,32 @@ class ViT(nnx.Module):
             ys.append(x)
         return x, jnp.stack(ys)
 
+    def embed(self, x):  # patches [B, T, D] -> the blocks' input: position embedding, class token, norm_pre
+        cfg = self.cfg
+        pos = self.pos_embed[...] if cfg.posemb == "learn" else posemb_sincos_2d(cfg.grid, cfg.grid, cfg.width)
+        if not cfg.class_posemb:
+            x = x + pos.astype(x.dtype)
+        if self.cls_token is not None:  # big_vision: the class token gets no position embedding (timm, HF: class_posemb)
+            x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
+        if cfg.class_posemb:
+            x = x + pos.astype(x.dtype)
+        return x if self.norm_pre is None else self.norm_pre(x)
+
     def __call__(self, images):  # [B, H, W, C]
         cfg, out = self.cfg, {}
         x = out["patch_embed"] = self.patch_embed(images.astype(DTYPES[cfg.dtype]))
-        pos = self.pos_embed[...] if cfg.posemb == "learn" else posemb_sincos_2d(cfg.grid, cfg.grid, cfg.width)
-        x = x + pos.astype(x.dtype)
-        if self.cls_token is not None:  # big_vision: the class token gets no position embedding
-            x = jnp.concatenate([jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
-        out["embed"] = x
+        x = out["embed"] = self.embed(x)
         x, per_block = self.run_blocks(x)
         for i in range(cfg.depth):
             out[f"block{i:02d}"] = per_block[i]
-        x = out["encoded"] = self.norm(x)  # big_vision: the final norm comes before pooling
+        x = out["encoded"] = x if cfg.fc_norm else self.norm(x)  # big_vision: the final norm comes before pooling
         if cfg.pool == "map":
             x = self.map_head(x)
         elif cfg.pool == "gap":
             x = x.mean(1)
         elif cfg.pool == "tok":
             x = x[:, 0]
-        out["pre_logits"] = x
+        x = out["pre_logits"] = self.norm(x) if cfg.fc_norm else x  # timm's fc_norm: after pooling
         logits = out["logits"] = self.head(x) if self.head is not None else x
         return logits, out
 

@@ -10,6 +10,9 @@ the parameter table in vitctl/params.py spells out.
   MLP-out accumulate onto residual + biases in one buffer (parameters stay separate;
   measurements in docs/performance.md).
 - Sequential block (classic big_vision ViT) with its second norm `mlp_norm`.
+- The options public ViTs need (timm, Hugging Face, CLIP, DINOv2): a position for the
+  class token (class_posemb), a norm before the blocks (norm_pre), the final norm after
+  pooling (fc_norm), per-channel branch scales (layer_scale; such a block runs unfused).
 - QK-norm over head_dim on queries and keys; optional biases everywhere (cfg).
 - Norms computed in float32 by one formula on both sides (centered for layernorm).
 - Dense(in_shape, out_shape): weight prod(out_shape) + in_shape, nn.Linear's layout.
@@ -111,6 +114,16 @@ class PatchEmbed(nn.Module):
         self.proj = Dense(cfg, (C, P, P), (D,), bias=True, init=init)  # weight (D, C, P, P): a conv's layout
         self.patch_size = P
 
+    def embed(self, x):  # patches [B, T, D] -> the blocks' input: position embedding, class token, norm_pre
+        cfg = self.cfg
+        if not cfg.class_posemb:
+            x = x + self.pos_embed.to(x.dtype)
+        if self.cls_token is not None:  # big_vision: the class token gets no position embedding (timm, HF: class_posemb)
+            x = torch.concatenate([torch.broadcast_to(self.cls_token.to(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
+        if cfg.class_posemb:
+            x = x + self.pos_embed.to(x.dtype)
+        return x if self.norm_pre is None else self.norm_pre(x)
+
     def forward(self, images):  # [B, C, H, W] -> [B, T, D]
         B, C, H, W = images.shape
         P = self.patch_size
@@ -134,6 +147,8 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg, D) if cfg.block == "sequential" else None
         self.mlp_in = Dense(cfg, (D,), (F_,), bias=cfg.mlp_bias)
         self.mlp_out = Dense(cfg, (F_,), (D,), bias=cfg.mlp_bias)
+        self.ls_attn = LayerScale(cfg, D) if cfg.layer_scale else None
+        self.ls_mlp = LayerScale(cfg, D) if cfg.layer_scale else None
         self.cfg = cfg
 
     def attend(self, q, k, v):  # [B, T, N, K] each -> [B, T, N*K]
@@ -143,6 +158,8 @@ class Block(nn.Module):
 
     def forward(self, x):  # [B, T, D] -> [B, T, D]
         cfg = self.cfg
+        if self.ls_attn is not None:
+            return self.scaled(x)
         if cfg.block == "sequential":
             h = self.norm(x)
             x = add_projections(x, (self.attend(self.q(h), self.k(h), self.v(h)), self.attn_out))
@@ -157,6 +174,26 @@ class Block(nn.Module):
         # GEMM already runs at the BLAS's peak at these sizes.
         a = self.attend(self.q(h), self.k(h), self.v(h))
         return add_projections(x, (a, self.attn_out), (gelu(self.mlp_in(h), cfg), self.mlp_out))
+
+    def scaled(self, x):  # layer scale: each branch's output (its bias included) times a learned vector, unfused
+        cfg = self.cfg
+        h = self.norm(x)
+        a = self.ls_attn(self.attn_out(self.attend(self.q(h), self.k(h), self.v(h))))
+        if cfg.block == "sequential":
+            x = x + a
+            return x + self.ls_mlp(self.mlp_out(gelu(self.mlp_in(self.mlp_norm(x)), cfg)))
+        return x + a + self.ls_mlp(self.mlp_out(gelu(self.mlp_in(h), cfg)))
+
+
+class LayerScale(nn.Module):
+    """x * weight, per channel (DINOv2, timm's init_values): weight starts at cfg.layer_scale."""
+
+    def __init__(self, cfg, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), cfg.layer_scale, dtype=DTYPES[cfg.param_dtype]))
+
+    def forward(self, x):
+        return x * self.weight.to(x.dtype)
 
 
 def add_projections(x, *pairs):
@@ -201,11 +238,12 @@ class ViT(nn.Module):
         D, dtype = cfg.width, DTYPES[cfg.param_dtype]
         self.patch_embed = PatchEmbed(cfg)
         if cfg.posemb == "learn":
-            pos = nn.init.normal_(torch.empty((1, cfg.num_patches, D), dtype=dtype), std=D**-0.5)
+            pos = nn.init.normal_(torch.empty((1, cfg.posemb_len, D), dtype=dtype), std=D**-0.5)
             self.pos_embed = nn.Parameter(pos)
         else:
             self.register_buffer("pos_embed", torch.from_numpy(posemb_sincos_2d(cfg.grid, cfg.grid, D)), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros((1, 1, D), dtype=dtype)) if cfg.pool == "tok" else None
+        self.norm_pre = Norm(cfg, D) if cfg.norm_pre else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = Norm(cfg, D)
         self.map_head = MAPHead(cfg) if cfg.pool == "map" else None
@@ -223,24 +261,31 @@ class ViT(nn.Module):
             ys.append(x)
         return x, ys
 
+    def embed(self, x):  # patches [B, T, D] -> the blocks' input: position embedding, class token, norm_pre
+        cfg = self.cfg
+        if not cfg.class_posemb:
+            x = x + self.pos_embed.to(x.dtype)
+        if self.cls_token is not None:  # big_vision: the class token gets no position embedding (timm, HF: class_posemb)
+            x = torch.concatenate([torch.broadcast_to(self.cls_token.to(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
+        if cfg.class_posemb:
+            x = x + self.pos_embed.to(x.dtype)
+        return x if self.norm_pre is None else self.norm_pre(x)
+
     def forward(self, images):  # [B, C, H, W]
         cfg, out = self.cfg, {}
         x = out["patch_embed"] = self.patch_embed(images.to(DTYPES[cfg.dtype]))
-        x = x + self.pos_embed.to(x.dtype)
-        if self.cls_token is not None:  # big_vision: the class token gets no position embedding
-            x = torch.concatenate([torch.broadcast_to(self.cls_token.to(x.dtype), (x.shape[0], 1, cfg.width)), x], 1)
-        out["embed"] = x
+        x = out["embed"] = self.embed(x)
         x, per_block = self.run_blocks(x)
         for i in range(cfg.depth):
             out[f"block{i:02d}"] = per_block[i]
-        x = out["encoded"] = self.norm(x)  # big_vision: the final norm comes before pooling
+        x = out["encoded"] = x if cfg.fc_norm else self.norm(x)  # big_vision: the final norm comes before pooling
         if cfg.pool == "map":
             x = self.map_head(x)
         elif cfg.pool == "gap":
             x = x.mean(1)
         elif cfg.pool == "tok":
             x = x[:, 0]
-        out["pre_logits"] = x
+        x = out["pre_logits"] = self.norm(x) if cfg.fc_norm else x  # timm's fc_norm: after pooling
         logits = out["logits"] = self.head(x) if self.head is not None else x
         return logits, out
 
