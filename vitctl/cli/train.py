@@ -7,6 +7,11 @@ refused), and the flags. They are resolved before JAX is imported: on a CPU, the
 --steps (or schedule settings) change follows the new schedule laid over all its steps;
 the learning-rate jump at the resumed step is printed and recorded in train_config.json.
 
+Fine-tuning: --init-from CKPT starts from any checkpoint vitctl reads (the model is its
+config with the run's image size and classes; a new head for other classes, a resampled
+position embedding for another patch grid), with --freeze, --layer-decay, --head-lr-mult
+and --optimizer sgd --momentum. A resumed fine-tuning run continues from its own state.
+
 Progress: a live bar on a terminal; when stderr is a file (nohup, SLURM, CI), a plain line
 every --log-every-s seconds. OUT ends up a checkpoint directory (config.json + params/)
 with state/, metrics.jsonl, train_config.json and metrics.png beside.
@@ -50,6 +55,8 @@ EXAMPLES = """Examples:
 
   vitctl train --config train.yaml --out runs/r1 --eval-every 50 --log-every-s 10
 
+  vitctl train --init-from runs/digits --data fashion-mnist --out runs/ft --optimizer sgd --lr 0.01 --layer-decay 0.75
+
   vitctl train --data digits --out /shared/runs/r2 --mesh data=2,fsdp=4 --coordinator 10.0.0.1:5476 --num-processes 2 --process-id 0
 """
 
@@ -65,7 +72,7 @@ FIELD_FLAGS: dict[str, tuple[str, str | None]] = {
     "warmup": ("Linear warmup steps.", "steps // 10"),
     "schedule": ("cosine or rsqrt.", None),
     "cooldown": ("Linear cooldown to 0 over the last N steps.", None),
-    "optimizer": ("adamw or adafactor.", None),
+    "optimizer": ("adamw, adafactor or sgd.", None),
     "loss": ("softmax or sigmoid (multi-label) cross-entropy.", None),
     "label_smoothing": ("Label smoothing.", None),
     "weight_decay": ("Weight decay of the body's kernels.", None),
@@ -82,7 +89,16 @@ FIELD_FLAGS: dict[str, tuple[str, str | None]] = {
     "dtype": ("Compute dtype: float32 or bfloat16 (parameters stay float32).", "the model config's"),
     "remat": ("Recompute block activations in the backward pass.", "the model config's"),
     "test_fraction": ("Share of each class held out for testing, for data without a test split.", None),
+    "init_from": ("Fine-tune: start from this checkpoint's weights (a directory, big_vision .npz, hf://org/name[@rev]).", "from scratch"),
+    "prefix": ("With a big_vision .npz --init-from: the sub-tree holding the ViT, e.g. params/img.", "the whole file"),
+    "posemb_resize": ("Resampling of a learned position embedding for a new patch grid: bilinear (big_vision) or bicubic (timm).", None),
+    "freeze": ("Frozen parameters (no update, no optimizer state): all-but-head, or globs like blocks/*; repeatable.", "none"),
+    "layer_decay": ("Layer-wise lr decay: block i of L trains at lr * decay^(L+1-i), embeddings at decay^(L+1).", "off"),
+    "head_lr_mult": ("The head's learning rate as a multiple of --lr.", None),
+    "momentum": ("sgd: momentum (0: plain SGD).", None),
+    "nesterov": ("sgd: Nesterov momentum.", None),
 }
+REPEATABLE = {"freeze"}  # given several times: joined into the field's comma list
 _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -110,6 +126,7 @@ def _field_params() -> list[inspect.Parameter]:
         kind, flag = _KINDS[f.type.split(" ")[0]], "--" + f.name.replace("_", "-")
         names = (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
         option = _opt(help, *names, default=shown if shown is not None else _shown(f.default))
+        kind = list[kind] if f.name in REPEATABLE else kind
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]))
     return params
 
@@ -170,7 +187,15 @@ def train(
     # Settings first, without JAX: on a CPU the mesh decides how many devices XLA simulates,
     # and that must be set before anything imports jax.
     stored = tsettings.read_stored(out_dir) if resume else {}
-    given = {k: v for k, v in settings.items() if v is not None}
+    given = {k: ",".join(v) if k in REPEATABLE else v for k, v in settings.items() if v is not None}
+    if resume and given.get("init_from") not in (None, stored.get("init_from")):
+        from vitctl.errors import ConfigError
+
+        raise ConfigError(
+            f"--init-from {given['init_from']} with --resume: the run in {out_dir} continues from its own saved state"
+            + (f" (it started from {stored['init_from']})" if stored.get("init_from") else " (it started from scratch)"),
+            hint=f"drop --init-from to resume it, or start a new run: vitctl train --init-from {given['init_from']} --out NEW_DIR",
+        )
     tcfg = tsettings.TrainConfig.from_dict({**stored, **(tsettings.load_yaml(config) if config is not None else {}), **given})
     if devices is not None or not (distributed and num_processes is None):  # an auto-detected cluster: its size is unknown here
         prepare_cpu_devices(tcfg.mesh, devices, num_processes or 1)

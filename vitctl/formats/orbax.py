@@ -128,6 +128,8 @@ class OrbaxReader:
         self._reading: set[concurrent.futures.Future] = set()
         self._stacked: dict[str, TensorInfo] = {}  # as stored: block arrays with their leading L axis
         self._infos: dict[str, TensorInfo] | None = None  # per layer, listed on first use
+        self._specs: dict[str, dict[str, Any]] = {}  # tensorstore specs of every array (slice reads open them on first use)
+        self._ctx = ctx
         ocdbt, zarr3 = meta.get("use_ocdbt", True), meta.get("use_zarr3", False)
         names = _orbax_names(self.path, meta)
         index = _ocdbt_index(ts, self.path, ctx, f"array '{next(iter(names), '')}'") if ocdbt else None
@@ -139,6 +141,7 @@ class OrbaxReader:
             plain = (
                 None if zarr3 else self._plain_array(z, stored, index) if ocdbt else PlainArray.parse(z, chunk_files(self.path / stored))
             )
+            self._specs[name] = {"driver": driver, "kvstore": _kvstore(self.path, stored, ocdbt)}
             if plain is not None and (plain.chunks[:1] == (1,) or not is_stacked(name)):
                 self._plain[name] = plain
                 self._add_info(name, plain.shape, plain.dtype, nbytes(plain.chunks, plain.dtype))
@@ -219,6 +222,24 @@ class OrbaxReader:
             raise _ts_error(self.path, f"tensor '{name}'", e) from None
         future.force()  # tensorstore futures are lazy: start reading and decoding now
         return out, future
+
+    def read_slice(self, name: str, index: tuple[slice | int, ...]) -> np.ndarray:
+        """`tensor[index]` of one tensor (per-layer name: a slice of that layer), read by tensorstore,
+        which fetches and decodes only the stored chunks the slice touches."""
+        stacked, i = split_layer(name)
+        key = stacked if i is not None else name
+        if self._infos is None:
+            self.infos()
+        if name not in self._infos:
+            raise KeyError(name)
+        arr = self._arrays.get(key)
+        try:
+            if arr is None:
+                arr = self._arrays[key] = self._ts.open(self._specs[key], open=True, read=True, write=False, context=self._ctx).result()
+            src = arr[i] if i is not None else arr
+            return np.asarray(src[index].read().result())
+        except Exception as e:  # noqa: BLE001  (tensorstore maps its status codes to several exception types)
+            raise _ts_error(self.path, f"a slice of tensor '{name}'", e) from None
 
     def _finish(self, name: str, started) -> np.ndarray:
         out, future = started

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import mmap
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -193,6 +195,26 @@ class SafetensorsReader:
             )
         data = fastcopy.mapped([(f.fileno(), self._offsets[name], info.nbytes)])
         return data.view(info.dtype).reshape(info.shape)
+
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as a read-only map of the file whose pages are read only when touched: a
+        slice of it (`view(name)[index]`, copied with np.array) reads that slice's pages alone.
+        Unlike `read`, nothing is read ahead, so each of several processes that hold different
+        slices of a tensor reads only its own."""
+        info = self._infos[name]
+        f = self._files.get(info.file) or self._files.setdefault(info.file, open(info.file, "rb"))  # noqa: SIM115
+        offset, size = self._offsets[name], os.fstat(f.fileno()).st_size
+        if offset + info.nbytes > size:
+            raise _fail(info.file, f"tensor '{name}' is cut short: the file is truncated")
+        if not info.nbytes:
+            return np.empty(info.shape, info.dtype)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(f.fileno(), offset + info.nbytes - start, access=mmap.ACCESS_READ, offset=start)
+        return np.frombuffer(m, info.dtype, math.prod(info.shape), offset - start).reshape(info.shape)
+
+    def read_slice(self, name: str, index: tuple[slice | int, ...]) -> np.ndarray:
+        """`tensor[index]` as a new array, reading only the pages that slice touches (`view`)."""
+        return np.array(self.view(name)[index])
 
     iter_tensors = iter_by_name
 

@@ -23,6 +23,7 @@ metrics.jsonl and metrics.png are vitctl.train.report; the data is vitctl.data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -38,7 +39,7 @@ import numpy as np
 from vitctl import checkpoint as ckpt
 from vitctl.config import load_config
 from vitctl.errors import ConfigError
-from vitctl.train import report
+from vitctl.train import init_from, report
 from vitctl.train import state as tstate
 from vitctl.train.distributed import any_process, mesh_for, process_rows, sync
 from vitctl.train.optim import schedule_change
@@ -100,19 +101,33 @@ def train(
     all stop at the same step when any of them is signalled. `out` must be one directory
     that all processes see (a shared file system).
     """
-    with _StopFlag() as stop:
-        hooks = {"on_log": on_log, "notify": notify or (lambda msg: None), "max_steps_this_run": max_steps_this_run}
+    from vitctl.model_jax.sharding import parse_mesh
+
+    parse_mesh(tcfg.mesh)  # a bad --mesh is refused before the data is loaded
+    with _StopFlag() as stop, _init_source(tcfg, resume) as init:
+        hooks = {"on_log": on_log, "notify": notify or (lambda msg: None), "max_steps_this_run": max_steps_this_run, "init": init}
         return _train(tcfg, Path(out), stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, hooks)
+
+
+@contextlib.contextmanager
+def _init_source(tcfg: TrainConfig, resume: bool):
+    """The --init-from checkpoint, opened (headers only) before anything is written; None for a
+    run from scratch, and for a resumed run (which continues from its own state)."""
+    if not tcfg.init_from or resume:
+        yield None
+        return
+    from vitctl.train.init_from import open_source
+
+    with open_source(tcfg) as ckpt:
+        yield ckpt
 
 
 def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, hooks):
     import jax
 
-    from vitctl.model_jax.sharding import parse_mesh
-
     primary = jax.process_index() == 0
-    parse_mesh(tcfg.mesh)  # a bad --mesh is refused before the data is loaded
-    dataset, test_dataset, loader_cls, prepare_fn = _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn)
+    init = hooks["init"]
+    dataset, test_dataset, loader_cls, prepare_fn = _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn, init)
     start = tstate.latest(out / STATE) if resume else None
     if resume and start is None:
         raise ConfigError(f"--resume: no training state in {out / STATE}", hint="start the run without --resume")
@@ -124,7 +139,10 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
     else:
         ckpt.check_output(out, force)
         _, h, w, _ = dataset.images.shape
-        cfg = model_config(tcfg, max(h, w), dataset.num_classes)
+        if init is not None:
+            cfg = init_from.run_config(tcfg, init.cfg, max(h, w), dataset.num_classes, init.what)
+        else:
+            cfg = model_config(tcfg, max(h, w), dataset.num_classes)
     if cfg.num_classes < dataset.num_classes:
         raise ConfigError(
             f"num_classes {cfg.num_classes} is smaller than the data's {dataset.num_classes} classes",
@@ -136,6 +154,8 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
                   "data": public_source(tcfg.data), "seed": tcfg.seed}  # fmt: skip
     if getattr(dataset, "class_names", None):  # a data set without names (e.g. bare arrays) records none
         provenance["class_names"] = [str(c) for c in dataset.class_names]
+    if init is not None and primary:  # hashing the source's files: process 0 alone, which writes config.json
+        provenance.update(source=public_source(tcfg.init_from), init_from=init_from.provenance(init, tcfg.init_from))
     signum = any_process(stop.signum)
     if signum:  # signalled while loading and checking: nothing written yet
         raise KeyboardInterrupt(f"signal {signum}")
@@ -147,7 +167,7 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
     return _fresh(out, cfg, provenance, lambda: _run(*args))
 
 
-def _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn):
+def _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn, init=None):
     """The run's data, loader class and preprocessing: those given, else vitctl.data's."""
     if dataset is not None and loader_cls is not None and prepare_fn is not None:
         return dataset, test_dataset, loader_cls, prepare_fn
@@ -158,7 +178,7 @@ def _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn):
     loader_cls = loader_cls or Loader
     prepare_fn = prepare_fn or prepare
     if dataset is None:
-        channels = (load_config(out) if resume else base_model(tcfg)).channels
+        channels = (load_config(out) if resume else init.cfg if init is not None else base_model(tcfg)).channels
         split = {"channels": channels, "test_fraction": tcfg.test_fraction, "seed": tcfg.seed}
         dataset = load_dataset(tcfg.data, split="train", **split)
         test_dataset = load_dataset(tcfg.data, split="test", **split)
@@ -206,11 +226,16 @@ def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn,
     if resume:  # restored before anything in `out` changes: a state that cannot be used leaves the run as it was
         state, meta = tstate.restore(out / STATE, start, setup.abstract)
         loader.restore(meta["data"])
+    elif hooks["init"] is not None:
+        params, loaded = init_from.load_into(hooks["init"], cfg, setup.abstract["params"], posemb_resize=tcfg.posemb_resize)
+        for message in loaded.messages if primary else ():
+            hooks["notify"](f"--init-from: {message}")
+        state, start = setup.state_from_params(params, tcfg.seed), 0
     else:
         state = setup.init_state(tcfg.seed)
         start = 0
     if primary:
-        write_train_config(out, tcfg, cfg.to_dict(), hooks.get("schedule_change"))
+        write_train_config(out, tcfg, cfg.to_dict(), hooks.get("schedule_change"), init=provenance.get("init_from"))
         if resume:
             report.truncate_metrics(out / METRICS, start)
     sync("vitctl-train-ready")

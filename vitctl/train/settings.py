@@ -25,7 +25,8 @@ from vitctl.errors import ConfigError
 
 TRAIN_CONFIG = "train_config.json"
 SCHEDULES = ("cosine", "rsqrt")
-OPTIMIZERS = ("adamw", "adafactor")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+POSEMB_RESIZE = ("bilinear", "bicubic")  # vitctl.posemb.RESAMPLE_METHODS (not imported: numpy)
 LOSSES = ("softmax", "sigmoid")
 NAMED_DATA = ("digits", "fashion-mnist")
 HUB_PREFIX = "hf://"
@@ -69,6 +70,15 @@ class TrainConfig:
     dtype: str | None = None  # compute dtype override: float32 | bfloat16
     remat: bool | None = None
     test_fraction: float = 0.2
+    # Fine-tuning (vitctl.train.init_from, vitctl.train.optim).
+    init_from: str | None = None  # a checkpoint vitctl reads (directory, big_vision .npz, hf://org/name[@rev])
+    prefix: str | None = None  # big_vision .npz only: the sub-tree of the ViT (e.g. params/img)
+    posemb_resize: str = "bilinear"  # bilinear (big_vision) or bicubic (timm) for a new patch grid
+    freeze: str = ""  # comma list: all-but-head, or globs on JAX param paths (blocks/*, patch_embed/*)
+    layer_decay: float | None = None  # None: off; else lr scale decay^(L+1-layer id) (BEiT / big_vision)
+    head_lr_mult: float = 1.0  # the head's learning rate, as a multiple of --lr
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -85,7 +95,8 @@ class TrainConfig:
             if not ok:
                 shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:60] + "..."
                 raise ConfigError(f"training config: {f.name} must be {kind}, got {shown}", hint=f"set {f.name} to a single {kind} value")
-        choices = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "loss": LOSSES, "dtype": ("float32", "bfloat16", None)}
+        choices = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "loss": LOSSES, "dtype": ("float32", "bfloat16", None),
+                   "posemb_resize": POSEMB_RESIZE}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} '{getattr(self, name)}'", hint=f"{name} must be one of: {', '.join(map(str, allowed))}")
@@ -104,10 +115,21 @@ class TrainConfig:
             )
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        self._check_fine_tuning()
         if not 0 < self.test_fraction < 1:
             raise ConfigError(
                 f"test_fraction must be in (0, 1), got {self.test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
             )
+
+    def _check_fine_tuning(self) -> None:
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1], got {self.layer_decay}", hint="e.g. --layer-decay 0.75 (BEiT, big_vision)")
+        if self.head_lr_mult < 0:
+            raise ConfigError(f"head_lr_mult must be 0 or more, got {self.head_lr_mult}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}", hint="e.g. --momentum 0.9")
+        if self.prefix is not None and self.init_from is None:
+            raise ConfigError("--prefix names the ViT inside a big_vision .npz given by --init-from", hint="pass --init-from FILE.npz")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "training config") -> TrainConfig:
@@ -179,16 +201,26 @@ def public_source(spec: str) -> str:
 CHANGES = "schedule_changes"  # train_config.json: every schedule change of a resumed run, in order
 
 
-def write_train_config(out: Path, tcfg: TrainConfig, model_config: dict[str, Any], change: dict[str, Any] | None = None) -> None:
-    """OUT/train_config.json: the run's settings, its model config, and the schedule changes of its resumptions."""
+INIT_SOURCE = "init_source"  # train_config.json: the resolved --init-from source (public name, revision, sha256, format)
+
+
+def write_train_config(
+    out: Path, tcfg: TrainConfig, model_config: dict[str, Any], change: dict[str, Any] | None = None, init: dict[str, Any] | None = None
+) -> None:
+    """OUT/train_config.json: the run's settings, its model config, the source it was initialised
+    from (kept across resumptions) and the schedule changes of its resumptions."""
     from vitctl import checkpoint as ckpt
     from vitctl.untrusted import read_json
 
     path = Path(out) / TRAIN_CONFIG
-    changes = read_json(path, ConfigError).get(CHANGES, []) if path.is_file() else []
+    stored = read_json(path, ConfigError) if path.is_file() else {}
+    changes = stored.get(CHANGES, [])
     if change is not None:
         changes = [*changes, {k: v for k, v in change.items() if k != "message"}]
     record = {**dataclasses.asdict(tcfg), "model_config": model_config}
+    init = init if init is not None else stored.get(INIT_SOURCE)
+    if init is not None:
+        record[INIT_SOURCE] = ckpt.public_provenance(init)
     ckpt.write_json(path, {**record, CHANGES: changes} if changes else record)
 
 
@@ -206,18 +238,20 @@ def base_model(tcfg: TrainConfig) -> ViTConfig:
     path = Path(tcfg.model)
     if path.is_dir() and (path / layout.CONFIG).is_file():
         raise ConfigError(
-            f"--model {tcfg.model} is a checkpoint directory; vitctl train cannot start from its weights yet "
-            "(fine-tuning comes with --init-from), and taking only its config would train from scratch",
-            hint=f"to train its architecture from scratch, pass its config: --model {path / layout.CONFIG}",
+            f"--model {tcfg.model} is a checkpoint directory; taking only its config would train from scratch",
+            hint=f"to fine-tune its weights: --init-from {tcfg.model}; to train its architecture from scratch: --model {path / layout.CONFIG}",
         )
     if path.exists():
         return load_config(tcfg.model)
     return ViTConfig.from_variant(tcfg.model)  # raises, naming close presets
 
 
-def model_config(tcfg: TrainConfig, image_hw: int, num_classes: int, channels: int | None = None) -> ViTConfig:
-    """The ViTConfig of a run: preset or JSON, with image size and classes from the data unless set."""
-    cfg = base_model(tcfg)
+def model_config(
+    tcfg: TrainConfig, image_hw: int, num_classes: int, channels: int | None = None, base: ViTConfig | None = None
+) -> ViTConfig:
+    """The ViTConfig of a run: `base` (a fine-tuning run: its source's), else the preset or JSON, with
+    image size and classes from the data unless set."""
+    cfg = base or base_model(tcfg)
     p = cfg.patch_size
     size = tcfg.image_size or p * math.ceil(max(image_hw, 16) / p)
     over = {"image_size": size, "num_classes": tcfg.num_classes or num_classes}

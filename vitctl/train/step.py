@@ -36,8 +36,11 @@ def _opt_sharding(path, x, specs, shapes, mesh):
     from jax.sharding import NamedSharding, PartitionSpec
 
     repl = NamedSharding(mesh, PartitionSpec())
-    name = "/".join(n for n, k in zip(_names(path), path) if isinstance(k, jax.tree_util.DictKey))
-    if name not in specs:
+    keys = [n for n, k in zip(_names(path), path) if isinstance(k, jax.tree_util.DictKey)]
+    # The parameter path is the end of the leaf's dict keys (a frozen run's state sits under the
+    # multi_transform label, "train/blocks/q/kernel").
+    name = next(("/".join(keys[i:]) for i in range(len(keys)) if "/".join(keys[i:]) in specs), None)
+    if name is None:
         return repl
     spec, shape = tuple(specs[name]), shapes[name]
     if x.shape == shape:
@@ -75,9 +78,7 @@ class Setup:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(abs_state), self.param_shardings
         )
         self.lr_fn = optim.schedule(tcfg.lr, tcfg.steps, tcfg.warmup, tcfg.schedule, tcfg.cooldown)
-        self.tx = optim.make_optimizer(
-            self.lr_fn, tcfg.optimizer, tcfg.weight_decay, tcfg.head_weight_decay, tcfg.clip_norm, tcfg.b1, tcfg.b2
-        )
+        self.tx = optim.optimizer_for(tcfg, self.lr_fn, list(specs), cfg.depth)
         repl = NamedSharding(mesh, PartitionSpec())
         shapes = {n: x.shape for n, x in layout.flatten(abs_params).items()}
         abs_opt = jax.eval_shape(self.tx.init, abs_params)
@@ -147,10 +148,16 @@ class Setup:
             self._init = (
                 seed,
                 jax.jit(init, out_shardings=self.param_shardings),
-                jax.jit(self.tx.init, out_shardings=self.shardings["opt"]),
             )
-        params = self._init[1]()
-        opt = self._init[2](params)
+        return self.state_from_params(self._init[1](), seed)
+
+    def state_from_params(self, params, seed: int):
+        """A step-0 training state around `params` (sharded as self.param_shardings): fresh optimizer state."""
+        import jax
+
+        if getattr(self, "_opt_init", None) is None:
+            self._opt_init = jax.jit(self.tx.init, out_shardings=self.shardings["opt"])
+        opt = self._opt_init(params)
         rng = jax.random.key_data(jax.random.key(seed))
         return {
             "params": params,
@@ -171,7 +178,7 @@ class Setup:
 _SETUPS: dict[Any, Setup] = {}
 # Fields that do not change the compiled functions: runs differing only in these share a Setup.
 _NOT_COMPILED = {"model": "", "data": "", "seed": 0, "save_every": 0, "keep": 1, "stats_every": 0, "eval_every": 0, "log_every": 1,
-                 "test_fraction": 0.2}  # fmt: skip
+                 "test_fraction": 0.2, "init_from": None, "prefix": None, "posemb_resize": "bilinear"}  # fmt: skip
 
 
 def get_setup(cfg: ViTConfig, tcfg: TrainConfig, mesh) -> Setup:
