@@ -41,11 +41,12 @@ from vitctl.formats import layout
 from vitctl.formats.base import CheckpointRoot, Reader, TensorInfo
 from vitctl.formats.orbax import OrbaxReader
 from vitctl.formats.safetensors import INDEX, SAFETENSORS, SafetensorsReader
-from vitctl.params import check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
+from vitctl.params import MAX_TENSORS, check_count, check_coverage, jax_param_shapes, rename, torch_param_shapes
+from vitctl.untrusted import read_json
 
-JAX, TORCH, TIMM, BIG_VISION = layout.JAX, layout.TORCH, layout.TIMM, "big_vision"
-FORMATS = (TIMM, JAX, TORCH, BIG_VISION)  # detection preference: a timm export is timm even beside params/
-BACKENDS = {TORCH: "torch", TIMM: "timm"}  # the model each format runs on; the rest run the JAX model
+JAX, TORCH, TIMM, HF, BIG_VISION = layout.JAX, layout.TORCH, layout.TIMM, layout.HF, "big_vision"
+FORMATS = (TIMM, HF, JAX, TORCH, BIG_VISION)  # detection preference: a timm export is timm even beside params/
+BACKENDS = {TORCH: "torch", TIMM: "timm", HF: "torch"}  # the model each format runs on; the rest run the JAX model
 
 
 def locate(where: str | os.PathLike, *, fetch: str = "all", must_exist: bool = False) -> Path:
@@ -65,6 +66,14 @@ def read_config(path: Path) -> tuple[ViTConfig, list[str]]:
 
         plan = big_vision.plan(path)
         return plan.cfg, list(plan.notes)
+    fmt = next((f for f in formats_in(path) if f in (TIMM, HF)), None)
+    if fmt is not None and not _has_vitctl_model(path):
+        reader = SafetensorsReader(path)
+        try:
+            cfg, _, notes, _ = _foreign(path, fmt, reader, None)
+        finally:
+            reader.close()
+        return cfg, notes
     return layout.read_checkpoint_config(path), []
 
 
@@ -119,6 +128,10 @@ class Checkpoint:
         check_count(self.reader.count(), self.cfg, self.what)  # before any per-layer name is listed
         self.infos: dict[str, TensorInfo] = self.reader.infos()  # in the reader's naming
         self._covered = False
+        # Set to a list to record every slice read: (per-layer JAX name, index, bytes).
+        self.read_log: list[tuple[str, tuple, int]] | None = None
+        self._views: dict[str, np.ndarray] | None = None  # timm: torch name -> mapped view (fused tensors split)
+        self._whole: dict[str, np.ndarray] | None = None  # formats without slice reads: every parameter, read once
 
     @property
     def what(self) -> str:
@@ -152,7 +165,17 @@ class Checkpoint:
         check_coverage(got, expected, self.what)
         self._covered = True
 
+    @functools.cached_property
+    def _timm_owner(self) -> dict[str, str]:
+        """timm: vitctl torch name -> the stored timm tensor it is a part of."""
+        from vitctl.convert import timm
+
+        return {s: t.name for t in timm.timm_tensor_plan(self.cfg) for s in t.sources}
+
     def info(self, hub_name: str) -> TensorInfo:
+        if self.format == TIMM:  # a part of a fused tensor: the stored tensor's dtype and file, the part's shape
+            stored = self.infos[self._timm_owner[self._names[hub_name]]]
+            return dataclasses.replace(stored, shape=self.hub_shapes[hub_name], chunk_bytes=max(stored.nbytes, stored.chunk_bytes))
         return self.infos[self._names[hub_name]]
 
     def iter_hub(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -188,6 +211,46 @@ class Checkpoint:
     def params(self) -> dict[str, np.ndarray]:
         """Every parameter under per-layer JAX names, read whole."""
         return dict(self.iter_hub())
+
+    def read_slice(self, hub_name: str, index: tuple = ()) -> np.ndarray:
+        """`param[index]` of one parameter (per-layer JAX name, JAX layout and shape), reading
+        only that slice where the format allows.
+
+        safetensors (vitctl-torch, timm): a slice of the file's map (pages read only when
+        touched), re-laid out by the parameter's Layout.to_jax (transposes and reshapes, so
+        views) and timm's fused tensors split by rows (views too). Orbax: tensorstore reads
+        the stored chunks the slice touches. Other sources (a big_vision .npz, whose members
+        are read in archive order) are read whole once, then sliced.
+        """
+        index = tuple(index)
+        if hub_name not in self.hub_shapes:
+            raise KeyError(hub_name)
+        self.check_coverage()
+        if self.reader.naming == "jax" and hasattr(self.reader, "read_slice"):
+            out = self.reader.read_slice(hub_name, index)
+        elif self.format in (TORCH, TIMM) and hasattr(self.reader, "view"):
+            out = np.array(self.jax_view(hub_name)[index])
+        else:
+            if self._whole is None:
+                self._whole = self.params()
+            out = np.array(self._whole[hub_name][index])
+        if self.read_log is not None:
+            self.read_log.append((hub_name, index, out.nbytes))
+        return out
+
+    def jax_view(self, hub_name: str) -> np.ndarray:
+        """One parameter of a safetensors checkpoint in JAX layout, as a view of the mapped file (no data read)."""
+        if self.format == TIMM:
+            if self._views is None:
+                from vitctl.convert import timm
+
+                self._views = timm.from_timm_state_dict({n: self.reader.view(n) for n in self.infos}, self.cfg)
+            name = self._names[hub_name]
+            w = self._views[name]
+        else:
+            name = self._names[hub_name]
+            w = self.reader.view(name)
+        return rename(name, "torch")[1].to_jax(w, self.hub_shapes[hub_name])
 
     def files(self) -> list[Path]:
         """The files whose bytes define the checkpoint's function: config.json and its weight
@@ -252,10 +315,55 @@ def open_checkpoint(
         raise ConfigError("--prefix applies to big_vision .npz sources only")
     if (path / layout.CONFIG).exists():
         CheckpointRoot(path).check(path / layout.CONFIG)
+    if fmt in (TIMM, HF):
+        raw = SafetensorsReader(path)
+        return _opened(raw, lambda: Checkpoint(fmt, path, *_foreign(path, fmt, raw, model)))
     cfg = model or layout.read_checkpoint_config(path)
     reader = OrbaxReader(path / layout.PARAMS) if fmt == JAX else SafetensorsReader(path)
     provenance = layout.read_provenance(path) if (path / layout.CONFIG).is_file() else {}
     return _opened(reader, lambda: Checkpoint(fmt, path, cfg, reader, [], provenance))
+
+
+def _has_vitctl_model(path: Path) -> bool:
+    """Whether config.json carries vitctl's own model config (a vitctl export), beside another library's keys."""
+    with contextlib.suppress(VitctlError, OSError):
+        return isinstance(read_json(path / layout.CONFIG, ConfigError).get("model"), dict)
+    return False
+
+
+def _foreign(path: Path, fmt: str, raw: SafetensorsReader, model: ViTConfig | None) -> tuple[ViTConfig, Reader, list[str], dict[str, Any]]:
+    """(config, reader, notes, provenance) of a timm or Hugging Face directory.
+
+    timm: vitctl's own export keeps its model config (config.json's `model`); any other is rebuilt
+    from timm's keys and the tensors' shapes (vitctl.convert.timm_import). Its names and shapes are
+    checked against the export table here, its fixed parts as they are read. HF: config.json's keys
+    and the classifier's rows, read through HfReader under vitctl's torch names."""
+    from vitctl.convert import hf, timm, timm_import
+
+    hub = read_json(path / layout.CONFIG, ConfigError)
+    if raw.count() > MAX_TENSORS:
+        raise CheckpointError(
+            f"{path} holds {raw.count():,} tensors; vitctl reads at most {MAX_TENSORS:,}", hint="no ViT has that many tensors"
+        )
+    shapes = {n: i.shape for n, i in raw.infos().items()}
+    provenance = layout.read_provenance(path) if fmt == TIMM and _has_vitctl_model(path) else {"source_format": fmt}
+    if fmt == TIMM:
+        if model is None and _has_vitctl_model(path):
+            cfg, notes = layout.read_checkpoint_config(path), []
+        else:
+            cfg, notes = timm_import.timm_config(hub, shapes) if model is None else (model, [])
+            provenance["class_names"] = timm_import.class_names(hub, cfg.num_classes)
+        check_count(raw.count(), cfg, f"{path} (timm)")
+        check_coverage(shapes, timm.timm_param_shapes(cfg), f"{path} (timm)")
+        return cfg, raw, notes, provenance
+    prefix = hf.PREFIX if any(n.startswith(hf.PREFIX) for n in shapes) else ""
+    head = shapes.get("classifier.weight", (0,))
+    pre = path / layout.PREPROCESSOR
+    preprocessor = read_json(CheckpointRoot(path).check(pre), ConfigError) if pre.is_file() else None
+    cfg, notes = hf.hf_config(hub, preprocessor, head[0]) if model is None else (model, [])
+    provenance["class_names"] = hf.class_names(hub, cfg.num_classes)
+    reader = HfReader(raw, cfg, prefix)
+    return cfg, reader, notes + reader.notes, provenance
 
 
 def _opened(reader, make) -> Checkpoint:
@@ -265,6 +373,45 @@ def _opened(reader, make) -> Checkpoint:
     except BaseException:
         reader.close()
         raise
+
+
+class HfReader:
+    """A Hugging Face ViT's safetensors under vitctl's torch names (the layouts are the same: a rename,
+    vitctl.convert.hf). ViTModel's pooler (dense + tanh) is no part of vitctl's model: left out, noted."""
+
+    naming = "torch"
+
+    def __init__(self, raw: SafetensorsReader, cfg: ViTConfig, prefix: str):
+        from vitctl.convert import hf
+
+        self.raw, self.path = raw, raw.path
+        stored = raw.infos()
+        self.notes = [f"ViTModel's pooler ({', '.join(hf.POOLER)}: dense + tanh) is not part of vitctl's model: left out"] * any(
+            n in stored for n in hf.POOLER
+        )
+        check_count(len(stored), cfg, f"{raw.path} (Hugging Face ViT)")
+        self._names = {n: hf.hf_name(n, prefix) for n in torch_param_shapes(cfg)}  # vitctl torch name -> HF name
+        expected = {self._names[n]: s for n, s in torch_param_shapes(cfg).items()}
+        check_coverage({n: i.shape for n, i in stored.items() if n not in hf.POOLER}, expected, f"{raw.path} (Hugging Face ViT)")
+        self._infos = {n: dataclasses.replace(stored[h], name=n) for n, h in self._names.items()}
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def count(self) -> int:
+        return len(self._infos)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.raw.read(self._names[name])
+
+    def view(self, name: str) -> np.ndarray:
+        return self.raw.view(self._names[name])
+
+    def iter_tensors(self, names: Sequence[str]) -> Iterator[tuple[str, np.ndarray]]:
+        yield from ((n, self.raw.read(self._names[n])) for n in names)
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 class BigVisionReader:
