@@ -182,3 +182,54 @@ def test_fine_tune_starts_at_the_source_models_loss(sources, tmp_path):
     # Resuming continues from the run's own state: the init weights are not read again.
     r = train(dataclasses.replace(tcfg, steps=3), out, resume=True, dataset=dataset, loader_cls=standin.Loader, prepare_fn=standin.prepare)
     assert r["steps"] == 3 and json.loads((out / "train_config.json").read_text())["init_source"] == init
+
+
+def run_cli(capsys, *args):
+    from vitctl.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return e.value.code or 0, out, " ".join(err.split())
+
+
+def test_refusals_through_the_cli(sources, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    jax_src, out = sources["vitctl-jax"][0], tmp_path / "run"
+    base = ["train", "--data", "digits", "--steps", "1", "--batch-size", "8", "--out", out]
+
+    code, _, err = run_cli(capsys, *base, "--init-from", tmp_path / "nowhere")
+    assert code == 2 and "--init-from: no such file or directory" in err and not out.exists()
+
+    wide = tmp_path / "wide.json"
+    wide.write_text(dataclasses.replace(MODEL, width=64, num_heads=4).to_json())
+    code, _, err = run_cli(capsys, *base, "--init-from", jax_src, "--model", wide)
+    assert code == 2 and "width: --model 64, checkpoint 48" in err and "leave --model out" in err and not out.exists()
+
+    holed = tmp_path / "holed"  # a torch checkpoint with one tensor missing
+    convert(jax_src, holed)
+    state = load_file(holed / "model.safetensors")
+    del state["blocks.1.q.weight"]
+    save_file(state, holed / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli(capsys, *base, "--init-from", holed)
+    assert code != 0 and "blocks.1.q.weight" in err and "missing" in err and not out.exists()
+
+    odd = tmp_path / "odd"  # an unknown pooling in the checkpoint's config
+    shutil.copytree(jax_src, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config["model"]["pool"] = "avg"
+    (odd / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, *base, "--init-from", odd)
+    assert code == 2 and "avg" in err and not out.exists()
+
+    resumed = tmp_path / "resumed"  # a run that started from another source
+    resumed.mkdir()
+    (resumed / "train_config.json").write_text(json.dumps(dataclasses.asdict(TrainConfig(init_from="other"))))
+    code, _, err = run_cli(capsys, "train", "--out", resumed, "--resume", "--init-from", jax_src)
+    assert code == 2 and "with --resume: the run in" in err and "it started from other" in err
+    assert sorted(p.name for p in resumed.iterdir()) == ["train_config.json"]
