@@ -37,6 +37,7 @@ commands = typer.Typer(
 class TargetFormat(str, enum.Enum):
     vitctl = "vitctl"
     timm = "timm"
+    hf = "hf"
 
 
 class Dtype(str, enum.Enum):
@@ -49,6 +50,8 @@ class SourceFormat(str, enum.Enum):
     jax = "vitctl-jax"
     torch = "vitctl-torch"
     big_vision = "big_vision"
+    timm = "timm"
+    hf = "hf"
 
 
 SrcArg = Annotated[
@@ -85,12 +88,16 @@ JAX_TO_TORCH_EXAMPLES = """Examples:
   vitctl convert jax-to-torch ckpt/22b ckpt/22b-pt --dtype bfloat16 --max-shard-size 5GB --json
 
   vitctl convert jax-to-torch ViT-B_16.npz ckpt/b16-timm --format timm --dry-run
+
+  vitctl convert jax-to-torch ckpt/b16-jax ckpt/b16-hf --format hf
 """
 TORCH_TO_JAX_EXAMPLES = """Examples:
 
   vitctl convert torch-to-jax ckpt/ti-pt ckpt/ti-jax
 
   vitctl convert torch-to-jax ckpt/22b-pt ckpt/22b-jax --dtype float32 --force
+
+  vitctl convert torch-to-jax hf://google/vit-base-patch16-224 ckpt/b16-jax
 """
 
 
@@ -165,7 +172,8 @@ def jax_to_torch(
         TargetFormat,
         typer.Option(
             "--format",
-            help="vitctl: model.safetensors (or shards) + config.json; timm: loads into timm's ViT (the create_model call is printed).",
+            help="vitctl: model.safetensors (or shards) + config.json; timm: loads into timm's ViT (the create_model call is printed); "
+            "hf: Hugging Face transformers' ViTForImageClassification (sequential, LayerNorm, class token configs).",
         ),
     ] = TargetFormat.vitctl,
     dtype: DtypeOpt = Dtype.keep,
@@ -194,6 +202,6 @@ def torch_to_jax(
     dry_run: DryRunOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Convert a PyTorch checkpoint (model.safetensors or shards) to a JAX checkpoint (Orbax params/)."""
+    """Convert a PyTorch checkpoint (vitctl's, timm's or Hugging Face transformers' ViT safetensors) to a JAX checkpoint (Orbax params/)."""
     _convert("torch-to-jax", src, dst, fmt=fmt.value, dtype=dtype, max_shard_size=None, source_format=source_format,
              model=model, prefix=None, force=force, dry_run=dry_run, json=json)  # fmt: skip

@@ -59,7 +59,7 @@ from vitctl.formats import fastcopy, layout
 from vitctl.formats.base import Writer, parse_size
 from vitctl.formats.orbax import OrbaxWriter
 from vitctl.formats.safetensors import INDEX, SafetensorsWriter, plan_shards, shard_names
-from vitctl.open import BIG_VISION, JAX, TIMM, TORCH, Checkpoint, detect, locate, open_checkpoint
+from vitctl.open import BIG_VISION, HF, JAX, TIMM, TORCH, Checkpoint, detect, locate, open_checkpoint
 from vitctl.params import jax_param_shapes, rename, torch_param_shapes
 from vitctl.untrusted import sigterm_as_interrupt
 
@@ -86,8 +86,8 @@ class Direction:
 
 
 DIRECTIONS = {
-    "jax-to-torch": Direction((JAX, BIG_VISION), {"vitctl": TORCH, "timm": TIMM}, "jax", "torch-to-jax"),
-    "torch-to-jax": Direction((TORCH,), {"vitctl": JAX}, "torch", "jax-to-torch"),
+    "jax-to-torch": Direction((JAX, BIG_VISION), {"vitctl": TORCH, "timm": TIMM, "hf": HF}, "jax", "torch-to-jax"),
+    "torch-to-jax": Direction((TORCH, TIMM, HF), {"vitctl": JAX}, "torch", "jax-to-torch"),
 }
 
 
@@ -118,6 +118,12 @@ def _hub_to_timm(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -> Ite
     yield from timm.iter_timm_tensors(_hub_to_torch(items, cfg), cfg, stacks=True)  # fused tensors: written part by part
 
 
+def _hub_to_hf(items: Iterable[tuple[str, np.ndarray]], cfg: ViTConfig) -> Iterator[tuple[str, np.ndarray]]:
+    from vitctl.convert import hf
+
+    yield from ((hf.hf_name(n, hf.PREFIX), w) for n, w in _hub_to_torch(items, cfg))
+
+
 def _jax_tensors(cfg: ViTConfig) -> list[TargetTensor]:
     return [TargetTensor(n, s, (n,)) for n, s in jax_param_shapes(cfg, stacked=False).items()]
 
@@ -133,6 +139,13 @@ def _timm_tensors(cfg: ViTConfig) -> list[TargetTensor]:
     return [TargetTensor(t.name, tuple(t.shape), tuple(rename(s, "torch")[0] for s in t.sources)) for t in timm.timm_tensor_plan(cfg)]
 
 
+def _hf_tensors(cfg: ViTConfig) -> list[TargetTensor]:
+    from vitctl.convert import hf
+
+    hf.check_expressible(cfg)
+    return [TargetTensor(hf.hf_name(t.name, hf.PREFIX), t.shape, t.sources) for t in _torch_tensors(cfg)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     format: str
@@ -145,6 +158,7 @@ TARGETS = {
     JAX: Target(JAX, _jax_tensors, _identity, sharded=False),
     TORCH: Target(TORCH, _torch_tensors, _hub_to_torch, sharded=True),
     TIMM: Target(TIMM, _timm_tensors, _hub_to_timm, sharded=False),  # timm reads one model.safetensors
+    HF: Target(HF, _hf_tensors, _hub_to_hf, sharded=True),
 }
 
 
@@ -298,7 +312,7 @@ def _target_files(target: Target, specs: list[tuple[str, tuple[int, ...], np.dty
     if target.format == JAX:
         return [layout.PARAMS + "/"]
     shards = plan_shards([(n, math.prod(s) * d.itemsize) for n, s, d in specs], max_bytes)
-    return shard_names(len(shards)) + ([INDEX] if len(shards) > 1 else [])
+    return shard_names(len(shards)) + ([INDEX] if len(shards) > 1 else []) + ([layout.PREPROCESSOR] if target.format == HF else [])
 
 
 def _current_peak_rss() -> int:
@@ -370,8 +384,24 @@ def _write_config(plan: Plan, tmp: Path) -> None:
     if plan.target.format == TIMM:  # timm's create_model("local-dir:DST") reads its own keys; vitctl's ride along
         from vitctl.convert import timm
 
-        head = timm.timm_hub_config(plan.cfg, plan.source.provenance.get("class_names"))
+        head = timm.timm_hub_config(plan.cfg, _class_names(plan.source.provenance))
+    if plan.target.format == HF:  # transformers reads its own keys (vitctl's ride along) and its image processor's file
+        from vitctl.convert import hf
+
+        head = hf.hf_hub_config(plan.cfg, _class_names(plan.source.provenance))
+        ckpt.write_json(tmp / layout.PREPROCESSOR, hf.preprocessor_config(plan.cfg))
     ckpt.write_config(tmp, plan.cfg, provenance, head)  # local paths in provenance become public names there
+
+
+def _class_names(provenance: Any) -> Any:
+    """The first class names recorded along the checkpoint's lineage (its provenance, then its source's)."""
+    for _ in range(16):  # lineages are short; a hostile config.json may nest deeper
+        if not isinstance(provenance, dict):
+            return None
+        if provenance.get("class_names") is not None:
+            return provenance["class_names"]
+        provenance = provenance.get("source_provenance")
+    return None
 
 
 def convert(

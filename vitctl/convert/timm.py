@@ -12,21 +12,27 @@ numpy only: timm is needed to use the result, not to make it. Three pieces:
 
 How each vitctl config field maps onto timm 1.0 (models/vision_transformer.py):
 - block "sequential" -> timm `Block` (norm1, attn.qkv fused, attn.proj, norm2, mlp.fc1/fc2).
-  block "parallel" -> `ParallelScalingBlock`: `y = x + attn_out_proj(Attn(N(x))) +
-  mlp_out_proj(act(MLP_in(N(x))))` with one `in_norm`, q_norm/k_norm over head_dim, no layer
-  scale, separate out-projection biases: our parallel block exactly. Its fused `in_proj` splits
+  block "parallel" -> `ParallelScalingBlock`: `y = x + ls(attn_out_proj(Attn(N(x))) +
+  mlp_out_proj(act(MLP_in(N(x)))))` with one `in_norm`, q_norm/k_norm over head_dim,
+  separate out-projection biases: our parallel block exactly. Its fused `in_proj` splits
   as [mlp_hidden, q, k, v] (the MLP first), and its MLP-in bias is `mlp_bias` without a QKV
   bias, else the first F entries of `in_proj.bias`. `block_fn` is a class, not JSON, so the
   block is chosen by the registered model name (vit_base_patch16_224 / vit_base_patch16_xp_224);
   every default those names set is overridden by explicit kwargs.
+- layer_scale -> init_values: `Block`'s ls1/ls2 are our ls_attn/ls_mlp; `ParallelScalingBlock`
+  has one `ls` on the sum of both branches, so ls_attn and ls_mlp must be equal (checked as
+  they stream; reading gives both the one vector).
 - norm -> norm_layer "layernormfp32" / "rmsnormfp32": computed in float32 and cast back, as
   vitctl's `Norm`; a norm named by string has timm's eps 1e-6. timm's LayerNorm always has a
   bias (zeros when norm_bias is off); its RmsNorm never has one.
-- pool tok/gap/map/none -> global_pool token/avg/map/"" with fc_norm=False: the final norm comes
-  before pooling, as in big_vision. pool "none" gives per-token logits on both sides.
-- pos_embed covers the patches only (the class token gets none) -> no_embed_class=True;
-  class_token only for pool "tok". posemb "sincos2d" -> a learned pos_embed holding the fixed
-  table: the same function.
+- pool tok/gap/map/none -> global_pool token/avg/map/"", fc_norm -> fc_norm (timm's `fc_norm`
+  tensor is our `norm`, applied after pooling; else timm's `norm`, before it, as big_vision).
+  pool "none" gives per-token logits on both sides.
+- class_posemb -> no_embed_class False (the class token's row comes first in pos_embed); else
+  pos_embed covers the patches only -> no_embed_class True. class_token only for pool "tok".
+  posemb "sincos2d" -> a learned pos_embed holding the fixed table: the same function.
+- norm_pre -> pre_norm: timm's `norm_pre`. timm then builds its patch embedding without a bias,
+  so ours is folded into the patch rows of pos_embed: (conv + b) + pos = conv + (pos + b).
 - MAP head -> `AttentionPoolLatent` (latent, q, kv = [k; v], proj, norm, mlp). Its q/kv/proj
   and MLP biases always exist: zeros where vitctl has none.
 - attn_out_bias / mlp_bias -> timm's one switch `proj_bias` (either on); the other is zeros.
@@ -148,10 +154,11 @@ def timm_spec(cfg: ViTConfig) -> dict[str, Any]:
         "qk_norm": cfg.qk_norm,
         "proj_bias": cfg.attn_out_bias or cfg.mlp_bias,
         "class_token": cfg.pool == "tok",
-        "no_embed_class": True,
+        "no_embed_class": not cfg.class_posemb,
         "global_pool": TIMM_POOL[cfg.pool],
-        "fc_norm": False,
-        "pre_norm": False,
+        "fc_norm": cfg.fc_norm,
+        "pre_norm": cfg.norm_pre,
+        "init_values": cfg.layer_scale or None,
         "norm_layer": TIMM_NORM[cfg.norm],
         "act_layer": TIMM_ACT[cfg.gelu_approximate],
         "pretrained_cfg_overlay": {**timm_data_config(cfg), "num_classes": cfg.num_classes, "hf_hub_id": "", "url": ""},
@@ -167,6 +174,9 @@ def timm_hub_config(cfg: ViTConfig, class_names: Any = None) -> dict[str, Any]:
     spec = timm_spec(cfg)
     kwargs = dict(spec["kwargs"])
     overlay = kwargs.pop("pretrained_cfg_overlay")
+    # The class count lives at the top (timm reads it there); transformers' TimmWrapper passes
+    # num_classes itself beside model_args, so a second one there would be a duplicate argument.
+    kwargs.pop("num_classes")
     pretrained_cfg = {
         **{k: v for k, v in overlay.items() if k not in ("hf_hub_id", "url")},
         "architecture": spec["model_name"],
@@ -205,9 +215,14 @@ def load_calls(cfg: ViTConfig, dst: str | Path) -> dict[str, Any]:
 # --- The tensor table -----------------------------------------------------------------------------
 
 
+CAT, FOLD, TIE = "cat", "fold", "tie"  # how a timm tensor is made of its parts
+
+
 @dataclasses.dataclass(frozen=True)
 class TimmRule:
-    """One timm tensor: vitctl torch tensors concatenated along axis 0 (one part: a rename).
+    """One timm tensor made of vitctl torch tensors (one part: a rename). `combine`:
+    cat: concatenated along axis 0. fold: the first part (pos_embed) plus the second (the patch
+    bias) on its patch rows. tie: every part holds the same values, stored once.
 
     It exists when every condition named in `when` holds. A part the vitctl model lacks (a bias it
     has turned off, the fixed sin-cos table) is filled: `FILLS`, else zeros. `{i}`: block index.
@@ -216,6 +231,7 @@ class TimmRule:
     timm: str
     parts: tuple[str, ...]
     when: tuple[str, ...] = ()
+    combine: str = CAT
 
 
 # The parameter table's switches (vitctl.params.WHEN), and timm's own.
@@ -224,6 +240,9 @@ WHEN: dict[str, Callable[[ViTConfig], bool]] = {
     "layernorm": lambda c: c.norm == "layernorm",  # timm's LayerNorm always has a bias, RmsNorm never
     "no_qkv_bias": lambda c: not c.qkv_bias,  # ParallelScalingBlock keeps `mlp_bias` apart only then
     "proj_bias": lambda c: c.attn_out_bias or c.mlp_bias,  # timm's one switch for attn-out and MLP biases
+    "patch_bias": lambda c: not c.norm_pre,  # timm's pre_norm drops the patch-embedding bias
+    "norm_before_pool": lambda c: not c.fc_norm,  # timm's `norm`
+    "norm_after_pool": lambda c: c.fc_norm,  # timm's `fc_norm`
 }
 FILLS: dict[str, Callable[[ViTConfig], np.ndarray]] = {
     "pos_embed": lambda c: posemb_sincos_2d(c.grid, c.grid, c.width),  # posemb sincos2d: the fixed table
@@ -244,9 +263,11 @@ def _each(prefix: str, names: str | tuple[str, ...], leaf: str) -> tuple[str, ..
 
 EMBED_RULES: tuple[TimmRule, ...] = (
     TimmRule("cls_token", ("cls_token",), ("tok",)),
-    TimmRule("pos_embed", ("pos_embed",)),
+    TimmRule("pos_embed", ("pos_embed",), ("patch_bias",)),
+    TimmRule("pos_embed", ("pos_embed", "patch_embed.proj.bias"), ("norm_pre",), FOLD),
     TimmRule("patch_embed.proj.weight", ("patch_embed.proj.weight",)),  # (D, C, P, P): timm's conv, our reshape
-    TimmRule("patch_embed.proj.bias", ("patch_embed.proj.bias",)),
+    TimmRule("patch_embed.proj.bias", ("patch_embed.proj.bias",), ("patch_bias",)),
+    *_norm("norm_pre", "norm_pre", "norm_pre"),
 )
 _B = "blocks.{i}."
 BLOCK_RULES: dict[str, tuple[TimmRule, ...]] = {
@@ -259,9 +280,11 @@ BLOCK_RULES: dict[str, tuple[TimmRule, ...]] = {
         *_norm(_B + "attn.q_norm", _B + "q_norm", "qk_norm"),
         *_norm(_B + "attn.k_norm", _B + "k_norm", "qk_norm"),
         *_dense(_B + "attn.proj", _B + "attn_out", bias=("proj_bias",)),
+        TimmRule(_B + "ls1.gamma", (_B + "ls_attn.weight",), ("layer_scale",)),
         *_norm(_B + "norm2", _B + "mlp_norm"),
         *_dense(_B + "mlp.fc1", _B + "mlp_in", bias=("proj_bias",)),
         *_dense(_B + "mlp.fc2", _B + "mlp_out", bias=("proj_bias",)),
+        TimmRule(_B + "ls2.gamma", (_B + "ls_mlp.weight",), ("layer_scale",)),
     ),
     # timm ParallelScalingBlock: in_proj (F + 3NK, D) splits as [mlp_in; q; k; v].
     "parallel": (
@@ -273,11 +296,12 @@ BLOCK_RULES: dict[str, tuple[TimmRule, ...]] = {
         *_norm(_B + "k_norm", _B + "k_norm", "qk_norm"),
         *_dense(_B + "attn_out_proj", _B + "attn_out", bias=("proj_bias",)),
         *_dense(_B + "mlp_out_proj", _B + "mlp_out", bias=("proj_bias",)),
+        TimmRule(_B + "ls.gamma", (_B + "ls_attn.weight", _B + "ls_mlp.weight"), ("layer_scale",), TIE),
     ),
 }
 _M = "map_head."
 HEAD_RULES: tuple[TimmRule, ...] = (
-    *_norm("norm", "norm"),
+    *_norm("norm", "norm", "norm_before_pool"),
     # AttentionPoolLatent: q(latent) attends over kv(x) = [k; v]; every bias always present.
     TimmRule("attn_pool.latent", (_M + "probe",), ("map",)),
     *_dense("attn_pool.q", _M + "q", "map"),
@@ -287,6 +311,7 @@ HEAD_RULES: tuple[TimmRule, ...] = (
     *_norm("attn_pool.norm", _M + "norm", "map"),
     *_dense("attn_pool.mlp.fc1", _M + "mlp_in", "map"),
     *_dense("attn_pool.mlp.fc2", _M + "mlp_out", "map"),
+    *_norm("fc_norm", "norm", "norm_after_pool"),
     *_dense("head", "head", "head"),
 )
 
@@ -302,6 +327,7 @@ class TimmTensor(NamedTuple):
     shape: tuple[int, ...]
     sources: tuple[str, ...]  # vitctl torch keys to read for it (filled parts left out)
     parts: tuple[Part, ...]  # all parts, in concatenation order
+    combine: str = CAT  # TimmRule.combine
 
 
 def timm_tensor_plan(cfg: ViTConfig) -> list[TimmTensor]:
@@ -322,8 +348,8 @@ def timm_tensor_plan(cfg: ViTConfig) -> list[TimmTensor]:
         if not all(WHEN[w](cfg) for w in rule.when):
             continue
         parts = tuple(Part(n, tuple(full[n]), n in have) for n in (p.format(**slots) for p in rule.parts))
-        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-        plan.append(TimmTensor(rule.timm.format(**slots), shape, tuple(p.name for p in parts if p.present), parts))
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if rule.combine == CAT else parts[0].shape
+        plan.append(TimmTensor(rule.timm.format(**slots), shape, tuple(p.name for p in parts if p.present), parts, rule.combine))
     used = [s for t in plan for s in t.sources]
     assert sorted(used) == sorted(have), f"timm table does not use every vitctl tensor once: {sorted(set(have) ^ set(used))}"
     return plan
@@ -343,11 +369,21 @@ def _fill(p: Part, cfg: ViTConfig, dtype: np.dtype) -> np.ndarray:
 
 
 def _assemble(t: TimmTensor, buffer: dict[str, np.ndarray], cfg: ViTConfig, dtype: np.dtype, stacks: bool) -> np.ndarray | RowStack:
-    """Pops t's parts from `buffer` (filling absent ones) and concatenates them along axis 0
-    (stacks: hands them out as a RowStack, not copied together)."""
+    """Pops t's parts from `buffer` (filling absent ones) and combines them: concatenated along
+    axis 0 (stacks: handed out as a RowStack, not copied together), folded or tied."""
     dtype = next((buffer[p.name].dtype for p in t.parts if p.present), dtype)
     arrays = [buffer.pop(p.name) if p.present else _fill(p, cfg, dtype) for p in t.parts]
-    if len(arrays) == 1:
+    if t.combine == FOLD:  # pos_embed + the patch bias on the patch rows (the class token's row, if any, comes first)
+        out = np.array(arrays[0], dtype)
+        out[0, out.shape[1] - cfg.num_patches :] += arrays[1].astype(dtype)
+    elif t.combine == TIE:
+        if any(not np.array_equal(a, arrays[0]) for a in arrays[1:]):
+            raise CheckpointError(
+                f"{' and '.join(p.name for p in t.parts)} differ, and timm's {t.name} holds one vector for both",
+                hint=f"timm's ParallelScalingBlock scales the sum of its branches by one layer scale; {HINT}",
+            )
+        out = arrays[0]
+    elif len(arrays) == 1:
         out = arrays[0]
     elif stacks:
         out = RowStack(tuple(arrays))
@@ -412,15 +448,34 @@ def to_timm_state_dict(torch_state: Mapping[str, np.ndarray], cfg: ViTConfig) ->
 
 
 def from_timm_state_dict(timm_state: Mapping[str, np.ndarray], cfg: ViTConfig) -> dict[str, np.ndarray]:
-    """The inverse of `to_timm_state_dict`: fused timm tensors split back into vitctl torch
-    tensors; filled parts (zero biases, the sin-cos table) are dropped."""
+    """The inverse of `to_timm_state_dict`: fused timm tensors split back into vitctl torch tensors."""
     plan = timm_tensor_plan(cfg)
     check_coverage({n: tuple(w.shape) for n, w in timm_state.items()}, {t.name: t.shape for t in plan}, "the timm state_dict")
-    out = {}
-    for t in plan:
-        w, start = timm_state[t.name], 0
-        for p in t.parts:
-            if p.present:
-                out[p.name] = w[start : start + p.shape[0]]
-            start += p.shape[0]
-    return out
+    return {name: piece for t in plan for name, piece in split_timm_tensor(t, timm_state[t.name], cfg)}
+
+
+def split_timm_tensor(t: TimmTensor, w: np.ndarray, cfg: ViTConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """(vitctl torch name, view of `w`) for each part of timm tensor `t` that vitctl's model has.
+
+    A part vitctl's model fixes (a zero bias, the sin-cos table) must hold what the model computes,
+    or CheckpointError names the tensor. A folded patch bias stays in pos_embed and reads as zeros
+    (the same function); a tied layer scale is given to both branches."""
+    start = 0
+    for p in t.parts:
+        if t.combine == CAT:
+            piece, start = w[start : start + p.shape[0]], start + p.shape[0]
+        else:
+            piece = w if p is t.parts[0] or t.combine == TIE else np.zeros(p.shape, w.dtype)
+        if p.present:
+            yield p.name, piece
+        elif not np.array_equal(piece, _fill(p, cfg, piece.dtype)):
+            raise CheckpointError(_fixed_part_message(t, p), hint=FIXED_HINT)
+
+
+FIXED_HINT = "vitctl's model (config.json's `model`) cannot hold these weights; convert them with the model config that has this tensor"
+
+
+def _fixed_part_message(t: TimmTensor, p: Part) -> str:
+    what = "the fixed 2-D sin-cos table (posemb sincos2d)" if p.name in FILLS else "zeros (the model config has no such parameter)"
+    where = t.name if len(t.parts) == 1 else f"{t.name} (its part for {p.name})"
+    return f"timm tensor {where} must hold {what}, but holds other values: vitctl's model would silently compute another function"

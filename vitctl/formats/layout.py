@@ -46,7 +46,9 @@ from vitctl.params import check_coverage, is_stacked, jax_param_shapes, layer_na
 from vitctl.untrusted import read_json
 
 CONFIG, PARAMS = "config.json", "params"
-JAX, TORCH, TIMM = "vitctl-jax", "vitctl-torch", "timm"  # TIMM: `vitctl convert ... --format timm` (timm's hub layout)
+JAX, TORCH, TIMM = "vitctl-jax", "vitctl-torch", "timm"  # TIMM: timm's hub layout (`vitctl convert ... --format timm`, or timm's own)
+HF = "hf"  # Hugging Face transformers' ViT: config.json with model_type "vit"
+PREPROCESSOR = "preprocessor_config.json"  # HF's image processor settings
 INIT_HINT = "create a checkpoint with `vitctl init MODEL --out DIR`"
 SLEEP_ENV = "VITCTL_TEST_SLEEP_PER_TENSOR"  # tests only (as for convert): seconds to pause after each tensor written
 
@@ -71,13 +73,14 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
 
 def detect_formats(path: str | Path) -> list[str]:
     """The weight sets a checkpoint directory holds, from its content: JAX, then torch; safetensors
-    beside timm's hub config.json (`architecture` + `model_args`) are a timm export, not vitctl-torch."""
+    beside timm's hub config.json (`architecture` + `model_args` or `pretrained_cfg`) are timm's,
+    beside a config.json with model_type "vit" Hugging Face transformers', else vitctl-torch."""
     path = Path(path)
     found = []
     if (path / PARAMS / METADATA).is_file() or (path / PARAMS / CHECKPOINT_METADATA).is_file():
         found.append(JAX)
     if (path / SAFETENSORS).is_file() or (path / SAFETENSORS_INDEX).is_file():
-        found.append(TIMM if is_timm_config(path / CONFIG) else TORCH)
+        found.append(TIMM if is_timm_config(path / CONFIG) else HF if is_hf_config(path / CONFIG) else TORCH)
     return found
 
 
@@ -93,10 +96,22 @@ def detect_format(path: str | Path, prefer: str | None = None) -> str:
 
 
 def is_timm_config(path: str | Path) -> bool:
-    """Whether `path` is the config.json of a timm export (timm's hub keys `architecture` and `model_args`)."""
+    """Whether `path` is timm's hub config.json: `architecture`, with `model_args` or `pretrained_cfg`."""
     with contextlib.suppress(VitctlError, OSError):
         d = read_json(path, CheckpointError)
-        return isinstance(d, dict) and "architecture" in d and isinstance(d.get("model_args"), dict)
+        return (
+            isinstance(d, dict)
+            and "architecture" in d
+            and (isinstance(d.get("model_args"), dict) or isinstance(d.get("pretrained_cfg"), dict))
+        )
+    return False
+
+
+def is_hf_config(path: str | Path) -> bool:
+    """Whether `path` is the config.json of a Hugging Face transformers ViT (model_type "vit")."""
+    with contextlib.suppress(VitctlError, OSError):
+        d = read_json(path, CheckpointError)
+        return isinstance(d, dict) and d.get("model_type") == "vit"
     return False
 
 
@@ -107,9 +122,8 @@ def timm_export_error(where: str | Path, doing: str, load: str | None = None) ->
         snapshot = hf_snapshot(Path(where).absolute())
         load = f"hf-hub:{snapshot}" if snapshot else f"local-dir:{Path(where).absolute()}"
     return CheckpointError(
-        f"{where} is a timm export (written by --format timm); {doing} reads vitctl-torch and vitctl-jax checkpoints, "
-        "and vitctl reads timm checkpoints from the transfer issue on",
-        hint=f"convert from the vitctl-torch or vitctl-jax checkpoint it came from; timm itself loads it: "
+        f"{where} is a timm export (written by --format timm) or timm's own checkpoint; {doing} does not read timm checkpoints",
+        hint=f"`vitctl convert torch-to-jax` reads it, or convert from the vitctl-torch or vitctl-jax checkpoint it came from; timm itself loads it: "
         f"timm.create_model({load!r}, pretrained=True)",
     )
 
