@@ -35,6 +35,10 @@ MODELS = {
 
 @pytest.fixture
 def cli(capsys):
+    return in_process(capsys)
+
+
+def in_process(capsys):
     """`main()` in-process: (exit code, stdout, stderr), as the console script would give them."""
     from vitctl.cli import main
 
