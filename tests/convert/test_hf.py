@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import random_params, tiny, torch_model
 from tests.convert.test_convert import assert_nothing_written
 from tests.convert.test_timm_import import in_process, logits_of_both
+from tests.hub import conftest as hub_conftest
 from vitctl import checkpoint as ckpt
 from vitctl.formats import layout
 from vitctl.open import HF, open_checkpoint
@@ -192,3 +193,21 @@ def test_refused_by_name_and_nothing_written(cli, tmp_path, case):
     assert code in (1, 2) and "Error:" in err and "Traceback" not in err, err
     assert re.search(message, err), err
     assert_nothing_written(tmp_path / "jax")
+
+
+hub = hub_conftest.hub  # the loopback Hub server and the CLI run against it (tests/hub/conftest.py)
+vitctl = hub_conftest.vitctl
+
+
+def test_hf_uri_fetches_config_weights_and_preprocessor(hub, vitctl, tmp_path):
+    """`vitctl convert torch-to-jax hf://org/name` on a transformers ViT repo: config.json, model.safetensors
+    and preprocessor_config.json come through the hub resolver (the preprocessing is the repo's)."""
+    pre = {"image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.25, 0.3], "resample": 3}
+    hf_dir(tmp_path / "hf", "ViTForImageClassification", {"num_labels": 5}, preprocessor=pre)
+    sha = hub.seed("google/tiny-vit", hub_conftest.repo_files(tmp_path / "hf"))
+    r = vitctl("convert", "torch-to-jax", f"hf://google/tiny-vit@{sha}", tmp_path / "jax", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["source_format"] == HF
+    with open_checkpoint(tmp_path / "jax") as ck:
+        assert ck.cfg.preprocess.mean == (0.4, 0.5, 0.6) and ck.cfg.preprocess.resize == "bicubic"
+        assert ck.provenance["source"].startswith("hf://google/tiny-vit")

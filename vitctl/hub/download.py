@@ -112,9 +112,15 @@ def fetch(repo_id: str, rev: str | None, *, backend: str = "all", offline: bool 
     }  # fmt: skip
 
 
+def _patterns(backend: str) -> list[str]:
+    """The files `backend` fetches: NEEDS, and for safetensors Hugging Face's image processor settings
+    (a transformers ViT's preprocessing; optional, fetched when the repo has one)."""
+    return NEEDS[backend] + ([layout.PREPROCESSOR] if backend in ("torch", "all") else [])
+
+
 def _find_cached(hf: Any, repo_id: str, rev: str | None, backend: str) -> tuple[Path, str, list[str]]:
     """(snapshot, commit, files) of what `backend` needs of repo_id@rev in the cache, offline."""
-    patterns = NEEDS[backend]
+    patterns = _patterns(backend)
     snap = Path(hf.snapshot_download(repo_id, revision=rev, allow_patterns=patterns, local_files_only=True))
     sha = _commit(snap.name, repo_id, rev, "the local cache")
     where = f"the cached copy of {repo_id}@{sha[:12]}"
@@ -132,7 +138,7 @@ def _download_listed(hf: Any, repo_id: str, rev: str | None, backend: str, endpo
     api = hf.HfApi(endpoint=endpoint)
     sha = _commit(_retry(lambda: api.repo_info(repo_id, revision=rev).sha), repo_id, rev, endpoint)
     where = f"{repo_id}@{sha[:12]}"
-    remote = _listed(_retry(lambda: list(api.list_repo_tree(repo_id, revision=sha, recursive=True))), where, NEEDS[backend])
+    remote = _listed(_retry(lambda: list(api.list_repo_tree(repo_id, revision=sha, recursive=True))), where, _patterns(backend))
     files = sorted(remote)
     snap = Path(hf.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / sha
     if CONFIG in files and backend == "jax" and not any(f.startswith(PARAMS + "/") for f in files):
