@@ -179,6 +179,13 @@ def test_fine_tune_starts_at_the_source_models_loss(sources, tmp_path):
     stored = json.loads((out / "train_config.json").read_text())
     assert stored["init_from"] == str(path) and stored["init_source"] == init
 
+    from vitctl.formats import layout
+    from vitctl.hub.card import model_card
+
+    files = {str(f.relative_to(out)): f for f in (out / "params").rglob("*") if f.is_file()}
+    card = model_card(out, layout.read_checkpoint_config(out), "org/ft", files, None)
+    assert "- Fine-tuned from `jax` (vitctl-jax) with `vitctl train --init-from`." in card
+
     # Resuming continues from the run's own state: the init weights are not read again.
     r = train(dataclasses.replace(tcfg, steps=3), out, resume=True, dataset=dataset, loader_cls=standin.Loader, prepare_fn=standin.prepare)
     assert r["steps"] == 3 and json.loads((out / "train_config.json").read_text())["init_source"] == init

@@ -82,7 +82,7 @@ def test_objective_schedule_and_decay_mask():
     }
     assert optim._decay_mask(head=False)(params)["blocks"] == {"q": {"kernel": True}, "norm": {"scale": False}}
     with pytest.raises(ConfigError, match="unknown optimizer"):
-        optim.make_optimizer(lr, "sgd")
+        optim.make_optimizer(lr, "lamb")
 
 
 def test_divisibility_checked_before_compiling():
@@ -107,8 +107,8 @@ def test_train_config_refuses_unknown_keys(tmp_path):
         load_yaml(f)
     f.write_text("steps: 3\nwarmup: 1\nlr: 1\n")
     assert TrainConfig.from_dict(load_yaml(f)).lr == 1.0
-    with pytest.raises(ConfigError, match="unknown optimizer .sgd."):
-        TrainConfig(optimizer="sgd")
+    with pytest.raises(ConfigError, match="unknown optimizer .lamb."):
+        TrainConfig(optimizer="lamb")
 
 
 def test_run_outputs_a_checkpoint_directory(runs):

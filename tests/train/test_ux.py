@@ -107,15 +107,25 @@ def test_log_file_progress_eval_every_and_provenance(first, capsys):
 
 
 def test_checkpoint_dir_as_model_is_refused_and_its_hint_works(first, tmp_path, capsys):
-    """--model CKPT_DIR would keep only its config: refused, naming --init-from as what is coming and the
-    config.json that trains the architecture from scratch. Following the hint (with local data) publishes no path."""
+    """--model CKPT_DIR would keep only its config: refused, naming --init-from (which fine-tunes its weights)
+    and the config.json that trains the architecture from scratch. Following either hint (with local data)
+    publishes no path."""
     root, ckpt_dir, _ = first
     out = tmp_path / "again"
     code, _stdout, err = run_cli(capsys, "train", "--model", ckpt_dir, "--data", "digits", "--out", out, *FAST)
     assert code == 2 and not out.exists()
-    assert f"Error: --model {ckpt_dir} is a checkpoint directory; vitctl train cannot start from its weights yet" in err
-    assert "--init-from" in err.split("Hint:")[0]  # named as the coming option in the Error line, not as a thing to type
-    assert f"Hint: to train its architecture from scratch, pass its config: --model {ckpt_dir / 'config.json'}" in err
+    assert f"Error: --model {ckpt_dir} is a checkpoint directory; taking only its config would train from scratch" in err
+    assert (
+        f"Hint: to fine-tune its weights: --init-from {ckpt_dir}; to train its architecture from scratch: --model {ckpt_dir / 'config.json'}"
+        in err
+    )
+
+    tuned = tmp_path / "tuned"
+    code, _, err = run_cli(capsys, "train", "--init-from", ckpt_dir, "--data", "digits", "--out", tuned, *FAST)
+    assert code == 0, err
+    # From scratch (zero-init head) the first loss is ln(10) exactly; from the trained weights it is not.
+    assert abs(rows(tuned)[0]["loss"] - math.log(10)) > 1e-3
+    assert str(root) not in (tuned / "config.json").read_text()
 
     from sklearn.datasets import load_digits
 

@@ -90,12 +90,15 @@ def lineage(provenance: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def training(provenance: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """What the training run recorded: data, step, test_accuracy, class_names (first found along the lineage)."""
+    """What the training run recorded: data, step, test_accuracy, init_from (a fine-tuning run's source),
+    class_names (first found along the lineage)."""
     found: dict[str, Any] = {}
     for p in lineage(provenance):
         if p.get("created_by") == "vitctl train" or "test_accuracy" in p:
             for k in ("data", "step", "test_accuracy"):
                 found.setdefault(k, p.get(k))
+            if isinstance(p.get("init_from"), dict):  # a fine-tuning run: the checkpoint it started from
+                found.setdefault("init_from", {k: p["init_from"].get(k) for k in ("source", "revision", "format")})
         names = p.get("class_names")
         if "class_names" not in found and isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
             found["class_names"] = names
@@ -237,6 +240,10 @@ def _body(name, repo_id, cfg, pre, counts, files, jax, timm, train, verify, prob
             f"- `vitctl verify` {status}: {measure}, precision {verify['precision']}) between the JAX and PyTorch models; "
             "the full report is `verify.json`."
         )
+    if isinstance(train.get("init_from"), dict) and train["init_from"].get("source"):
+        init = train["init_from"]
+        revision = f" at revision `{init['revision']}`" if init.get("revision") else ""
+        results.insert(0, f"- Fine-tuned from `{init['source']}`{revision} ({init.get('format', '?')}) with `vitctl train --init-from`.")
     classes = train.get("class_names")
     classes_md = f"\n\n## Classes\n\n{', '.join(f'`{c}`' for c in classes)} (logit index order)." if classes else ""
     return f"""# {name}
