@@ -132,3 +132,28 @@ def test_two_processes_match_one_and_resume(reference, tmp_path):
     r = train(config(model), tmp_path / "one", resume=True)
     assert r["steps"] == 6
     np.testing.assert_allclose(losses(tmp_path / "one"), want, rtol=MP_RTOL, atol=0)
+
+
+@pytest.mark.slow
+def test_init_from_each_process_reads_its_own_share(tmp_path):
+    """`--init-from` in 2 processes (fsdp=4,tensor=2 over both): each process reads only the slices
+    its 4 devices hold (half of every FSDP-sharded parameter), and every shard it holds equals the
+    checkpoint's values bit for bit; for Orbax (tensorstore) and sharded safetensors sources."""
+    from tests.train.test_init_from import MODEL, convert, write_jax
+
+    jax_src = write_jax(tmp_path / "jax", MODEL)
+    torch_src = convert(jax_src, tmp_path / "torch", "--max-shard-size", "40KB")
+    port = free_port()
+    cmds = [[sys.executable, "-m", "tests.train.mp_child", "--load", f"{jax_src},{torch_src}", str(i), str(port)] for i in (0, 1)]
+    procs = run_pair(cmds, [env(tmp_path, 0), env(tmp_path, 1)])
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-3000:] for p in procs]
+    reports = [json.loads(p.stdout.strip().splitlines()[-1]) for p in procs]
+    assert [r["local_devices"] for r in reports] == [4, 4]
+    for src in (str(jax_src), str(torch_src)):
+        r0, r1 = reports[0][src], reports[1][src]
+        for r in (r0, r1):
+            print(f"{Path(src).name}: process read {r['read']} of {r['total']} bytes (its devices hold {r['own']})")
+            assert r["equal"] and r["read"] == r["own"] and r["read"] < 0.6 * r["total"]
+        assert r0["read"] + r1["read"] >= r0["total"]
+        # q kernel (D, N, K) is sharded over fsdp on D=48: process 0 reads rows 0-23, process 1 rows 24-47.
+        assert r0["q_rows"] == [[0, 12], [12, 24]] and r1["q_rows"] == [[24, 36], [36, 48]]
