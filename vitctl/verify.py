@@ -187,7 +187,7 @@ def _run_timm(cfg: ViTConfig, state: dict[str, np.ndarray], x) -> dict[str, np.n
     out, hooks = {}, []
     named = [
         ("patch_embed", model.patch_embed),
-        ("embed", model.pos_drop),
+        ("embed", model.norm_pre),  # after the position embedding and timm's norm_pre (an Identity without pre_norm), as vitctl's embed
         *((f"block{i:02d}", b) for i, b in enumerate(model.blocks)),
         ("encoded", model.norm),
     ]

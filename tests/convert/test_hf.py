@@ -211,3 +211,12 @@ def test_hf_uri_fetches_config_weights_and_preprocessor(hub, vitctl, tmp_path):
     with open_checkpoint(tmp_path / "jax") as ck:
         assert ck.cfg.preprocess.mean == (0.4, 0.5, 0.6) and ck.cfg.preprocess.resize == "bicubic"
         assert ck.provenance["source"].startswith("hf://google/tiny-vit")
+
+
+def test_verify_an_hf_dir_against_its_conversion(cli, tmp_path):
+    hf_dir(tmp_path / "hf", "ViTModel", {})
+    assert cli("convert", "torch-to-jax", tmp_path / "hf", tmp_path / "jax")[0] == 0
+    code, out, err = cli("verify", tmp_path / "hf", tmp_path / "jax", "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["passed"] and report["a"]["format"] == HF and report["a"]["backend"] == "torch"

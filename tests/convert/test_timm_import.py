@@ -191,3 +191,14 @@ def test_vitctl_export_with_the_new_options_reads_back_exactly(cli, tmp_path):
     _, got, got_jax = logits_of_both(tmp_path / "back", x)
     for other in (got_timm, got, got_jax):
         assert np.abs(other - want).max() < 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_verify_runs_timm_itself_on_a_timm_dir(cli, tmp_path):
+    """`vitctl verify TIMM_DIR JAX_DIR`: timm's own model (pre_norm, layer scale) against vitctl's JAX
+    model, every intermediate compared (the embedding after timm's norm_pre, as vitctl's)."""
+    timm_dir(tmp_path / "timm", "vit_base_patch16_xp_224", {**SMALL, "init_values": 0.3})
+    assert cli("convert", "torch-to-jax", tmp_path / "timm", tmp_path / "jax")[0] == 0
+    code, out, err = cli("verify", tmp_path / "timm", tmp_path / "jax", "--json")
+    assert code == 0, out + err
+    report = json.loads(out)
+    assert report["passed"] and report["a"]["format"] == TIMM and report["a"]["backend"] == "timm"
