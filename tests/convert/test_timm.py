@@ -5,6 +5,7 @@ built from the JSON spec loads it with strict=True; logits and pre-logits agree 
 """
 
 import json
+import re
 
 import ml_dtypes
 import numpy as np
@@ -29,7 +30,20 @@ FAMILIES = {
     "parallel-nobias-layernorm-tok": tiny(norm="layernorm", norm_bias=False, attn_out_bias=False, mlp_bias=False, pool="tok"),
     "sequential-qknorm-rms-sincos-none": tiny(block="sequential", posemb="sincos2d", pool="none", mlp_bias=False),
     "parallel-sincos-map-noclasses": tiny(posemb="sincos2d", qkv_bias=True, num_classes=0, attn_out_bias=False),
+    # class_posemb, norm_pre (the patch bias folded into pos_embed), fc_norm, layer_scale
+    "classic-class-posemb": tiny(**CLASSIC, pool="tok", class_posemb=True),
+    "classic-norm-pre-fc-norm-layer-scale-gap": tiny(**CLASSIC, pool="gap", norm_pre=True, fc_norm=True, layer_scale=0.1),
+    "parallel-layer-scale-norm-pre-map-fc-norm": tiny(layer_scale=0.1, norm_pre=True, pool="map", fc_norm=True),
+    "sequential-sincos-norm-pre-tok": tiny(block="sequential", posemb="sincos2d", norm_pre=True, pool="tok"),
 }
+
+
+def export_params(cfg: ViTConfig):
+    """random_params, with the parallel block's two layer scales tied: timm's ParallelScalingBlock has one."""
+    params = random_params(cfg)
+    if cfg.layer_scale and cfg.block == "parallel":
+        params["blocks/ls_mlp/scale"] = params["blocks/ls_attn/scale"]
+    return params
 
 
 def timm_model(cfg: ViTConfig):
@@ -52,7 +66,7 @@ def test_timm_model_computes_the_same_function(name):
     from tests.conftest import torch_model
 
     cfg = FAMILIES[name]
-    params = random_params(cfg)
+    params = export_params(cfg)
     ours = torch_model(cfg, params)
     theirs = load(timm_model(cfg), vt.to_timm_state_dict(mapping.jax_to_torch(params, cfg), cfg))
     images = torch.from_numpy(np.random.default_rng(1).normal(size=(3, cfg.channels, cfg.image_size, cfg.image_size)).astype(np.float32))
@@ -72,6 +86,14 @@ def test_timm_table_speaks_the_parameter_table():
     rules = (*vt.EMBED_RULES, *vt.BLOCK_RULES["sequential"], *vt.BLOCK_RULES["parallel"], *vt.HEAD_RULES)
     assert {p for r in rules for p in r.parts} <= {p.torch for p in params.PARAMS}  # vitctl torch templates, `{i}` per block
     assert {w for r in rules for w in r.when} <= set(vt.WHEN) and params.WHEN.items() <= vt.WHEN.items()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_plan_matches_timm_state_dict(name):
+    cfg = FAMILIES[name]
+    model = timm_model(cfg)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == vt.timm_param_shapes(cfg)
+    assert list(model.state_dict()) == [t.name for t in vt.timm_tensor_plan(cfg)]  # timm's own order
 
 
 def test_plan_matches_timm_state_dict_and_block_type():
@@ -135,6 +157,39 @@ def test_streaming_errors():
         list(vt.iter_timm_tensors([(k, v) for k, v in items if k != "head.bias"], cfg))
     with pytest.raises(CheckpointError, match="shape"):
         list(vt.iter_timm_tensors([("norm.weight", np.zeros(47, np.float32))], cfg))
+
+
+def test_untied_parallel_layer_scales_are_refused():
+    cfg = FAMILIES["parallel-layer-scale-norm-pre-map-fc-norm"]
+    state = mapping.jax_to_torch(random_params(cfg), cfg)  # ls_attn and ls_mlp drawn apart
+    with pytest.raises(CheckpointError, match="blocks.0.ls_attn.weight and blocks.0.ls_mlp.weight differ") as e:
+        vt.to_timm_state_dict(state, cfg)
+    assert "--format vitctl" in e.value.hint
+    tied = mapping.jax_to_torch(export_params(cfg), cfg)
+    back = vt.from_timm_state_dict(vt.to_timm_state_dict(tied, cfg), cfg)
+    assert np.array_equal(back["blocks.1.ls_mlp.weight"], tied["blocks.1.ls_attn.weight"])
+
+
+def test_folded_patch_bias_reads_back_as_zeros_in_pos_embed():
+    cfg = FAMILIES["classic-norm-pre-fc-norm-layer-scale-gap"]
+    state = mapping.jax_to_torch(random_params(cfg), cfg)
+    sd = vt.to_timm_state_dict(state, cfg)
+    assert "patch_embed.proj.bias" not in sd
+    np.testing.assert_allclose(sd["pos_embed"], state["pos_embed"] + state["patch_embed.proj.bias"], rtol=0, atol=0)
+    back = vt.from_timm_state_dict(sd, cfg)
+    assert not back["patch_embed.proj.bias"].any() and np.array_equal(back["pos_embed"], sd["pos_embed"])
+
+
+def test_fixed_parts_are_checked_when_read_back():
+    """A tensor vitctl's model fixes (the sin-cos table, a bias it has not) must hold that, or is named."""
+    cfg = FAMILIES["parallel-sincos-map-noclasses"]  # sin-cos posemb; attn_out bias off, so attn_pool.proj.bias is zeros
+    sd = vt.to_timm_state_dict(mapping.jax_to_torch(random_params(cfg), cfg), cfg)
+    vt.from_timm_state_dict(sd, cfg)  # as written: fine
+    for name in ("pos_embed", "attn_pool.proj.bias", "blocks.1.attn_out_proj.bias"):
+        bad = {**sd, name: sd[name] + np.float32(0.01)}
+        with pytest.raises(CheckpointError, match=re.escape(f"timm tensor {name}")) as e:
+            vt.from_timm_state_dict(bad, cfg)
+        assert "sin-cos" in str(e.value) if name == "pos_embed" else "must hold zeros" in str(e.value)
 
 
 def test_spec_round_trips_through_json():
