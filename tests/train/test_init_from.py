@@ -218,6 +218,9 @@ def test_refusals_through_the_cli(sources, tmp_path, capsys):
     code, _, err = run_cli(capsys, *base, "--init-from", jax_src, "--model", wide)
     assert code == 2 and "width: --model 64, checkpoint 48" in err and "leave --model out" in err and not out.exists()
 
+    code, _, err = run_cli(capsys, *base, "--init-from", jax_src, "--freeze", "blocks/*", "--freeze", "nothing*")  # repeatable
+    assert code == 2 and "--freeze 'nothing*' matches no parameter" in err and not out.exists()
+
     holed = tmp_path / "holed"  # a torch checkpoint with one tensor missing
     convert(jax_src, holed)
     state = load_file(holed / "model.safetensors")

@@ -165,6 +165,9 @@ def _moments(optimizer: str, b1: float, b2: float, momentum: float, nesterov: bo
     raise ConfigError(f"unknown optimizer '{optimizer}'", hint=f"optimizer must be one of: {', '.join(OPTIMIZERS)}")
 
 
+FINE_TUNING_DEFAULTS = {"momentum": 0.9, "nesterov": False, "depth": 0, "layer_decay": None, "head_lr_mult": 1.0, "freeze": "", "names": ()}
+
+
 def make_optimizer(
     lr_fn,
     optimizer: str = "adamw",
@@ -182,16 +185,10 @@ def make_optimizer(
     --freeze string) with names (every parameter path). Frozen parameters get a zero update and
     no optimizer state (optax.multi_transform with set_to_zero), so no weight decay either; the
     clip's global norm is over the trained parameters."""
-    ft = {
-        "momentum": 0.9,
-        "nesterov": False,
-        "depth": 0,
-        "layer_decay": None,
-        "head_lr_mult": 1.0,
-        "freeze": "",
-        "names": (),
-        **fine_tuning,
-    }
+    ft = dict(FINE_TUNING_DEFAULTS)
+    if unknown := set(fine_tuning) - set(ft):
+        raise TypeError(f"make_optimizer: unknown fine-tuning option(s) {sorted(unknown)}")
+    ft.update(fine_tuning)
     head_wd = weight_decay if head_weight_decay is None else head_weight_decay
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     parts.append(_moments(optimizer, b1, b2, ft["momentum"], ft["nesterov"]))
