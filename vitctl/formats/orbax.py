@@ -232,6 +232,8 @@ class OrbaxReader:
             self.infos()
         if name not in self._infos:
             raise KeyError(name)
+        # numpy's meaning of each slice (ends past the shape clipped), which tensorstore does not apply itself
+        index = tuple(slice(*s.indices(n)) if isinstance(s, slice) else s for s, n in zip(index, self._infos[name].shape))
         arr = self._arrays.get(key)
         try:
             if arr is None:
