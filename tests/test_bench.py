@@ -366,3 +366,26 @@ def test_interrupt_prints_the_rows_so_far_and_exits_130(sig, fmt):
     else:
         assert max(map(len, out.splitlines())) <= 80 and "interrupted during" in out
         assert all(name in out for name in before)
+
+
+def test_transfer_benchmark_script_runs(tmp_path):
+    """bench/transfer.py (fine-tuning step and checkpoint load) end to end at its tiny size: a row per
+    step variant against the scratch step and the GEMM peak, and per format a load onto the 8-device
+    mesh against cp of the same bytes; the checkpoints are removed."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "transfer.py"
+    p = subprocess.run([sys.executable, str(script), "--tiny", "--json", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = _check_rows(json.loads(p.stdout)["rows"])
+    peak = max((r for r in rows.values() if r["name"].startswith("GEMM")), key=lambda r: r["value"])
+    steps = [n for n in rows if n.startswith("train tiny fp32 b2 ") and not n.endswith("GFLOP/s")]
+    assert steps == ["train tiny fp32 b2 scratch", "train tiny fp32 b2 fine-tune"]
+    for name in steps:
+        assert rows[name]["value"] > 0 and rows[f"{name} GFLOP/s"]["baseline"] == peak["name"]
+        assert rows[name]["baseline"] == (None if name.endswith("scratch") else "train tiny fp32 b2 scratch")
+    for fmt in ("vitctl-jax", "vitctl-torch", "timm"):
+        load = rows[f"load {fmt} tiny -> data=2,fsdp=2,tensor=2"]
+        assert load["baseline"] == f"cp -r {fmt} tiny" and load["ratio"] > 0 and "on 8 devices" in load["note"]
+    assert not any(tmp_path.iterdir())  # checkpoints and copies removed
