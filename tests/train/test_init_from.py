@@ -243,3 +243,27 @@ def test_refusals_through_the_cli(sources, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--out", resumed, "--resume", "--init-from", jax_src)
     assert code == 2 and "with --resume: the run in" in err and "it started from other" in err
     assert sorted(p.name for p in resumed.iterdir()) == ["train_config.json"]
+
+
+def test_class_token_slot_is_kept_when_resampling(tmp_path):
+    """timm / HF ViT sources: the position embedding's first row belongs to the class token; at a new
+    resolution it is kept as it is and only the patch grid is resampled."""
+    import jax
+
+    from vitctl.formats import layout
+    from vitctl.posemb import resample_posemb
+    from vitctl.train.init_from import load_into, run_config
+
+    source = dataclasses.replace(CLASSIC_MODEL, class_posemb=True, norm_pre=True, layer_scale=0.1)
+    path = write_jax(tmp_path / "src", source)
+    with open_source(path) as ckpt:
+        cfg = run_config(TrainConfig(init_from=str(path), image_size=32), ckpt.cfg, 8, 4, ckpt.what)
+        loaded, plan = load_into(ckpt, cfg, setup_for(cfg).abstract["params"], posemb_resize="bicubic")
+        old = ckpt.read_slice("pos_embed")
+        want = ptable.stack(ckpt.params(), ckpt.cfg.depth)
+    got = {n: np.asarray(jax.device_get(a)) for n, a in layout.flatten(loaded).items()}
+    assert old.shape == (1, 17, 48) and got["pos_embed"].shape == (1, 65, 48) and plan.resampled
+    assert np.array_equal(got["pos_embed"][:, :1], old[:, :1])
+    assert np.array_equal(got["pos_embed"], resample_posemb(old, (8, 8), prefix=1, method="bicubic"))
+    for name in ("norm_pre/scale", "blocks/ls_attn/scale", "blocks/ls_mlp/scale", "head/kernel"):
+        assert np.array_equal(got[name], want[name]), name
