@@ -108,8 +108,9 @@ def detect(path: Path, formats: Sequence[str] = FORMATS, *, doing: str = "vitctl
         )
     usable = [f for f in formats if f in found]
     if not usable:
-        want = " or ".join(f for f in formats if f != BIG_VISION)
-        raise CheckpointError(f"{path} holds no {want} weights (found: {', '.join(found)})", hint=other_hint or None)
+        want = [f for f in formats if f != BIG_VISION]
+        also = f", nor {' or '.join(want[1:])} weights" if len(want) > 1 else ""
+        raise CheckpointError(f"{path} holds no {want[0]} weights (found: {', '.join(found)}){also}", hint=other_hint or None)
     return usable[0]
 
 
