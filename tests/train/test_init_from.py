@@ -267,3 +267,38 @@ def test_class_token_slot_is_kept_when_resampling(tmp_path):
     assert np.array_equal(got["pos_embed"], resample_posemb(old, (8, 8), prefix=1, method="bicubic"))
     for name in ("norm_pre/scale", "blocks/ls_attn/scale", "blocks/ls_mlp/scale", "head/kernel"):
         assert np.array_equal(got[name], want[name]), name
+
+
+def test_init_from_an_hf_uri_records_the_revision(tmp_path):
+    """`--init-from hf://org/name@rev` through the real CLI against a loopback Hub: fetched, loaded, and
+    recorded by its public name, resolved revision, format and file hashes; no token anywhere."""
+    pytest.importorskip("huggingface_hub")
+    from tests.hub.conftest import TOKEN, repo_files, torch_ckpt
+    from tests.hub.server import serve
+
+    server, thread = serve(token=TOKEN)
+    try:
+        from tests.hub.conftest import vitctl as make_runner
+
+        run = make_runner.__wrapped__(server, tmp_path)
+        src = torch_ckpt(tmp_path / "src", max_shard_bytes=None)
+        sha = server.seed("me/tiny", repo_files(src))
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "data.npz", images=rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8), labels=np.arange(40) % 2)
+        out = tmp_path / "ft"
+        r = run("train", "--init-from", f"hf://me/tiny@{sha}", "--data", tmp_path / "data.npz", "--steps", "1", "--batch-size", "8",
+                "--out", out, "--json", timeout=300)  # fmt: skip
+    finally:
+        server.release_all()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert r.returncode == 0, r.stderr
+    assert "new head for 2 classes (the checkpoint has 10)" in r.stderr
+    init = json.loads((out / "config.json").read_text())["provenance"]["init_from"]
+    assert init["source"] == f"hf://me/tiny@{sha}" and init["revision"] == sha and init["format"] == "vitctl-torch"
+    assert set(init["sha256"]) == {"config.json", "model.safetensors"}
+    stored = json.loads((out / "train_config.json").read_text())  # the run's own settings (local paths: resume needs them)
+    assert stored["init_source"] == init and TOKEN not in json.dumps(stored)
+    for text in (r.stdout, r.stderr, (out / "config.json").read_text()):  # what is published or shown
+        assert TOKEN not in text and str(tmp_path) not in text.replace(str(out), "")
