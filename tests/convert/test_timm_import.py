@@ -202,3 +202,25 @@ def test_verify_runs_timm_itself_on_a_timm_dir(cli, tmp_path):
     assert code == 0, out + err
     report = json.loads(out)
     assert report["passed"] and report["a"]["format"] == TIMM and report["a"]["backend"] == "timm"
+
+
+def test_the_name_table_agrees_with_timms_registry():
+    """Every registered timm name the table covers, built by timm on the meta device (no memory): the
+    config read from the bare name and the model's shapes expects exactly timm's state_dict."""
+    from vitctl.convert import timm as vt
+    from vitctl.convert import timm_import
+
+    names = [n for n in timm.list_models("vit_*") if timm_import.ARCHITECTURE.fullmatch(n)]
+    assert {"vit_base_patch16_224", "vit_gigantic_patch14_224", "vit_base_patch16_xp_224", "vit_huge_patch14_xp_224"} <= set(names)
+    for name in names:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        cfg, _ = timm_import.timm_config({"architecture": name}, shapes)
+        assert vt.timm_param_shapes(cfg) == shapes, name
+        assert cfg.block == ("parallel" if type(model.blocks[0]).__name__ == "ParallelScalingBlock" else "sequential"), name
+        assert (cfg.num_heads, cfg.norm_pre, cfg.class_posemb) == (
+            model.blocks[0].attn.num_heads if cfg.block == "sequential" else model.blocks[0].num_heads,
+            not isinstance(model.norm_pre, torch.nn.Identity),
+            not model.no_embed_class,
+        ), name

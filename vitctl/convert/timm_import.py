@@ -43,9 +43,11 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
     "gigantic": (1664, 48, 16, 64 / 13),
 }
 ARCHITECTURE = re.compile(r"vit_(?P<size>[a-z]+)_patch(?P<patch>\d{1,4})(?P<xp>_xp)?_(?P<res>\d{1,5})")
-# timm VisionTransformer's defaults for the arguments that change the function.
+# timm VisionTransformer's defaults for the arguments that change the function. num_classes: a
+# registered name's default comes from its pretrained weights' config, so, unless config.json
+# states it, the head's rows give it.
 DEFAULTS: dict[str, Any] = {
-    "in_chans": 3, "num_classes": 1000, "global_pool": "token", "qkv_bias": True, "qk_norm": False,
+    "in_chans": 3, "num_classes": None, "global_pool": "token", "qkv_bias": True, "qk_norm": False,
     "scale_attn_norm": False, "scale_mlp_norm": False, "proj_bias": True, "init_values": None, "class_token": True,
     "pos_embed": "learn", "no_embed_class": False, "reg_tokens": 0, "pre_norm": False, "final_norm": True,
     "fc_norm": None, "pool_include_prefix": False, "dynamic_img_size": False, "dynamic_img_pad": False,
@@ -157,7 +159,7 @@ def _check_stated_sizes(k: Mapping[str, Any], got: Mapping[str, int]) -> None:
     }  # fmt: skip
     if isinstance(stated["image_size"], tuple) and len(set(stated["image_size"])) == 1:
         stated["image_size"] = stated["image_size"][0]
-    lies = [f"{n} {stated[n]!r:.40} (the tensors: {got[n]})" for n in stated if stated[n] != got[n]]
+    lies = [f"{n} {stated[n]!r:.40} (the tensors: {got[n]})" for n in stated if stated[n] is not None and stated[n] != got[n]]
     if lies:
         raise ConfigError(
             f"timm config.json does not describe its tensors: it states {'; '.join(lies)}",
