@@ -7,11 +7,17 @@ streaming reader (names, shapes and dtypes from headers alone; tensors one at a 
     vitctl-jax    DIR/params/ (Orbax) + DIR/config.json          OrbaxReader (jax)
     vitctl-torch  DIR/model.safetensors or shards + index        SafetensorsReader (torch)
     timm          DIR/model.safetensors + timm's config.json     SafetensorsReader (timm's names)
+    hf            DIR/model.safetensors + config.json (model_type "vit")  HfReader (torch)
     big_vision    FILE.npz (`prefix`: the sub-tree of the ViT)   BigVisionReader (jax)
 
 - The format comes from the content (`detect`), never from a name: a zip file is a
   big_vision .npz; in a directory, params/_METADATA is JAX, safetensors are torch unless
-  config.json is timm's (or its provenance says the directory is a timm export).
+  config.json is timm's (or its provenance says the directory is a timm export) or a
+  Hugging Face transformers ViT's (model_type "vit").
+- timm: vitctl's own export keeps its model config (config.json's `model`); another timm
+  directory's is rebuilt from timm's keys and the tensors' shapes (convert.timm_import).
+  hf: from config.json, preprocessor_config.json and the classifier's rows (convert.hf).
+  Either refuses by name what vitctl's model cannot compute, and says what it assumed (notes).
 - `hf://org/name[@rev]` is fetched into the Hugging Face cache by vitctl.hub (only the
   weights `fetch` names) and opened there (`locate`).
 - Before a tensor is read, config.json must lie inside the checkpoint, and the header's

@@ -8,6 +8,8 @@ stdout: DST (or, with --dry-run, the plan); with --json one object:
    "tensors", "bytes", "source_bytes", "shards", "files", "estimated_peak_bytes", "notes",
    "dry_run", and after a real run "seconds", "peak_rss_bytes"}; --format timm adds "timm":
   {"model_name", "kwargs", "create_model" (the local-dir: call), "create_model_explicit"}.
+  torch-to-jax reads vitctl's, timm's and Hugging Face transformers' ViT safetensors; --format hf
+  writes what transformers.AutoModelForImageClassification.from_pretrained(DST) loads.
 stderr: a progress bar in bytes (on a terminal), notes and hints; after --format timm, the
 timm.create_model calls that load DST.
 Exit codes: 0 done; 1 bad or unreadable input (nothing written); 2 usage (DST exists

@@ -4,6 +4,8 @@
     vitctl-jax (Orbax params/)        rename + Layout per tensor     vitctl-torch (safetensors, sharded)
     vitctl-torch (safetensors)        (params.PARAMS)                vitctl-jax (Orbax params/)
     big_vision .npz                                                  timm (one model.safetensors)
+    timm (its own or vitctl's export)                                hf (transformers' ViT: config.json,
+    hf (transformers' ViT)                                               safetensors, preprocessor_config.json)
 
 - `plan()` opens the source through vitctl.open (a path or hf://...), reads only headers, and checks coverage before any data
   is read: every source tensor maps to exactly one hub tensor with the shape the model
