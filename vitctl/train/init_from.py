@@ -128,7 +128,7 @@ def _reader(ckpt, name: str, shape: tuple[int, ...], dtype, cfg: ViTConfig, p: P
     if name in p.resampled:
         from vitctl.posemb import resample_posemb
 
-        prefix = 1 if getattr(cfg, "class_posemb", False) else 0
+        prefix = 1 if cfg.class_posemb else 0  # the class token's row stays as it is
         whole = resample_posemb(ckpt.read_slice(name), (cfg.grid, cfg.grid), prefix=prefix, method=posemb_resize).astype(dtype)
         return lambda index: whole[index]
     if not is_stacked(name):

@@ -9,6 +9,10 @@ metrics.jsonl and metrics.png are vitctl.train.report; the data is vitctl.data.
 - State: OUT/state/, every --save-every steps, at the end, and on SIGTERM/SIGINT. Each
   save also refreshes OUT/params/ + OUT/config.json (the standard checkpoint layout, so
   `vitctl convert` / `verify` read OUT as it is).
+- Fine-tuning (--init-from, vitctl.train.init_from): the source is opened and checked before
+  anything is written; its weights go straight onto the shards of the initial state (each
+  process reads its own), with a fresh optimizer state. A resumed fine-tuning run continues
+  from its own state and does not read the source again.
 - Resume restores into an abstract target built for the current mesh, so a run can move
   to another mesh shape; the data iterator's state is restored too, so on one machine
   the resumed losses are bit-identical to an uninterrupted run.
