@@ -374,8 +374,9 @@ def _assemble(t: TimmTensor, buffer: dict[str, np.ndarray], cfg: ViTConfig, dtyp
     dtype = next((buffer[p.name].dtype for p in t.parts if p.present), dtype)
     arrays = [buffer.pop(p.name) if p.present else _fill(p, cfg, dtype) for p in t.parts]
     if t.combine == FOLD:  # pos_embed + the patch bias on the patch rows (the class token's row, if any, comes first)
-        out = np.array(arrays[0], dtype)
-        out[0, out.shape[1] - cfg.num_patches :] += arrays[1].astype(dtype)
+        out = np.array(arrays[0], np.float32)  # summed in float32, rounded once to the tensor's dtype
+        out[0, out.shape[1] - cfg.num_patches :] += arrays[1].astype(np.float32)
+        out = out.astype(dtype)
     elif t.combine == TIE:
         if any(not np.array_equal(a, arrays[0]) for a in arrays[1:]):
             raise CheckpointError(
