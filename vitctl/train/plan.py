@@ -101,6 +101,8 @@ def optimizer_states(
     """The optimizer state arrays kept for one parameter: [(shape, spec, bytes per element)]."""
     if optimizer == "adamw":
         return [(shape, spec, 4), (shape, spec, 4)]  # mu, nu
+    if optimizer == "sgd":
+        return [(shape, spec, 4)]  # the momentum trace (none without momentum; counted, as the default has it)
     if optimizer != "adafactor":
         raise ConfigError(f"unknown optimizer '{optimizer}'", hint=f"optimizer must be one of: {', '.join(OPTIMIZERS)}")
     states = [(shape, spec, BYTES[momentum_dtype])] if momentum_dtype else []
