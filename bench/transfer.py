@@ -16,8 +16,10 @@ Each is images/s against the scratch step (ratio < 1: fine-tuning is slower), an
 (3 x forward FLOPs per image, vitctl.bench.flops) against the best fp32 GEMM rate (torch MKL
 or XLA, on the model's own shapes) measured first in the same run: the MFU. A frozen
 variant computes no weight gradients for what it freezes, so its MFU by the full count
-overstates the work done. Timing (vitctl.bench.measure): a warm-up call each, then --iters
-rounds calling the variants in turn behind a quiet gate; a result is the best round.
+overstates the work done. Timing: a warm-up call each, then --iters rounds calling the
+variants in turn behind a quiet gate (vitctl.bench.QuietGate), each round starting with the
+next variant; a result is the best round. The GEMM peak is probed before and after the
+steps, and the better of the two counts.
 
 Load (a child process with XLA_FLAGS=--xla_force_host_platform_device_count=8, set before
 jax is imported; the mesh --mesh over those 8 devices): a random-weight `vitctl init
@@ -90,18 +92,35 @@ def write_checkpoint(path: Path, cfg: ViTConfig) -> Path:
 
 
 # ----------------------------------------------------------------------------- steps
-def gemm_peak(cfg: ViTConfig, batch: int, tiny: bool, gate) -> list[B.Row]:
-    """The best fp32 GEMM of torch (MKL) and XLA on the model's shapes: the MFU's denominator."""
+def gemm_peaks(cfg: ViTConfig, batch: int, tiny: bool, gate) -> dict[str, tuple[float, str]]:
+    """The best fp32 GEMM of torch (MKL) and XLA on the model's shapes: {row name: (GFLOP/s, shape)}."""
     shapes = B.gemm_shapes(cfg, batch)[: 1 if tiny else None]
     kw = {"min_time": 0.0 if tiny else 0.3, "max_reps": 2 if tiny else 10}
-    rows = []
+    out = {}
     for name, probe in (("GEMM torch fp32 (MKL)", B.torch_gemm_gflops), ("GEMM XLA fp32", B.xla_gemm_gflops)):
         log(f"{name} ...")
         gate.wait()
         per_shape = probe("float32", shapes, **kw)
         best = max(per_shape, key=per_shape.get)
-        rows.append(B.Row(name, per_shape[best], "GFLOP/s", note=f"best of {len(per_shape)} shapes: {B.fmt_shape(best)}"))
-    return rows
+        out[name] = (per_shape[best], B.fmt_shape(best))
+    return out
+
+
+def rotated_times(calls: dict, warmup: int, iters: int, gate) -> dict[str, list[float]]:
+    """Seconds per call of each fn: `warmup` untimed rounds, then `iters` timed rounds calling each
+    in turn behind the gate, each round starting with the next one (none always runs first)."""
+    names = list(calls)
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(iters):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            gate.wait()
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def step_call(cfg: ViTConfig, batch: int, fields: dict, init_from: Path | None):
@@ -133,12 +152,13 @@ def step_call(cfg: ViTConfig, batch: int, fields: dict, init_from: Path | None):
 
 
 def steps_rows(args, cfg: ViTConfig, gate, workdir: Path) -> list[B.Row]:
-    """GEMM peak, then the scratch step and every fine-tuning variant, timed interleaved."""
+    """The scratch step and every fine-tuning variant, timed in rotated rounds between two GEMM
+    probes (a burst of other load during one probe would understate the peak: the best of both counts)."""
     import dataclasses
+    import statistics
 
     b = args.batch_size
-    rows = gemm_peak(cfg, b, args.tiny, gate)
-    peak = max(rows, key=lambda r: r.value)
+    before = gemm_peaks(cfg, b, args.tiny, gate)
     label = "tiny" if args.tiny else f"{args.size}/16"
     log(f"write a {label} checkpoint with 1000 classes to fine-tune from ...")
     src = write_checkpoint(workdir / "pretrained", dataclasses.replace(cfg, num_classes=1000))
@@ -148,15 +168,21 @@ def steps_rows(args, cfg: ViTConfig, gate, workdir: Path) -> list[B.Row]:
         log(f"compile {name} ...")
         calls[name], first_s = step_call(cfg, b, fields or {}, None if fields is None else src)
         notes[name] = f"build, load and 1st step {first_s:.1f} s"
-    times = {k: min(v) for k, v in B.interleaved_times(calls, 0 if args.tiny else 1, args.iters, gate).items()}
+    log(f"{args.iters} timed rounds of {len(calls)} steps ...")
+    times = rotated_times(calls, 0 if args.tiny else 1, args.iters, gate)
+    shutil.rmtree(src)
+    after = gemm_peaks(cfg, b, args.tiny, gate)
+    rows = [B.Row(n, max(before[n][0], after[n][0]), "GFLOP/s", note=f"best of before/after the steps: {before[n][0]:.0f}, "
+                  f"{after[n][0]:.0f} ({before[n][1]}, {after[n][1]})") for n in before]  # fmt: skip
+    peak = max(rows, key=lambda r: r.value)
     per_image = B.flops(cfg, 1, train=True) / 1e9
     prefix = f"train {label} fp32 b{b}"
-    for name, s in times.items():
+    for name, ts in times.items():
         base = None if name == "scratch" else f"{prefix} scratch"
-        rows.append(B.Row(f"{prefix} {name}", b / s, "images/s", base, note=notes[name]))
+        note = f"best of {len(ts)} rounds (median {b / statistics.median(ts):.3g} images/s); {notes[name]}"
+        rows.append(B.Row(f"{prefix} {name}", b / min(ts), "images/s", base, note=note))
         mfu_note = "MFU; frozen: fewer weight gradients than counted" if "freeze" in name else "MFU against the GEMM peak"
-        rows.append(B.Row(f"{prefix} {name} GFLOP/s", b / s * per_image, "GFLOP/s", peak.name, note=mfu_note))
-    shutil.rmtree(src)
+        rows.append(B.Row(f"{prefix} {name} GFLOP/s", b / min(ts) * per_image, "GFLOP/s", peak.name, note=mfu_note))
     return rows
 
 
