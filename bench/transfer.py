@@ -10,13 +10,13 @@ Steps (one device, fp32, vitctl `vit22b-{size}/16` with 10 classes at 224 px, ba
   clipping, softmax cross-entropy, donated state), from a fresh initialisation;
 - fine-tune: the step `vitctl train --init-from CKPT --num-classes 10` runs, from a
   checkpoint of the same model with 1000 classes (so a new zero-initialised head); and the
-  fine-tuning variants --freeze, --layer-decay 0.75, --head-lr-mult 10, --optimizer sgd
-  --momentum 0.9, each its own compiled step.
+  fine-tuning variants --freeze all-but-head, --layer-decay 0.75, --head-lr-mult 10,
+  --optimizer sgd --momentum 0.9, each its own compiled step.
 Each is images/s against the scratch step (ratio < 1: fine-tuning is slower), and GFLOP/s
 (3 x forward FLOPs per image, vitctl.bench.flops) against the best fp32 GEMM rate (torch MKL
-or XLA, on the model's own shapes) measured first in the same run: the MFU. A frozen
-variant computes no weight gradients for what it freezes, so its MFU by the full count
-overstates the work done. Timing: a warm-up call each, then --iters rounds calling the
+or XLA, on the model's own shapes) measured in the same run: the MFU. Were a frozen variant
+to skip the weight gradients of what it freezes, its MFU by the full count would overstate
+the work done (its row says so). Timing: a warm-up call each, then --iters rounds calling the
 variants in turn behind a quiet gate (vitctl.bench.QuietGate), each round starting with the
 next variant; a result is the best round. The GEMM peak is probed before and after the
 steps, and the better of the two counts.
@@ -34,8 +34,8 @@ checkpoint's bytes on disk (ratio < 1: slower than cp).
 
 The machine is shared (2 cores here): read the load line at the end; nothing asserts on
 time. --tiny: 2-layer width-32 models, scratch and plain fine-tuning steps only, one round,
-no waiting (the tests; its figures mean nothing). --json prints one JSON object {"rows": [...], ...} (bench/forward.py's schema)
-on stdout, progress on stderr.
+no waiting (the tests; its figures mean nothing). --json prints one JSON object
+{"rows": [...], ...} (bench/forward.py's schema) on stdout, progress on stderr.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def steps_rows(args, cfg: ViTConfig, gate, workdir: Path) -> list[B.Row]:
         base = None if name == "scratch" else f"{prefix} scratch"
         note = f"best of {len(ts)} rounds (median {b / statistics.median(ts):.3g} images/s); {notes[name]}"
         rows.append(B.Row(f"{prefix} {name}", b / min(ts), "images/s", base, note=note))
-        mfu_note = "MFU; frozen: fewer weight gradients than counted" if "freeze" in name else "MFU against the GEMM peak"
+        mfu_note = "MFU by the full count (frozen: perhaps fewer weight gradients)" if "freeze" in name else "MFU against the GEMM peak"
         rows.append(B.Row(f"{prefix} {name} GFLOP/s", b / min(ts) * per_image, "GFLOP/s", peak.name, note=mfu_note))
     return rows
 

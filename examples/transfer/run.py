@@ -217,7 +217,8 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(r["task"] for r in results["summary"]))
+    n_train = {r["task"]: r["n_train"] for r in results["summary"]}
+    tasks = sorted(n_train, key=n_train.get, reverse=True)  # most training images first
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks) + 0.6, 3.3), dpi=80, squeeze=False)
     colors = {"pretrained": "tab:blue", "scratch": "tab:red"}
     labels = {"pretrained": "fine-tuned (pretrained on 0-4, 16 px)", "scratch": "from scratch"}
@@ -226,11 +227,16 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
             ax.plot(*zip(*run["curve"]), color=colors[run["start"]], linewidth=0.6, alpha=0.4)
         for row in (r for r in results["summary"] if r["task"] == task):
             ax.plot(row["steps"], row["mean_accuracy"], color=colors[row["start"]], linewidth=2, label=labels[row["start"]])
-        n = next(r["n_train"] for r in results["summary"] if r["task"] == task)
-        ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1.02), title=f"digits 5-9 at 24 px, {task} ({n} train images)")
+        ax.axhline(1 / len(FINETUNE["classes"]), color="gray", linestyle=":", linewidth=1, label="chance")
+        ax.set(
+            xlabel="step", ylabel="held-out accuracy", ylim=(0, 1.02), title=f"digits 5-9 at 24 px, {task} ({n_train[task]} train images)"
+        )
         ax.title.set_fontsize("small")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="x-small", loc="lower right")
+    pre = results["setup"]["pretrain"]
+    fig.suptitle(f"pretrained {pre['steps']} steps on digits 0-4 at 16 px (held-out accuracy {results['pretrain_accuracy']:.3f}); "
+                 f"mean of seeds {', '.join(map(str, results['setup']['seeds']))} (thick) and each seed (thin)", fontsize="small")  # fmt: skip
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="steps of each fine-tuning and from-scratch run")
     p.add_argument("--pretrain-steps", type=int, default=200)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the downstream runs")
-    p.add_argument("--shots", default="10", help="comma-separated k of the k-shot tasks ('' for none)")
+    p.add_argument("--shots", default="2,10", help="comma-separated k of the k-shot tasks ('' for none)")
     p.add_argument("--out", default="runs/transfer")
     p.add_argument("--plot-only", action="store_true", help="plot the results already in --out")
     args = p.parse_args(argv)
