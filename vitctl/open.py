@@ -223,7 +223,7 @@ class Checkpoint:
         """`param[index]` of one parameter (per-layer JAX name, JAX layout and shape), reading
         only that slice where the format allows.
 
-        safetensors (vitctl-torch, timm): a slice of the file's map (pages read only when
+        safetensors (vitctl-torch, timm, hf): a slice of the file's map (pages read only when
         touched), re-laid out by the parameter's Layout.to_jax (transposes and reshapes, so
         views) and timm's fused tensors split by rows (views too). Orbax: tensorstore reads
         the stored chunks the slice touches. Other sources (a big_vision .npz, whose members
@@ -235,7 +235,7 @@ class Checkpoint:
         self.check_coverage()
         if self.reader.naming == "jax" and hasattr(self.reader, "read_slice"):
             out = self.reader.read_slice(hub_name, index)
-        elif self.format in (TORCH, TIMM) and hasattr(self.reader, "view"):
+        elif hasattr(self.reader, "view") and (self.format == TIMM or self.reader.naming == "torch"):
             out = np.array(self.jax_view(hub_name)[index])
         else:
             if self._whole is None:

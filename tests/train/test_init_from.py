@@ -26,6 +26,7 @@ MESH = "data=2,fsdp=2,tensor=2"
 # parameters have layers to pick from.
 MODEL = ViTConfig(width=48, depth=3, mlp_dim=96, num_heads=4, patch_size=4, image_size=16, num_classes=4, head_zero_init=False)
 CLASSIC_MODEL = dataclasses.replace(MODEL, **CLASSIC)
+HF_MODEL = dataclasses.replace(CLASSIC_MODEL, class_posemb=True, gelu_approximate=False, norm_eps=1e-12)  # what HF's ViT computes
 
 
 def write_jax(path: Path, cfg: ViTConfig, seed: int = 0) -> Path:
@@ -66,6 +67,7 @@ def sources(tmp_path_factory):
         "vitctl-torch": (convert(jax_src, root / "torch", "--max-shard-size", "40KB"), None),  # sharded safetensors
         "timm": (convert(classic, root / "timm", "--format", "timm"), None),
         "big_vision": (write_npz(root / "bv.npz", CLASSIC_MODEL), "params/img"),
+        "hf": (convert(write_jax(root / "for-hf", HF_MODEL, seed=2), root / "hf", "--format", "hf"), None),  # transformers' ViT
     }
 
 
@@ -82,7 +84,7 @@ def open_source(path, prefix=None):
     return open_(TrainConfig(init_from=str(path), prefix=prefix))
 
 
-@pytest.mark.parametrize("fmt", ["vitctl-jax", "vitctl-torch", "timm", "big_vision"])
+@pytest.mark.parametrize("fmt", ["vitctl-jax", "vitctl-torch", "timm", "big_vision", "hf"])
 def test_loaded_params_equal_the_checkpoints_bit_for_bit(sources, fmt):
     import jax
 
@@ -104,11 +106,13 @@ def test_loaded_params_equal_the_checkpoints_bit_for_bit(sources, fmt):
         assert arr.sharding == layout.flatten(setup.param_shardings)[name], name
         got = np.asarray(jax.device_get(arr))
         assert got.dtype == want[name].dtype and np.array_equal(got, want[name]), name
-    # Each distinct shard is read once: the bytes read are the model's, not 8 devices' copies.
+    # Each distinct shard is read once: the bytes read are the model's, not 8 devices' copies. Every
+    # format but the .npz (zip members, read whole once) is read a shard at a time.
     assert sum(n for _, _, n in log) == sum(w.nbytes for w in want.values())
     # FSDP/tensor shards: stacked block kernels are read a slice of a layer at a time.
     q = [idx for n, idx, _ in log if n == "blocks/1/q/kernel"]
     assert len(q) == 4 and all(idx[0] != slice(None) or idx[1] != slice(None) for idx in q)
+    assert (ckpt._whole is None) == (fmt != "big_vision")
 
 
 def test_new_head_and_new_resolution(sources):

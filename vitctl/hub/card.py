@@ -240,10 +240,7 @@ def _body(name, repo_id, cfg, pre, counts, files, jax, timm, train, verify, prob
             f"- `vitctl verify` {status}: {measure}, precision {verify['precision']}) between the JAX and PyTorch models; "
             "the full report is `verify.json`."
         )
-    if isinstance(train.get("init_from"), dict) and train["init_from"].get("source"):
-        init = train["init_from"]
-        revision = f" at revision `{init['revision']}`" if init.get("revision") else ""
-        results.insert(0, f"- Fine-tuned from `{init['source']}`{revision} ({init.get('format', '?')}) with `vitctl train --init-from`.")
+    results[:0] = _init_line(train)
     classes = train.get("class_names")
     classes_md = f"\n\n## Classes\n\n{', '.join(f'`{c}`' for c in classes)} (logit index order)." if classes else ""
     return f"""# {name}
@@ -271,6 +268,15 @@ Resize to {cfg.image_size}x{cfg.image_size} ({pre.get("resize")}, antialias {pre
 
 {chr(10).join(f"- `{p}`" for p in shown)}
 """
+
+
+def _init_line(train: dict[str, Any]) -> list[str]:
+    """The checkpoint a fine-tuning run started from, as one Results line (none for a run from scratch)."""
+    init = train.get("init_from")
+    if not isinstance(init, dict) or not init.get("source"):
+        return []
+    revision = f" at revision `{init['revision']}`" if init.get("revision") else ""
+    return [f"- Fine-tuned from `{init['source']}`{revision} ({init.get('format', '?')}) with `vitctl train --init-from`."]
 
 
 def _use(name: str, repo_id: str, timm: bool) -> str:
