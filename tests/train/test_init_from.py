@@ -306,3 +306,33 @@ def test_init_from_an_hf_uri_records_the_revision(tmp_path):
     assert stored["init_source"] == init and TOKEN not in json.dumps(stored)
     for text in (r.stdout, r.stderr, (out / "config.json").read_text()):  # what is published or shown
         assert TOKEN not in text and str(tmp_path) not in text.replace(str(out), "")
+
+
+def test_a_timm_model_saved_by_timm_starts_at_timms_loss(tmp_path):
+    """A foreign timm directory (timm's own save_for_hf, class token with a position row, timm's
+    defaults): the fine-tuning run's first loss, on 8 devices, is timm's own model's loss on that batch."""
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    from timm.models._hub import save_for_hf
+
+    from vitctl.train.loop import train
+    from vitctl.train.optim import objective
+
+    args = {"img_size": 16, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0, "num_classes": 4}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # off timm's init (zero biases, zero head)
+    save_for_hf(model, tmp_path / "timm", model_args=args, safe_serialization=True)
+    tcfg = TrainConfig(init_from=str(tmp_path / "timm"), steps=1, batch_size=8, lr=1e-3, mesh=MESH, stats_every=0)
+    dataset = standin.make_dataset(size=16)
+    out = tmp_path / "ft"
+    train(tcfg, out, dataset=dataset, loader_cls=standin.Loader, prepare_fn=standin.prepare)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    cfg = json.loads((out / "config.json").read_text())
+    images, labels = next(iter(standin.Loader(dataset, ViTConfig.from_dict(cfg["model"]), 8)))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
+    np.testing.assert_allclose(first, float(objective(logits, labels, 4)), rtol=1e-5)
+    assert cfg["model"]["class_posemb"] and cfg["provenance"]["init_from"]["format"] == "timm"
