@@ -160,9 +160,12 @@ def test_timm_export_on_the_hub_loads_with_timm_and_pulls(hub, vitctl, tmp_path)
     jax = vitctl("hub", "pull", "me/timm", "--out", tmp_path / "no", "--backend", "jax")
     assert jax.returncode == 1 and "is a timm export (written by --format timm)" in jax.stderr and "hf-hub:me/timm@" in jax.stderr
     assert not (tmp_path / "no").exists()
-    conv = vitctl("convert", "torch-to-jax", "hf://me/timm", tmp_path / "no")  # from the cache: offered by repo id, no local path
-    assert conv.returncode == 1 and "timm.create_model('hf-hub:me/timm@" in conv.stderr and "local-dir:" not in conv.stderr
-    assert not (tmp_path / "no").exists()
+    assert "vitctl convert torch-to-jax` reads it" in jax.stderr
+    conv = vitctl("convert", "torch-to-jax", "hf://me/timm", tmp_path / "jax")  # timm checkpoints are convert sources
+    assert conv.returncode == 0, conv.stderr
+    assert json.loads(vitctl("info", tmp_path / "jax", "--json").stdout)["formats"] == ["vitctl-jax"]
+    same = vitctl("verify", tmp_path / "jax", tmp_path / "timm-pulled")
+    assert same.returncode == 0, same.stdout + same.stderr
 
 
 def test_not_found_says_repo_or_revision(hub, vitctl, tmp_path):
