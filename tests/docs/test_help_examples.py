@@ -146,6 +146,29 @@ def photos(box: Sandbox, path: Path) -> None:
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path / c / f"{i}.png")
 
 
+def classic_jax(box: Sandbox, path: Path) -> None:
+    """A small classic ViT with a class-token position (as HF's and timm's): what --format hf can express."""
+    from vitctl.config import ViTConfig
+
+    small = {"width": 32, "depth": 2, "mlp_dim": 64, "num_heads": 2, "patch_size": 4, "image_size": 16, "num_classes": 10}
+    jax_ckpt(path, ViTConfig.from_variant("mu/16", class_posemb=True, **small))
+
+
+def hf_vit_repo(repo: str):
+    """A transformers ViTForImageClassification (random weights, built here) on the loopback Hub as `repo`."""
+
+    def make(box: Sandbox, _: Path) -> None:
+        from transformers import ViTConfig, ViTForImageClassification
+
+        cfg = ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=4, num_labels=3
+        )
+        ViTForImageClassification(cfg).save_pretrained(box.root / "_hf_vit")
+        box.hub.seed(repo, repo_files(box.root / "_hf_vit"))
+
+    return make
+
+
 def write(text: str):
     return lambda box, path: path.write_text(text)
 
@@ -181,11 +204,14 @@ INPUTS: dict[str, list] = {
     "vitctl verify big_vision.npz": [("big_vision.npz", big_vision_npz), ("ckpt/torch", converted("big_vision.npz")), ("photos", photos)],
     "vitctl train --config train.yaml": [("train.yaml", write(TRAIN_YAML))],
     "vitctl train --out runs/digits --resume": [("runs/digits", shell("vitctl train --model vit22b-demo/4 --data digits --out runs/digits --steps 2"))],
+    "vitctl train --init-from runs/digits": [("runs/digits", shell("vitctl train --model vit22b-demo/4 --data digits --out runs/digits --steps 2"))],
     "vitctl probe runs/digits": [("runs/digits", lambda box, p: jax_ckpt(p, tiny(channels=1)))],
     "vitctl probe big_vision.npz": [("big_vision.npz", big_vision_npz), ("photos", photos)],
     "vitctl convert jax-to-torch ckpt/ti ": [("ckpt/ti", lambda box, p: jax_ckpt(p))],
     "vitctl convert jax-to-torch ckpt/22b ": [("ckpt/22b", lambda box, p: jax_ckpt(p))],
     "vitctl convert jax-to-torch ViT-B_16.npz": [("ViT-B_16.npz", big_vision_npz)],
+    "vitctl convert jax-to-torch ckpt/b16-jax ": [("ckpt/b16-jax", classic_jax)],
+    "vitctl convert torch-to-jax hf://google/vit-base-patch16-224": [("_", hf_vit_repo("google/vit-base-patch16-224"))],
     "vitctl convert torch-to-jax ckpt/ti-pt": [("ckpt/ti-pt", torch_ckpt)],
     "vitctl convert torch-to-jax ckpt/22b-pt": [("ckpt/22b-pt", torch_ckpt), ("ckpt/22b-jax", lambda box, p: jax_ckpt(p))],
     "vitctl hub push ckpt/ti-pt": [("ckpt/ti-pt", torch_ckpt)],

@@ -55,7 +55,7 @@ EXAMPLES = """Examples:
 
   vitctl train --config train.yaml --out runs/r1 --eval-every 50 --log-every-s 10
 
-  vitctl train --init-from runs/digits --data fashion-mnist --out runs/ft --optimizer sgd --lr 0.01 --layer-decay 0.75
+  vitctl train --init-from runs/digits --data digits --image-size 24 --out runs/ft --steps 20 --optimizer sgd --lr 0.01 --layer-decay 0.75
 
   vitctl train --data digits --out /shared/runs/r2 --mesh data=2,fsdp=4 --coordinator 10.0.0.1:5476 --num-processes 2 --process-id 0
 """
