@@ -259,6 +259,11 @@ OPS: dict[str, OpSpec] = {
 _OP = re.compile(r"([a-z_]+)\s*(?:\((.*)\))?", re.DOTALL)
 
 
+def _hint(name: str | None = None) -> str:
+    ops = "augmentation ops: " + ", ".join(map(_signature, OPS)) + ', joined by "|", e.g. "inception_crop(0.08,1.0)|flip_lr"'
+    return f"{_signature(name)}; {ops}" if name else ops
+
+
 def _signature(name: str) -> str:
     params = OPS[name].params
     return name + (f"({', '.join(f'{p}={d:g}' for p, d, *_ in params)})" if params else "")
@@ -277,28 +282,27 @@ def parse(spec: str) -> Augment:
 
 
 def _parse_op(text: str, spec: str) -> Op:
-    hint = "augmentation ops: " + ", ".join(map(_signature, OPS)) + ', joined by "|", e.g. "inception_crop(0.08,1.0)|flip_lr"'
     m = _OP.fullmatch(text)
     if not m or m.group(1) not in OPS:
         what = f"unknown op '{m.group(1)}'" if m else f"cannot read op '{text}'"
-        raise ConfigError(f"augmentation spec '{spec}': {what}", hint=hint)
+        raise ConfigError(f"augmentation spec '{spec}': {what}", hint=_hint())
     name, params = m.group(1), OPS[m.group(1)].params
     raw = [a.strip() for a in m.group(2).split(",")] if m.group(2) and m.group(2).strip() else []
     values = {p: d for p, d, *_ in params}
     if len(raw) > len(params):
-        raise ConfigError(f"augmentation spec '{spec}': {name} takes {len(params)} argument(s), got {len(raw)}", hint=hint)
+        raise ConfigError(f"augmentation spec '{spec}': {name} takes {len(params)} argument(s), got {len(raw)}", hint=_hint())
     for i, a in enumerate(raw):
         key, _, val = a.rpartition("=")
         key = key.strip() or params[i][0]
         if key not in values:
-            raise ConfigError(f"augmentation spec '{spec}': {name} has no argument '{key}'", hint=f"{_signature(name)}")
+            raise ConfigError(f"augmentation spec '{spec}': {name} has no argument '{key}'", hint=_hint(name))
         values[key] = _value(val.strip(), key, name, spec)
     for p, _, kind, lo, hi in params:
         if not lo <= values[p] <= hi or kind is int and values[p] != int(values[p]):
             raise ConfigError(f"augmentation spec '{spec}': {name} {p}={values[p]:g} must be {kind.__name__} in [{lo:g}, {hi:g}]",
-                              hint=_signature(name))  # fmt: skip
+                              hint=_hint(name))  # fmt: skip
     if name == "inception_crop" and values["area_min"] > values["area_max"]:
-        raise ConfigError(f"augmentation spec '{spec}': inception_crop area_min > area_max", hint=_signature(name))
+        raise ConfigError(f"augmentation spec '{spec}': inception_crop area_min > area_max", hint=_hint(name))
     return Op(name, tuple(float(values[p]) for p, *_ in params))
 
 
@@ -306,9 +310,9 @@ def _value(text: str, key: str, name: str, spec: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise ConfigError(f"augmentation spec '{spec}': {name} {key}='{text}' is not a number", hint=_signature(name)) from None
+        raise ConfigError(f"augmentation spec '{spec}': {name} {key}='{text}' is not a number", hint=_hint(name)) from None
     if not math.isfinite(v):
-        raise ConfigError(f"augmentation spec '{spec}': {name} {key}={text} is not finite", hint=_signature(name))
+        raise ConfigError(f"augmentation spec '{spec}': {name} {key}={text} is not finite", hint=_hint(name))
     return v
 
 

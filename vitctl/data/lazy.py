@@ -62,7 +62,9 @@ def open_records(spec: str, split: str, *, channels: int = 3, test_fraction: flo
         return ArrayRecords(spec, split, channels=channels, test_fraction=test_fraction, seed=seed)
     records = _records_module()
     if records is not None and records.is_packed(path):
-        return records.PackedSource(spec, split)
+        source = records.PackedSource(spec, split)
+        source.channels = channels  # what to decode to: the caller's, as for every other source here
+        return source
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return ArrowRecords(spec, split, channels=channels, test_fraction=test_fraction, seed=seed)
     if next(path.rglob("*.parquet"), None) is not None or any(_is_idx(p) for p in path.iterdir()):
