@@ -63,7 +63,7 @@ def test_default_is_prepare_bit_for_bit_on_digits(spec):
 
 
 @pytest.mark.parametrize("pre", PREPROCESS)
-@pytest.mark.parametrize("shape", [(5, 7, 3), (33, 20, 1), (16, 16, 3), (64, 48, 3), (17, 90, 3)])
+@pytest.mark.parametrize("shape", [(5, 7, 3), (33, 20, 1), (16, 16, 3), (16, 16, 1), (64, 48, 3), (17, 90, 3)])
 def test_default_is_prepare_bit_for_bit_on_random_arrays(pre, shape):
     cfg = tiny(preprocess=pre)
     x = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
@@ -244,22 +244,28 @@ def test_corrupt_bytes_and_missing_rng_are_clear():
 
 
 def test_train_transform_speed_against_torchvision(capsys):
-    """images/s, one process, decode + random resized crop + flip + resize to 224 + normalize, on the same JPEGs."""
+    """images/s, one process and thread, decode + random resized crop + flip + resize to 224 + normalize, on the same JPEGs."""
+    torch = pytest.importorskip("torch")
     T = pytest.importorskip("torchvision.transforms")
-    jpegs = [encode(smooth_image(375, 500, seed=i), "JPEG", quality=90) for i in range(24)]
+    jpegs = [encode(smooth_image(375, 500, seed=i), "JPEG", quality=90) for i in range(16)]
     cfg = dataclasses.replace(ViTConfig(), preprocess=Preprocess(value_range=None, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
     ours = parse("inception_crop|flip_lr")
     tv = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(cfg.preprocess.mean, cfg.preprocess.std)])
-    rates = {}
-    for name, fn in {
+    fns = {
         "vitctl": lambda i, b: transform(b, cfg, ours, example_rng(0, 0, i), channels=3),
         "torchvision": lambda i, b: tv(Image.open(io.BytesIO(b)).convert("RGB")),
-    }.items():
-        fn(0, jpegs[0])
-        t = time.perf_counter()
-        for i, b in enumerate(jpegs * 2):
-            fn(i, b)
-        rates[name] = 2 * len(jpegs) / (time.perf_counter() - t)
+    }
+    rates, threads = dict.fromkeys(fns, 0.0), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(3):  # best of 3, the two interleaved: a busy machine slows both alike
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                for i, b in enumerate(jpegs):
+                    fn(i, b)
+                rates[name] = max(rates[name], len(jpegs) / (time.perf_counter() - t))
+    finally:
+        torch.set_num_threads(threads)
     with capsys.disabled():
         print(f"\n500x375 JPEG -> 224 train transform: vitctl {rates['vitctl']:.0f} img/s, torchvision {rates['torchvision']:.0f} img/s")
     assert transform(jpegs[0], cfg, ours, example_rng(0, 0, 0), channels=3).shape == (224, 224, 3)
