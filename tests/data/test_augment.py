@@ -193,6 +193,33 @@ def test_randaugment_runs_every_op_and_is_deterministic(monkeypatch):
     assert transform(x, tiny(channels=1), aug, example_rng(0, 0, 1), channels=1).shape == (16, 16, 1)
 
 
+def test_resize_in_the_middle_runs_the_later_ops_at_s():
+    x, cfg = smooth_image(40, 30, seed=8), tiny(preprocess=Preprocess(value_range=(0.0, 255.0)))
+    resized = np.round(prepare(x[None], cfg)[0])  # the config's resize, back to uint8 for the ops after it
+    for i in range(6):
+        got = transform(x, cfg, parse("resize|flip_lr"), example_rng(0, 0, i), channels=3)
+        np.testing.assert_array_equal(got, resized[:, ::-1] if example_rng(0, 0, i).random() < 0.5 else resized)
+
+
+@pytest.mark.parametrize(("mode", "fmt"), [("P", "PNG"), ("RGBA", "PNG"), ("LA", "PNG"), ("I;16", "PNG"), ("CMYK", "JPEG"), ("L", "JPEG")])
+def test_any_pil_mode_decodes_like_load_dataset(mode, fmt):
+    im = Image.fromarray(smooth_image(40, 50, seed=9)).convert(mode if mode != "I;16" else "L")
+    im = im.convert("I;16") if mode == "I;16" else im
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    data = buf.getvalue()
+    for channels in (1, 3):
+        cfg = tiny(channels=channels)
+        with Image.open(io.BytesIO(data)) as ref:
+            want = np.asarray(ref.convert("L" if channels == 1 else "RGB"))  # sources.images.decode's rule
+        np.testing.assert_array_equal(transform(data, cfg, None, None, channels=channels), prepare(want.reshape(40, 50, -1)[None], cfg)[0])
+        assert transform(data, cfg, parse("inception_crop|flip_lr|randaugment"), example_rng(0, 0, 0), channels=channels).shape == (
+            16,
+            16,
+            channels,
+        )
+
+
 # --------------------------------------------------------------------------- the spec and errors
 
 
@@ -236,6 +263,8 @@ def test_corrupt_bytes_and_missing_rng_are_clear():
                 transform(data, tiny(), aug, example_rng(0, 0, 0), channels=3)
     with pytest.raises(ValueError, match="example_rng"):
         transform(good, tiny(), parse("flip_lr"), None, channels=3)
+    with pytest.raises(DataError, match="must be uint8"):
+        transform(np.zeros((4, 4, 3), np.float32), tiny(), parse("flip_lr"), example_rng(0, 0, 0), channels=3)
     with pytest.raises(DataError, match="3 channels, the model 1"):
         transform(good, tiny(channels=1), None, None, channels=3)
 

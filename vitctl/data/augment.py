@@ -46,7 +46,7 @@ from vitctl.errors import ConfigError, DataError, VitctlError
 
 ASPECT_RANGE = (3 / 4, 4 / 3)  # Inception (arXiv:1409.4842 sec. 6) and torchvision RandomResizedCrop
 CROP_TRIES = 10  # then a central crop, as torchvision
-REDUCING_GAP = 3.0  # PIL: box-reduce by an integer factor first when shrinking 3x or more (within 1/3 px of the full kernel)
+REDUCING_GAP = 3.0  # PIL: a big shrink first reduce()s by an integer factor, leaving a resample of >= 3x (close to one full resample)
 FILL = 128  # grey for the area rotate/shear/translate uncover (TF autoaugment's replace value)
 
 
@@ -58,9 +58,8 @@ class Op:
     args: tuple[float, ...] = ()
 
     def __str__(self) -> str:
-        return self.name + (
-            f"({','.join(repr(a).removesuffix('.0') for a in self.args)})" if self.args else ""
-        )  # round-trips through parse
+        args = ",".join(repr(a).removesuffix(".0") for a in self.args)  # repr, so that parse(str(op)) gives the same floats
+        return f"{self.name}({args})" if args else self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +173,7 @@ def _resize(im, args, rng, ctx: _Ctx):
     if x.shape[1:3] != (s, s):
         x = resize(x, (s, s), spec.resize, spec.antialias)
     x = np.clip(np.round(x[0]), 0, 255).astype(np.uint8)
-    return _pil().fromarray(x[..., 0] if ctx.mode == "L" else x, ctx.mode)
+    return _pil().fromarray(x[..., 0] if ctx.mode == "L" else x)  # uint8 [H, W] is "L", [H, W, 3] "RGB"
 
 
 # --------------------------------------------------------------------------- randaugment
@@ -400,5 +399,9 @@ def _open(data):
 
 
 def _from_array(x: np.ndarray, channels: int):
+    if x.dtype != np.uint8:
+        raise DataError(
+            f"images must be uint8 arrays (or encoded bytes), got {x.dtype} {x.shape}", hint="records hold uint8 [H, W, C] pixels"
+        )
     x = to_channels(x, channels)
-    return _pil().fromarray(x[..., 0] if channels == 1 else x, "L" if channels == 1 else "RGB")
+    return _pil().fromarray(np.ascontiguousarray(x[..., 0] if channels == 1 else x))  # uint8 [H, W] is "L", [H, W, 3] "RGB"
