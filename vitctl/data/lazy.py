@@ -294,4 +294,5 @@ class ArrowRecords(_Base):
         return to_channels(to_uint8(np.asarray(value)[None], self.describe(i))[0], self.channels), int(self.labels[i])
 
     def describe(self, i) -> str:
-        return f"{self.name} ({self._part}) row {self._row(self._index(i))}"
+        where = f" ({self._part})" if self._part != "all" else ""  # "all": a single Dataset, no splits of its own
+        return f"{self.name}{where} row {self._row(self._index(i))}"
