@@ -1,12 +1,14 @@
 """One process of a 2-process training run on loopback, for tests/train/test_multiprocess.py.
 
-    python -m tests.train.mp_child OUT MODEL_JSON PROCESS_ID PORT [--sigterm-at N]
+    python -m tests.train.mp_child OUT MODEL_JSON PROCESS_ID PORT [--sigterm-at N] [--stream DATA]
     python -m tests.train.mp_child --load SRC[,SRC...] PROCESS_ID PORT
 
 4 simulated CPU devices per process (8 in all), digits data, mesh data=2,fsdp=2,tensor=2,
 the config of tests/train/conftest.py's `reference` run.
 --sigterm-at N: this process (only) sends itself SIGTERM after step N; every process must
 then stop and save at the same step. Process 0 prints the result as JSON on stdout.
+--stream DATA: vitctl's input pipeline on DATA (an ImageFolder) with the settings of
+stream_config (1 grain worker per process, augmentation) on STREAM_MESH.
 --load: each process loads every SRC into the sharded model as `vitctl train --init-from` does
 (on LOAD_MESH: fsdp=4,tensor=2, so that each process holds half of every FSDP-sharded
 parameter) and prints, as JSON, the bytes it read, the bytes its devices hold, and whether
@@ -28,6 +30,7 @@ from vitctl.train.loop import train
 from vitctl.train.settings import TrainConfig
 
 STEPS, BATCH, SAVE_EVERY, MESH = 6, 16, 2, "data=2,fsdp=2,tensor=2"
+STREAM_MESH, STREAM_AUGMENT = "data=8", "inception_crop|flip_lr"
 LOAD_MESH = "fsdp=4,tensor=2"  # data=2 outermost would give each process a whole replica to read
 
 
@@ -35,6 +38,12 @@ def config(model: str, mesh: str = MESH) -> TrainConfig:
     """Adafactor (factored moments: the model has two dims >= 128), sigmoid cross-entropy, cosine with cooldown."""
     return TrainConfig(model=model, data="digits", steps=STEPS, batch_size=BATCH, lr=3e-3, warmup=2, cooldown=2,
                        optimizer="adafactor", loss="sigmoid", save_every=SAVE_EVERY, stats_every=0, mesh=mesh)  # fmt: skip
+
+
+def stream_config(model, steps, save_every, data, workers, augment, mesh="", **kw):
+    """A run on vitctl's own input pipeline (an ImageFolder the test wrote), held-out evaluation included."""
+    return TrainConfig(model=model, data=data, steps=steps, batch_size=8, lr=3e-3, warmup=2, save_every=save_every, stats_every=0,
+                       eval_every=4, mesh=mesh, workers=workers, augment=augment, eval_augment="resize_small(1.143)|central_crop", **kw)  # fmt: skip
 
 
 def main(argv):
@@ -47,7 +56,11 @@ def main(argv):
         if rec["step"] == sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    r = train(config(model), out, on_log=on_log)
+    if "--stream" in argv:
+        tcfg = stream_config(model, STEPS, SAVE_EVERY, argv[argv.index("--stream") + 1], 1, STREAM_AUGMENT, mesh=STREAM_MESH)
+    else:
+        tcfg = config(model)
+    r = train(tcfg, out, on_log=on_log)
     if pid == 0:
         print(json.dumps({**r, "devices": jax.device_count(), "local_devices": jax.local_device_count()}))
 

@@ -97,6 +97,12 @@ FIELD_FLAGS: dict[str, tuple[str, str | None]] = {
     "head_lr_mult": ("The head's learning rate as a multiple of --lr.", None),
     "momentum": ("sgd: momentum (0: plain SGD).", None),
     "nesterov": ("sgd: Nesterov momentum.", None),
+    "workers": ("Input pipeline: grain worker processes per training process (0: in the training process).", None),
+    "augment": ("Per-example augmentation, ops joined by |, e.g. 'inception_crop|flip_lr' (big_vision style).", "resize only"),
+    "eval_augment": ("The held-out split's preprocessing, e.g. 'resize_small(1.143)|central_crop'.", "resize only"),
+    "mixup": ("mixup of pairs of rows, Beta(alpha, alpha) (0: off); labels become soft targets.", None),
+    "cutmix": ("cutmix of pairs of rows, Beta(alpha, alpha) (0: off); with --mixup too, one of them per batch.", None),
+    "skip_bad": ("Replace an unreadable example by the next readable one (counted, reported) instead of stopping.", None),
 }
 REPEATABLE = {"freeze"}  # given several times: joined into the field's comma list
 _KINDS = {"str": str, "int": int, "float": float, "bool": bool}
@@ -213,6 +219,8 @@ def train(
             raise _stopped_before_start(e, out_dir, resume) from None
     if result["interrupted"]:
         raise _stopped(result, out_dir / loop.STATE, out_dir)
+    if primary and result.get("skipped_examples"):
+        _note(f"{result['skipped_examples']} unreadable example(s) were replaced by the next readable one (--skip-bad)")
     if primary:
         _print_summary({k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}, out_dir, json)
 

@@ -1,4 +1,8 @@
-"""Batches for training: `Loader`, shuffled, sliced per process, prepared in a background thread, resumable.
+"""Batches of a split in memory: `Loader`, shuffled, sliced per process, prepared in a background thread, resumable.
+
+`vitctl train` streams through vitctl.data.pipeline.StreamLoader instead (the same order,
+slices and state, on grain, from records read on demand); Loader stays for callers that
+hold a whole split in memory.
 
 - The order of epoch e is the permutation from `np.random.default_rng((seed, epoch))`; each
   process takes its contiguous slice of every global batch, so the batches do not depend

@@ -28,6 +28,7 @@ metrics.jsonl and metrics.png are vitctl.train.report; the data is vitctl.data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import secrets
 import shutil
@@ -93,8 +94,10 @@ def train(
     """Trains per `tcfg` into `out`; returns {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s",
     "out", "interrupted", "signal", "saved_step"}.
 
-    dataset/test_dataset/loader_cls/prepare_fn default to vitctl.data (load_dataset,
-    Loader, prepare); tests pass small stand-ins. max_steps_this_run stops early (as a
+    By default the data streams through vitctl.data.pipeline (StreamLoader, eval_batches)
+    from vitctl.data.lazy.open_records. dataset/test_dataset: splits in memory instead
+    (streamed the same way); with loader_cls (and prepare_fn for the held-out split) tests
+    pass small stand-ins. max_steps_this_run stops early (as a
     signal would), for tests. notify gets one-line notices for the user (a resumed run whose
     schedule changes). SIGTERM/SIGINT from the start of the call on: the current
     step finishes, the state is saved, and the result says interrupted (saved_step: the
@@ -131,7 +134,7 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
 
     primary = jax.process_index() == 0
     init = hooks["init"]
-    dataset, test_dataset, loader_cls, prepare_fn = _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn, init)
+    data = _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn, init)
     start = tstate.latest(out / STATE) if resume else None
     if resume and start is None:
         raise ConfigError(f"--resume: no training state in {out / STATE}", hint="start the run without --resume")
@@ -142,51 +145,84 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
             hooks["notify"](change["message"])
     else:
         ckpt.check_output(out, force)
-        _, h, w, _ = dataset.images.shape
+        side = data.image_side()
         if init is not None:
-            cfg = init_from.run_config(tcfg, init.cfg, max(h, w), dataset.num_classes, init.what)
+            cfg = init_from.run_config(tcfg, init.cfg, side, data.train.num_classes, init.what)
         else:
-            cfg = model_config(tcfg, max(h, w), dataset.num_classes)
-    if cfg.num_classes < dataset.num_classes:
+            cfg = model_config(tcfg, side, data.train.num_classes)
+    if cfg.num_classes < data.train.num_classes:
         raise ConfigError(
-            f"num_classes {cfg.num_classes} is smaller than the data's {dataset.num_classes} classes",
-            hint=f"use --num-classes {dataset.num_classes} or more, or a model config with that many",
+            f"num_classes {cfg.num_classes} is smaller than the data's {data.train.num_classes} classes",
+            hint=f"use --num-classes {data.train.num_classes} or more, or a model config with that many",
         )
     mesh = mesh_for(tcfg.mesh)
     setup = get_setup(cfg, tcfg, mesh)  # checks divisibility before compiling
     provenance = {"source_format": "train", "source": public_source(tcfg.model), "created_by": "vitctl train",
                   "data": public_source(tcfg.data), "seed": tcfg.seed}  # fmt: skip
-    if getattr(dataset, "class_names", None):  # a data set without names (e.g. bare arrays) records none
-        provenance["class_names"] = [str(c) for c in dataset.class_names]
+    if getattr(data.train, "class_names", None):  # a data set without names (e.g. bare arrays) records none
+        provenance["class_names"] = [str(c) for c in data.train.class_names]
     if init is not None and primary:  # hashing the source's files: process 0 alone, which writes config.json
         provenance.update(source=public_source(tcfg.init_from), init_from=init_from.provenance(init, tcfg.init_from))
     signum = any_process(stop.signum)
     if signum:  # signalled while loading and checking: nothing written yet
         raise KeyboardInterrupt(f"signal {signum}")
     sync("vitctl-train-checked")  # every process has checked `out` before process 0 changes it
-    args = (tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn, hooks, cfg, mesh, setup, provenance, start)
+    args = (tcfg, out, stop, resume, data, hooks, cfg, mesh, setup, provenance, start)
     if resume:
         hooks["schedule_change"] = change
         return _run(*args)
     return _fresh(out, cfg, provenance, lambda: _run(*args))
 
 
-def _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn, init=None):
-    """The run's data, loader class and preprocessing: those given, else vitctl.data's."""
-    if dataset is not None and loader_cls is not None and prepare_fn is not None:
-        return dataset, test_dataset, loader_cls, prepare_fn
-    from vitctl.data.loader import Loader
-    from vitctl.data.preprocess import prepare
-    from vitctl.data.sources import load_dataset
+def _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn, init=None) -> _Data:
+    """The run's splits and how to batch them: those given, else vitctl.data's (lazy records, streamed)."""
+    if loader_cls is not None:
+        return _Data(dataset, test_dataset, loader_cls, prepare_fn)
+    from vitctl.data.augment import parse
+    from vitctl.data.pipeline import InMemoryRecords
 
-    loader_cls = loader_cls or Loader
-    prepare_fn = prepare_fn or prepare
-    if dataset is None:
-        channels = (load_config(out) if resume else init.cfg if init is not None else base_model(tcfg)).channels
-        split = {"channels": channels, "test_fraction": tcfg.test_fraction, "seed": tcfg.seed}
-        dataset = load_dataset(tcfg.data, split="train", **split)
-        test_dataset = load_dataset(tcfg.data, split="test", **split)
-    return dataset, test_dataset, loader_cls, prepare_fn
+    parse(tcfg.augment), parse(tcfg.eval_augment)  # a bad spec is refused before anything is read or written
+
+    if dataset is not None:
+        return _Data(InMemoryRecords(dataset), test_dataset and InMemoryRecords(test_dataset))
+    channels = (load_config(out) if resume else init.cfg if init is not None else base_model(tcfg)).channels
+    split = {"channels": channels, "test_fraction": tcfg.test_fraction, "seed": tcfg.seed}
+    from vitctl.data.lazy import open_records
+
+    return _Data(open_records(tcfg.data, "train", **split), open_records(tcfg.data, "test", **split))
+
+
+@dataclasses.dataclass
+class _Data:
+    """The training and held-out splits, and the loaders over them (StreamLoader and eval_batches unless given)."""
+
+    train: Any  # a Records (or, with loader_cls, whatever loader_cls takes)
+    test: Any
+    loader_cls: Any = None
+    prepare_fn: Any = None
+
+    def image_side(self) -> int:
+        from vitctl.data.pipeline import image_side
+
+        return image_side(self.train)
+
+    def loader(self, tcfg: TrainConfig, cfg, index: int, count: int):
+        kw = {"seed": tcfg.seed, "shuffle": True, "drop_remainder": True, "process_index": index, "process_count": count}
+        if self.loader_cls is not None:
+            return self.loader_cls(self.train, cfg, tcfg.batch_size, **kw)
+        from vitctl.data.pipeline import StreamLoader
+
+        return StreamLoader(self.train, cfg, tcfg.batch_size, **kw, workers=tcfg.workers, augment=tcfg.augment,
+                            mixup=tcfg.mixup, cutmix=tcfg.cutmix, skip_bad=tcfg.skip_bad)  # fmt: skip
+
+    def held_out(self, tcfg: TrainConfig, cfg, index: int, count: int):
+        """An iterator of (images, labels, valid) over this process's share of the held-out split."""
+        from vitctl.data import pipeline
+
+        if self.loader_cls is not None:
+            return pipeline.array_batches(self.test, cfg, self.prepare_fn, tcfg.batch_size, process_index=index, process_count=count)
+        return pipeline.eval_batches(self.test, cfg, tcfg.batch_size, process_index=index, process_count=count,
+                                     workers=tcfg.workers, augment=tcfg.eval_augment)  # fmt: skip
 
 
 def _fresh(out: Path, cfg, provenance: dict[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -220,16 +256,16 @@ def _fresh(out: Path, cfg, provenance: dict[str, Any], run: Callable[[], dict[st
             shutil.rmtree(previous, ignore_errors=True)
 
 
-def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn, hooks, cfg, mesh, setup, provenance, start):
+def _run(tcfg, out, stop, resume, data, hooks, cfg, mesh, setup, provenance, start):
     import jax
 
     primary = jax.process_index() == 0
     index, count = process_rows(setup.labels_sharding, tcfg.batch_size)
-    loader = loader_cls(dataset, cfg, tcfg.batch_size, seed=tcfg.seed, shuffle=True, drop_remainder=True,
-                        process_index=index, process_count=count)  # fmt: skip
+    loader = data.loader(tcfg, cfg, index, count)
     if resume:  # restored before anything in `out` changes: a state that cannot be used leaves the run as it was
         state, meta = tstate.restore(out / STATE, start, setup.abstract)
-        loader.restore(meta["data"])
+        own = tstate.read_process_meta(out / STATE, start, index, count)  # this slice's own record, when the layout is the same
+        loader.restore(meta["data"], own) if own is not None else loader.restore(meta["data"])
     elif hooks["init"] is not None:
         params, loaded = init_from.load_into(hooks["init"], cfg, setup.abstract["params"], posemb_resize=tcfg.posemb_resize)
         for message in loaded.messages if primary else ():
@@ -243,7 +279,8 @@ def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn,
         if resume:
             report.truncate_metrics(out / METRICS, start)
     sync("vitctl-train-ready")
-    run = _Run(tcfg, out, stop, hooks, cfg, mesh, setup, provenance, loader, test_dataset, prepare_fn, start, resume)
+    held_out = (lambda: data.held_out(tcfg, cfg, index, count)) if data.test is not None else None
+    run = _Run(tcfg, out, stop, hooks, cfg, mesh, setup, provenance, loader, held_out, start, resume)
     stop_at = tcfg.steps if hooks["max_steps_this_run"] is None else min(tcfg.steps, start + hooks["max_steps_this_run"])
     try:
         state, step, interrupted = run.steps(state, stop_at)
@@ -260,11 +297,11 @@ def _run(tcfg, out, stop, resume, dataset, test_dataset, loader_cls, prepare_fn,
 class _Run:
     """One run from its first step to its result: steps, saves, held-out evaluations, metrics.jsonl, timing."""
 
-    def __init__(self, tcfg, out, stop, hooks, cfg, mesh, setup, provenance, loader, test_dataset, prepare_fn, start, resume):
+    def __init__(self, tcfg, out, stop, hooks, cfg, mesh, setup, provenance, loader, held_out, start, resume):
         import jax
 
         self.tcfg, self.out, self.stop, self.hooks, self.cfg, self.mesh, self.setup = tcfg, out, stop, hooks, cfg, mesh, setup
-        self.provenance, self.loader, self.test_dataset, self.prepare_fn = provenance, loader, test_dataset, prepare_fn
+        self.provenance, self.loader, self.test_batches = provenance, loader, held_out
         self.start, self.resume = start, resume
         self.primary = jax.process_index() == 0
         self.saved_step = start if resume else None
@@ -278,12 +315,13 @@ class _Run:
         import jax
 
         meta = {"data": self.loader.state(), "mesh": dict(self.mesh.shape), "processes": jax.process_count(), "time": time.time()}
-        tstate.save(self.out / STATE, step, state, meta, keep=self.tcfg.keep)
+        own = self.loader.process_state() if hasattr(self.loader, "process_state") else None
+        tstate.save(self.out / STATE, step, state, meta, keep=self.tcfg.keep, process_meta=own)
         self.saved_step = step
         tstate.write_params(self.out, self.cfg, state["params"], {**self.provenance, "step": step, **self.evals}, tag=f"{step:08d}")
 
     def held_out(self, step: int, params) -> float:
-        self.evals.update(test_accuracy=evaluate(self.setup, params, self.test_dataset, self.prepare_fn), test_accuracy_step=step)
+        self.evals.update(test_accuracy=evaluate(self.setup, params, self.test_batches()), test_accuracy_step=step)
         return self.evals["test_accuracy"]
 
     def steps(self, state, stop_at: int):
@@ -297,11 +335,11 @@ class _Run:
                     raise KeyboardInterrupt(f"signal {stop.signum}")
                 return state, step, True
             images, labels = next(it)
-            x, y = setup.put_batch(images, labels)
+            x, y = setup.put_batch(images, labels)  # labels: int [B], or float32 [B, K] targets (mixup / cutmix)
             if step == self.start:
                 sync("vitctl-first-step")  # all processes compile the step together
             batch_stats = setup.stats(state["params"], x) if tcfg.stats_every and (step + 1) % tcfg.stats_every == 0 else None
-            state, metrics = setup.train_step(state, x, y)
+            state, metrics = (setup.train_step if y.ndim == 1 else setup.soft_train_step())(state, x, y)
             step += 1
             self.n_log += tcfg.batch_size
             if step % tcfg.log_every == 0 or step == stop_at:
@@ -325,7 +363,7 @@ class _Run:
         if batch_stats is not None:
             rec.update({k: [float(v) for v in np.asarray(a)] for k, a in jax.device_get(batch_stats).items()})
         every = self.tcfg.eval_every
-        if self.test_dataset is not None and (step == self.tcfg.steps or (every and step % every == 0)):
+        if self.test_batches is not None and (step == self.tcfg.steps or (every and step % every == 0)):
             rec["test_accuracy"] = self.held_out(step, state["params"])
             self.eval_s += time.perf_counter() - now  # not training time: out of the rate and the seconds
             self.t_log = time.perf_counter()
@@ -340,7 +378,7 @@ class _Run:
         """The run's result; a finished run is evaluated (if it was not at its last step) and plotted."""
         tcfg, evals = self.tcfg, self.evals
         seconds = time.perf_counter() - self.t0 - self.eval_s
-        if self.test_dataset is not None and step == tcfg.steps and evals.get("test_accuracy_step") != step:
+        if self.test_batches is not None and step == tcfg.steps and evals.get("test_accuracy_step") != step:
             self.held_out(step, state["params"])  # a finished run resumed as it is: evaluated again, recorded beside its weights
             if self.primary:
                 ckpt.write_config(self.out, self.cfg, {**self.provenance, "step": step, **evals})
@@ -348,6 +386,7 @@ class _Run:
             report.plot(self.out)
         return {
             "steps": step,
+            "skipped_examples": _sum_over_processes(getattr(self.loader, "skipped", 0)),
             "final_loss": self.loss,
             "test_accuracy": evals.get("test_accuracy") if step == tcfg.steps else None,
             "seconds": seconds,
@@ -357,3 +396,14 @@ class _Run:
             "signal": self.stop.signum or None,
             "saved_step": self.saved_step,
         }
+
+
+def _sum_over_processes(value: int) -> int:
+    """The sum of `value` over all processes (each process counts the examples it replaced)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int32(value))))

@@ -79,6 +79,13 @@ class TrainConfig:
     head_lr_mult: float = 1.0  # the head's learning rate, as a multiple of --lr
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
+    # The input pipeline (vitctl.data.pipeline): none of these changes the compiled step.
+    workers: int = 0  # grain worker processes per training process (0: in the training process)
+    augment: str = ""  # per-example augmentation spec (vitctl.data.augment), e.g. inception_crop|flip_lr; "": resize only
+    eval_augment: str = ""  # the held-out split's, e.g. resize_small(1.143)|central_crop; "": resize only
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup of pairs of rows (0: off)
+    cutmix: float = 0.0  # Beta(alpha, alpha) cutmix of pairs of rows (0: off)
+    skip_bad: bool = False  # an unreadable example is replaced by the next readable one (counted) instead of stopping the run
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -103,7 +110,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "keep", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("save_every", "stats_every", "eval_every"):
+        for name in ("save_every", "stats_every", "eval_every", "workers", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (off) or more, got {getattr(self, name)}")
         if self.warmup is None:

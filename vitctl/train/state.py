@@ -1,7 +1,9 @@
 """What a run saves: training-state checkpoints under OUT/state/ for exact resume, and OUT/params/.
 
     state/00000020/tree/     Orbax (StandardCheckpointer): {"params", "opt", "step"}
-    state/00000020/meta.json {"step", "rng", "data": Loader.state(), "mesh", "time"}
+    state/00000020/meta.json {"step", "rng", "data": StreamLoader.state(), "mesh", "time"}
+    state/00000020/data/process_0-of-2.json  each process's own data record (its slice, skipped
+                             examples, grain's iterator state), as Orbax's grain handler writes it
 
 Each step directory is written under a temporary name and renamed when complete, so
 a run killed at any moment (SIGKILL included) leaves only whole checkpoints; `latest`
@@ -149,7 +151,7 @@ def _save_failed(d: Path, step: int, reason: str) -> CheckpointError:
     )
 
 
-def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep: int = 3) -> Path:
+def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep: int = 3, process_meta: dict | None = None) -> Path:
     """Writes state_dir/{step:08d} atomically; then deletes all but the newest `keep` (and stale temporaries).
 
     With several processes every process calls this: each writes the shards it holds
@@ -157,7 +159,8 @@ def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep
     have finished (barriers before and after, so no process runs ahead of the commit).
     A save that does not fit (disk space, file size limit) is refused before anything is
     written; any failed write leaves the complete checkpoints as they were. Both raise
-    CheckpointError naming the latest complete one.
+    CheckpointError naming the latest complete one. `process_meta`: this process's own
+    record, written by each process as data/process_<i>-of-<n>.json.
     """
     import jax
 
@@ -183,6 +186,10 @@ def save(state_dir: str | Path, step: int, tree: Any, meta: dict[str, Any], keep
             with _orbax_quiet(), _ocp().StandardCheckpointer() as ckptr:
                 ckptr.save(tmp / "tree", tree)
                 ckptr.wait_until_finished()
+            if process_meta is not None:
+                own = tmp / process_file(jax.process_index(), jax.process_count())
+                own.parent.mkdir(exist_ok=True)
+                own.write_text(json.dumps(process_meta) + "\n")
             sync(f"vitctl-state-written-{step}")
             if primary:
                 (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2) + "\n")
@@ -233,6 +240,20 @@ def read_meta(state_dir: str | Path, step: int) -> dict[str, Any]:
     if meta.get("step") != step or not isinstance(data, dict):
         raise _damaged(d, step, "meta.json does not describe this step and its data position")
     return meta
+
+
+def process_file(index: int, count: int) -> str:
+    """A process's own data record inside a state directory."""
+    return f"data/process_{index}-of-{count}.json"
+
+
+def read_process_meta(state_dir: str | Path, step: int, index: int, count: int) -> dict[str, Any] | None:
+    """Process `index` of `count`'s own record in state `step`, or None (saved by another process count, or before them)."""
+    path = Path(state_dir).absolute() / f"{step:08d}" / process_file(index, count)
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    return record if isinstance(record, dict) else None
 
 
 def _mismatch(stored: Any, abstract_tree: Any) -> str | None:

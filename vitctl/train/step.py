@@ -93,6 +93,7 @@ class Setup:
         }
         self.images_sharding = batch_sharding(mesh, 4)
         self.labels_sharding = batch_sharding(mesh, 1)
+        self.targets_sharding = batch_sharding(mesh, 2)
         self._compile(repl)
 
     def _compile(self, repl) -> None:
@@ -131,6 +132,39 @@ class Setup:
             out_shardings=repl,
         )
 
+        def correct(params, images, labels, valid):
+            hit = nnx.merge(graphdef, params)(images)[0].argmax(-1) == labels
+            return (hit & (valid > 0)).sum(), (valid > 0).sum()
+
+        self.correct = jax.jit(correct, in_shardings=(self.param_shardings, self.images_sharding, self.labels_sharding,
+                               self.labels_sharding), out_shardings=repl)  # fmt: skip
+        self._soft_step = None
+
+    def soft_train_step(self):
+        """The train step for float32 [B, K] target distributions (mixup / cutmix), compiled on first use.
+
+        A separate function, so runs with int labels compile and compute exactly what they did."""
+        import jax
+        from flax import nnx
+
+        if self._soft_step is None:
+            tcfg, graphdef, tx, lr_fn = self.tcfg, self.graphdef, self.tx, self.lr_fn
+
+            def loss_fn(params, images, targets):
+                logits, _ = nnx.merge(graphdef, params)(images)
+                return soft_objective(logits, targets, tcfg.loss, tcfg.label_smoothing)
+
+            def train_step(state, images, targets):
+                loss, grads = jax.value_and_grad(loss_fn)(state["params"], images, targets)
+                updates, opt = tx.update(grads, state["opt"], state["params"])
+                params = optax_apply(state["params"], updates)
+                metrics = {"loss": loss, "grad_norm": optim.optax.tree.norm(grads), "lr": lr_fn(state["step"])}
+                return {"params": params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+
+            self._soft_step = jax.jit(train_step, in_shardings=(self.shardings, self.images_sharding, self.targets_sharding),
+                                      out_shardings=(self.shardings, self.shardings["step"]), donate_argnums=0)  # fmt: skip
+        return self._soft_step
+
     def init_state(self, seed: int):
         import jax
         from flax import nnx
@@ -167,18 +201,23 @@ class Setup:
         }
 
     def put_batch(self, images, labels):
+        """This process's rows as global arrays: images [B, S, S, C]; labels int32 [B], or float32 [B, K] targets."""
         import jax
 
-        return (
-            jax.make_array_from_process_local_data(self.images_sharding, np.asarray(images)),
-            jax.make_array_from_process_local_data(self.labels_sharding, np.asarray(labels, np.int32)),
+        labels = np.asarray(labels)
+        y = (
+            jax.make_array_from_process_local_data(self.targets_sharding, np.asarray(labels, np.float32))
+            if labels.ndim == 2
+            else jax.make_array_from_process_local_data(self.labels_sharding, np.asarray(labels, np.int32))
         )
+        return jax.make_array_from_process_local_data(self.images_sharding, np.asarray(images)), y
 
 
 _SETUPS: dict[Any, Setup] = {}
 # Fields that do not change the compiled functions: runs differing only in these share a Setup.
 _NOT_COMPILED = {"model": "", "data": "", "seed": 0, "save_every": 0, "keep": 1, "stats_every": 0, "eval_every": 0, "log_every": 1,
-                 "test_fraction": 0.2, "init_from": None, "prefix": None, "posemb_resize": "bilinear"}  # fmt: skip
+                 "test_fraction": 0.2, "init_from": None, "prefix": None, "posemb_resize": "bilinear", "workers": 0, "augment": "",
+                 "eval_augment": "", "mixup": 0.0, "cutmix": 0.0, "skip_bad": False}  # fmt: skip
 
 
 def get_setup(cfg: ViTConfig, tcfg: TrainConfig, mesh) -> Setup:
@@ -227,18 +266,31 @@ def attention_stats(graphdef, params, images) -> dict[str, Any]:
     return {"attn_logit_max": jnp.stack(maxes), "attn_entropy": jnp.stack(ents)}
 
 
-def evaluate(setup: Setup, params, data, prepare_fn) -> float:
-    """Top-1 accuracy on `data` (batches of the training batch size; the last one padded)."""
+def soft_objective(logits, targets, loss: str = "softmax", label_smoothing: float = 0.0):
+    """Mean loss over the batch against target distributions: logits [B, K], targets float32 [B, K] (rows sum to 1).
+
+    vitctl.train.optim.objective with the one-hot targets replaced: the same smoothing, the same
+    softmax and sigmoid (summed over classes) cross-entropies."""
+    import jax.numpy as jnp
+    import optax
+
+    logits, targets = logits.astype(jnp.float32), targets.astype(jnp.float32)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
+    if loss == "softmax":
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1).mean()
+
+
+def evaluate(setup: Setup, params, batches) -> float:
+    """Top-1 accuracy over `batches`: this process's (images, labels, valid) of every global batch
+    (vitctl.data.pipeline.eval_batches); pad rows (valid 0) are not counted."""
     import jax
 
-    bs, correct = setup.tcfg.batch_size, 0
-    n = len(data.labels)
-    for i in range(0, n, bs):
-        images = np.asarray(prepare_fn(data.images[i : i + bs], setup.cfg))
-        k = len(images)
-        if k < bs:
-            images = np.concatenate([images, np.zeros((bs - k, *images.shape[1:]), images.dtype)])
-        x = jax.device_put(images, setup.images_sharding)
-        pred = np.asarray(jax.device_get(setup.predict(params, x)))[:k]
-        correct += int((pred == np.asarray(data.labels[i : i + k])).sum())
-    return correct / max(n, 1)
+    correct = total = 0
+    for images, labels, valid in batches:
+        x, y = setup.put_batch(images, labels)
+        v = jax.make_array_from_process_local_data(setup.labels_sharding, np.asarray(valid, np.int32))
+        c, n = jax.device_get(setup.correct(params, x, y, v))
+        correct, total = correct + int(c), total + int(n)
+    return correct / max(total, 1)
