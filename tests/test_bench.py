@@ -389,3 +389,30 @@ def test_transfer_benchmark_script_runs(tmp_path):
         load = rows[f"load {fmt} tiny -> data=2,fsdp=2,tensor=2"]
         assert load["baseline"] == f"cp -r {fmt} tiny" and load["ratio"] > 0 and "on 8 devices" in load["note"]
     assert not any(tmp_path.iterdir())  # checkpoints and copies removed
+
+
+def test_data_benchmark_script_runs(tmp_path):
+    """bench/data.py (the input pipeline against timm's, and the train step it feeds) end to end at its
+    tiny size: per worker count, vitctl's pipeline over the ImageFolder and over its packed form against
+    timm's loader on the same files, and the step fed by it against the step on a synthetic batch; the
+    generated images and the packed set are removed."""
+    import subprocess
+
+    pytest.importorskip("timm")
+    pytest.importorskip("grain")
+    script = Path(__file__).resolve().parents[1] / "bench" / "data.py"
+    p = subprocess.run([sys.executable, str(script), "--tiny", "--json", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = _check_rows(json.loads(p.stdout)["rows"])
+    for w in (0, 1):
+        timm = rows[f"input imagefolder b8 w{w} timm"]
+        assert timm["value"] > 0 and timm["unit"] == "images/s"
+        for src in ("imagefolder", "packed"):
+            ours = rows[f"input {src} b8 w{w} vitctl"]
+            assert ours["baseline"] == timm["name"] and ours["value"] > 0 and ours["ratio"] > 0, ours
+        fed = rows[f"train tiny b8 w{w} packed"]
+        assert fed["baseline"] == "train tiny b8 synthetic" and fed["value"] > 0 and fed["ratio"] > 0, fed
+    assert rows["train tiny b8 synthetic"]["value"] > 0
+    assert rows["train tiny b8 workers for input >= 0.95 of synthetic"]["unit"] == "workers"
+    assert not any(tmp_path.iterdir())
