@@ -219,6 +219,8 @@ INPUTS: dict[str, list] = {
     "vitctl hub pull me/vit22b-ti": [("_", hub_repo("me/vit22b-ti", branch="exp1"))],
     "HF_HUB_OFFLINE=1 vitctl hub pull": [("_", hub_repo("me/vit22b-ti")), ("_cached", shell("vitctl hub pull me/vit22b-ti --out _cached"))],
     "vitctl probe ckpt/torch": [("_jax", lambda box, p: jax_ckpt(p, tiny(channels=1))), ("ckpt/torch", converted("_jax"))],
+    "vitctl data pack photos": [("photos", photos)],
+    "vitctl data info data/digits-packed": [("data/digits-packed", shell("vitctl data pack digits data/digits-packed --workers 1"))],
 }  # fmt: skip
 
 

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "models": ("models", None), "info": ("models", None), "init": ("models", None), "verify": ("verify", None),
     "demo": ("demo", None), "plan": ("plan", None), "train": ("train", None), "probe": ("probe", None),
     "bench": ("bench", None), "convert": ("convert", "convert"), "hub": ("hub", "hub"),
+    "data": ("data", "data"),
 }  # fmt: skip
 
 

@@ -58,6 +58,7 @@ SHARD_NAME = re.compile(r"(?P<split>train|test)-(?P<index>\d{5})-of-(?P<count>\d
 MAX_CLASSES = 2**24  # far above any real label set; a larger count is a damaged manifest
 MAX_COUNT = 2**40  # records or bytes per shard: a number no file system holds is a damaged manifest
 HASH_CHUNK = 8 * 2**20
+MAX_IMAGE_BYTES = 2**32 - 1  # the header's uint32 length
 
 
 def shard_name(split: str, index: int, count: int) -> str:
