@@ -187,7 +187,7 @@ def test_too_little_disk_is_refused_up_front(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vitctl.untrusted, "free_disk", lambda path: (1000, Path(path)))
     src = image_folder(tmp_path / "photos")
-    with pytest.raises(ResourceError, match=r"packing .*photos .* writes .*; .* has 1000\.0 B free|writes"):
+    with pytest.raises(ResourceError, match=r"packing .*photos \(at least, as keep\) writes [\d.]+ MiB; .* has 0\.0 MiB free"):
         pack(str(src), tmp_path / "p", workers=1)
     assert no_leftovers(tmp_path / "p")
 
@@ -311,6 +311,17 @@ def test_cli_pack_and_info(tmp_path):
     r = vitctl("data", "pack", src, tmp_path / "q", "--workers", "1")
     assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "q")
     assert "18 examples (train 15, test 3)" in r.stderr and "images/s" in r.stderr
+
+
+def test_a_failed_write_is_named_and_leaves_nothing(tmp_path):
+    """A file-size limit (as a full disk would) stops the pack at the first shard it cannot write."""
+    import resource
+
+    src = image_folder(tmp_path / "photos", n=30)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    r = vitctl("data", "pack", src, tmp_path / "p", "--workers", "1", preexec_fn=limit)
+    assert r.returncode == 1 and f"Error: cannot write {tmp_path}/.p.tmp-" in r.stderr and "File too large" in r.stderr, r.stderr
+    assert no_leftovers(tmp_path / "p")
 
 
 def test_cli_errors(tmp_path):

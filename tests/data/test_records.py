@@ -67,6 +67,8 @@ def test_round_trip_exact_across_shards(packed):
         np.testing.assert_array_equal([label for _, label in got], ref.labels)
         np.testing.assert_array_equal(np.stack([pixels(b) for b, _ in got]), ref.images)
         assert source[-1] == got[-1]
+        k = len(source.shards) - 1
+        assert source.describe(len(source) - 1) == f"{root / source.shards[k]['file']} record {source.shards[k]['num_records'] - 1}"
         with pytest.raises(IndexError):
             source[len(source)]
 

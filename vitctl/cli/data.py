@@ -103,7 +103,7 @@ def pack(
     print(dst)
     splits = ", ".join(f"{s} {v['num_examples']:,}" for s, v in result["splits"].items())
     err.print(f"{result['examples']:,} examples ({splits}), {human_bytes(result['bytes'])} in {result['seconds']:.1f} s "
-              f"({result['images_per_s']:,.0f} images/s, {result['workers']} workers)", markup=False)  # fmt: skip
+              f"({result['images_per_s']:,.0f} images/s, {result['workers']} worker{'s' if result['workers'] > 1 else ''})", markup=False)  # fmt: skip
     if result["skipped"]:
         more = ", ..." if result["skipped"] > len(result["skipped_files"]) else ""
         err.print(f"skipped {result['skipped']} unreadable images: {', '.join(result['skipped_files'])}{more}", markup=False)
@@ -124,9 +124,14 @@ def info(
         return
     names = d["class_names"] or [str(i) for i in range(d["num_classes"])]
     how = d["split"] or {}
-    split = "as in the source" if how.get("from") == "source" else f"held out {how.get('test_fraction')} per class, seed {how.get('seed')}"
+    if "test" not in d["splits"]:
+        split = "no test split"
+    elif how.get("from") == "source":
+        split = "test split as in the source"
+    else:
+        split = f"test split held out {how.get('test_fraction')} per class, seed {how.get('seed')}"
     out.print(f"{escape(str(path))}: {escape(str(d['source']))}, {d['image_format']} images decoded to {d['channels']} channels, "
-              f"{d['num_classes']} classes; test split {split}")  # fmt: skip
+              f"{d['num_classes']} classes; {split}")  # fmt: skip
     table = Table("split", "examples", "shards", "bytes", *(escape(n) for n in names[:12]), box=None)
     for s, v in d["splits"].items():
         table.add_row(s, f"{v['num_examples']:,}", str(v["shards"]), human_bytes(v["bytes"]), *(f"{c:,}" for c in v["class_counts"][:12]))

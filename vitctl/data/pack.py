@@ -43,6 +43,7 @@ from vitctl.data.dataset import split_indices
 from vitctl.data.preprocess import IMAGE_SUFFIXES
 from vitctl.data.sources import MAX_INFERRED_CLASSES, _read_source
 from vitctl.data.sources.common import SPLITS, TEST_NAMES, Source, to_channels
+from vitctl.data.sources.idx import is_idx_name
 from vitctl.data.sources.images import _image_files, _subdirs, decode, read_image_folder
 from vitctl.errors import ConfigError, DataError, OutputError, OutputExistsError, VitctlError
 from vitctl.untrusted import read_json, require_disk, sigterm_as_interrupt
@@ -78,7 +79,7 @@ def _is_image_folder(path: Path) -> bool:
     """The same test, in the same order, as vitctl.data.sources picks a reader by."""
     if not path.is_dir() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return False
-    return not any(path.rglob("*.parquet")) and not any("idx3" in p.name.lower() and "ubyte" in p.name.lower() for p in path.iterdir())
+    return not any(path.rglob("*.parquet")) and not any(is_idx_name(p.name.lower(), "images") for p in path.iterdir())
 
 
 def _folder_splits(root: Path, channels: int) -> tuple[dict[str, Split], Source]:
@@ -182,7 +183,8 @@ def _encode_one(job: tuple[str, Any], image_format: str, quality: int, channels:
         if image_format == "jpeg":
             _pil_image(pixels, channels).save(out, format="JPEG", quality=quality)
             return out.getvalue(), records.JPEG
-        _pil_image(pixels, channels).save(out, format="PNG")
+        # zlib's fastest level: packing to PNG is bound by the encoder, and higher levels save little on photos.
+        _pil_image(pixels, channels).save(out, format="PNG", compress_level=1)
         return out.getvalue(), records.PNG
     except DataError as e:
         return e.message

@@ -267,10 +267,15 @@ class PackedSource:
         k = bisect.bisect_right(self._ends, i) - 1
         return k, i - self._ends[k]
 
+    def describe(self, i: int) -> str:
+        """Where example i lies, for messages: "SHARD record POS"."""
+        k, pos = self.locate(int(i))
+        return f"{self.root / self.shards[k]['file']} record {pos}"
+
     def record(self, i: int) -> tuple[bytes, int, int]:
         """(image bytes, label, image format code) of example i."""
         k, pos = self.locate(int(i))
-        where = f"{self.root / self.shards[k]['file']} record {pos}"
+        where = self.describe(i)
         try:
             data = self._reader(k).read([pos])[0]
         except RuntimeError as e:
@@ -302,8 +307,7 @@ def describe(root: str | Path, *, verify: bool = False) -> dict[str, Any]:
             for i in range(len(src)):
                 image, _, fmt = src.record(i)
                 if not image.startswith(SIGNATURES[fmt]):
-                    k, pos = src.locate(i)
-                    raise DataError(f"{root / src.shards[k]['file']} record {pos}: the image is not a {FORMAT_NAMES[fmt].upper()} file",
+                    raise DataError(f"{src.describe(i)}: the image is not a {FORMAT_NAMES[fmt].upper()} file",
                                     hint="the packed data is damaged; pack it again")  # fmt: skip
         src.close()
         splits[split] = {"num_examples": info["num_examples"], "bytes": sum(s["bytes"] for s in info["shards"]),
