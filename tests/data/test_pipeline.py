@@ -177,3 +177,16 @@ def test_eval_batches_cover_every_example_once(workers):
     with StreamLoader(records, cfg, 37, shuffle=False, epochs=1) as whole:
         ((x, y),) = list(whole)
     assert all(np.array_equal(images[i], x[i]) for i in range(37))  # "" is resize only, as training without --augment
+
+
+def test_plain_arrays_are_prepared_as_a_batch_with_the_numbers_of_one_at_a_time():
+    """Without ops, same-size arrays are prepared together: bit for bit what augment.transform gives each."""
+    from vitctl.data.augment import transform
+
+    records = Records()
+    records.images = [im[:12, :20] for im in records.images]  # one size: the batched path
+    with StreamLoader(records, CFG, B, seed=3, epochs=1) as loader:
+        (x, y), *_ = list(loader)
+    order = np.random.default_rng((3, 0)).permutation(N)[:B]
+    want = np.stack([transform(records.images[i], CFG, None, None, channels=3) for i in order])
+    assert np.array_equal(x, want) and np.array_equal(y, [records.labels[i] for i in order])

@@ -90,15 +90,29 @@ class _Slots:
                 skipped += 1
 
     def _transform(self, image, epoch: int, index: int) -> np.ndarray:
+        """float32 [S, S, C]; or, without ops, a uint8 [H, W, C] array as it is (`collate` prepares the batch at once)."""
         from vitctl.data import augment
 
         if self._aug is None:
-            self._aug = (augment.parse(self.augment) if self.augment else None,)
-        rng = augment.example_rng(self.seed, epoch, index)
-        return augment.transform(image, self.cfg, self._aug[0], rng, channels=getattr(self.records, "channels", self.cfg.channels))
+            aug = augment.parse(self.augment)
+            self._aug = (aug if aug.ops else None,)
+        channels = getattr(self.records, "channels", self.cfg.channels)
+        if self._aug[0] is None and isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[2:] == (channels,):
+            return image
+        return augment.transform(image, self.cfg, self._aug[0], augment.example_rng(self.seed, epoch, index), channels=channels)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        """Rows -> a batch. Arrays left as they are (no ops) are prepared together, as `prepare` does a batch: the
+        same numbers as one at a time (augment.transform's contract), at a fraction of the cost for small images."""
+        from vitctl.data.preprocess import prepare
+
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "image"}
+        images = [r["image"] for r in rows]
+        if all(x.dtype == np.uint8 and x.shape == images[0].shape for x in images):
+            batch["image"] = prepare(np.stack(images), self.cfg)
+        else:
+            batch["image"] = np.stack([prepare(x[None], self.cfg)[0] if x.dtype == np.uint8 else x for x in images])
+        return batch
 
     def finish(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch's mixup / cutmix (from (seed, epoch, step)); the labels become float32 [B, K] targets."""
@@ -187,10 +201,19 @@ def _iterate(slots: _Slots, start: int, stop: int, workers: int, prefetch: int):
         if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; a library caller has parsed none
             flags.FLAGS.mark_as_parsed()
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
+        options = grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(prefetch, 1))
+        ds = ds.mp_prefetch(options, worker_init_fn=_worker_init)
     else:
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch))
     return iter(ds)
+
+
+def _worker_init(index: int, count: int) -> None:
+    """A grain worker ignores SIGINT: Ctrl-C reaches the whole process group, and the trainer answers it by
+    finishing the step and saving, then closing the workers itself (a worker killed by it would lose its batches)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StreamLoader:

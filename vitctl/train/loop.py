@@ -16,6 +16,10 @@ metrics.jsonl and metrics.png are vitctl.train.report; the data is vitctl.data.
 - Resume restores into an abstract target built for the current mesh, so a run can move
   to another mesh shape; the data iterator's state is restored too, so on one machine
   the resumed losses are bit-identical to an uninterrupted run.
+- Data: every --data source is read on demand (vitctl.data.lazy) and batched by
+  vitctl.data.pipeline on grain (--workers processes, --augment, --mixup/--cutmix); the
+  held-out split streams through eval_batches. The data position saved with each state is
+  global, so a run resumes exactly on any number of processes and workers.
 - Several processes: each loads its slice of every global batch and
   jax.make_array_from_process_local_data assembles it; each writes the checkpoint
   shards it holds and process 0 commits after a barrier; a signal to any process stops

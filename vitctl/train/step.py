@@ -126,11 +126,6 @@ class Setup:
             in_shardings=(self.param_shardings, self.images_sharding),
             out_shardings=repl,
         )
-        self.predict = jax.jit(
-            lambda params, images: nnx.merge(graphdef, params)(images)[0].argmax(-1),
-            in_shardings=(self.param_shardings, self.images_sharding),
-            out_shardings=repl,
-        )
 
         def correct(params, images, labels, valid):
             hit = nnx.merge(graphdef, params)(images)[0].argmax(-1) == labels
