@@ -159,6 +159,8 @@ def test_skip_bad_replaces_by_the_next_readable_example_and_counts():
     wx = np.concatenate([b[0] for b in want])
     assert np.array_equal(x[3], wx[5]) and np.array_equal(x[4], wx[5]) and y[3] == y[4] == 5 % 5  # example 5, with its label
     assert np.array_equal(np.delete(x, [3, 4], 0), np.delete(wx, [3, 4], 0))
+    valid = np.concatenate([v for *_, v in eval_batches(Records(bad=bad), CFG, B, skip_bad=True)])
+    assert valid.sum() == N - 2 and not valid[3] and not valid[4]  # held out: left out of the count, not replaced
 
 
 @pytest.mark.parametrize("workers", [0, 2])

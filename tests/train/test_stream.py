@@ -8,6 +8,7 @@ writes (JPEG and PNG files of several sizes, read on demand), grain workers, aug
 - mixup and cutmix (soft targets, their own compiled step) train and resume exactly.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -102,6 +103,7 @@ def test_sigkill_with_workers_resumes_bit_identically(stream, tmp_path):
     assert losses(out) == losses(stream["root"] / "whole")  # bit for bit, every step
 
 
+@pytest.mark.slow
 def test_mixup_and_cutmix_train_and_resume(stream, tmp_path):
     from vitctl.train.loop import train
 
@@ -114,6 +116,25 @@ def test_mixup_and_cutmix_train_and_resume(stream, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     plain = losses(stream["root"] / "whole")[:6]
     assert all(np.isfinite(losses(tmp_path / "whole"))) and losses(tmp_path / "whole") != plain
+
+
+def test_a_corrupt_file_is_named_or_skipped(stream, tmp_path):
+    """A corrupt JPEG stops the run with an error naming the file; with skip_bad it is replaced and the count reported."""
+    import shutil
+
+    from vitctl.errors import DataError
+    from vitctl.train.loop import train
+
+    data = tmp_path / "photos"
+    shutil.copytree(stream["data"], data)
+    for f in (data / "cat").glob("*.jpg"):  # 6 of the ~29 training images: an epoch (3 steps of 8) reads some of them
+        f.write_bytes(b"\xff\xd8 not a jpeg")
+    tcfg = stream_config(stream["model"], 3, 0, str(data), 0, AUG)
+    with pytest.raises(DataError, match=r"photos/cat/\d\d\.jpg") as e:
+        train(tcfg, tmp_path / "fails")
+    assert "--skip-bad" in e.value.hint and not (tmp_path / "fails").exists()
+    r = train(dataclasses.replace(tcfg, skip_bad=True), tmp_path / "skips")
+    assert r["steps"] == 3 and r["skipped_examples"] >= 1 and 0 <= r["test_accuracy"] <= 1
 
 
 @pytest.mark.slow

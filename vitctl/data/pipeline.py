@@ -75,9 +75,13 @@ class _Slots:
         valid = row < len(self.records)
         index = int(self.order(epoch)[row]) if valid else 0  # a pad row of an eval batch: example 0, masked
         image, label, skipped = self._read(index, epoch)
+        if image is None:  # held out and unreadable, with skip_bad: not counted
+            image, valid = np.zeros((self.cfg.image_size, self.cfg.image_size, self.cfg.channels), np.float32), False
         return {"image": image, "label": np.int32(label), "batch": np.int64(epoch * self.steps + step), "valid": valid, "skipped": skipped}
 
     def _read(self, index: int, epoch: int):
+        """(image, label, skipped); with skip_bad a training example that fails is replaced by the next
+        readable one, a held-out one is (None, 0, 1): left out of the evaluation rather than replaced."""
         n, skipped = len(self.records), 0
         while True:
             i = (index + skipped) % n
@@ -87,6 +91,8 @@ class _Slots:
             except Exception as e:  # noqa: BLE001 (decoders raise many types; all name this example)
                 if not self.skip_bad or skipped >= min(_SKIP_LIMIT, n - 1):
                     raise _bad_example(self.records, i, e, skipped) from None
+                if not self.train:
+                    return None, 0, 1
                 skipped += 1
 
     def _transform(self, image, epoch: int, index: int) -> np.ndarray:
@@ -378,15 +384,17 @@ def _jsonable(x):
 
 
 def eval_batches(records, cfg, batch_size: int, *, process_index: int = 0, process_count: int = 1, workers: int = 0,
-                 augment: str = "", prefetch: int = 2) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+                 augment: str = "", prefetch: int = 2, skip_bad: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
     """One pass over every example in order, for held-out evaluation: (images [B/P, S, S, C], labels [B/P], valid [B/P]).
 
     Global batches of `batch_size`, each process its contiguous slice; the last global batch is
     padded (rows past the end repeat example 0 with valid False), so every process takes the same steps.
+    With skip_bad an unreadable example is a row with valid False (left out of the accuracy), not an error.
     """
     _check(records, cfg, batch_size, process_index, process_count, workers, prefetch)
     steps = -(-len(records) // batch_size)
     slots = _Slots(records, cfg, batch_size, 0, False, process_index, process_count, steps, augment=augment, train=False)
+    slots.skip_bad = skip_bad
     it = _iterate(slots, 0, steps, workers, prefetch)
     try:
         for batch in it:

@@ -226,7 +226,7 @@ class _Data:
         if self.loader_cls is not None:
             return pipeline.array_batches(self.test, cfg, self.prepare_fn, tcfg.batch_size, process_index=index, process_count=count)
         return pipeline.eval_batches(self.test, cfg, tcfg.batch_size, process_index=index, process_count=count,
-                                     workers=tcfg.workers, augment=tcfg.eval_augment)  # fmt: skip
+                                     workers=tcfg.workers, augment=tcfg.eval_augment, skip_bad=tcfg.skip_bad)  # fmt: skip
 
 
 def _fresh(out: Path, cfg, provenance: dict[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
