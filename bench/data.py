@@ -3,7 +3,7 @@ on the same JPEG files, what it feeds the train step, and the trainer's memory a
 set grows tenfold.
 
     python bench/data.py [--images 4000 | --gigabytes G] [--workdir DIR] [--only pipeline,train]
-                         [--repeat 3] [--batches 16] [--workers 0,1,2] [--model vit22b-Ti/16]
+                         [--repeat 3] [--batches 16] [--workers 0,1,2] [--model vit22b-mu/16]
                          [--max-wait 60] [--json] [--tiny]
     python bench/data.py --make DIR [--images N | --gigabytes G]
     python bench/data.py --memory [--sizes 0.3,3] [--memory-steps 400]
@@ -36,14 +36,19 @@ Ratio: vitctl / timm at the same worker count (> 1: vitctl is faster).
 train: images/s of vitctl.train's compiled step (vitctl.train.step.Setup, AdamW, the loop
 of `vitctl train`: next batch, put on the device, step, read the metrics) on --model with
 10 classes at 224 px, batch 64, fed by StreamLoader over ROOT.packed with each --workers
-count, against the same step fed one fixed synthetic batch. Ratio: real / synthetic; the
-input stops being the bottleneck at the fewest workers with a ratio >= 0.95. The workers
-share the CPUs with the step: on a 2-core machine they also take compute from it.
+count (a fresh loader, one warm-up step, --train-steps timed steps), against the same step
+fed one fixed synthetic batch. Ratio: real / synthetic; the input stops being the
+bottleneck at the fewest workers with a ratio >= 0.95. The default model, vit22b-mu/16
+(196 tokens, D=32, one block), steps at about the pipeline's rate on 2 cores, where the
+question is open; vit22b-Ti/16 steps at a few images/s there, far below any input rate.
+The workers share the CPUs with the step: on a 2-core machine they take compute from it.
 
 memory (--memory): two ImageFolders of --sizes GB of JPEG (the smaller a subset, hard
-links, of the larger) packed, then `vitctl train --data PACKED --workers 2 --batch-size 32`
-(vit22b-mu/16 at 64 px, --memory-steps steps: at 400 steps the larger run reads ~13k
-images, more bytes than the whole smaller set) on each, each in its own child process
+links, of the larger; past --distinct images, 10,000, the larger repeats those as hard
+links: a record's bytes matter nothing to memory, and 94k distinct images take minutes)
+packed, then `vitctl train --data PACKED --workers 2 --batch-size 32` (vit22b-mu/16 at 64
+px, --memory-steps steps: at 400 steps the larger run reads ~13k images, more bytes than
+the whole smaller set) on each, each in its own child process
 watched from a small launcher: the trainer's peak RSS (VmHWM, and ru_maxrss from wait4),
 the largest peak RSS of its worker processes (VmHWM, polled every 0.25 s), and the peak of
 the PSS summed over the trainer and its workers (shared pages counted once). The
@@ -135,26 +140,35 @@ def _write_chunk(job: tuple[str, list[int], int, bool]) -> int:
     root, ids, seed, tiny = job
     total = 0
     for i in ids:
-        label, data = make_jpeg(i, seed, tiny)
-        split = "test" if i < TEST_IMAGES else "train"
-        path = Path(root) / split / f"class_{label:02d}" / f"{i:07d}.jpg"
-        path.write_bytes(data)
+        data = make_jpeg(i, seed, tiny)[1]
+        image_path(Path(root), i).write_bytes(data)
         total += len(data)
     return total
 
 
-def make_folder(root: Path, images: int, seed: int = 0, workers: int | None = None, tiny: bool = False) -> int:
+def image_path(root: Path, i: int) -> Path:
+    return root / ("test" if i < TEST_IMAGES else "train") / f"class_{i % CLASSES:02d}" / f"{i:07d}.jpg"
+
+
+def make_folder(root: Path, images: int, seed: int = 0, workers: int | None = None, tiny: bool = False, distinct: int | None = None) -> int:
     """The ImageFolder of `images` training images (+ TEST_IMAGES held out) under root, written by a
-    process pool; returns the JPEG bytes written. Image i is the same whoever writes it."""
+    process pool; returns the JPEG bytes of its training images. Image i is the same whoever writes it.
+    With `distinct`, the training images past the first `distinct` are hard links to those (same class)."""
     import multiprocessing
 
     for split in ("train", "test"):
         for k in range(CLASSES):
             (root / split / f"class_{k:02d}").mkdir(parents=True, exist_ok=True)
-    ids = list(range(images + TEST_IMAGES))
+    made = images if distinct is None or distinct >= images else max(CLASSES, distinct - distinct % CLASSES)
+    ids = list(range(made + TEST_IMAGES))
     chunks = [(str(root), ids[i : i + 200], seed, tiny) for i in range(0, len(ids), 200)]
     with multiprocessing.get_context("fork").Pool(workers or B.num_cores()) as pool:
-        return sum(pool.imap_unordered(_write_chunk, chunks))
+        total = sum(pool.imap_unordered(_write_chunk, chunks)) - B.disk_bytes(root / "test")
+    for i in range(TEST_IMAGES + made, TEST_IMAGES + images):
+        src = image_path(root, TEST_IMAGES + (i - TEST_IMAGES) % made)
+        os.link(src, image_path(root, i))
+        total += src.stat().st_size
+    return total
 
 
 def subset_folder(src: Path, dst: Path, images: int) -> None:
@@ -191,13 +205,13 @@ def read_once(*roots: Path) -> int:
 
 def prepare_data(args, workdir: Path) -> tuple[Path, Path | None]:
     """(the ImageFolder, its packed form or None where `vitctl data pack` is missing), made under workdir."""
-    root = workdir / "images"
-    log(f"make {args.images} images ({args.images * MEAN_JPEG_BYTES / 1e9:.2f} GB expected) in {root} ...")
-    nbytes = make_folder(root, args.images, args.seed, tiny=args.tiny)
-    log(f"{nbytes / 1e6:.1f} MB of JPEG; vitctl data pack ...")
-    packed = workdir / "packed"
+    root, packed = workdir / "images", workdir / "packed"
+    if not (root / "train").is_dir():  # else kept from an earlier run (--keep)
+        log(f"make {args.images} images ({args.images * MEAN_JPEG_BYTES / 1e9:.2f} GB expected) in {root} ...")
+        log(f"{make_folder(root, args.images, args.seed, tiny=args.tiny) / 1e6:.1f} MB of JPEG")
     try:
-        log(f"packed in {pack(root, packed, B.num_cores()):.1f} s")
+        if not (packed / "manifest.json").is_file():
+            log(f"vitctl data pack: {pack(root, packed, B.num_cores()):.1f} s")
     except SystemExit as e:
         log(f"no packed set: {e}")
         packed = None
@@ -436,14 +450,14 @@ def train_command(data: Path, out: Path, steps: int, workers: int = 2, batch: in
             "--stats-every", "0", "--json"]  # fmt: skip
 
 
-def make_sets(workdir: Path, gigabytes: list[float], seed: int = 0, shard_size: str | None = None) -> list[tuple[Path, int, int]]:
+def make_sets(workdir: Path, gigabytes: list[float], seed: int = 0, shard_size: str | None = None, distinct: int | None = None):
     """Packed data sets of about each size in GB of JPEG, the smaller ones hard-linked subsets of the
-    largest (written once): [(packed dir, training images, JPEG bytes of the training split)]."""
+    largest (written once; `distinct`: see make_folder): [(packed dir, training images, JPEG bytes of its training split)]."""
     counts = [max(CLASSES, round(g * 1e9 / MEAN_JPEG_BYTES)) for g in gigabytes]
     largest = workdir / "images-largest"
     if not (largest / "train").is_dir():
         log(f"make {max(counts)} images (~{max(gigabytes)} GB) ...")
-        make_folder(largest, max(counts), seed)
+        make_folder(largest, max(counts), seed, distinct=distinct)
     sets = []
     for g, n in zip(gigabytes, counts):
         src = largest if n == max(counts) else workdir / f"images-{g:g}GB"
@@ -459,7 +473,7 @@ def make_sets(workdir: Path, gigabytes: list[float], seed: int = 0, shard_size: 
 
 def memory_rows(args, workdir: Path) -> list[B.Row]:
     """`vitctl train` on each set under the watcher: peaks per set, and the larger minus the smaller."""
-    sets, rows, peaks = make_sets(workdir, args.sizes, args.seed), [], []
+    sets, rows, peaks = make_sets(workdir, args.sizes, args.seed, distinct=args.distinct), [], []
     for (packed, n, nbytes), g in zip(sets, args.sizes):
         log(f"vitctl train on {packed.name} ({n} images, {nbytes / 1e9:.2f} GB), {args.memory_steps} steps, 2 workers ...")
         read_once(packed)
@@ -497,13 +511,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--size", type=int, default=224, help="image size of the pipeline's output")
     p.add_argument("--batches", type=int, default=16, help="timed batches per pipeline measurement")
-    p.add_argument("--model", default="vit22b-Ti/16", help="the train part's model (default vit22b-Ti/16)")
-    p.add_argument("--train-steps", type=int, default=4, help="timed steps per train measurement")
+    p.add_argument("--model", default="vit22b-mu/16", help="the train part's model (default vit22b-mu/16)")
+    p.add_argument("--train-steps", type=int, default=8, help="timed steps per train measurement")
     p.add_argument("--repeat", type=int, default=3, help="rounds (default 3); the best counts")
     p.add_argument("--memory", action="store_true", help="run the memory comparison (instead of --only's parts)")
     p.add_argument("--sizes", default="0.3,3", help="--memory: the data sets, in GB of JPEG (default 0.3,3)")
     p.add_argument("--memory-steps", type=int, default=400, help="--memory: steps of each vitctl train run")
+    p.add_argument("--distinct", type=int, default=10_000, help="--memory: distinct images; the rest are hard links of them")
     p.add_argument("--workdir", default=None, help="where the data goes (default: a temporary directory, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the data in --workdir, and use what an earlier run kept there")
     p.add_argument("--max-wait", type=float, default=60, help="seconds to wait, over the run, for other processes to go quiet")
     p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} on stdout, nothing else there')
     p.add_argument("--tiny", action="store_true", help="60 small images, workers 0,1, one round, a tiny model at 32 px, no waiting")
@@ -532,7 +548,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown part(s): {', '.join(sorted(unknown))} (known: pipeline, train)")
     monitor, gate = B.LoadMonitor(), B.QuietGate(args.max_wait)
     rows: list[B.Row] = []
-    keep = args.workdir is not None and args.memory  # --memory with --workdir: the sets are reused next time
+    keep = args.workdir is not None and (args.keep or args.memory)  # --memory with --workdir: the sets are reused next time
     work = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="vitctl-bench-data-", dir=args.workdir))
     try:
         if args.memory:
