@@ -43,7 +43,7 @@ def config(model: str, mesh: str = MESH) -> TrainConfig:
 def stream_config(model, steps, save_every, data, workers, augment, mesh="", **kw):
     """A run on vitctl's own input pipeline (an ImageFolder the test wrote), held-out evaluation included."""
     return TrainConfig(model=model, data=data, steps=steps, batch_size=8, lr=3e-3, warmup=2, save_every=save_every, stats_every=0,
-                       eval_every=4, mesh=mesh, workers=workers, augment=augment, eval_augment="resize_small(1.143)|central_crop", **kw)  # fmt: skip
+                       eval_every=4, image_size=16, mesh=mesh, workers=workers, augment=augment, eval_augment="resize_small(1.143)|central_crop", **kw)  # fmt: skip
 
 
 def main(argv):

@@ -6,7 +6,8 @@
   is the one-process batch at every step, whatever the process count.
 - Each example is decoded, augmented and normalized by vitctl.data.augment.transform with
   `example_rng(seed, epoch, index)`: its randomness depends only on (seed, epoch, index),
-  never on the worker or process that reads it.
+  never on the worker or process that reads it. Without ops, same-size arrays (the small
+  in-memory sets) are prepared a batch at once: the same numbers, at a fraction of the cost.
 - mixup / cutmix after batching, from `(seed, epoch, step)`: rows 2k and 2k+1 of every
   global batch are mixed with each other, so pairs never straddle two processes and the
   batch does not depend on the process count; labels become float32 [B, K] targets.
@@ -15,8 +16,9 @@
   (workers=0: in-process, a thread prefetch).
 - State: the global position (epoch, step_in_epoch), enough to resume on any process count
   and any number of workers; grain's own iterator state beside it, per process, for the record.
-- A failing example raises DataError naming it (records.describe); with skip_bad it is
-  replaced by the next example that reads, and counted.
+- A failing example raises DataError naming it (records.describe), from a worker too; with
+  skip_bad a training example is replaced by the next one that reads, and counted, and a
+  held-out one is left out of the accuracy.
 
 Shape letters: B batch (per process), S = cfg.image_size, C channels, K classes.
 """
@@ -29,6 +31,8 @@ from typing import Any, Self
 
 import numpy as np
 
+from vitctl.data import augment as augment_ops
+from vitctl.data.preprocess import prepare
 from vitctl.errors import ConfigError, DataError
 
 _MIX_SALT = 0x6D6978  # keeps the mixing rng's seed apart from the example rngs'
@@ -50,8 +54,6 @@ class _Slots:
         self.skip_bad, self.mixup, self.cutmix, self.num_classes = False, 0.0, 0.0, 0
         self._order: tuple[int, np.ndarray] | None = None
         self._aug = None
-        from vitctl.data import augment as augment_ops
-
         augment_ops.parse(augment)  # a bad spec is a ConfigError here, not a failure in a worker
 
     def __getstate__(self):
@@ -97,21 +99,17 @@ class _Slots:
 
     def _transform(self, image, epoch: int, index: int) -> np.ndarray:
         """float32 [S, S, C]; or, without ops, a uint8 [H, W, C] array as it is (`collate` prepares the batch at once)."""
-        from vitctl.data import augment
-
         if self._aug is None:
-            aug = augment.parse(self.augment)
+            aug = augment_ops.parse(self.augment)
             self._aug = (aug if aug.ops else None,)
         channels = getattr(self.records, "channels", self.cfg.channels)
         if self._aug[0] is None and isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape[2:] == (channels,):
             return image
-        return augment.transform(image, self.cfg, self._aug[0], augment.example_rng(self.seed, epoch, index), channels=channels)
+        return augment_ops.transform(image, self.cfg, self._aug[0], augment_ops.example_rng(self.seed, epoch, index), channels=channels)
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         """Rows -> a batch. Arrays left as they are (no ops) are prepared together, as `prepare` does a batch: the
         same numbers as one at a time (augment.transform's contract), at a fraction of the cost for small images."""
-        from vitctl.data.preprocess import prepare
-
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "image"}
         images = [r["image"] for r in rows]
         if all(x.dtype == np.uint8 and x.shape == images[0].shape for x in images):
@@ -435,21 +433,37 @@ def array_batches(data, cfg, prepare_fn, batch_size: int, *, process_index: int 
         yield np.asarray(prepare_fn(np.asarray(data.images)[rows], cfg)), np.asarray(data.labels)[rows], valid
 
 
-def image_side(records) -> int:
-    """The larger side of the data's images (the model's default image size follows it): from an
-    in-memory split's array, a Records' `image_side` when it knows it, else its first example."""
+def image_side(records, sample: int = 256) -> int:
+    """The larger side of the data's images (the model's default image size follows it), as load_dataset
+    sizes a split: the most common size (ties to the largest), among up to `sample` examples spread over it
+    (an encoded image's header only). From the array of a split in memory, or a Records' `image_side`."""
     images = getattr(records, "images", None)
     if images is not None and getattr(images, "ndim", 0) == 4:
         return int(max(images.shape[1:3]))
     side = getattr(records, "image_side", None)
     if side:
         return int(side)
-    image, _ = records[0]
+    import collections
+
+    picks = np.unique(np.linspace(0, len(records) - 1, min(sample, len(records))).astype(np.int64))
+    sizes: collections.Counter = collections.Counter()
+    for i in picks:
+        try:
+            sizes[_size(records[int(i)][0])] += 1
+        except Exception as e:  # noqa: BLE001 (an unreadable example is the pipeline's to report, or skip)
+            error = _bad_example(records, int(i), e, 0)
+    if not sizes:
+        raise error
+    return int(max(max(sizes, key=lambda hw: (sizes[hw], hw))))  # ties to the largest, as load_dataset
+
+
+def _size(image) -> tuple[int, int]:
+    """(height, width) of encoded bytes (from the header) or an array."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         import io
 
         from PIL import Image
 
         with Image.open(io.BytesIO(bytes(image))) as im:
-            return int(max(im.size))
-    return int(max(np.asarray(image).shape[:2]))
+            return im.height, im.width
+    return tuple(np.asarray(image).shape[:2])
