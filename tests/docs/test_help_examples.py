@@ -204,6 +204,7 @@ INPUTS: dict[str, list] = {
     "vitctl verify big_vision.npz": [("big_vision.npz", big_vision_npz), ("ckpt/torch", converted("big_vision.npz")), ("photos", photos)],
     "vitctl train --config train.yaml": [("train.yaml", write(TRAIN_YAML))],
     "vitctl train --out runs/digits --resume": [("runs/digits", shell("vitctl train --model vit22b-demo/4 --data digits --out runs/digits --steps 2"))],
+    "vitctl train --data data/photos-packed": [("photos", photos), ("data/photos-packed", shell("vitctl data pack photos data/photos-packed --workers 1"))],
     "vitctl train --init-from runs/digits": [("runs/digits", shell("vitctl train --model vit22b-demo/4 --data digits --out runs/digits --steps 2"))],
     "vitctl probe runs/digits": [("runs/digits", lambda box, p: jax_ckpt(p, tiny(channels=1)))],
     "vitctl probe big_vision.npz": [("big_vision.npz", big_vision_npz), ("photos", photos)],

@@ -57,6 +57,8 @@ EXAMPLES = """Examples:
 
   vitctl train --init-from runs/digits --data digits --image-size 24 --out runs/ft --steps 20 --optimizer sgd --lr 0.01 --layer-decay 0.75
 
+  vitctl train --data data/photos-packed --out runs/photos --workers 2 --augment "inception_crop(0.5,1.0)|flip_lr" --mixup 0.2 --steps 10 --batch-size 8
+
   vitctl train --data digits --out /shared/runs/r2 --mesh data=2,fsdp=4 --coordinator 10.0.0.1:5476 --num-processes 2 --process-id 0
 """
 
