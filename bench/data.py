@@ -20,7 +20,8 @@ pipeline: images/s of the input pipeline alone, batch 64 at 224 px, training aug
 for each --workers count:
 - vitctl: vitctl.data.pipeline.StreamLoader over vitctl.data.lazy.open_records(ROOT) (the
   ImageFolder read lazily) and over ROOT.packed, augment "inception_crop(0.08,1.0)|flip_lr"
-  (random-resized crop, scale 0.08-1, then a random horizontal flip), float32 [B,S,S,C];
+  (random-resized crop, scale 0.08-1, then a random horizontal flip), float32 [B,S,S,C]; at
+  0 workers grain reads in this process on two threads (PIL lets go of the GIL), timm on one;
 - timm: timm.data.create_loader over timm.data.ImageDataset(ROOT/train), is_training, no
   colour jitter, no auto-augment, no prefetcher (a CPU run): RandomResizedCrop(224,
   scale 0.08-1, bilinear) + flip + ToTensor + Normalize, a torch DataLoader with the same
