@@ -6,11 +6,12 @@ reported: which layer, which pooling, which preprocessing, which classifier prot
 - Checkpoint: anything vitctl.open opens (vitctl-jax, vitctl-torch, timm export, big_vision
   .npz, hf://), run on either backend: the parameters are read under
   JAX per-layer names and loaded into the JAX or the PyTorch model, whatever the format.
-- Data: the sources of `vitctl train` (vitctl.train.data.load_dataset: digits, Fashion-MNIST,
-  ImageFolder, .npz, IDX, HF datasets), its train/test split (seeded, stratified where the
-  source has no test split) and its host preprocessing (`prepare`: the config's resize and
-  value mapping). Both backends get the very same input arrays, so a JAX-vs-PyTorch gap is
-  the models' alone.
+- Data: every source of `vitctl train` (vitctl.data.lazy.open_records: digits, Fashion-MNIST,
+  ImageFolder, .npz, IDX, HF datasets, packed dirs), split as it splits them, streamed as it
+  streams its held-out split (data.pipeline.eval_batches, --workers grain processes) with the
+  config's resize and value mapping (bit for bit `prepare`): only features [N, D] and labels
+  are held, never a split's images. Labels: the Records' own, else the batches' (packed).
+  Both backends get the very same input arrays, so a JAX-vs-PyTorch gap is the models' alone.
 - Features (`--layer`, `--pool`):
   pre_logits: the model's own pooled representation (its MAP head, GAP or class token after
     the final norm), big_vision's default few-shot representation. --pool must be omitted
@@ -20,14 +21,16 @@ reported: which layer, which pooling, which preprocessing, which classifier prot
     or tok (the class token, only for a model that has one). map is refused: the MAP head
     was trained on the final-norm output of the last block, so on any other input it is an
     arbitrary function, and on its own input it *is* pre_logits.
-  Extracted in batches (the last one padded for JAX, so it compiles once), fp32 matmuls at
-  the highest precision (vitctl.verify.set_precision).
+  Extracted in batches (the last one padded for JAX, so it compiles once; torch runs only the
+  real rows), fp32 matmuls at the highest precision (vitctl.verify.set_precision).
 - Cache: features are stored under $VITCTL_CACHE (default ~/.cache/vitctl)/probe/ as an .npz
   (no pickle) named by the SHA-256 of a key: the checkpoint's content hash (config.json and
-  every weight file, streamed), the backend, the data's content hash (the uint8 images and
-  labels of both splits), layer, pooling, preprocessing and compute dtype. Entries are
-  written atomically (temporary file + os.replace) and checked on read (stored key, shapes,
-  dtype, finite values); an unreadable or mismatched entry is recomputed and replaced.
+  every weight file, streamed), the backend, the data's identity (`data_hash`: a packed
+  split's manifest entry, its shards' sha256s; any other source's every record, bytes or
+  pixels and label, streamed), the split settings, layer, pooling, preprocessing and compute
+  dtype. An entry holds the features and labels of both splits; it is written atomically
+  (temporary file + os.replace) and checked on read (stored key, shapes, dtype, finite
+  values, labels in range); an unreadable or mismatched entry is recomputed and replaced.
 - Linear probe (CLIP's protocol, arXiv:2103.00020 sec. 3.2 / appendix A.3): L2-regularised
   multinomial logistic regression, scikit-learn's L-BFGS solver. C (inverse regularisation)
   (tol 1e-6, max_iter 1000) is swept over 10^-6 .. 10^6 (one value per decade) on a held-out, stratified 20% of the
@@ -74,7 +77,7 @@ from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError, DataError, MissingDependencyError
 from vitctl.open import Checkpoint, open_checkpoint
 
-FEATURES_VERSION = 1  # bump when extraction changes, so old cache entries are not used
+FEATURES_VERSION = 2  # bump when extraction changes, so old cache entries are not used
 MODES = ("linear", "fewshot", "both")
 POOLS = ("map", "gap", "tok")
 DEFAULT_SHOTS = (1, 5, 10, 25)
@@ -195,22 +198,25 @@ def make_extractor(ck: Checkpoint, cfg: ViTConfig, backend: str, feats: Features
 
 
 def extract(
-    extractor: Callable[[np.ndarray], np.ndarray], images: np.ndarray, cfg: ViTConfig, batch_size: int, pad: bool,
-    on_batch: Callable[[int], None] | None = None,
-) -> np.ndarray:  # fmt: skip
-    """Features of uint8 [N, H, W, C] images, batch by batch (prepared on the host per cfg.preprocess)."""
-    from vitctl.data.preprocess import prepare
+    extractor: Callable[[np.ndarray], np.ndarray], records, cfg: ViTConfig, batch_size: int, pad: bool,
+    on_batch: Callable[[int], None] | None = None, *, workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Features float32 [N, D] and labels int32 [N] of a Records, streamed through eval_batches without augmentation
+    (the config's resize, as `prepare`). `pad`: the padded last batch runs whole (JAX: one shape), else its real rows."""
+    from vitctl.data.pipeline import eval_batches
 
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = prepare(images[i : i + batch_size], cfg)
-        k = len(x)
-        if pad and k < batch_size:  # one shape: JAX compiles once
-            x = np.concatenate([x, np.zeros((batch_size - k, *x.shape[1:]), x.dtype)])
-        out.append(np.asarray(extractor(x), np.float32)[:k])
-        if on_batch:
-            on_batch(k)
-    return np.concatenate(out)
+    # The classifier head is not run: data with more classes than the model has is fine here.
+    cfg = dataclasses.replace(cfg, num_classes=0)
+    feats, labels = [], []
+    with contextlib.closing(eval_batches(records, cfg, batch_size, workers=workers)) as batches:
+        for x, y, valid in batches:
+            k = int(valid.sum())
+            assert valid[:k].all(), "eval_batches pads only the end of the last batch"
+            feats.append(np.asarray(extractor(x if pad else x[:k]), np.float32)[:k])
+            labels.append(np.array(y[:k], np.int32))  # a copy: a view would keep grain's shared memory alive
+            if on_batch:
+                on_batch(k)
+    return np.concatenate(feats), np.concatenate(labels)
 
 
 # Content hashes and the feature cache.
@@ -225,21 +231,46 @@ def content_hash(files: Sequence[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def data_hash(*splits) -> str:
-    """SHA-256 of the images (uint8, with their shape) and labels of each split, in order."""
-    h = hashlib.sha256()
-    for d in splits:
-        h.update(f"{d.split}:{d.images.shape}:{d.num_classes}\n".encode())
-        h.update(np.ascontiguousarray(d.images).data)
-        h.update(np.ascontiguousarray(d.labels, np.int32).data)
+def data_hash(*splits, settings: dict[str, Any]) -> str:
+    """SHA-256 of `settings` (the split's) and each split's data: a packed split's manifest entry (its shards'
+    names, sizes, record counts and sha256s), else every example's bytes or pixels (shape, dtype) and label, streamed."""
+    from vitctl.data.records import PackedSource
+
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for r in splits:
+        h.update(f"{type(r).__name__}:{getattr(r, 'split', '')}:{len(r)}:{r.num_classes}:{r.channels}\n".encode())
+        if isinstance(r, PackedSource):
+            h.update(json.dumps([[s["file"], s["num_records"], s["bytes"], s["sha256"]] for s in r.shards]).encode())
+            continue
+        for i in range(len(r)):
+            image, label = r[i]
+            if isinstance(image, np.ndarray):
+                h.update(f"{i}:{int(label)}:{image.dtype.str}{image.shape}\n".encode())
+                h.update(np.ascontiguousarray(image).data)
+            else:
+                h.update(f"{i}:{int(label)}:bytes{len(image)}\n".encode())
+                h.update(image)
     return h.hexdigest()
 
 
-def load_cached(path: Path, key: str, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | str:
-    """(train, test) features from a cache entry, or the reason it cannot be used."""
+def class_counts(records) -> np.ndarray:
+    """Examples per class, [num_classes], of a split: from its labels, a packed split's manifest, or a pass over it."""
+    from vitctl.data.records import PackedSource, read_manifest
+
+    labels = getattr(records, "labels", None)
+    if labels is None and isinstance(records, PackedSource):
+        return np.asarray(read_manifest(records.root)["splits"][records.split]["class_counts"])
+    labels = [records[i][1] for i in range(len(records))] if labels is None else labels
+    return np.bincount(np.asarray(labels, np.int64), minlength=records.num_classes)
+
+
+def load_cached(path: Path, key: str, sizes: tuple[int, int], num_classes: int = 0) -> tuple | str:
+    """(train, test, labels) from a cache entry, or the reason it cannot be used (a str): float32 [N, D]
+    features, and (train, test) int32 [N] labels in [0, num_classes) (0: any), None if the entry holds none."""
     try:
         with np.load(path, allow_pickle=False) as z:
             stored, train, test = str(z["key"][()]), z["train"], z["test"]
+            labels = (z["train_labels"], z["test_labels"]) if "train_labels" in z.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         return f"unreadable ({type(e).__name__}: {e})"
     if stored != key:
@@ -247,16 +278,20 @@ def load_cached(path: Path, key: str, sizes: tuple[int, int]) -> tuple[np.ndarra
     for name, a, n in (("train", train, sizes[0]), ("test", test, sizes[1])):
         if a.dtype != np.float32 or a.ndim != 2 or len(a) != n or a.shape[1] != train.shape[1] or not np.isfinite(a).all():
             return f"its {name} features have shape {a.shape} and dtype {a.dtype}, or non-finite values"
-    return train, test
+    for name, y, n in zip(("train", "test"), labels or (), sizes, strict=False):
+        if y.dtype != np.int32 or y.shape != (n,) or (n and (y.min() < 0 or (num_classes and y.max() >= num_classes))):
+            return f"its {name} labels have shape {y.shape} and dtype {y.dtype}, or values outside the classes"
+    return train, test, labels
 
 
-def save_cached(path: Path, key: str, train: np.ndarray, test: np.ndarray) -> None:
-    """Writes the entry atomically: a temporary file in the same directory, then os.replace."""
+def save_cached(path: Path, key: str, train: np.ndarray, test: np.ndarray, labels: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Writes the entry (features, and labels when given) atomically: a temporary file in the same directory, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    extra = {"train_labels": labels[0], "test_labels": labels[1]} if labels is not None else {}
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), train=train, test=test)
+            np.savez(f, key=np.array(key), train=train, test=test, **extra)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -368,7 +403,7 @@ def fewshot(
 
 
 # Checks before any work.
-def check_options(mode: str, shots: Sequence[int], seeds: int, batch_size: int, l2: float) -> None:
+def check_options(mode: str, shots: Sequence[int], seeds: int, batch_size: int, l2: float, workers: int = 0) -> None:
     if mode not in MODES:
         raise ConfigError(f"unknown --mode '{mode}'", hint=f"choose one of: {', '.join(MODES)}")
     if mode != "linear":
@@ -382,11 +417,15 @@ def check_options(mode: str, shots: Sequence[int], seeds: int, batch_size: int, 
             raise ConfigError(f"the few-shot L2 must be positive, got {l2}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be 0 (read in this process) or more, got {workers}")
 
 
 def check_data(train, test, mode: str, shots: Sequence[int]) -> None:
-    """Refuses data a probe cannot use, naming the fix."""
-    classes, counts = np.unique(train.labels, return_counts=True)
+    """Refuses data a probe cannot use, naming the fix. `train`: a Records (or anything with labels and num_classes)."""
+    counts = class_counts(train)
+    classes = np.flatnonzero(counts)
+    counts = counts[classes]
     if len(classes) < 2:
         raise DataError(
             f"{train.name}: the train split has {len(classes)} class(es); a probe needs at least 2",
@@ -407,7 +446,7 @@ def probe(
     ckpt_path: str | Path, data: str, *, backend: str | None = None, layer: str = "pre_logits", pool: str | None = None,
     mode: str = "both", shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 3, batch_size: int = 256, l2: float = DEFAULT_L2,
     split_seed: int = 0, test_fraction: float = 0.2, cs: Sequence[float] = C_GRID, use_cache: bool = True, prefix: str | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None, workers: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """Linear probe and/or few-shot of `ckpt_path`'s frozen features on `data`; returns what --json prints.
 
@@ -417,11 +456,12 @@ def probe(
         cs: the linear probe's grid of C (inverse L2 strength) before refinement; default CLIP's range.
         split_seed, test_fraction: the train/test split of sources without one (as `vitctl train`).
         on_batch: called with (images done, images in all) after each batch of extraction.
+        workers: grain worker processes that read and preprocess the images (0: this process).
     """
     from vitctl.verify import set_precision
 
     t0 = time.perf_counter()
-    check_options(mode, shots, seeds, batch_size, l2)
+    check_options(mode, shots, seeds, batch_size, l2, workers)
     with open_checkpoint(ckpt_path, prefix=prefix, label="CKPT") as ck:
         ck.check_memory("CKPT")  # the parameters are held whole: refused before the data is loaded
         cfg = ck.cfg
@@ -429,16 +469,19 @@ def probe(
         precision = set_precision("fp32" if cfg.dtype == "float32" else "bf16")
         timings = {"open": time.perf_counter() - t0}
         t = time.perf_counter()
-        train, test = _load_data(data, cfg, mode, shots, test_fraction, split_seed)
+        split = {"channels": cfg.channels, "test_fraction": test_fraction, "seed": split_seed}
+        train, test = _open_data(data, split, mode, shots)
         timings["load_data"] = time.perf_counter() - t
         t = time.perf_counter()
         ckpt_hash = content_hash(ck.files(), ck.path)
-        key = _cache_key(ckpt_hash, backend, data_hash(train, test), feats, cfg)
+        key = _cache_key(ckpt_hash, backend, data_hash(train, test, settings=split), feats, cfg)
         entry = cache_dir() / "probe" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
         timings["hash"] = time.perf_counter() - t
         notes = _patch_grid_notes(cfg, ckpt_path)
         cache = (entry, key) if use_cache else None
-        x_train, x_test, cached = _features(ck, backend, feats, (train, test), batch_size, cache, notes, timings, on_batch)
+        x_train, x_test, y_train, y_test, cached = _features(
+            ck, backend, feats, (train, test), (batch_size, workers), cache, notes, timings, on_batch
+        )
     result: dict[str, Any] = {
         "checkpoint": {"path": str(ck.path), "format": ck.format, "sha256": ckpt_hash},
         "data": str(data), "backend": backend, "layer": feats.layer, "pool": feats.pool, "mode": mode,
@@ -448,11 +491,11 @@ def probe(
     }  # fmt: skip
     if mode != "fewshot":
         t = time.perf_counter()
-        result["linear"] = linear_probe(x_train, train.labels, x_test, test.labels, cs=cs)
+        result["linear"] = linear_probe(x_train, y_train, x_test, y_test, cs=cs)
         timings["linear"] = time.perf_counter() - t
     if mode != "linear":
         t = time.perf_counter()
-        result["fewshot"] = fewshot(x_train, train.labels, x_test, test.labels, train.num_classes, shots=shots, seeds=seeds, l2=l2)
+        result["fewshot"] = fewshot(x_train, y_train, x_test, y_test, train.num_classes, shots=shots, seeds=seeds, l2=l2)
         result.update(fewshot_l2=l2, fewshot_seeds=seeds)
         timings["fewshot"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -471,12 +514,11 @@ def _check_model(ck: Checkpoint, backend: str | None, layer: str, pool: str | No
     return backend, feats
 
 
-def _load_data(data: str, cfg: ViTConfig, mode: str, shots: Sequence[int], test_fraction: float, split_seed: int):
-    """The (train, test) splits of `data`, as `vitctl train` splits them, checked for this probe."""
-    from vitctl.data.sources import load_dataset
+def _open_data(data: str, split: dict[str, Any], mode: str, shots: Sequence[int]):
+    """The (train, test) Records of `data`, as `vitctl train` opens and splits them, checked for this probe."""
+    from vitctl.data.lazy import open_records
 
-    split = {"channels": cfg.channels, "test_fraction": test_fraction, "seed": split_seed}
-    train, test = (load_dataset(str(data), s, **split) for s in ("train", "test"))
+    train, test = (open_records(str(data), s, **split) for s in ("train", "test"))
     check_data(train, test, mode, shots)
     return train, test
 
@@ -500,22 +542,47 @@ def _patch_grid_notes(cfg: ViTConfig, ckpt_path: str | Path) -> list[str]:
 
 
 def _features(
-    ck: Checkpoint, backend: str, feats: Features, splits: tuple, batch_size: int, cache: tuple[Path, str] | None,
+    ck: Checkpoint, backend: str, feats: Features, splits: tuple, batching: tuple[int, int], cache: tuple[Path, str] | None,
     notes: list[str], timings: dict[str, float], on_batch: Callable[[int, int], None] | None,
-) -> tuple[np.ndarray, np.ndarray, bool]:  # fmt: skip
-    """(train, test) features and whether they came from `cache` (entry, key); else extracted and stored there."""
-    train, test = splits
-    if cache is not None and cache[0].exists():
-        got = load_cached(cache[0], cache[1], (len(train), len(test)))
-        if not isinstance(got, str):
-            return *got, True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:  # fmt: skip
+    """(train features, test features, train labels, test labels, whether from `cache` (entry, key)); else
+    extracted with `batching` (batch size, workers) and stored there. A split's own labels win over the entry's or the batches'."""
+    got = _cached(cache, splits, notes)
+    cached = got is not None
+    if got is None:
+        got = _extract_splits(ck, backend, feats, splits, batching, timings, on_batch)
+        if cache is not None:
+            save_cached(*cache, *got)
+    x_train, x_test, labels = got
+    own = [getattr(r, "labels", None) for r in splits]
+    y_train, y_test = (np.asarray(o, np.int32) if o is not None else y for o, y in zip(own, labels, strict=True))
+    return x_train, x_test, y_train, y_test, cached
+
+
+def _cached(cache: tuple[Path, str] | None, splits: tuple, notes: list[str]) -> tuple | None:
+    """(train, test, labels) from the cache entry; None where there is none, or it cannot be used (noted)."""
+    if cache is None or not cache[0].exists():
+        return None
+    got = load_cached(cache[0], cache[1], (len(splits[0]), len(splits[1])), splits[0].num_classes)
+    if not isinstance(got, str) and got[2] is None:
+        got = "it holds no labels"
+    if isinstance(got, str):
         notes.append(f"cache entry {cache[0]} not used: {got}; recomputed")
+        return None
+    return got
+
+
+def _extract_splits(
+    ck: Checkpoint, backend: str, feats: Features, splits: tuple, batching: tuple[int, int], timings: dict[str, float],
+    on_batch: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Runs the model over both splits: (train features, test features, (train labels, test labels))."""
     t = time.perf_counter()
     extractor = make_extractor(ck, ck.cfg, backend, feats)
     timings["load_model"] = time.perf_counter() - t
     t = time.perf_counter()
-    total, done = len(train) + len(test), 0
-    bs = min(batch_size, max(len(train), len(test)))
+    total, done = sum(map(len, splits)), 0
+    bs, workers = min(batching[0], max(map(len, splits))), batching[1]
 
     def step(k: int) -> None:
         nonlocal done
@@ -523,10 +590,8 @@ def _features(
         if on_batch:
             on_batch(done, total)
 
-    x_train, x_test = (extract(extractor, d.images, ck.cfg, bs, backend == "jax", step) for d in (train, test))
+    (x_train, y_train), (x_test, y_test) = (extract(extractor, r, ck.cfg, bs, backend == "jax", step, workers=workers) for r in splits)
     timings["features"] = time.perf_counter() - t
     if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
         raise DataError("the model's features hold NaN or infinite values", hint="check the checkpoint with `vitctl verify`")
-    if cache is not None:
-        save_cached(*cache, x_train, x_test)
-    return x_train, x_test, False
+    return x_train, x_test, (y_train, y_test)

@@ -62,7 +62,10 @@ def probe(
         ),
     ],
     data: Annotated[
-        str, typer.Option("--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset).", show_default=False)
+        str,
+        typer.Option(
+            "--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset, packed dir).", show_default=False
+        ),
     ],
     backend: Annotated[
         Backend | None, typer.Option("--backend", help="Model to run (default: the checkpoint's own).", show_default=False)
@@ -83,6 +86,9 @@ def probe(
     seeds: Annotated[int, typer.Option("--seeds", help="Few-shot draws per shot count (accuracy averaged).")] = 3,
     l2: Annotated[float, typer.Option("--l2", help="Few-shot ridge L2 (big_vision: 2^10).")] = 2.0**10,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
+    workers: Annotated[
+        int, typer.Option("--workers", help="grain worker processes that read and resize the images (0: in this process).")
+    ] = 0,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache ($VITCTL_CACHE or ~/.cache/vitctl).")
     ] = False,
@@ -95,6 +101,7 @@ def probe(
     result = probe_with_progress(
         ckpt, data, quiet=json_, backend=backend.value if backend else None, layer=layer, pool=pool.value if pool else None,
         mode=mode.value, shots=parse_shots(shots), seeds=seeds, l2=l2, batch_size=batch_size, use_cache=not no_cache,
+        workers=workers,
     )  # fmt: skip
     for note in result["notes"]:
         err.print(f"note: {escape(note)}")
