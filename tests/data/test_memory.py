@@ -14,7 +14,6 @@ what the data set grew (~170 MiB): nothing holds the data set, or what it has re
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,15 +36,6 @@ def bench_data():
     return module
 
 
-def missing_piece() -> str | None:
-    """What of the streaming trainer this checkout lacks (`vitctl data pack`, `vitctl train --workers`), or None."""
-    for args, flag in ((["data", "pack", "--help"], "--image-format"), (["train", "--help"], "--workers")):
-        p = subprocess.run([sys.executable, "-m", "vitctl", *args], capture_output=True, text=True, cwd=ROOT, check=False, env=_env())
-        if p.returncode or flag not in p.stdout:
-            return f"`vitctl {' '.join(args[:-1])} {flag}` is not in this checkout yet"
-    return None
-
-
 def _env() -> dict:
     import os
 
@@ -55,8 +45,6 @@ def _env() -> dict:
 def test_train_peak_memory_does_not_grow_with_the_data_set(tmp_path):
     pytest.importorskip("grain")
     pytest.importorskip("jax")
-    if why := missing_piece():
-        pytest.skip(why)
     data = bench_data()
     sets = data.make_sets(tmp_path, list(SIZES_GB), shard_size="16MB")
     (small, n_small, bytes_small), (large, n_large, bytes_large) = sets
