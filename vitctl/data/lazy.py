@@ -24,12 +24,11 @@ from typing import Protocol
 import numpy as np
 
 from vitctl.data.dataset import split_indices
-from vitctl.data.preprocess import IMAGE_SUFFIXES
-from vitctl.data.sources import MAX_INFERRED_CLASSES, load_dataset
+from vitctl.data.sources import MAX_INFERRED_CLASSES, check_split_args, load_dataset
 from vitctl.data.sources.common import SPLITS, TEST_NAMES, Part, Source, to_channels, to_uint8
 from vitctl.data.sources.hf import IMAGE_COLUMNS, read_hf_disk
-from vitctl.data.sources.images import _image_files, _subdirs
-from vitctl.errors import ConfigError, DataError, MissingDependencyError
+from vitctl.data.sources.images import list_image_folder
+from vitctl.errors import DataError, MissingDependencyError
 
 
 class Records(Protocol):
@@ -55,7 +54,7 @@ def open_records(spec: str, split: str, *, channels: int = 3, test_fraction: flo
     Raises:
         ConfigError, DataError: as load_dataset, with the same messages.
     """
-    _check_args(split, channels, test_fraction)
+    check_split_args(split, channels, test_fraction)
     spec = str(spec)
     path = Path(spec)
     if spec in ("digits", "fashion-mnist") or not path.is_dir():
@@ -86,18 +85,6 @@ def _is_idx(p: Path) -> bool:
     from vitctl.data.sources.idx import is_idx_name
 
     return is_idx_name(p.name.lower(), "images")
-
-
-def _check_args(split: str, channels: int, test_fraction: float) -> None:
-    """load_dataset's checks, with its messages."""
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}'", hint="split must be 'train' or 'test'")
-    if channels not in (1, 3):
-        raise ConfigError(f"channels must be 1 or 3, got {channels}")
-    if not 0 < test_fraction < 1:
-        raise ConfigError(
-            f"test_fraction must be in (0, 1), got {test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
-        )
 
 
 def _select(source: Source, spec: str, split: str, test_fraction: float, seed: int) -> tuple[str, np.ndarray, int]:
@@ -164,27 +151,9 @@ class ArrayRecords(_Base):
 
 def _folder(root: Path) -> tuple[Source, dict[str, list[Path]]]:
     """read_image_folder's classes, files, labels and errors, without decoding: (labels per split, files per split)."""
-    roots = {"all": root}
-    if (root / "train").is_dir():
-        roots = {"train": root / "train"}
-        test = next((root / n for n in TEST_NAMES if (root / n).is_dir()), None)
-        if test is not None:
-            roots["test"] = test
-    files = {s: {c.name: _image_files(c) for c in _subdirs(r)} for s, r in roots.items()}
-    classes = sorted({c for per_class in files.values() for c, fs in per_class.items() if fs})
-    if not classes:
-        loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-        raise DataError(
-            f"no images in class subdirectories of {root}" + (f" ({len(loose)} loose image files)" if loose else ""),
-            hint="an ImageFolder holds ROOT/<class>/<image> (png, jpg, ...), optionally under ROOT/train and ROOT/test",
-        )
-    parts, paths = {}, {}
-    for s, per_class in files.items():
-        paths[s] = [f for c in classes for f in per_class.get(c, [])]
-        if not paths[s]:
-            raise DataError(f"no images under {roots[s]}", hint=f"put class subdirectories with images under {roots[s]}")
-        parts[s] = Part(np.array([i for i, c in enumerate(classes) for _ in per_class.get(c, [])], np.int32), lambda idx: [])
-    return Source(parts, len(classes), tuple(classes)), paths
+    listing = list_image_folder(root)
+    parts = {s: Part(labels, lambda idx: []) for s, labels in listing.labels.items()}
+    return Source(parts, len(listing.classes), listing.classes), listing.paths
 
 
 class ImageFolderRecords(_Base):

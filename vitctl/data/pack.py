@@ -41,10 +41,10 @@ from vitctl import checkpoint as ckpt
 from vitctl.data import records
 from vitctl.data.dataset import split_indices
 from vitctl.data.preprocess import IMAGE_SUFFIXES
-from vitctl.data.sources import MAX_INFERRED_CLASSES, _read_source
-from vitctl.data.sources.common import SPLITS, TEST_NAMES, Source, to_channels
+from vitctl.data.sources import MAX_INFERRED_CLASSES, _read_source, check_split_args
+from vitctl.data.sources.common import SPLITS, Source, to_channels
 from vitctl.data.sources.idx import is_idx_name
-from vitctl.data.sources.images import _image_files, _subdirs, decode, read_image_folder
+from vitctl.data.sources.images import decode, folder_files, folder_source, list_image_folder
 from vitctl.errors import ConfigError, DataError, OutputError, OutputExistsError, VitctlError
 from vitctl.untrusted import read_json, require_disk, sigterm_as_interrupt
 
@@ -84,25 +84,20 @@ def _is_image_folder(path: Path) -> bool:
 
 def _folder_splits(root: Path, channels: int) -> tuple[dict[str, Split], Source]:
     """An ImageFolder's files per split, in read_image_folder's order (its labels, its checks)."""
-    roots = {"all": root}
-    if (root / "train").is_dir():
-        roots = {"train": root / "train"}
-        test = next((root / n for n in TEST_NAMES if (root / n).is_dir()), None)
-        if test is not None:
-            roots["test"] = test
-    files = {s: {c.name: _image_files(c) for c in _subdirs(r)} for s, r in roots.items()}
+    roots, files = folder_files(root)
     empty = [str(roots[s] / c) for s, per_class in files.items() for c, fs in per_class.items() if not fs]
     if empty:
         more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
         raise DataError(f"class folder {empty[0]} holds no images{more} ({', '.join(IMAGE_SUFFIXES)})",
                         hint="add images to it or remove it: an empty class would still take a label")  # fmt: skip
-    source = read_image_folder(root, channels)
+    listing = list_image_folder(root, (roots, files))
+    source = folder_source(listing, channels)
     splits = {}
-    for s, part in source.parts.items():
-        paths = [f for c in source.class_names for f in files[s].get(c, [])]
-        assert len(paths) == len(part.labels), "the folder changed while it was listed"
+    for s, paths in listing.paths.items():
         size = sum(p.stat().st_size for p in paths)
-        splits[s] = Split(part.labels, lambda idx, p=paths: [("file", str(p[i])) for i in idx], lambda i, p=paths: str(p[i]), size, "file")
+        splits[s] = Split(
+            listing.labels[s], lambda idx, p=paths: [("file", str(p[i])) for i in idx], lambda i, p=paths: str(p[i]), size, "file"
+        )
     return splits, source
 
 
@@ -118,12 +113,7 @@ def _array_splits(source: Source, spec: str) -> dict[str, Split]:
 
 def _read(spec: str, channels: int, test_fraction: float, seed: int) -> tuple[dict[str, tuple[Split, np.ndarray]], int, tuple | None, dict]:
     """{split: (Split, row indices)}, num_classes, class_names, and how train/test were split."""
-    if channels not in (1, 3):
-        raise ConfigError(f"channels must be 1 or 3, got {channels}")
-    if not 0 < test_fraction < 1:
-        raise ConfigError(
-            f"test_fraction must be in (0, 1), got {test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
-        )
+    check_split_args("train", channels, test_fraction)
     if _is_image_folder(Path(spec)) and spec not in ("digits", "fashion-mnist"):
         parts, source = _folder_splits(Path(spec), channels)
     else:

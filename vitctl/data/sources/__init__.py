@@ -36,13 +36,25 @@ from vitctl.data.sources.images import read_image_folder
 from vitctl.data.sources.npz import read_npz
 from vitctl.errors import ConfigError, DataError
 
-__all__ = ["FASHION_MNIST_DIR", "load_dataset", "read_idx"]
+__all__ = ["FASHION_MNIST_DIR", "check_split_args", "load_dataset", "read_idx"]
 
 MAX_INFERRED_CLASSES = 2**16  # ImageNet-21k has 21,843; a larger label is an id, not a class index
 SPEC_HINT = (
     "a data spec is 'digits', 'fashion-mnist', or a path to an ImageFolder directory, a .npz file, "
     "IDX files, a Hugging Face save_to_disk directory or parquet files"
 )
+
+
+def check_split_args(split: str, channels: int, test_fraction: float) -> None:
+    """The checks of load_dataset's arguments, shared by every reader of a split (lazy, pack)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'", hint="split must be 'train' or 'test'")
+    if channels not in (1, 3):
+        raise ConfigError(f"channels must be 1 or 3, got {channels}")
+    if not 0 < test_fraction < 1:
+        raise ConfigError(
+            f"test_fraction must be in (0, 1), got {test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
+        )
 
 
 def load_dataset(
@@ -71,14 +83,7 @@ def load_dataset(
     Returns:
         A Dataset with images of shape [N, H, W, channels].
     """
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}'", hint="split must be 'train' or 'test'")
-    if channels not in (1, 3):
-        raise ConfigError(f"channels must be 1 or 3, got {channels}")
-    if not 0 < test_fraction < 1:
-        raise ConfigError(
-            f"test_fraction must be in (0, 1), got {test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
-        )
+    check_split_args(split, channels, test_fraction)
     spec = str(spec)
     source = _read_source(spec, channels)
     if "all" in source.parts:

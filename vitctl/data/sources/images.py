@@ -4,6 +4,7 @@ and the one image decoder (PIL) that every source with encoded images uses.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -16,15 +17,31 @@ from vitctl.errors import DataError
 MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192; training images are resized to a few hundred pixels anyway
 
 
-def read_image_folder(root: Path, channels: int) -> Source:
-    """ROOT/<class>/**/<image>, or ROOT/train/<class>/... and ROOT/test (or val)/<class>/..."""
+@dataclasses.dataclass(frozen=True)
+class FolderListing:
+    """An ImageFolder's files, listed and checked, not read: what every reader of one shares."""
+
+    roots: dict[str, Path]  # split ("all", or "train" and "test") -> its directory
+    files: dict[str, dict[str, list[Path]]]  # split -> class folder name -> image files (empty folders too)
+    classes: tuple[str, ...]  # the class names (folders with images in any split), sorted
+    paths: dict[str, list[Path]]  # split -> its files in class order
+    labels: dict[str, np.ndarray]  # split -> int32 labels of `paths`
+
+
+def folder_files(root: Path) -> tuple[dict[str, Path], dict[str, dict[str, list[Path]]]]:
+    """(split -> directory, split -> class folder -> image files): ROOT/<class>/**, or ROOT/train and ROOT/test (or val)."""
     roots = {"all": root}
     if (root / "train").is_dir():
         roots = {"train": root / "train"}
         test = next((root / n for n in TEST_NAMES if (root / n).is_dir()), None)
         if test is not None:
             roots["test"] = test
-    files = {s: {c.name: _image_files(c) for c in _subdirs(r)} for s, r in roots.items()}
+    return roots, {s: {c.name: _image_files(c) for c in _subdirs(r)} for s, r in roots.items()}
+
+
+def list_image_folder(root: Path, listed: tuple | None = None) -> FolderListing:
+    """The checked listing of ROOT (`listed`: folder_files(root) when the caller has it already)."""
+    roots, files = listed or folder_files(root)
     classes = sorted({c for per_class in files.values() for c, fs in per_class.items() if fs})
     if not classes:
         loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -32,14 +49,25 @@ def read_image_folder(root: Path, channels: int) -> Source:
             f"no images in class subdirectories of {root}" + (f" ({len(loose)} loose image files)" if loose else ""),
             hint="an ImageFolder holds ROOT/<class>/<image> (png, jpg, ...), optionally under ROOT/train and ROOT/test",
         )
-    parts = {}
+    paths, labels = {}, {}
     for s, per_class in files.items():
-        paths = [f for c in classes for f in per_class.get(c, [])]
-        labels = np.array([i for i, c in enumerate(classes) for _ in per_class.get(c, [])], np.int32)
-        if not paths:
+        paths[s] = [f for c in classes for f in per_class.get(c, [])]
+        labels[s] = np.array([i for i, c in enumerate(classes) for _ in per_class.get(c, [])], np.int32)
+        if not paths[s]:
             raise DataError(f"no images under {roots[s]}", hint=f"put class subdirectories with images under {roots[s]}")
-        parts[s] = Part(labels, lambda idx, paths=paths: [decode_file(paths[i], channels) for i in idx])
-    return Source(parts, len(classes), tuple(classes))
+    return FolderListing(roots, files, tuple(classes), paths, labels)
+
+
+def folder_source(listing: FolderListing, channels: int) -> Source:
+    """The listing as a Source whose images are decoded when asked for."""
+    parts = {s: Part(listing.labels[s], lambda idx, paths=paths: [decode_file(paths[i], channels) for i in idx])
+             for s, paths in listing.paths.items()}  # fmt: skip
+    return Source(parts, len(listing.classes), listing.classes)
+
+
+def read_image_folder(root: Path, channels: int) -> Source:
+    """ROOT/<class>/**/<image>, or ROOT/train/<class>/... and ROOT/test (or val)/<class>/..."""
+    return folder_source(list_image_folder(root), channels)
 
 
 def _subdirs(d: Path) -> list[Path]:
