@@ -73,6 +73,21 @@ def _batches(plan: _Plan, epoch: int, step: int) -> Iterator[tuple[int, int, np.
         yield (e, s, *plan.batch(order, s))
 
 
+def read_position(state: dict, kind: str, batch_size: int, num_examples: int, steps_per_epoch: int) -> tuple[int, int, int]:
+    """(epoch, step in epoch, seed) of a saved loader state, checked against the loader `kind` restoring it."""
+    try:
+        epoch, step, seed = int(state["epoch"]), int(state["step_in_epoch"]), int(state["seed"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"invalid data-loader state {state!r}: {e}", hint=f"pass a dict from {kind}.state()") from None
+    for key, have in (("batch_size", batch_size), ("num_examples", num_examples)):
+        if key in state and state[key] != have:
+            raise DataError(f"data-loader state has {key}={state[key]}, this loader {have}",
+                            hint="resume with the same data set and global batch size")  # fmt: skip
+    if epoch < 0 or not 0 <= step < steps_per_epoch:
+        raise DataError(f"data-loader state (epoch {epoch}, step {step}) is outside 0..{steps_per_epoch - 1} steps per epoch")
+    return epoch, step, seed
+
+
 class Loader:
     """Batches of prepared images and labels, each process taking its slice of every global batch.
 
@@ -181,17 +196,8 @@ class Loader:
 
         The saved seed replaces this loader's seed. batch_size and num_examples, when saved, must match.
         """
-        try:
-            epoch, step, seed = int(state["epoch"]), int(state["step_in_epoch"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"invalid data-loader state {state!r}: {e}", hint="pass a dict from Loader.state()") from None
         p = self._plan
-        for key, have in (("batch_size", p.batch_size), ("num_examples", len(p.data))):
-            if key in state and state[key] != have:
-                raise DataError(f"data-loader state has {key}={state[key]}, this loader {have}",
-                                hint="resume with the same data set and global batch size")  # fmt: skip
-        if epoch < 0 or not 0 <= step < p.steps_per_epoch:
-            raise DataError(f"data-loader state (epoch {epoch}, step {step}) is outside 0..{p.steps_per_epoch - 1} steps per epoch")
+        epoch, step, seed = read_position(state, "Loader", p.batch_size, len(p.data), p.steps_per_epoch)
         self.close()
         self._plan = dataclasses.replace(p, seed=seed)
         self._epoch, self._step, self._order = epoch, step, None

@@ -32,6 +32,7 @@ from typing import Any, Self
 import numpy as np
 
 from vitctl.data import augment as augment_ops
+from vitctl.data.loader import read_position
 from vitctl.data.preprocess import prepare
 from vitctl.errors import ConfigError, DataError
 
@@ -320,17 +321,8 @@ class StreamLoader:
         """Continue from `state` (from `state()`, saved with any process count): the next batches are those an
         uninterrupted loader would yield. The saved seed replaces this loader's; batch_size and
         num_examples, when saved, must match. `process_state` (this process's, same slice) restores the skipped count."""
-        try:
-            epoch, step, seed = int(state["epoch"]), int(state["step_in_epoch"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"invalid data-loader state {state!r}: {e}", hint="pass a dict from StreamLoader.state()") from None
         s = self._slots
-        for key, have in (("batch_size", s.batch_size), ("num_examples", len(s.records))):
-            if key in state and state[key] != have:
-                raise DataError(f"data-loader state has {key}={state[key]}, this loader {have}",
-                                hint="resume with the same data set and global batch size")  # fmt: skip
-        if epoch < 0 or not 0 <= step < self.steps_per_epoch:
-            raise DataError(f"data-loader state (epoch {epoch}, step {step}) is outside 0..{self.steps_per_epoch - 1} steps per epoch")
+        epoch, step, seed = read_position(state, "StreamLoader", s.batch_size, len(s.records), self.steps_per_epoch)
         self.close()
         s.seed, s._order = seed, None
         self._epoch, self._step = epoch, step
