@@ -19,6 +19,7 @@ APPS = (
     "vitctl.open",
     "vitctl.verify",
     "vitctl.probe",
+    "vitctl.infer",
     "vitctl.init",
     "vitctl.train",
     "vitctl.bench",
@@ -39,7 +40,16 @@ READERS = {
     "read_checkpoint_config",
     "resolve_checkpoint",
 }
-DOOR_USERS = ("vitctl.verify", "vitctl.probe", "vitctl.convert.convert", "vitctl.cli", "vitctl.train", "vitctl.bench", "vitctl.init")
+DOOR_USERS = (
+    "vitctl.verify",
+    "vitctl.probe",
+    "vitctl.infer",
+    "vitctl.convert.convert",
+    "vitctl.cli",
+    "vitctl.train",
+    "vitctl.bench",
+    "vitctl.init",
+)
 
 
 def under(name: str, *packages: str) -> bool:

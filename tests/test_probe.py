@@ -14,6 +14,7 @@ from tests.conftest import tiny
 from vitctl import probe as P
 from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError
+from vitctl.infer import runner as R
 
 pytest.importorskip("sklearn")
 pytest.importorskip("jax")
@@ -90,7 +91,7 @@ def test_second_probe_reads_the_cache_and_a_corrupt_entry_is_recomputed(converte
         raise AssertionError("a cached probe ran the model")
 
     with monkeypatch.context() as m:
-        m.setattr(P, "make_extractor", no_forward)
+        m.setattr(P, "make_runner", no_forward)
         second = P.probe(jax_dir, "digits", backend="jax", mode="fewshot", shots=(1, 5))
         assert second["cached"] and "features" not in second["timings"] and second["cache_file"] == first["cache_file"]
         assert second["fewshot"] == first["fewshot"]
@@ -166,9 +167,9 @@ def test_fewshot_draws_nested_shots_per_seed_and_averages():
 
 def test_layer_and_pool_choices():
     tok, gap, mapped, none = (tiny(pool=p) for p in ("tok", "gap", "map", "none"))
-    assert P.resolve_features(mapped, "pre_logits") == P.Features("pre_logits", "pre_logits", "map", True)
-    assert P.resolve_features(tok, "block:-1") == P.Features("block:1", "block01", "tok", False)
-    assert P.resolve_features(gap, "block:0").pool == "gap" and P.resolve_features(none, "pre_logits", "gap").pool == "gap"
+    assert R.resolve_features(mapped, "pre_logits") == R.Features("pre_logits", "pre_logits", "map", True)
+    assert R.resolve_features(tok, "block:-1") == R.Features("block:1", "block01", "tok", False)
+    assert R.resolve_features(gap, "block:0").pool == "gap" and R.resolve_features(none, "pre_logits", "gap").pool == "gap"
     refused = [
         (mapped, "pre_logits", "gap", "already pooled by its map head"),
         (mapped, "block:1", "map", "MAP head was trained on the final-norm output"),
@@ -181,13 +182,13 @@ def test_layer_and_pool_choices():
     ]
     for cfg, layer, pool, match in refused:
         with pytest.raises(ConfigError, match=match):
-            P.resolve_features(cfg, layer, pool)
+            R.resolve_features(cfg, layer, pool)
     x = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)  # (B, T, D)
     np.testing.assert_array_equal(
-        P.pool_tokens(x, P.resolve_features(tok, "block:0", "gap"), tok), x[:, 1:].mean(1)
+        R.pool_tokens(x, R.resolve_features(tok, "block:0", "gap"), tok), x[:, 1:].mean(1)
     )  # class token left out
-    np.testing.assert_array_equal(P.pool_tokens(x, P.resolve_features(tok, "block:0"), tok), x[:, 0])
-    np.testing.assert_array_equal(P.pool_tokens(x, P.resolve_features(gap, "block:0"), gap), x.mean(1))
+    np.testing.assert_array_equal(R.pool_tokens(x, R.resolve_features(tok, "block:0"), tok), x[:, 0])
+    np.testing.assert_array_equal(R.pool_tokens(x, R.resolve_features(gap, "block:0"), gap), x.mean(1))
 
 
 @pytest.mark.slow

@@ -56,16 +56,17 @@ def in_memory_features(ckpt, spec) -> tuple[np.ndarray, np.ndarray]:
     """What probe extracted before it streamed: load_dataset's splits, `prepare` per batch, the last batch zero-padded."""
     from vitctl.data.preprocess import prepare
     from vitctl.data.sources import load_dataset
+    from vitctl.infer.runner import make_runner, resolve_features
     from vitctl.open import open_checkpoint
 
     with open_checkpoint(ckpt) as ck:
-        run = P.make_extractor(ck, ck.cfg, "jax", P.resolve_features(ck.cfg))
+        runner = make_runner(ck, "jax", resolve_features(ck.cfg), logits=False)
         splits = [load_dataset(str(spec), s, channels=ck.cfg.channels) for s in ("train", "test")]
         bs, out = min(256, max(map(len, splits))), []
         for d in splits:
             x = [prepare(d.images[i : i + bs], ck.cfg) for i in range(0, len(d), bs)]
             x[-1] = np.concatenate([x[-1], np.zeros((bs - len(x[-1]), *x[-1].shape[1:]), np.float32)])
-            out.append(np.concatenate([run(b) for b in x])[: len(d)])
+            out.append(np.concatenate([runner(b).features for b in x])[: len(d)])
     return out[0], out[1]
 
 
@@ -126,7 +127,7 @@ def test_second_probe_of_a_packed_set_reads_neither_the_model_nor_a_record(data,
         raise AssertionError("a cached probe read the data or ran the model")
 
     with monkeypatch.context() as m:
-        for owner, name in ((P, "make_extractor"), (pipeline, "eval_batches"), (PackedSource, "record"), (PackedSource, "__getitem__")):
+        for owner, name in ((P, "make_runner"), (pipeline, "eval_batches"), (PackedSource, "record"), (PackedSource, "__getitem__")):
             m.setattr(owner, name, refused)
         second = P.probe(ckpt, str(packed), backend="jax", mode="fewshot", shots=(1, 5))
     assert second["cached"] and second["fewshot"] == first["fewshot"]  # the labels came from the entry
@@ -172,7 +173,7 @@ def test_few_shot_counts_of_a_packed_set_come_from_its_manifest(data, monkeypatc
     from vitctl.data.records import PackedSource
 
     ckpt, _, packed = data
-    monkeypatch.setattr(P, "make_extractor", lambda *a, **k: pytest.fail("the model ran before the data was checked"))
+    monkeypatch.setattr(P, "make_runner", lambda *a, **k: pytest.fail("the model ran before the data was checked"))
     monkeypatch.setattr(PackedSource, "__getitem__", lambda *a, **k: pytest.fail("a record was read to count the classes"))
     counts = P.class_counts(PackedSource(packed, "train"))
     assert counts.sum() == 190 and len(counts) == 10

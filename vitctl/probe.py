@@ -62,7 +62,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import secrets
 import time
 import warnings
@@ -75,11 +74,11 @@ import numpy as np
 
 from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError, DataError, MissingDependencyError
+from vitctl.infer.runner import Features, default_backend, make_runner, resolve_features
 from vitctl.open import Checkpoint, open_checkpoint
 
 FEATURES_VERSION = 2  # bump when extraction changes, so old cache entries are not used
 MODES = ("linear", "fewshot", "both")
-POOLS = ("map", "gap", "tok")
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_L2 = 2.0**10  # big_vision configs: fewshot l2_reg = 2.0 ** 10
 BIAS_CONSTANT = 100.0  # big_vision fewshot_lsr.BIAS_CONSTANT
@@ -89,112 +88,11 @@ VAL_FRACTION = 0.2
 # PyTorch features of one checkpoint (max-abs diff 1.4e-6) then gave 1 of 360 digits test predictions
 # apart (0.28 points); at 1e-6 they agree, for ~2x the iterations.
 LBFGS_TOL = 1e-6
-LAYER_HINT = "use --layer pre_logits, or --layer block:N with N a block index (negative counts from the end)"
 
 
 def cache_dir() -> Path:
     """$VITCTL_CACHE, else ~/.cache/vitctl."""
     return Path(os.environ.get("VITCTL_CACHE") or Path.home() / ".cache" / "vitctl")
-
-
-# What to extract.
-@dataclasses.dataclass(frozen=True)
-class Features:
-    """Which representation: `out` is the model's intermediate (pre_logits, block03); `pool` how it becomes one vector."""
-
-    layer: str  # as the user writes it: "pre_logits" or "block:N" (N >= 0)
-    out: str
-    pool: str  # map, gap or tok
-    pooled_by_model: bool  # pre_logits of a pooling model: already one vector per image
-
-
-def resolve_features(cfg: ViTConfig, layer: str = "pre_logits", pool: str | None = None) -> Features:
-    """Checks --layer and --pool against the model; refuses combinations that do not exist."""
-    if pool is not None and pool not in POOLS:
-        raise ConfigError(f"unknown --pool '{pool}'", hint=f"choose one of: {', '.join(POOLS)}")
-    if layer == "pre_logits":
-        if cfg.pool == "none":
-            if pool not in (None, "gap"):
-                raise ConfigError(f"--pool {pool}: this model has no pooling (pool 'none'), so its pre_logits are tokens",
-                                  hint="use --pool gap (mean over the tokens)")  # fmt: skip
-            return Features("pre_logits", "pre_logits", "gap", False)
-        if pool not in (None, cfg.pool):
-            raise ConfigError(
-                f"--pool {pool} with --layer pre_logits: the model's pre-logits are already pooled by its {cfg.pool} head",
-                hint=f"omit --pool, or pool a block's tokens yourself: --layer block:{cfg.depth - 1} --pool gap",
-            )
-        return Features("pre_logits", "pre_logits", cfg.pool, True)
-    m = re.fullmatch(r"block:(-?\d+)", layer)
-    if m is None:
-        raise ConfigError(f"unknown --layer '{layer}'", hint=LAYER_HINT)
-    n = int(m.group(1))
-    n = n + cfg.depth if n < 0 else n
-    if not 0 <= n < cfg.depth:
-        raise ConfigError(f"--layer {layer}: the model has {cfg.depth} block(s), block:0 .. block:{cfg.depth - 1}", hint=LAYER_HINT)
-    pool = pool or ("tok" if cfg.pool == "tok" else "gap")
-    if pool == "map":
-        raise ConfigError(
-            f"--pool map with --layer {layer}: the MAP head was trained on the final-norm output of the last block, not on a block's tokens",
-            hint="use --layer pre_logits for the MAP head's features, or --pool gap" + (" or tok" if cfg.pool == "tok" else ""),
-        )
-    if pool == "tok" and cfg.pool != "tok":
-        raise ConfigError(f"--pool tok: this model has no class token (its pool is '{cfg.pool}')", hint="use --pool gap")
-    return Features(f"block:{n}", f"block{n:02d}", pool, False)
-
-
-def pool_tokens(x, feats: Features, cfg: ViTConfig):
-    """[B, T, D] tokens (jax or torch array) -> [B, D]; pooled pre-logits pass through."""
-    if feats.pooled_by_model:
-        return x
-    if feats.pool == "tok":
-        return x[:, 0]
-    return x[:, 1:].mean(1) if cfg.pool == "tok" else x.mean(1)  # gap over the patch tokens
-
-
-# Running the model.
-def make_extractor(ck: Checkpoint, cfg: ViTConfig, backend: str, feats: Features) -> Callable[[np.ndarray], np.ndarray]:
-    """A function: float32 [B, S, S, C] prepared images (NHWC) -> float32 [B, D] features."""
-    from vitctl.convert import mapping
-    from vitctl.params import stack
-    from vitctl.verify import _tensor
-
-    params = stack(ck.params(), cfg.depth)
-    if backend == "jax":
-        try:
-            import jax.numpy as jnp
-            from flax import nnx
-
-            from vitctl.model_jax.model import abstract_model
-            from vitctl.model_jax.state import load_flat_params
-        except ImportError as e:
-            raise MissingDependencyError(
-                f"--backend jax needs jax and flax ({e})", hint="pip install 'vitctl[jax]', or use --backend torch"
-            ) from None
-        model = abstract_model(cfg)
-        load_flat_params(model, params)
-        del params
-        forward = nnx.jit(lambda m, x: pool_tokens(m(x)[1][feats.out], feats, cfg).astype(jnp.float32))
-        return lambda x: np.asarray(forward(model, jnp.asarray(x)))
-    try:
-        import torch
-
-        from vitctl.model_torch.model import abstract_model
-    except ImportError as e:
-        raise MissingDependencyError(
-            f"--backend torch needs torch ({e})", hint="pip install 'vitctl[torch]', or use --backend jax"
-        ) from None
-    state = {k: _tensor(v) for k, v in mapping.jax_to_torch(params, cfg).items()}
-    del params
-    model = abstract_model(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            _, out = model(torch.from_numpy(x).permute(0, 3, 1, 2))
-            return pool_tokens(out[feats.out], feats, cfg).float().numpy()
-
-    return run
 
 
 def extract(
@@ -504,9 +402,7 @@ def probe(
 
 def _check_model(ck: Checkpoint, backend: str | None, layer: str, pool: str | None) -> tuple[str, Features]:
     """The backend to run (default: the checkpoint's own) and the features to extract, checked against the model."""
-    backend = backend or ("torch" if ck.backend in ("torch", "timm") else "jax")
-    if backend not in ("jax", "torch"):
-        raise ConfigError(f"unknown --backend '{backend}'", hint="choose jax or torch")
+    backend = default_backend(ck, backend)
     feats = resolve_features(ck.cfg, layer, pool)
     if ck.cfg.channels not in (1, 3):
         raise DataError(f"the model takes {ck.cfg.channels}-channel images; data sources give 1 (grayscale) or 3 (RGB)",
@@ -578,7 +474,8 @@ def _extract_splits(
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """Runs the model over both splits: (train features, test features, (train labels, test labels))."""
     t = time.perf_counter()
-    extractor = make_extractor(ck, ck.cfg, backend, feats)
+    runner = make_runner(ck, backend, feats, logits=False)
+    extractor = lambda x: runner(x).features
     timings["load_model"] = time.perf_counter() - t
     t = time.perf_counter()
     total, done = sum(map(len, splits)), 0
