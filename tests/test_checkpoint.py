@@ -238,3 +238,29 @@ def test_write_config_stores_provenance_in_public_form(tmp_path, monkeypatch):
     assert next(iter(d)) == "architecture"
     assert d["provenance"] == {**prov, "source": "a", "source_provenance": {"source": "model.json", "data": "imgs", "seed": 0}}
     assert str(tmp_path) not in json.dumps(d) and ".tmp-" not in json.dumps(d)
+
+
+def test_atomic_file_refuses_an_existing_file_leaves_nothing_on_error_and_reclaims_a_killed_runs_temporary(tmp_path):
+    import subprocess
+    import sys
+
+    from vitctl.checkpoint import atomic_file
+    from vitctl.errors import OutputExistsError
+
+    d = tmp_path / "x.bin"
+    with atomic_file(d) as t:
+        t.write_bytes(b"ab")
+    assert d.read_bytes() == b"ab"
+    with pytest.raises(OutputExistsError), atomic_file(d) as t:
+        pass
+    e = tmp_path / "y.bin"
+    with pytest.raises(RuntimeError), atomic_file(e) as t:
+        t.write_bytes(b"x")
+        raise RuntimeError
+    assert list(tmp_path.iterdir()) == [d]
+    code = f"from vitctl.checkpoint import atomic_file\nimport os\nwith atomic_file({str(e)!r}) as t:\n    t.write_bytes(b'1'); os.kill(os.getpid(), 9)"
+    subprocess.run([sys.executable, "-c", code])
+    assert len(list(tmp_path.iterdir())) == 2
+    with atomic_file(e) as t:
+        t.write_bytes(b"z")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "y.bin"]

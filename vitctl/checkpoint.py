@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -104,6 +105,53 @@ def atomic_output(dst: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         remove_tree(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(dst: str | Path) -> Iterator[Path]:
+    """Yields the path of a new temporary file beside `dst` (not yet created); on success it becomes `dst`.
+
+    For one-file outputs (embeddings, an exported graph). An existing `dst` is refused (vitctl
+    cannot tell a file it wrote from a user's); on any exception (KeyboardInterrupt included)
+    the temporary is deleted and `dst` is untouched. The temporary's name carries its owner
+    (pid, start time, a hash of the host name): one that a killed run left is removed by the
+    next run to the same `dst` once that process is gone, and reported on stderr."""
+    dst = Path(dst)
+    if dst.exists() or dst.is_symlink():
+        raise OutputExistsError(f"{dst} already exists", hint="remove it yourself, or choose another output path")
+    if not dst.parent.is_dir():
+        raise OutputError(
+            f"cannot create {dst}: {dst.parent} is not a directory", hint="create the directory first, or choose another path"
+        )
+    _reclaim_files(dst)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}-{os.getpid()}-{_start_time(os.getpid()) or 0}-{_host_tag()}"
+    try:
+        yield tmp
+        raise_if_interrupted()
+        if dst.exists() or dst.is_symlink():  # something appeared meanwhile
+            raise OutputExistsError(f"{dst} appeared while vitctl was writing it", hint="remove it yourself, or choose another output path")
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _reclaim_files(dst: Path) -> None:
+    """Removes atomic_file's temporaries of `dst` whose process, on this host, no longer runs."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.tmp-[0-9a-f]{{8}}-(?P<pid>\d+)-(?P<start>\d+)-(?P<host>[0-9a-f]{{8}})")
+    with contextlib.suppress(OSError):
+        for p in sorted(dst.parent.iterdir()):
+            m = pattern.fullmatch(p.name)
+            if m is None or m["host"] != _host_tag() or p.is_symlink() or not p.is_file():
+                continue
+            owner = {"pid": int(m["pid"]), "host": socket.gethostname(), "start": int(m["start"]) or None}
+            if _owner_alive(owner) is False:
+                p.unlink(missing_ok=True)
+                _note(f"removed {p}, a temporary left by an interrupted vitctl run (process {owner['pid']}, no longer running)")
 
 
 def remove_tree(path: Path, tries: int = 40) -> None:

@@ -25,6 +25,7 @@ HELP = "Toolkit and checkpoint converter for ViT-22B-style Vision Transformers (
 COMMANDS: dict[str, tuple[str, str | None]] = {
     "models": ("models", None), "info": ("models", None), "init": ("models", None), "verify": ("verify", None),
     "demo": ("demo", None), "plan": ("plan", None), "train": ("train", None), "probe": ("probe", None),
+    "eval": ("eval", None), "predict": ("predict", None), "embed": ("embed", None), "export": ("export", None),
     "bench": ("bench", None), "convert": ("convert", "convert"), "hub": ("hub", "hub"),
     "data": ("data", "data"),
 }  # fmt: skip
