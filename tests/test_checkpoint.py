@@ -259,7 +259,7 @@ def test_atomic_file_refuses_an_existing_file_leaves_nothing_on_error_and_reclai
         raise RuntimeError
     assert list(tmp_path.iterdir()) == [d]
     code = f"from vitctl.checkpoint import atomic_file\nimport os\nwith atomic_file({str(e)!r}) as t:\n    t.write_bytes(b'1'); os.kill(os.getpid(), 9)"
-    subprocess.run([sys.executable, "-c", code])
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == -9
     assert len(list(tmp_path.iterdir())) == 2
     with atomic_file(e) as t:
         t.write_bytes(b"z")
