@@ -221,6 +221,9 @@ INPUTS: dict[str, list] = {
     "HF_HUB_OFFLINE=1 vitctl hub pull": [("_", hub_repo("me/vit22b-ti")), ("_cached", shell("vitctl hub pull me/vit22b-ti --out _cached"))],
     "vitctl probe ckpt/torch": [("_jax", lambda box, p: jax_ckpt(p, tiny(channels=1))), ("ckpt/torch", converted("_jax"))],
     "vitctl data pack photos": [("photos", photos)],
+    "vitctl eval runs/digits": [("runs/digits", lambda box, p: jax_ckpt(p, tiny(channels=1)))],
+    "vitctl eval ckpt/torch": [("ckpt/torch", torch_ckpt), ("photos", photos)],
+    "vitctl eval big_vision.npz": [("big_vision.npz", big_vision_npz), ("photos", photos)],
     "vitctl data info data/digits-packed": [("data/digits-packed", shell("vitctl data pack digits data/digits-packed --workers 1"))],
 }  # fmt: skip
 
