@@ -21,8 +21,9 @@ reported: which layer, which pooling, which preprocessing, which classifier prot
     or tok (the class token, only for a model that has one). map is refused: the MAP head
     was trained on the final-norm output of the last block, so on any other input it is an
     arbitrary function, and on its own input it *is* pre_logits.
-  Extracted in batches (the last one padded for JAX, so it compiles once; torch runs only the
-  real rows), fp32 matmuls at the highest precision (vitctl.verify.set_precision).
+  Extracted in batches by vitctl.infer.embed.stream_features, the code `vitctl embed` writes
+  from (the last batch padded for JAX, so it compiles once; torch runs only the real rows),
+  fp32 matmuls at the highest precision (vitctl.verify.set_precision).
 - Cache: features are stored under $VITCTL_CACHE (default ~/.cache/vitctl)/probe/ as an .npz
   (no pickle) named by the SHA-256 of a key: the checkpoint's content hash (config.json and
   every weight file, streamed), the backend, the data's identity (`data_hash`: a packed
@@ -74,7 +75,8 @@ import numpy as np
 
 from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError, DataError, MissingDependencyError
-from vitctl.infer.runner import Features, default_backend, make_runner, resolve_features
+from vitctl.infer.embed import stream_features
+from vitctl.infer.runner import Features, Outputs, default_backend, make_runner, resolve_features
 from vitctl.open import Checkpoint, open_checkpoint
 
 FEATURES_VERSION = 2  # bump when extraction changes, so old cache entries are not used
@@ -96,25 +98,13 @@ def cache_dir() -> Path:
 
 
 def extract(
-    extractor: Callable[[np.ndarray], np.ndarray], records, cfg: ViTConfig, batch_size: int, pad: bool,
+    runner: Callable[[np.ndarray], Outputs], records, cfg: ViTConfig, batch_size: int, pad: bool,
     on_batch: Callable[[int], None] | None = None, *, workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Features float32 [N, D] and labels int32 [N] of a Records, streamed through eval_batches without augmentation
-    (the config's resize, as `prepare`). `pad`: the padded last batch runs whole (JAX: one shape), else its real rows."""
-    from vitctl.data.pipeline import eval_batches
-
-    # The classifier head is not run: data with more classes than the model has is fine here.
-    cfg = dataclasses.replace(cfg, num_classes=0)
-    feats, labels = [], []
-    with contextlib.closing(eval_batches(records, cfg, batch_size, workers=workers)) as batches:
-        for x, y, valid in batches:
-            k = int(valid.sum())
-            assert valid[:k].all(), "eval_batches pads only the end of the last batch"
-            feats.append(np.asarray(extractor(x if pad else x[:k]), np.float32)[:k])
-            labels.append(np.array(y[:k], np.int32))  # a copy: a view would keep grain's shared memory alive
-            if on_batch:
-                on_batch(k)
-    return np.concatenate(feats), np.concatenate(labels)
+    """Features float32 [N, D] and labels int32 [N] of a Records: infer.embed.stream_features' batches (the code
+    `vitctl embed` writes from), concatenated. `pad`: the padded last batch runs whole (JAX: one shape), else its real rows."""
+    batches = list(stream_features(runner, records, cfg, batch_size, pad=pad, workers=workers, on_batch=on_batch))
+    return np.concatenate([b.features for b in batches]), np.concatenate([b.labels for b in batches])
 
 
 # Content hashes and the feature cache.
@@ -475,7 +465,6 @@ def _extract_splits(
     """Runs the model over both splits: (train features, test features, (train labels, test labels))."""
     t = time.perf_counter()
     runner = make_runner(ck, backend, feats, logits=False)
-    extractor = lambda x: runner(x).features
     timings["load_model"] = time.perf_counter() - t
     t = time.perf_counter()
     total, done = sum(map(len, splits)), 0
@@ -487,7 +476,7 @@ def _extract_splits(
         if on_batch:
             on_batch(done, total)
 
-    (x_train, y_train), (x_test, y_test) = (extract(extractor, r, ck.cfg, bs, backend == "jax", step, workers=workers) for r in splits)
+    (x_train, y_train), (x_test, y_test) = (extract(runner, r, ck.cfg, bs, backend == "jax", step, workers=workers) for r in splits)
     timings["features"] = time.perf_counter() - t
     if not (np.isfinite(x_train).all() and np.isfinite(x_test).all()):
         raise DataError("the model's features hold NaN or infinite values", hint="check the checkpoint with `vitctl verify`")
