@@ -225,6 +225,9 @@ INPUTS: dict[str, list] = {
     "vitctl eval ckpt/torch": [("ckpt/torch", torch_ckpt), ("photos", photos)],
     "vitctl eval big_vision.npz": [("big_vision.npz", big_vision_npz), ("photos", photos)],
     "vitctl data info data/digits-packed": [("data/digits-packed", shell("vitctl data pack digits data/digits-packed --workers 1"))],
+    "vitctl predict ckpt/torch": [("ckpt/torch", torch_ckpt), ("photos", photos)],
+    "vitctl predict runs/digits": [("runs/digits", lambda box, p: jax_ckpt(p, tiny(channels=1))), ("photos", photos)],
+    "vitctl predict big_vision.npz": [("big_vision.npz", big_vision_npz), ("photos", photos)],
 }  # fmt: skip
 
 
