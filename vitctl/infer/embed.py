@@ -277,7 +277,7 @@ def embed(
     t0 = time.perf_counter()
     fmt = output_format(out)
     _check_options(split, batch_size, workers)
-    with sigterm_as_interrupt(), atomic_file(out) as tmp, open_checkpoint(ckpt, label="CKPT") as ck:
+    with sigterm_as_interrupt(), atomic_file(out) as tmp, open_checkpoint(ckpt, fetch=backend or "all", label="CKPT") as ck:
         ck.check_memory("CKPT")  # the parameters are held whole: refused before the data is opened
         cfg = ck.cfg
         backend, feats = default_backend(ck, backend), resolve_features(cfg, layer, pool)
