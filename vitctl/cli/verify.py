@@ -10,6 +10,10 @@ rel_rms, mean_abs, cosine, passed}], "config_diff", "weights", "settings", "top1
 where bf16 is involved; "hint" on failure; "diagnosis" and "diagnosis_note" with --diagnose.
 --report FILE writes the same JSON to FILE (atomically). Exit codes: 0 within
 tolerance, 1 beyond it (or unreadable weights), 2 usage.
+
+Either side may be an exported graph (`vitctl export`: an ONNX model or a torch.export .pt2,
+detected by content): then its outputs (logits, pre_logits) are compared on the same inputs,
+by the same bars (vitctl.infer.exported.verify_graph); --diagnose needs two checkpoints.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ EXAMPLES = """Examples:
   vitctl verify ckpt/jax ckpt/torch-bf16 --precision bf16 --json
 
   vitctl verify big_vision.npz ckpt/torch --images photos/ --diagnose --report verify.json
+
+  vitctl verify ckpt/jax vit.onnx --json
 """
 
 
@@ -44,7 +50,10 @@ class Precision(str, enum.Enum):
 
 CkptA = Annotated[
     str,
-    typer.Argument(help="Reference checkpoint: a directory, a big_vision .npz, or hf://org/name (@rev optional).", show_default=False),
+    typer.Argument(
+        help="Reference checkpoint: a directory, a big_vision .npz, hf://org/name (@rev optional), or an exported .onnx / .pt2 graph.",
+        show_default=False,
+    ),
 ]
 CkptB = Annotated[str, typer.Argument(help="Checkpoint to check against A (same forms).", show_default=False)]
 # Help texts stay clear of square brackets: Rich reads them as markup and drops them.
@@ -94,14 +103,22 @@ def verify(
     """Prove that two checkpoints compute the same function, or point at the first layer that does not."""
     _check_options(tolerance, rtol, rel_tol, batch)
     from vitctl import checkpoint
+    from vitctl.infer.exported import graph_format, verify_graph
     from vitctl.open import locate
     from vitctl.verify import verify as run
 
     a, b = locate(a), locate(b)
-    result = run(
-        a, b, tolerance=tolerance, rtol=rtol, rel_tol=rel_tol, batch=batch, seed=seed, images=images, precision=precision.value,
-        run_diagnose=diagnose,
-    )  # fmt: skip
+    if graph_format(a, "A") or graph_format(b, "B"):
+        if diagnose:
+            raise ConfigError("--diagnose flips conventions in a checkpoint's model; an exported graph has none to flip",
+                              hint="verify without --diagnose, or diagnose the checkpoint it was exported from")  # fmt: skip
+        result = verify_graph(a, b, tolerance=tolerance, rtol=rtol, rel_tol=rel_tol, batch=batch, seed=seed, images=images,
+                              precision=precision.value)  # fmt: skip
+    else:
+        result = run(
+            a, b, tolerance=tolerance, rtol=rtol, rel_tol=rel_tol, batch=batch, seed=seed, images=images, precision=precision.value,
+            run_diagnose=diagnose,
+        )  # fmt: skip
     if report is not None:
         checkpoint.write_json(report, result)
     if json_:
