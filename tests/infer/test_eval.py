@@ -128,6 +128,7 @@ def test_both_backends_run_the_same_batches_and_agree(made):
     assert r["backend"] == "both" and r["agreement"]["disagreements"] == 0 and r["agreement"]["max_abs_logits_diff"] < 1e-4
     assert jax_ == torch_ and r["top1"] == jax_["top1"]
     assert set(r["timings"]["model"]) == {"jax", "torch"} and set(r["images_per_s"]["model"]) == {"jax", "torch"}
+    assert set(r["timings"]["compile"]) == {"jax"}  # timed apart from the model's images/s
 
 
 def test_every_format_gives_the_same_counts(tmp_path, made):
@@ -203,14 +204,19 @@ def test_class_names_are_checked_against_the_checkpoints(cli, tmp_path, made):
     assert "differ from the checkpoint's at 2 of 3 indices (0: data 'cat' vs checkpoint 'dog'" in " ".join(r.stderr.split())
 
 
-def test_a_large_matrix_is_drawn_small_and_a_huge_one_refused(tmp_path, made):
+def test_many_classes_a_short_table_a_small_drawing_and_a_refusal(cli, tmp_path, made):
     from vitctl.errors import ConfigError
     from vitctl.infer.evaluate import evaluate, plot_confusion
 
     rng = np.random.default_rng(0)
+    wide = write_torch(tmp_path / "wide", tiny(num_classes=101))
+    np.savez(tmp_path / "many.npz", images=rng.integers(0, 256, (90, 8, 8, 3), np.uint8), labels=np.arange(90) % 45)
+    r = cli("eval", wide, "--data", tmp_path / "many.npz", "--split", "train")
+    assert r.returncode == 0 and "the 40 lowest of 45 (--json has every class)" in " ".join(r.stdout.split()), r.stderr
+    assert sum(line.startswith("│") for line in r.stdout.splitlines()) == 1 + 40  # the accuracy row, 40 class rows
+    (tmp_path / "many.npz").unlink()
     plot_confusion(rng.integers(0, 9, (60, 60)), [f"class {i}" for i in range(60)], [str(i) for i in range(60)], tmp_path / "big.png", "t")
     assert (tmp_path / "big.png").read_bytes()[:4] == b"\x89PNG"
-    wide = write_torch(tmp_path / "wide", tiny(num_classes=101))
     with pytest.raises(ConfigError, match="101 classes are too many to plot"):
         evaluate(wide, str(made["photos"]), confusion=tmp_path / "wide.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png", "wide"]

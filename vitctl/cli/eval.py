@@ -33,6 +33,7 @@ EXAMPLES = """Examples:
 """
 
 
+PER_CLASS_ROWS = 40  # more classes: the table shows the lowest accuracies
 NAMES = {  # class_names_check -> what it means
     "agree": "the data's, the same as the checkpoint's",
     "differ": "the data's; they DIFFER from the checkpoint's (labels are compared by index)",
@@ -108,10 +109,9 @@ def eval_(
 
 def show(r: dict[str, Any]) -> None:
     c, k = r["checkpoint"], r["top_k"]
-    out.print(f"checkpoint: {escape(c['path'])} ({c['format']}), backend {r['backend']}, {r['precision']}")
-    out.print(
-        f"data: {escape(r['data'])} ({r['split']}): {r['num_examples']} images, {r['num_classes']} classes (the model has {r['model_classes']})"
-    )
+    out.print(f"checkpoint: {escape(c['path'])} ({c['format']}), backend {r['backend']}, {r['precision']}", soft_wrap=True)
+    out.print(f"data: {escape(r['data'])} ({r['split']}): {r['num_examples']} images, {r['num_classes']} classes "
+              f"(the model has {r['model_classes']})", soft_wrap=True)  # fmt: skip
     out.print(f"class names: {NAMES[r['class_names_check']]}")
     backends = list(r["results"])
     t = Table("backend", "top-1", f"top-{k}", "correct", title="Accuracy")
@@ -119,16 +119,24 @@ def show(r: dict[str, Any]) -> None:
         m = r["results"][b]
         t.add_row(b, f"{m['top1']:.2%}", f"{m[f'top{k}']:.2%}", f"{m['correct']} / {r['num_examples']}")
     out.print(t)
-    t = Table("class", "name", "images", *(f"top-1 {b}" for b in backends), title="Per class")
-    for i, row in enumerate(r["results"][backends[0]]["per_class"]):
+    rows = r["results"][backends[0]]["per_class"]
+    title = "Per class"
+    if len(rows) > PER_CLASS_ROWS:  # the lowest first: what an eval of many classes is read for
+        rows = sorted(rows, key=lambda c: (c["accuracy"] is None, c["accuracy"]))[:PER_CLASS_ROWS]
+        title = f"Per class: the {PER_CLASS_ROWS} lowest of {r['num_classes']} (--json has every class)"
+    t = Table("class", "name", "images", *(f"top-1 {b}" for b in backends), title=title)
+    for row in rows:
+        i = row["class"]
         accs = [r["results"][b]["per_class"][i]["accuracy"] for b in backends]
         t.add_row(str(i), escape(row["name"]), str(row["count"]), *("-" if a is None else f"{a:.2%}" for a in accs))
     out.print(t)
     if "agreement" in r:
         a = r["agreement"]
         out.print(f"jax vs torch: {a['disagreements']} top-1 disagreement(s) in {r['num_examples']} images, "
-                  f"logits max-abs difference {a['max_abs_logits_diff']:.2e}")  # fmt: skip
+                  f"logits max-abs difference {a['max_abs_logits_diff']:.2e}", soft_wrap=True)  # fmt: skip
     speed = ", ".join(f"{b} {v:,.0f}" for b, v in r["images_per_s"]["model"].items())
-    out.print(f"{r['images_per_s']['end_to_end']:,.0f} images/s end to end, model alone {speed} images/s; {r['seconds']:.1f} s")
+    compiled = "".join(f" (after {v:.1f} s of {b} compile)" for b, v in r["timings"]["compile"].items())
+    out.print(f"{r['images_per_s']['end_to_end']:,.0f} images/s end to end; the model alone: {speed} images/s{compiled}; {r['seconds']:.1f} s in all",
+              soft_wrap=True)  # fmt: skip
     if r["confusion_png"]:
         out.print(f"confusion matrix: {escape(r['confusion_png'])}")
