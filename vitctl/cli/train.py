@@ -22,6 +22,14 @@ variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --dist
 where JAX detects the cluster (Cloud TPU, SLURM, Open MPI); --out must be one directory
 that all of them see. Process 0 prints the results.
 
+--backend torch trains the PyTorch twin (vitctl.train.torch_loop): the same settings, data,
+batches, objective, optimizers and out directory, ending a vitctl-torch checkpoint
+(config.json + model.safetensors). Parameters are sharded with FSDP2 over the processes:
+`torchrun --nproc-per-node N -m vitctl train --backend torch ...`, or the same command in each
+process with --coordinator HOST:PORT --num-processes N --process-id I (Gloo on CPU, NCCL on
+GPU). --dtype bfloat16 computes in bf16 over float32 weights; --remat recomputes each block in
+the backward pass (torch.utils.checkpoint). A run resumes with the backend it started with.
+
 --json output: {"steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out"}.
 Exit codes: 0 done; 1 failed (e.g. no space for a checkpoint: the latest complete one is
 kept); 2 usage or config error; 128+signal when stopped by SIGTERM/SIGINT (the state is
@@ -60,6 +68,8 @@ EXAMPLES = """Examples:
   vitctl train --data data/photos-packed --out runs/photos --workers 2 --augment "inception_crop(0.5,1.0)|flip_lr" --mixup 0.2 --steps 10 --batch-size 8
 
   vitctl train --data digits --out /shared/runs/r2 --mesh data=2,fsdp=4 --coordinator 10.0.0.1:5476 --num-processes 2 --process-id 0
+
+  torchrun --nproc-per-node 2 -m vitctl train --backend torch --model vit22b-demo/4 --data digits --out runs/torch --steps 200
 """
 
 
@@ -81,6 +91,7 @@ FIELD_FLAGS: dict[str, tuple[str, str | None]] = {
     "head_weight_decay": ("Weight decay of the head.", "--weight-decay"),
     "clip_norm": ("Global gradient-norm clip (0: off).", None),
     "mesh": ("Device mesh, e.g. data=2,fsdp=2,tensor=2.", "one device"),
+    "backend": ("jax (sharded over --mesh) or torch (the PyTorch twin, FSDP2 over the processes).", None),
     "seed": ("Seed of the init and the data order.", None),
     "save_every": ("Save the training state every N steps (0: at the end only).", None),
     "keep": ("Keep the last N training states.", None),
@@ -205,6 +216,11 @@ def train(
             hint=f"drop --init-from to resume it, or start a new run: vitctl train --init-from {given['init_from']} --out NEW_DIR",
         )
     tcfg = tsettings.TrainConfig.from_dict({**stored, **(tsettings.load_yaml(config) if config is not None else {}), **given})
+    if resume and tcfg.backend != stored.get("backend", "jax"):
+        _refuse_other_backend(out_dir, stored.get("backend", "jax"), tcfg.backend)
+    if tcfg.backend == "torch":
+        _train_torch(tcfg, out_dir, resume, force, json, log_every_s, (coordinator, num_processes, process_id), devices or distributed)
+        return
     if devices is not None or not (distributed and num_processes is None):  # an auto-detected cluster: its size is unknown here
         prepare_cpu_devices(tcfg.mesh, devices, num_processes or 1)
 
@@ -219,12 +235,55 @@ def train(
             result = loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log, notify=_note)
         except KeyboardInterrupt as e:  # stopped before the first step: the loop wrote nothing (a new run is removed)
             raise _stopped_before_start(e, out_dir, resume) from None
+    _finish(result, out_dir, primary, json, "jax")
+
+
+def _finish(result: dict, out_dir: Path, primary: bool, json: bool, backend: str) -> None:
+    """A run's end: the Interrupted for a signalled run; else (process 0) the summary."""
+    from vitctl.train.state import STATE
+
     if result["interrupted"]:
-        raise _stopped(result, out_dir / loop.STATE, out_dir)
+        raise _stopped(result, out_dir / STATE, out_dir)
     if primary and result.get("skipped_examples"):
         _note(f"{result['skipped_examples']} unreadable example(s) were replaced by the next readable one (--skip-bad)")
     if primary:
-        _print_summary({k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}, out_dir, json)
+        summary = {k: result[k] for k in ("steps", "final_loss", "test_accuracy", "seconds", "images_per_s", "out")}
+        _print_summary(summary, out_dir, json, backend)
+
+
+def _refuse_other_backend(out_dir: Path, stored: str, given: str) -> None:
+    from vitctl.errors import ConfigError
+
+    raise ConfigError(
+        f"the run in {out_dir} was trained with --backend {stored}; --backend {given} cannot resume its training state",
+        hint=f"resume it with --backend {stored} (or leave --backend out), or start a new run in another --out",
+    )
+
+
+def _train_torch(tcfg, out_dir: Path, resume: bool, force: bool, json: bool, log_every_s: float, process: tuple, jax_only: bool) -> None:
+    """`vitctl train --backend torch`: the process group (torchrun's environment or the flags), the run, its summary."""
+    from vitctl.errors import ConfigError
+
+    if jax_only:
+        raise ConfigError(
+            "--devices and --distributed set up JAX's devices and runtime; --backend torch runs one device per process",
+            hint="launch N processes with torchrun --nproc-per-node N -m vitctl train --backend torch ..., "
+            "or give each --coordinator HOST:PORT --num-processes N --process-id I",
+        )
+    from vitctl.train import torch_dist, torch_loop
+
+    rank, world, started = torch_dist.init(*process)
+    try:
+        on_log, progress = _progress(tcfg.steps, log_every_s, rank == 0, json)
+        with progress, _stdout_to_stderr(enabled=world > 1):
+            try:
+                result = torch_loop.train(tcfg, out_dir, resume=resume, force=force, on_log=on_log, notify=_note)
+            except KeyboardInterrupt as e:  # stopped before the first step: the loop wrote nothing (a new run is removed)
+                raise _stopped_before_start(e, out_dir, resume) from None
+        _finish(result, out_dir, rank == 0, json, "torch")
+    finally:
+        if started:
+            torch_dist.close()
 
 
 def _is_primary() -> bool:
@@ -262,7 +321,7 @@ def _stopped(result: dict, state_dir: Path, out_dir: Path) -> Exception:
     )
 
 
-def _print_summary(summary: dict, out_dir: Path, json: bool) -> None:
+def _print_summary(summary: dict, out_dir: Path, json: bool, backend: str = "jax") -> None:
     if json:
         print_json(summary)
         return
@@ -276,7 +335,8 @@ def _print_summary(summary: dict, out_dir: Path, json: bool) -> None:
         markup=False,
     )
     out.print(f"checkpoint: {out_dir}", markup=False)
-    err.print(f"next: vitctl convert jax-to-torch {out_dir} {out_dir}-torch", markup=False)
+    other = "torch-to-jax" if backend == "torch" else "jax-to-torch"
+    err.print(f"next: vitctl convert {other} {out_dir} {out_dir}-{'jax' if backend == 'torch' else 'torch'}", markup=False)
 
 
 def _progress(total: int, every_s: float, primary: bool, json: bool):

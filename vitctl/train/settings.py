@@ -28,6 +28,7 @@ SCHEDULES = ("cosine", "rsqrt")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 POSEMB_RESIZE = ("bilinear", "bicubic")  # vitctl.posemb.RESAMPLE_METHODS (not imported: numpy)
 LOSSES = ("softmax", "sigmoid")
+BACKENDS = ("jax", "torch")  # jax: vitctl.train.loop (a device mesh); torch: vitctl.train.torch_loop (FSDP2 over processes)
 NAMED_DATA = ("digits", "fashion-mnist")
 HUB_PREFIX = "hf://"
 WARMUP_FRACTION = 10  # default warmup: steps // 10 (the demo recipe: 30 of 300 steps)
@@ -59,6 +60,7 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.999
     mesh: str = ""  # "" : one device; else e.g. "data=2,fsdp=2,tensor=2"
+    backend: str = "jax"  # jax or torch (FSDP2 over all processes; no --mesh)
     seed: int = 0
     save_every: int = 0  # 0: only at the end (and on SIGTERM/SIGINT)
     keep: int = 3
@@ -103,7 +105,7 @@ class TrainConfig:
                 shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:60] + "..."
                 raise ConfigError(f"training config: {f.name} must be {kind}, got {shown}", hint=f"set {f.name} to a single {kind} value")
         choices = {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "loss": LOSSES, "dtype": ("float32", "bfloat16", None),
-                   "posemb_resize": POSEMB_RESIZE}  # fmt: skip
+                   "posemb_resize": POSEMB_RESIZE, "backend": BACKENDS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} '{getattr(self, name)}'", hint=f"{name} must be one of: {', '.join(map(str, allowed))}")
@@ -123,6 +125,11 @@ class TrainConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         self._check_fine_tuning()
+        if self.backend == "torch" and self.mesh:
+            raise ConfigError(
+                f"--mesh {self.mesh} is JAX's device mesh; --backend torch shards parameters with FSDP2 over all its processes",
+                hint="drop --mesh; to shard over N processes: torchrun --nproc-per-node N -m vitctl train --backend torch ...",
+            )
         if not 0 < self.test_fraction < 1:
             raise ConfigError(
                 f"test_fraction must be in (0, 1), got {self.test_fraction}", hint="e.g. --test-fraction 0.2 holds out 20% of each class"
