@@ -151,6 +151,40 @@ def test_every_format_gives_the_same_counts(tmp_path, made):
     assert all(m == want[2].tolist() for m in got.values()), got
 
 
+def test_a_hugging_face_dir_counts_as_transformers_predicts(tmp_path, made):
+    """A transformers ViTForImageClassification directory: eval's counts are those of transformers' own model
+    on the same prepared images, and its id2label is checked against the data's class names."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from vitctl.data.lazy import open_records
+    from vitctl.data.preprocess import prepare
+    from vitctl.data.sources.images import decode
+    from vitctl.infer.evaluate import evaluate
+    from vitctl.open import open_checkpoint
+
+    hub = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                                 patch_size=4, num_labels=3, id2label=dict(enumerate(CLASSES)), label2id={c: i for i, c in enumerate(CLASSES)})  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(hub).eval()
+    with torch.no_grad():  # HF's init (std 0.02) gives every image the same class: spread the weights out
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(tmp_path / "hf")
+    r = evaluate(tmp_path / "hf", str(made["photos"]), split="train")
+    with open_checkpoint(tmp_path / "hf") as ck:
+        cfg = ck.cfg
+    records = open_records(str(made["photos"]), "train")
+    want = np.zeros((3, 3), int)
+    for i in range(len(records)):
+        data, label = records[i]
+        x = torch.from_numpy(prepare(decode(io.BytesIO(data), 3)[None], cfg)).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            want[label, int(model(pixel_values=x).logits.argmax())] += 1
+    assert r["checkpoint"]["format"] == "hf" and r["results"]["torch"]["confusion_matrix"] == want.tolist()
+    assert r["class_names_check"] == "agree" and r["top_k"] == 3 and r["top3"] == 1.0
+
+
 def test_an_hf_uri_through_the_loopback_hub(tmp_path, made):
     pytest.importorskip("huggingface_hub")
     from tests.hub.conftest import TOKEN, repo_files
