@@ -176,3 +176,43 @@ def test_adafactor_refuses_factoring_over_layers():
 
     with pytest.raises(ConfigError, match="layer axis"):
         torch_optim.make_slots(abstract_model(cfg).named_parameters(), cfg, settings(optimizer="adafactor"))
+
+
+def _fsdp_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One rank: the WIDE model sharded by FSDP2 (each block, then the whole), 3 Adafactor steps."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        tcfg = settings(optimizer="adafactor", weight_decay=0.1)
+        model = torch_model(WIDE, random_params(WIDE))
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        opt = torch_optim.make_optimizer(model, WIDE, tcfg, torch_optim.schedule(tcfg.lr, tcfg.steps, tcfg.warmup))
+        named = dict(model.named_parameters())
+        for s in range(3):
+            for k, v in jax_to_torch(grads_for(WIDE, s), WIDE).items():
+                p = named[k]
+                p.grad = distribute_tensor(torch.from_numpy(np.ascontiguousarray(v)), p.device_mesh, p.placements)
+            opt.step()
+        state = {k: v.full_tensor().detach().numpy() for k, v in model.state_dict().items()}
+        if rank == 0:
+            np.savez(out, **torch_to_jax(state, WIDE))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # ~30 s: two spawned ranks import torch and jax
+def test_fsdp2_sharded_parameters_step_like_plain_ones(tmp_path):
+    """Parameters as FSDP2 DTensors (2 CPU ranks, gloo): the factored Adafactor statistics and the
+    clipping norm reduce across shards, and the result is the plain run's to one ulp."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "sharded.npz"
+    mp.spawn(_fsdp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2)
+    tcfg = settings(optimizer="adafactor", weight_decay=0.1)
+    plain = run_torch(WIDE, tcfg, [grads_for(WIDE, s) for s in range(3)])
+    assert max_diff(plain, dict(np.load(out))) < OPT_ATOL
