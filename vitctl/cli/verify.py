@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -103,22 +103,10 @@ def verify(
     """Prove that two checkpoints compute the same function, or point at the first layer that does not."""
     _check_options(tolerance, rtol, rel_tol, batch)
     from vitctl import checkpoint
-    from vitctl.infer.exported import graph_format, verify_graph
     from vitctl.open import locate
-    from vitctl.verify import verify as run
 
-    a, b = locate(a), locate(b)
-    if graph_format(a, "A") or graph_format(b, "B"):
-        if diagnose:
-            raise ConfigError("--diagnose flips conventions in a checkpoint's model; an exported graph has none to flip",
-                              hint="verify without --diagnose, or diagnose the checkpoint it was exported from")  # fmt: skip
-        result = verify_graph(a, b, tolerance=tolerance, rtol=rtol, rel_tol=rel_tol, batch=batch, seed=seed, images=images,
-                              precision=precision.value)  # fmt: skip
-    else:
-        result = run(
-            a, b, tolerance=tolerance, rtol=rtol, rel_tol=rel_tol, batch=batch, seed=seed, images=images, precision=precision.value,
-            run_diagnose=diagnose,
-        )  # fmt: skip
+    result = _run(locate(a), locate(b), diagnose, tolerance=tolerance, rtol=rtol, rel_tol=rel_tol, batch=batch, seed=seed,
+                  images=images, precision=precision.value)  # fmt: skip
     if report is not None:
         checkpoint.write_json(report, result)
     if json_:
@@ -126,6 +114,19 @@ def verify(
     else:
         show_verify(result)
     raise typer.Exit(0 if result["passed"] else 1)
+
+
+def _run(a: Path, b: Path, diagnose: bool, **options: Any) -> dict[str, Any]:
+    """vitctl.verify.verify, or vitctl.infer.exported.verify_graph when a side is an exported graph (by content)."""
+    from vitctl.infer.exported import graph_format, verify_graph
+    from vitctl.verify import verify as run
+
+    if not (graph_format(a, "A") or graph_format(b, "B")):
+        return run(a, b, run_diagnose=diagnose, **options)
+    if diagnose:
+        raise ConfigError("--diagnose flips conventions in a checkpoint's model; an exported graph has none to flip",
+                          hint="verify without --diagnose, or diagnose the checkpoint it was exported from")  # fmt: skip
+    return verify_graph(a, b, **options)
 
 
 def _check_options(tolerance: float | None, rtol: float | None, rel_tol: float | None, batch: int) -> None:
