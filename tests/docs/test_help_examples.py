@@ -228,6 +228,10 @@ INPUTS: dict[str, list] = {
     "vitctl predict ckpt/torch": [("ckpt/torch", torch_ckpt), ("photos", photos)],
     "vitctl predict runs/digits": [("runs/digits", lambda box, p: jax_ckpt(p, tiny(channels=1))), ("photos", photos)],
     "vitctl predict big_vision.npz": [("big_vision.npz", big_vision_npz), ("photos", photos)],
+    "vitctl export ckpt/jax": [("ckpt/jax", lambda box, p: jax_ckpt(p))],
+    "vitctl export ckpt/torch": [("ckpt/torch", torch_ckpt)],
+    "vitctl export big_vision.npz": [("big_vision.npz", big_vision_npz)],
+    "vitctl verify ckpt/jax vit.onnx": [("vit.onnx", shell("vitctl export ckpt/jax vit.onnx"))],
 }  # fmt: skip
 
 
