@@ -245,11 +245,20 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for p, u in self.updates():
+            p.add_(u)  # optax.apply_updates
+        return loss
+
+    @torch.no_grad()
+    def updates(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, update) for every trained parameter with a gradient: optax's updates (p + u is
+        the new parameter). Advances the state and the step count; step() applies them."""
         group = self.param_groups[0]
         count = group["step"]
         live = [p for p in group["params"] if p in self.slots and p.grad is not None]
         grads = self._clip([p.grad for p in live])
         neg_lr = _f32(-1.0 * _f32(self.lr_fn(count)))
+        out = []
         for p, g in zip(live, grads):
             slot = self.slots[p]
             u = self._moments(p, g, slot, count)
@@ -257,9 +266,9 @@ class Optimizer(torch.optim.Optimizer):
                 u = u + _f32(slot.weight_decay) * p
             if slot.scale != 1.0:
                 u = u * slot.scale
-            p.add_(u * neg_lr)
+            out.append((p, u * neg_lr))
         group["step"] = count + 1
-        return loss
+        return out
 
     def _clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """optax.clip_by_global_norm over the trained gradients."""
