@@ -232,6 +232,9 @@ INPUTS: dict[str, list] = {
     "vitctl export ckpt/torch": [("ckpt/torch", torch_ckpt)],
     "vitctl export big_vision.npz": [("big_vision.npz", big_vision_npz)],
     "vitctl verify ckpt/jax vit.onnx": [("vit.onnx", shell("vitctl export ckpt/jax vit.onnx"))],
+    "vitctl embed runs/digits": [("runs/digits", lambda box, p: jax_ckpt(p, tiny(channels=1)))],
+    "vitctl embed ckpt/torch": [("ckpt/torch", torch_ckpt), ("photos", photos)],
+    "vitctl embed big_vision.npz": [("big_vision.npz", big_vision_npz), ("photos", photos)],
 }  # fmt: skip
 
 
