@@ -89,6 +89,13 @@ INSTEAD: dict[str, tuple[str, str]] = {
             "harness runs a `--process-id 0` example with its partner when one names a loopback coordinator)"
         ),
     ),
+    "torchrun --nproc-per-node 2 -m vitctl train --backend torch --model vit22b-demo/4 --data digits --out runs/torch --steps 200": (
+        "",
+        (
+            "two torch processes for minutes of CPU; tests/train/test_torch_train.py runs `torchrun --nproc-per-node 2 -m vitctl "
+            "train --backend torch ... --steps 2 --json` on a tiny model"
+        ),
+    ),
 }  # fmt: skip
 
 
