@@ -241,3 +241,25 @@ def _pickle_payload() -> bytes:
     buf = io.BytesIO()
     torch.save({"x": shutil.copyfileobj}, buf)
     return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_export_benchmark_script_runs(tmp_path):
+    """bench/export.py end to end at its tiny size: the export rows, and per batch onnxruntime and the
+    torch.export program against vitctl-torch, each computing the same logits; the temporaries removed."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "export.py"
+    p = subprocess.run([sys.executable, str(script), "--tiny", "--json", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = {r["name"]: r for r in json.loads(p.stdout)["rows"]}
+    assert rows["export tiny onnx"]["value"] > 0 and rows["export tiny torch-export"]["value"] > 0
+    for b in (1, 4):
+        base = f"forward tiny fp32 b{b} vitctl-torch"
+        for impl in ("onnxruntime", "torch.export"):
+            row = rows[f"forward tiny fp32 b{b} {impl}"]
+            assert row["baseline"] == base and row["ratio"] > 0
+            assert float(row["note"].rsplit(" ", 1)[1]) <= 1e-5  # logits max-abs against the twin
+    assert not any(tmp_path.iterdir())
