@@ -8,6 +8,9 @@ For each model (the paper's block at B/16, 224 px, and vit22b-1B/14, 224 px) it 
 the GPU each framework sees:
   - vitctl-torch forward, bf16 parameters and compute, under inference_mode;
   - vitctl-torch train step: bf16 compute on fp32 parameters, cross-entropy, AdamW (fused);
+  - vitctl-train-torch: the step `vitctl train --backend torch --dtype bfloat16` runs
+    (vitctl.train.torch_step.train_step: bf16 compute on fp32 parameters, clipping,
+    torch_optim's AdamW with its weight-decay mask), one process;
   - timm's model of the same configuration (`timm_spec`), same forward, when timm imports;
   - vitctl-jax forward (jit, bf16 compute) and the train step `vitctl train` runs
     (vitctl.train.step.Setup: AdamW, clipping; bf16 compute, fp32 parameters, donated state).
@@ -31,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitctl import bench
+from vitctl.bench.models import vitctl_train_step
 from vitctl.config import ViTConfig
 
 PEAKS_TFLOPS = {"H200": 790.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
@@ -83,6 +87,10 @@ def torch_rows(cfg, batch, args, out):
         opt.zero_grad(set_to_none=True)
 
     out.append(("train", "vitctl-torch", batch, best_seconds(step, sync, args.warmup, args.reps), bench.flops(cfg, batch, train=True)))
+    ours = vitctl_train_step(dataclasses.replace(cfg, dtype="bfloat16"), batch, dev)
+    out.append(
+        ("train", "vitctl-train-torch", batch, best_seconds(ours, sync, args.warmup, args.reps), bench.flops(cfg, batch, train=True))
+    )
     if dev == "cuda":
         torch.cuda.empty_cache()
 

@@ -1,5 +1,5 @@
 """The models the benchmark times, each as a synchronised call: vitctl-torch and timm (forward,
-AdamW train step), vitctl-jax (jitted forward, `vitctl train`'s step), and the plain Flax
+AdamW train step), the train step of `vitctl train --backend torch`, vitctl-jax (jitted forward, `vitctl train`'s step), and the plain Flax
 baseline, which lives beside the benchmark scripts in the source checkout (bench/plain_flax.py).
 
 torch, jax, flax and timm are imported by the functions that need them. timm is optional.
@@ -95,6 +95,26 @@ def torch_train_step(model, cfg, batch: int) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
 
     return call
+
+
+def vitctl_train_step(cfg, batch: int, device: str = "cpu") -> Callable[[], None]:
+    """The train step of `vitctl train --backend torch` (vitctl.train.torch_step.train_step: the model's
+    own compute dtype over float32 parameters, softmax cross-entropy, global-norm clipping, torch_optim's
+    AdamW with its weight-decay mask) on one process, on a fixed random batch; a synchronised call."""
+    import torch
+
+    from vitctl.train.settings import TrainConfig
+    from vitctl.train.torch_optim import make_optimizer, schedule
+    from vitctl.train.torch_step import build_model, train_step
+
+    tcfg = TrainConfig(batch_size=batch, steps=1000, warmup=10, backend="torch")
+    model = build_model(cfg, 0)[0].to(device)
+    lr_fn = schedule(tcfg.lr, tcfg.steps, tcfg.warmup)
+    opt = make_optimizer(model, cfg, tcfg, lr_fn)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+    return lambda: train_step(model, opt, x, y, cfg, tcfg, lr_fn)  # returns floats: synchronised
 
 
 def jax_forward(cfg, batch: int) -> tuple[Callable[[], None], float]:

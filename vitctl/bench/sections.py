@@ -22,6 +22,7 @@ from vitctl.bench.models import (
     torch_forward,
     torch_train_step,
     vitctl_torch_model,
+    vitctl_train_step,
 )
 from vitctl.bench.modes import Mode
 from vitctl.bench.rows import Row, fmt_value
@@ -155,14 +156,21 @@ class Bench:
         self.add(Row(name, batch / s, "images/s"))
 
     def torch_train(self) -> None:
+        """`vitctl train --backend torch`'s step (torch_optim's AdamW, clipping) against timm + torch.optim.AdamW,
+        and its GFLOP/s against the fp32 GEMM peak of this run (MFU)."""
         b, cfg = self.mode.train_batch, self.cfgs["parallel"]
         prefix = f"train {self.mode.label('parallel')} fp32 b{b}"
-        fns = {"vitctl-torch": torch_train_step(vitctl_torch_model(cfg), cfg, b)}
+        fns = {"vitctl-torch": vitctl_train_step(cfg, b)}
         if self.has_timm:
             fns["timm"] = torch_train_step(timm_model(cfg), cfg, b)
-        self.log(f"time {prefix} vitctl-torch + AdamW{', timm + AdamW' if self.has_timm else ''} ...")
+        self.log(f"time {prefix} vitctl-torch (vitctl train's step){', timm + AdamW' if self.has_timm else ''} ...")
         best = self.timed(fns, warmup=max(1, self.mode.warmup))  # the first step allocates the optimizer state
-        self.add(Row(f"{prefix} vitctl-torch", b / best["vitctl-torch"], "images/s", f"{prefix} timm+AdamW", note="torch.optim.AdamW"))
+        s = best["vitctl-torch"]
+        self.add(
+            Row(f"{prefix} vitctl-torch", b / s, "images/s", f"{prefix} timm+AdamW", note="vitctl train --backend torch's step, AdamW"),
+            Row(f"{prefix} vitctl-torch GFLOP/s", flops(cfg, b, train=True) / s / 1e9, "GFLOP/s", self.peak_fp32,
+                note="ratio: MFU against the GEMM peak"),
+        )  # fmt: skip
         if self.has_timm:
             self.add(Row(f"{prefix} timm+AdamW", b / best["timm"], "images/s", note=timm_spec_name(cfg)))
         else:

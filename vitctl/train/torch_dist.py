@@ -94,11 +94,16 @@ def shard(model: nn.Module, remat: bool = False) -> nn.Module:
         if remat:
             inner = block.forward
             block.forward = lambda x, inner=inner: checkpoint(inner, x, use_reentrant=False)
-        if dist.get_world_size() > 1:
+        if world() > 1:
             fully_shard(block)
-    if dist.get_world_size() > 1:
+    if world() > 1:
         fully_shard(model)
     return model
+
+
+def world() -> int:
+    """The number of processes (1 without a process group: the step functions run on a plain model too)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _reduce(value: float, op) -> float:
@@ -109,24 +114,24 @@ def _reduce(value: float, op) -> float:
 
 def any_process(value: int) -> int:
     """The largest of `value` over all processes (every process gets the same answer)."""
-    return value if dist.get_world_size() == 1 else int(_reduce(value, dist.ReduceOp.MAX))
+    return value if world() == 1 else int(_reduce(value, dist.ReduceOp.MAX))
 
 
 def total(value: float) -> float:
     """The sum of `value` over all processes."""
-    return value if dist.get_world_size() == 1 else _reduce(value, dist.ReduceOp.SUM)
+    return value if world() == 1 else _reduce(value, dist.ReduceOp.SUM)
 
 
 def mean(value: float) -> float:
     """The mean of `value` over all processes (each holds an equal share of the batch)."""
-    return value if dist.get_world_size() == 1 else total(value) / dist.get_world_size()
+    return value if world() == 1 else total(value) / world()
 
 
 def maximum(value: float) -> float:
-    return value if dist.get_world_size() == 1 else _reduce(value, dist.ReduceOp.MAX)
+    return value if world() == 1 else _reduce(value, dist.ReduceOp.MAX)
 
 
 def sync() -> None:
     """A barrier across processes (nothing alone)."""
-    if dist.get_world_size() > 1:
+    if world() > 1:
         dist.barrier()
