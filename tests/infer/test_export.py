@@ -50,7 +50,7 @@ def made(tmp_path_factory):
         ("onnx", ck, "onnx", "float32"),
         ("pt2", ck, "torch-export", "float32"),
         ("bf16", ck, "torch-export", "bfloat16"),
-        ("headless", headless, "torch-export", "float32"),
+        ("headless_pt2", headless, "torch-export", "float32"),
     ):
         files[name] = root / f"{name}.{'onnx' if fmt == 'onnx' else 'pt2'}"
         files[name + "_report"] = export(src, files[name], fmt=fmt, dtype=dtype)
@@ -111,7 +111,7 @@ def test_metadata_says_how_to_feed_the_graph_and_holds_no_local_path(made):
         assert meta["image_size"] == 16 and meta["preprocess"]["value_range"] == [-1.0, 1.0]
         assert "x = -1 + 2 * pixel / 255" in meta["preprocess_text"]
     assert json.loads(onnx_metadata(made["onnx"])["_props"]["class_names"]) == NAMES  # readable without parsing vitctl's JSON
-    for name in ("onnx", "pt2", "bf16", "headless"):
+    for name in ("onnx", "pt2", "bf16", "headless_pt2"):
         assert str(made["root"]).encode() not in every_byte(made[name]), name
 
 
@@ -143,11 +143,25 @@ def test_bf16_onnx_is_refused_and_nothing_written(made, cli):  # noqa: F811
     assert not dst.exists()
 
 
+def test_onnxruntime_cpu_has_no_bf16_matmul_or_add():
+    """Why bf16 ONNX is refused: the installed onnxruntime's CPU provider cannot run a bfloat16 MatMul
+    or Add. When this fails, onnxruntime has gained the kernels and the refusal should go."""
+    from onnx import TensorProto, helper
+
+    for op in ("MatMul", "Add"):
+        x, y = (helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [2, 2]) for n in ("x", "y"))
+        out = helper.make_tensor_value_info("z", TensorProto.BFLOAT16, [2, 2])
+        graph = helper.make_graph([helper.make_node(op, ["x", "y"], ["z"])], "g", [x, y], [out])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        with pytest.raises(Exception, match="NOT_IMPLEMENTED|Could not find an implementation"):
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def test_a_model_without_a_head_exports_pre_logits(made):
     from vitctl.infer.exported import verify_graph
 
-    assert made["headless_report"]["outputs"] == ["pre_logits"]
-    report = verify_graph(made["headless"], made["headless"].with_suffix(".pt2"))
+    assert made["headless_pt2_report"]["outputs"] == ["pre_logits"]
+    report = verify_graph(made["headless"], made["headless_pt2"])
     assert report["passed"] and [x["name"] for x in report["layers"]] == ["pre_logits"]
 
 
@@ -243,7 +257,6 @@ def _pickle_payload() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.slow
 def test_export_benchmark_script_runs(tmp_path):
     """bench/export.py end to end at its tiny size: the export rows, and per batch onnxruntime and the
     torch.export program against vitctl-torch, each computing the same logits; the temporaries removed."""
@@ -262,4 +275,22 @@ def test_export_benchmark_script_runs(tmp_path):
             row = rows[f"forward tiny fp32 b{b} {impl}"]
             assert row["baseline"] == base and row["ratio"] > 0
             assert float(row["note"].rsplit(" ", 1)[1]) <= 1e-5  # logits max-abs against the twin
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_json_is_one_object_and_headless_onnx_runs(made, cli, tmp_path):  # noqa: F811
+    """--json: stdout holds the report alone (the exporter's progress goes to stderr); a model without
+    a head gives its pre-logits [batch, D] as the ONNX graph's one output."""
+    r = cli("export", made["headless"], tmp_path / "h.onnx", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["outputs"] == ["pre_logits"] and report["format"] == "onnx" and report["opset"] >= 18
+    session = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"images": np.zeros((3, 3, 16, 16), np.float32)})
+    assert y.shape == (3, 48)
+
+
+def test_a_graph_is_not_exported_again(made, cli, tmp_path):  # noqa: F811
+    r = cli("export", made["pt2"], tmp_path / "again.onnx")
+    assert r.returncode == 2 and "is an exported graph, not a checkpoint" in r.stderr
     assert not any(tmp_path.iterdir())

@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from vitctl.cli._options import JsonOpt, out, print_json
+from vitctl.errors import ConfigError
 
 commands = typer.Typer()
 
@@ -62,9 +63,14 @@ def export(
 ) -> None:
     """Export a checkpoint as an ONNX or torch.export graph: float32 NCHW images in, logits out."""
     from vitctl.infer.export import export as run
+    from vitctl.infer.exported import graph_format
     from vitctl.open import locate
 
-    result = run(locate(ckpt, must_exist=True), dst, fmt=format_.value, dtype=dtype.value, opset=opset)
+    src = locate(ckpt, must_exist=True)
+    if graph_format(src, "CKPT"):
+        raise ConfigError(f"{src} is an exported graph, not a checkpoint: it cannot be exported again",
+                          hint="export from the checkpoint it came from")  # fmt: skip
+    result = run(src, dst, fmt=format_.value, dtype=dtype.value, opset=opset)
     if json_:
         print_json(result)
     else:
