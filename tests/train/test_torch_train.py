@@ -101,6 +101,34 @@ def test_trains_digits_into_a_checkpoint_that_convert_and_verify_read(torch_run,
     assert json.loads(stdout)["passed"] is True
 
 
+def test_init_from_fine_tunes_any_checkpoint_with_a_new_head_and_grid(torch_run, tmp_path, capsys):
+    """--init-from through vitctl.open: the source's weights exactly (here from a vitctl-jax copy of the run),
+    a new zero head for other classes and a resampled position embedding for another image size."""
+    from vitctl.open import open_checkpoint
+    from vitctl.train.torch_step import source_state
+
+    with open_checkpoint(torch_run) as ckpt:
+        want = {n: torch.from_numpy(np.array(ckpt.reader.read(n))) for n in ckpt.infos}
+        cfg = ckpt.cfg
+    pytest.importorskip("jax")
+    assert run_cli(capsys, "convert", "torch-to-jax", torch_run, tmp_path / "jax")[0] == 0
+    with open_checkpoint(tmp_path / "jax") as jax_ckpt:
+        got, messages = source_state(jax_ckpt, cfg, "bilinear")
+    assert messages == [] and set(got) == set(want)
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+
+    out = tmp_path / "ft"
+    code, _, err = run_cli(capsys, "train", *FAST, "--init-from", tmp_path / "jax", "--out", out, "--steps", "2", "--num-classes", "12",
+                           "--image-size", "24", "--stats-every", "0")  # fmt: skip
+    assert code == 0, err
+    assert "--init-from: new head for 12 classes" in err and "pos_embed resampled from (1, 16, 48) to (1, 36, 48)" in err
+    with open_checkpoint(out) as ft:
+        assert (ft.format, ft.cfg.num_classes, ft.cfg.image_size) == ("vitctl-torch", 12, 24)
+        assert ft.provenance["init_from"]["format"] == "vitctl-jax"
+    assert losses(out)[0] == pytest.approx(math.log(12), rel=1e-6)  # the zero head: uniform over 12 classes
+
+
 @pytest.fixture
 def process_group():
     from vitctl.train import torch_dist
@@ -242,6 +270,13 @@ def test_two_processes_match_one_stop_together_and_resume_on_one(one_process, mo
     got = np.array(losses(out))
     print(f"2 processes vs 1, steps 1-3: max relative loss difference {np.max(np.abs(got - want[:3]) / want[:3]):.3g}")
     np.testing.assert_allclose(got, want[:3], rtol=MP_RTOL, atol=0)
+    rows, ref = (
+        [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()],
+        [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()],
+    )
+    np.testing.assert_allclose([r["grad_norm"] for r in rows], [r["grad_norm"] for r in ref[:3]], rtol=MP_RTOL)
+    for key in ("attn_logit_max", "attn_entropy"):  # step 3 (stats every 3): each process's rows, max / mean over both
+        np.testing.assert_allclose(rows[2][key], ref[2][key], rtol=MP_RTOL)
 
     (p,) = run_children([[str(out), str(model_json), "--resume"]], [child_env()])  # the 2-process state on 1 process
     assert p.returncode == 0, p.stderr[-3000:]
