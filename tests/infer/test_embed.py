@@ -246,13 +246,24 @@ def test_a_write_cut_short_is_named_and_leaves_nothing(data, tmp_path):
     assert_empty(out)
 
 
-def test_ids_name_no_local_directory(data, tmp_path):
+def test_ids_name_no_local_directory(data):
     from vitctl.data.lazy import open_records
 
     _, folder = data
     records = open_records(str(folder), "test", channels=1)
     assert [E.record_id(records, i) for i in range(len(records))] == folder_files(folder, "test")[0]
     assert not any(os.path.isabs(E.record_id(records, i)) for i in range(len(records)))
+
+
+def test_the_reader_refuses_files_it_did_not_write_whole(tmp_path):
+    rows = [(["a", "bé"], np.array([0, 1], np.int32), np.arange(6, dtype=np.float32).reshape(2, 3))]
+    E.write_rows("safetensors", tmp_path / "e.safetensors", 2, 3, E.IdSizes(4, 3), {}, iter(rows))
+    ids, labels, x = E.read_embeddings(tmp_path / "e.safetensors")
+    assert ids == ["a", "bé"] and labels.tolist() == [0, 1] and np.array_equal(x, rows[0][2])
+    data = (tmp_path / "e.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
+    with pytest.raises(DataError, match="does not fit the file"):
+        E.read_embeddings(tmp_path / "cut.safetensors")
     np.save(tmp_path / "plain.npy", np.zeros((2, 3), np.float32))
     with pytest.raises(DataError, match="not a vitctl embeddings .npy"):
         E.read_embeddings(tmp_path / "plain.npy")

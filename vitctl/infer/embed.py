@@ -389,7 +389,7 @@ def read_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray
         if len(off) != len(t["labels"]) + 1 or off[0] != 0 or off[-1] != len(blob) or (np.diff(off) < 0).any():
             raise DataError(f"{path}: id_offsets do not index the ids")
         return [blob[a:b].decode() for a, b in itertools.pairwise(off.tolist())], t["labels"], t["embeddings"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a header entry of the wrong JSON type
         raise DataError(f"cannot read {path}: {e}", hint="the file is damaged or not one `vitctl embed` wrote") from None
 
 
