@@ -144,7 +144,7 @@ def test_images_are_those_eval_feeds_the_model(made):
     """predict's prepared array of a file is eval_batches' array of the same file, bit for bit."""
     from vitctl.data.lazy import open_records
     from vitctl.data.pipeline import eval_batches
-    from vitctl.infer.predict import list_images, prepare_file
+    from vitctl.infer.predict import list_images, one_blas_thread, prepare_file
 
     cfg = tiny()
     records = open_records(str(made["photos"]), "train", channels=3)
@@ -152,6 +152,8 @@ def test_images_are_those_eval_feeds_the_model(made):
     files, found = list_images([made["photos"] / "train"])
     assert found == [{"path": str(made["photos"] / "train"), "kind": "directory", "images": 10}]
     np.testing.assert_array_equal(np.stack([prepare_file(f, cfg) for f in files]), images)
+    with one_blas_thread():  # as predict runs: the same numbers
+        np.testing.assert_array_equal(np.stack([prepare_file(f, cfg) for f in files]), images)
 
 
 def test_partial_names_and_sigmoid(made, tmp_path):

@@ -203,11 +203,10 @@ def predict(
 
 def one_blas_thread():
     """numpy's OpenBLAS at one thread while predicting: the resize's GEMMs are small, the decoding
-    threads already run one image each, and OpenBLAS's own threads spin-wait for one another. On a
-    busy 2-core machine that made preparing 224 px images from ~300 x 260 JPEGs 3-4x slower (15-19
-    vs 50-72 images/s). The same numbers either way: OpenBLAS splits a GEMM by output blocks, never
-    along the sum. torch's threads are its own (OpenMP) and keep their count. Without threadpoolctl
-    (the [data] extra), OpenBLAS keeps its threads."""
+    threads already run one image each, and OpenBLAS's own threads spin-wait for one another, which
+    on a busy machine cost several times the work. The same numbers either way: OpenBLAS splits a
+    GEMM by output blocks, never along the sum. torch's threads are its own (OpenMP) and keep their
+    count. Without threadpoolctl (the [data] extra), OpenBLAS keeps its threads."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
