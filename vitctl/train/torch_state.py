@@ -91,41 +91,54 @@ def _nest_optimizer(arrays: dict[str, np.ndarray], record: dict[str, Any]) -> di
 def save(state_dir: Path, step: int, model: nn.Module, opt, cfg: ViTConfig, meta: dict[str, Any], keep: int) -> Path:
     """Writes state_dir/{step:08d} (gathered, by process 0) atomically, then keeps the newest `keep`.
 
-    Every process calls it (the gather is collective). A save that does not fit is refused
-    (CheckpointError naming the latest complete state) before anything is written."""
+    Every process calls it (the gather is collective), and every process raises when the save
+    fails: a save that does not fit is refused before anything is written, and a failed write
+    leaves the complete states as they were (CheckpointError naming the latest)."""
     d = Path(state_dir).absolute()
     params, osd = gather(model, opt)
-    primary = torch.distributed.get_rank() == 0
+    primary = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True
     arrays, record = _flat_optimizer(osd) if primary else ({}, {})
     nbytes = sum(t.numel() * t.element_size() for t in params.values()) + sum(a.nbytes for a in arrays.values())
     reason = tstate.room_for(d.parent, nbytes) if primary else None
     if torch_dist.any_process(int(reason is not None)):
         raise tstate._save_failed(d, step, reason or "process 0 has no room for it")
-    final, tmp = d / f"{step:08d}", d / f".tmp-{step:08d}"
+    failure = None
     if primary:
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            tstate._reclaim(d)  # left by a killed run
-            tmp.mkdir()
-            layout.save_torch(tmp, {n: t.numpy() for n, t in params.items()})
-            ckpt.write_config(tmp, cfg, {"source_format": "train", "created_by": "vitctl train --backend torch", "step": step})
-            np.savez(tmp / OPTIMIZER, **arrays)
-            info = {"step": step, "backend": BACKEND, **meta, "optimizer": record, "time": time.time()}
-            (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
-            if final.exists():  # a rerun of the same step: moved aside whole
-                shutil.rmtree(d / f".tmp-old-{step:08d}", ignore_errors=True)
-                final.rename(d / f".tmp-old-{step:08d}")
-            tmp.rename(final)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, Exception):
-                raise tstate._save_failed(d, step, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
-            raise
+            _write(d, step, params, arrays, cfg, {"step": step, "backend": BACKEND, **meta, "optimizer": record, "time": time.time()})
+        except Exception as e:  # noqa: BLE001 (told to every process below)
+            failure = e
+    if torch_dist.any_process(int(failure is not None)):
+        if isinstance(failure, CheckpointError):
+            raise failure
+        brief = str(failure).strip().splitlines()[0] if failure is not None and str(failure).strip() else type(failure).__name__
+        raise tstate._save_failed(d, step, brief if failure is not None else "process 0 could not write it") from failure
+    if primary:
         for old in tstate.steps(d)[:-keep]:
             shutil.rmtree(d / f"{old:08d}", ignore_errors=True)
         tstate._reclaim(d)
     torch_dist.sync()
-    return final
+    return d / f"{step:08d}"
+
+
+def _write(d: Path, step: int, params: dict[str, torch.Tensor], arrays: dict[str, np.ndarray], cfg: ViTConfig, info: dict) -> None:
+    """Process 0's part of `save`: the step directory under a temporary name, renamed into place when whole."""
+    final, tmp = d / f"{step:08d}", d / f".tmp-{step:08d}"
+    d.mkdir(parents=True, exist_ok=True)
+    tstate._reclaim(d)  # left by a killed run
+    tmp.mkdir()
+    try:
+        layout.save_torch(tmp, {n: t.numpy() for n, t in params.items()})
+        ckpt.write_config(tmp, cfg, {"source_format": "train", "created_by": "vitctl train --backend torch", "step": step})
+        np.savez(tmp / OPTIMIZER, **arrays)
+        (tmp / "meta.json").write_text(json.dumps(info, indent=2) + "\n")
+        if final.exists():  # a rerun of the same step: moved aside whole
+            shutil.rmtree(d / f".tmp-old-{step:08d}", ignore_errors=True)
+            final.rename(d / f".tmp-old-{step:08d}")
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def restore(state_dir: Path, step: int, model: nn.Module, opt, cfg: ViTConfig) -> dict[str, Any]:
