@@ -131,7 +131,10 @@ OptimizerOpt = Annotated[Optimizer, typer.Option(help=GRADS + "the optimizer of 
 Hyper = Annotated[float | None, typer.Option(help=GRADS + "as vitctl train's (default: train's).", show_default=False)]
 NesterovOpt = Annotated[bool | None, typer.Option("--nesterov", help=GRADS + "sgd: Nesterov momentum.", show_default=False)]
 GradTolOpt = Annotated[float | None, typer.Option(help=GRADS + "bar on every gradient's max-abs diff / max-abs of A (default 1e-5).")]
-UpdateTolOpt = Annotated[float | None, typer.Option(help=GRADS + "bar on every update's relative RMS error (default 1e-3).")]
+UpdateTolOpt = Annotated[
+    float | None,
+    typer.Option(help=GRADS + "bar on every update's max-abs diff / max-abs of A, both stepping from A's gradients (default 1e-5)."),
+]
 
 
 @commands.command(epilog=EXAMPLES)
@@ -211,12 +214,12 @@ def _show_grads(r: dict[str, Any]) -> None:
         return
     loss = r["loss"]
     out.print(f"loss: A {loss['a']:.7g}, B {loss['b']:.7g}, relative difference {loss['rel']:.2e}")
-    table = Table("parameter", "grad max-abs", "grad max-rel", f"{r['step']['optimizer']} update rel-rms", "")
+    table = Table("parameter", "grad max-abs", "grad max-rel", f"{r['step']['optimizer']} update max-rel", "")
     updates = {row["name"]: row for row in r["update"]["params"]}
     for g in r["grads"]["params"]:
-        u = updates.get(g["name"], {"rel_rms": float("nan"), "passed": True})
+        u = updates.get(g["name"], {"max_rel": float("nan"), "passed": True})
         ok = g["passed"] and u["passed"]
-        table.add_row(g["name"], f"{g['max_abs']:.2e}", f"{g['max_rel']:.2e}", f"{u['rel_rms']:.2e}", "ok" if ok else "[red]FAIL[/red]")
+        table.add_row(g["name"], f"{g['max_abs']:.2e}", f"{g['max_rel']:.2e}", f"{u['max_rel']:.2e}", "ok" if ok else "[red]FAIL[/red]")
     out.print(table)
     for d in r.get("diagnosis", []):
         out.print(f"  flip {escape(d['flip'])}: {'passes' if d['passed'] else 'still fails'}")
