@@ -286,10 +286,11 @@ def verify_graph(
     }  # fmt: skip
     out_a = run_any(side_a, side_a.cfg or cfg, precision, inputs, {"logits", "pre_logits"})
     out_b = run_any(side_b, side_b.cfg or cfg, precision, inputs, set(out_a))
+    have = f"A: {', '.join(out_a) or 'none'}; B: {', '.join(out_b) or 'none'}"
     out_a = {k: v for k, v in out_a.items() if k in out_b}  # a graph has only the outputs it has
     result = compare_outputs(out_a, out_b, tol)
     report.update(result)
-    problems = [] if result["layers"] else [f"no output in common (A: {', '.join(out_a) or 'none'}; B: {', '.join(out_b) or 'none'})"]
+    problems = [] if result["layers"] else [f"no output in common ({have})"]
     problems += [f"outputs differ in shape: {', '.join(result['unmatched_layers'])}"] if result["unmatched_layers"] else []
     report.update(passed=result["first_divergent"] is None and not problems, problems=problems)
     if precision == "bf16" or "bfloat16" in {getattr(s, "meta", {}).get("dtype") for s in (side_a, side_b)}:
@@ -297,8 +298,10 @@ def verify_graph(
     if not report["passed"] and report.get("roundoff", {}).get("consistent"):
         report["hint"] = hint(report, precision, [(f, v) for f, v in given.items() if v is not None])
     elif not report["passed"]:
+        where = "b" if isinstance(side_b, Graph) else "a"
         report["hint"] = (
-            "the graph does not compute the checkpoint's function: check which checkpoint it came from (b.metadata.source), or export it again with `vitctl export`"
+            f"the graph does not compute the checkpoint's function: check which checkpoint it came from ({where}.metadata.source), "
         )
+        report["hint"] += "or export it again with `vitctl export`"
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
