@@ -192,6 +192,20 @@ def test_bad_input_is_refused_before_any_work(model_json, torch_run, tmp_path, c
     assert code == 2 and "was trained with --backend torch" in err and "--backend jax cannot resume" in err
 
 
+def test_resume_with_more_steps_tells_and_records_the_schedule_change(torch_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(torch_run, out)
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--steps", "10")
+    assert code == 2 and "--steps 10 is fewer than the 30 steps" in err
+    code, _, err = run_cli(capsys, "train", "--out", out, "--resume", "--steps", "32", "--stats-every", "0")
+    assert code == 0, err
+    assert "Note: resuming at step 30 with a new schedule: cosine over 32 steps" in err
+    stored = json.loads((out / "train_config.json").read_text())
+    assert stored["steps"] == 32 and [c["step"] for c in stored["schedule_changes"]] == [30]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 33)) and rows[30]["lr"] == stored["schedule_changes"][0]["lr_after"]
+
+
 def test_a_state_of_the_other_backend_is_refused(torch_run, tmp_path):
     """The library refuses a state the JAX trainer wrote (here: its meta.json says so) with the backend to use."""
     from vitctl.errors import ConfigError

@@ -18,6 +18,8 @@ The JAX trainer's run, on the torch twin (vitctl.train.loop):
 - Sharding: FSDP2 over all processes (torchrun, or --coordinator/--num-processes/--process-id),
   every block a unit; alone, a world of one. A signal to any process stops all at one step
   (the flag is all-reduced before every step).
+- A resumed run whose schedule settings change follows the new schedule laid over all its
+  steps; the learning-rate jump is told and recorded in train_config.json, as the JAX trainer does.
 - --init-from: any checkpoint vitctl reads, through vitctl.open, into the torch twin before it
   is sharded; a resumed fine-tuning run continues from its own state.
 
@@ -143,9 +145,9 @@ def _train(tcfg, out, stop, resume, force, given, hooks):
         raise ConfigError(f"--resume: no training state in {out / STATE}", hint="start the run without --resume")
     if resume:
         cfg = load_config(out)
-        if tcfg.steps < start:
-            raise ConfigError(f"--steps {tcfg.steps} is fewer than the {start} steps the run in {out} has trained",
-                              hint=f"pass --steps {start} or more to continue it")  # fmt: skip
+        hooks["schedule_change"] = _schedule_change(out, tcfg, start)
+        if hooks["schedule_change"] is not None and primary:
+            hooks["notify"](hooks["schedule_change"]["message"])
     else:
         ckpt.check_output(out, force)
         side = image_side(records[0])
@@ -171,6 +173,35 @@ def _train(tcfg, out, stop, resume, force, given, hooks):
     torch_dist.sync()  # every process has checked `out` before process 0 changes it
     args = (tcfg, out, stop, resume, records, hooks, cfg, provenance, start)
     return _run(*args) if resume else _fresh(out, cfg, provenance, primary, lambda: _run(*args))
+
+
+SCHEDULE_FIELDS = ("lr", "steps", "warmup", "schedule", "cooldown")  # as vitctl.train.optim's (which imports jax)
+
+
+def _schedule_change(out: Path, new: TrainConfig, step: int) -> dict[str, Any] | None:
+    """optim.schedule_change on torch_optim's schedule (the same float32 values): what resuming at `step` with
+    other schedule settings does to the learning rate, for the user and train_config.json; None: nothing."""
+    from vitctl.train.settings import CHANGES, TRAIN_CONFIG, read_stored
+
+    old = TrainConfig.from_dict(read_stored(out))
+    if new.steps < step:
+        raise ConfigError(f"--steps {new.steps} is fewer than the {step} steps the run in {out} has trained",
+                          hint=f"pass --steps {step} or more to continue it (the checkpoint in {out} holds step {step} as it is)")  # fmt: skip
+    if all(getattr(old, f) == getattr(new, f) for f in SCHEDULE_FIELDS):
+        return None
+
+    def describe(t: TrainConfig) -> str:
+        return f"{t.schedule} over {t.steps} steps, peak lr {t.lr:g}, warmup {t.warmup}" + (
+            f", cooldown {t.cooldown}" if t.cooldown else ""
+        )
+
+    before, after = (schedule(t.lr, t.steps, t.warmup, t.schedule, t.cooldown)(step) for t in (old, new))
+    message = (
+        f"resuming at step {step} with a new schedule: {describe(new)} (was: {describe(old)}); it is laid over all "
+        f"{new.steps} steps, so the learning rate at step {step} goes from {before:.2e} to {after:.2e}"
+        + (" (unchanged)" if before == after else "") + f"; recorded in {TRAIN_CONFIG} under {CHANGES}"
+    )  # fmt: skip
+    return {"step": step, "before": describe(old), "after": describe(new), "lr_before": before, "lr_after": after, "message": message}
 
 
 def _fresh(out: Path, cfg, provenance: dict[str, Any], primary: bool, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -221,7 +252,7 @@ def _run(tcfg, out, stop, resume, records, hooks, cfg, provenance, start):
     else:
         start = 0
     if rank == 0:
-        write_train_config(out, tcfg, cfg.to_dict(), init=provenance.get("init_from"))
+        write_train_config(out, tcfg, cfg.to_dict(), hooks.get("schedule_change"), init=provenance.get("init_from"))
         if resume:
             report.truncate_metrics(out / METRICS, start)
     torch_dist.sync()
