@@ -1,4 +1,4 @@
-"""`vitctl train`: train a model on a data set, sharded over a device mesh (JAX).
+"""`vitctl train`: train a model on a data set, sharded over a device mesh (JAX) or over processes (--backend torch: FSDP2).
 
 Settings come from, in rising priority: the defaults of vitctl.train.settings.TrainConfig,
 the stored OUT/train_config.json (with --resume), a --config YAML file (unknown keys
@@ -199,7 +199,7 @@ def train(
     json: JsonOpt = False,
     **settings,
 ) -> None:
-    """Train a ViT on a data set (JAX, sharded), with exact resume and attention statistics."""
+    """Train a ViT on a data set (JAX over a device mesh, or PyTorch with FSDP2), with exact resume and attention statistics."""
     from vitctl.devices import prepare_cpu_devices
     from vitctl.train import settings as tsettings
 
