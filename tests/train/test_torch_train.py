@@ -233,8 +233,9 @@ def child_env(**extra) -> dict:
     return {**env, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_children(argvs: list[list[str]], envs: list[dict]) -> list[subprocess.CompletedProcess]:
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.train.torch_child", *a], cwd=REPO, env=e, stdout=subprocess.PIPE,
+def run_children(argvs: list[list[str]], envs: list[dict], module: str = "tests.train.torch_child") -> list[subprocess.CompletedProcess]:
+    """Runs `python -m module *argv` for each argv at once; waits for all of them."""
+    procs = [subprocess.Popen([sys.executable, "-m", module, *map(str, a)], cwd=REPO, env=e, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for a, e in zip(argvs, envs)]  # fmt: skip
     try:
         outs = [p.communicate(timeout=TIMEOUT) for p in procs]
@@ -313,3 +314,28 @@ def test_torchrun_launches_the_cli(model_json, tmp_path):
     summary = json.loads(p.stdout)
     assert summary["steps"] == 2 and summary["out"] == str(out) and math.isfinite(summary["final_loss"])
     assert json.loads((out / "state" / "00000002" / "meta.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_vitctl_process_flags_join_two_processes(model_json, tmp_path):
+    """--coordinator HOST:PORT --num-processes 2 --process-id I (vitctl's own flags) in place of torchrun's environment."""
+    out, coordinator = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    argvs = [["train", *FAST, "--model", model_json, "--out", out, "--steps", "2", "--stats-every", "0", "--json",
+              "--coordinator", coordinator, "--num-processes", "2", "--process-id", i] for i in (0, 1)]  # fmt: skip
+    p0, p1 = run_children(argvs, [child_env(), child_env()], module="vitctl")
+    assert p0.returncode == 0 and p1.returncode == 0, (p0.stderr[-3000:], p1.stderr[-3000:])
+    assert json.loads(p0.stdout)["steps"] == 2 and p1.stdout == ""  # results from process 0 only
+    assert json.loads((out / "state" / "00000002" / "meta.json").read_text())["processes"] == 2
+
+
+def test_soft_targets_give_the_objective_of_their_labels():
+    """mixup / cutmix targets: soft_objective on one-hot rows is torch_optim.objective on the labels."""
+    from vitctl.train.torch_optim import objective
+    from vitctl.train.torch_step import soft_objective
+
+    logits, labels = torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 3, 9, 1, 1, 7])
+    for loss in ("softmax", "sigmoid"):
+        for smoothing in (0.0, 0.1):
+            want = objective(logits, labels, 10, loss, smoothing)
+            got = soft_objective(logits, torch.nn.functional.one_hot(labels, 10).float(), loss, smoothing)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
