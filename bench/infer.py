@@ -23,6 +23,8 @@ directory, the files listed, decoded, resized, normalised and run, the results i
   timm's inference.py loop: create_dataset (an ImageDataset), create_loader with the model's
   resolved data config and --workers worker processes (inference.py's default: 2), the model in
   eval mode under torch.inference_mode, softmax, top-5 indices and probabilities kept per batch.
+  The vitctl row's note splits each timed call's loop: seconds in the model's forward passes of
+  seconds predicting (the rest: waiting for decoded images).
 - eval: vitctl.infer.evaluate.evaluate(ROOT, split "train", backend torch) against timm's
   validate.py loop: the ImageFolder with its labels, the same loader, top-1 / top-5 by
   timm.utils.accuracy accumulated in AverageMeters.
@@ -57,6 +59,7 @@ from vitctl import bench as B
 CLASSES = 10
 TOP_K = 5
 PARTS = ("predict", "eval", "forward")
+SPLIT: dict[str, list[tuple[float, float]]] = {"predict": []}  # (seconds in the model, seconds predicting) of each vitctl call
 
 
 # ----------------------------------------------------------------------------- setup
@@ -135,6 +138,7 @@ def vitctl_predict(ckpt: Path, folder: Path, batch: int) -> int:
 
     r = predict(ckpt, [folder], top_k=TOP_K, backend="torch", batch_size=batch)
     assert not r["skipped"]
+    SPLIT["predict"].append((r["timings"]["model"], r["timings"]["predict"]))
     return r["images"]
 
 
@@ -180,6 +184,8 @@ def io_rows(args, ckpt: Path, root: Path, gate) -> list[B.Row]:
     rows = []
     for name, rates in rotated(calls, args.repeat, gate).items():
         note = f"best of {len(rates)}: " + ", ".join(f"{r:.1f}" for r in rates) + f"; {n} files, model load included"
+        if name.startswith("predict") and "vitctl" in name and SPLIT["predict"]:
+            note += "; in the model: " + ", ".join(f"{m:.1f} of {p:.1f} s" for m, p in SPLIT["predict"][-len(rates) :])
         rows.append(B.Row(name, max(rates), "images/s", baselines.get(name), note=note))
     if "eval" in args.only and eval_missing():
         rows.append(B.Row(f"eval b{b} vitctl", None, "images/s", f"eval b{b} timm w{w}", note=eval_missing()))

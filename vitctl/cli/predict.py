@@ -108,7 +108,8 @@ def _with_progress(ckpt: Path, images: list[str], *, quiet: bool, **options: Any
 def _summary(r: dict[str, Any]) -> str:
     s = r["settings"]
     skipped = f", {len(r['skipped'])} skipped (unreadable)" if r["skipped"] else ""
-    return f"; backend {s['backend']}, {r['images_per_s']} images/s{skipped}"
+    t = r["timings"]
+    return f"; backend {s['backend']}, {r['images_per_s']} images/s ({t['model']:.1f} of {t['predict']:.1f} s in the model){skipped}"
 
 
 def show(r: dict[str, Any]) -> None:

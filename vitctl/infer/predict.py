@@ -231,7 +231,7 @@ def _run(ck: Checkpoint, files: list[Path], k: int, backend: str | None, batch_s
     timings = {"load_model": time.perf_counter() - t}
     names, kind, asked, k = class_names(ck.provenance, cfg.num_classes), trained_loss(ck), k, min(k, cfg.num_classes)
     batch_size = min(batch_size, len(files))  # JAX compiles one shape: no larger than the work
-    predictions, skipped, done = [], [], 0
+    predictions, skipped, done, model_s = [], [], 0, 0.0
     t = time.perf_counter()
     for batch in _batches(files, cfg, batch_size, threads):
         good = [(p, x) for p, x in batch if not isinstance(x, DataError)]
@@ -242,12 +242,15 @@ def _run(ck: Checkpoint, files: list[Path], k: int, backend: str | None, batch_s
             if on_skip:
                 on_skip(str(path), str(e))
         if good:
+            t1 = time.perf_counter()
             logits = _logits(run, np.stack([x for _, x in good]), batch_size if backend == "jax" else 0)
+            model_s += time.perf_counter() - t1
             predictions += [{"file": str(p), "topk": row} for (p, _), row in zip(good, top_k(logits, k, kind, names), strict=True)]
         done += len(batch)
         if on_batch:
             on_batch(done, len(files))
     timings["predict"] = time.perf_counter() - t
+    timings["model"] = model_s  # of predict: the forward passes; the rest is waiting for decoded images, and top-k
     settings = {"backend": backend, "precision": precision, "top_k": k, "batch_size": batch_size, "threads": threads,
                 "probabilities": kind, "labels": "class_names" if names else "indices", "num_classes": cfg.num_classes,
                 "image_size": cfg.image_size, "preprocess": dataclasses.asdict(cfg.preprocess)}  # fmt: skip
