@@ -192,6 +192,27 @@ def test_bad_input_is_refused_before_any_work(model_json, torch_run, tmp_path, c
     assert code == 2 and "was trained with --backend torch" in err and "--backend jax cannot resume" in err
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_stopped_run_resumes_bit_identically_in_process(model_json, tmp_path, optimizer):
+    """No warmup (the first update moves every weight) and, for sgd, no momentum (a stateless optimizer):
+    saving and restoring leave the weights and the step count exactly as they were."""
+    from vitctl.train.settings import TrainConfig
+    from vitctl.train.torch_loop import train
+
+    tcfg = TrainConfig(model=str(model_json), data="digits", steps=4, batch_size=32, lr=3e-3, warmup=0, stats_every=0, backend="torch",
+                       optimizer=optimizer, momentum=0.0, weight_decay=1e-2)  # fmt: skip
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        train(tcfg, tmp_path / "whole")
+        assert train(tcfg, tmp_path / "parts", max_steps_this_run=2)["saved_step"] == 2
+        train(tcfg, tmp_path / "parts", resume=True)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    assert (tmp_path / "parts" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
 def test_resume_with_more_steps_tells_and_records_the_schedule_change(torch_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(torch_run, out)

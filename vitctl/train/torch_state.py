@@ -54,7 +54,14 @@ def gather(model: nn.Module, opt) -> tuple[dict[str, torch.Tensor], dict[str, An
     """(parameters, optimizer state) whole on process 0 ({} elsewhere); every process must call it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return get_model_state_dict(model, options=_options()), get_optimizer_state_dict(model, opt, options=_options())
+    params = get_model_state_dict(model, options=_options())
+    if not opt.state:
+        # A stateless optimizer (SGD without momentum): DCP would first "initialise" its state with an
+        # optimizer step on zero gradients, which moves the parameters (weight decay) and counts a step.
+        names = {p: n for n, p in model.named_parameters()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[p] for p in g["params"]]} for g in opt.param_groups]
+        return params, {"state": {}, "param_groups": groups}
+    return params, get_optimizer_state_dict(model, opt, options=_options())
 
 
 def _flat_optimizer(osd: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -167,8 +174,14 @@ def restore(state_dir: Path, step: int, model: nn.Module, opt, cfg: ViTConfig) -
     except CheckpointError as e:
         raise tstate._damaged(d, step, e.message) from None
     options = StateDictOptions(full_state_dict=True, strict=True)
+    # The optimizer first: DCP creates an empty optimizer's state with a step on zero gradients, which
+    # moves the parameters (weight decay); the parameters loaded after it are the saved ones exactly.
+    if osd["state"]:
+        set_optimizer_state_dict(model, opt, osd, options=options)
+    else:  # a stateless optimizer (DCP loads no empty state): its param groups, with the step count, are all it has
+        for group, saved in zip(opt.param_groups, osd["param_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
     set_model_state_dict(model, params, options=options)
-    set_optimizer_state_dict(model, opt, osd, options=options)
     return meta
 
 
