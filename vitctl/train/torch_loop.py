@@ -23,7 +23,7 @@ The JAX trainer's run, on the torch twin (vitctl.train.loop):
 - --init-from: any checkpoint vitctl reads, through vitctl.open, into the torch twin before it
   is sharded; a resumed fine-tuning run continues from its own state.
 
-Imports no jax: the torch backend runs with the [torch] extra alone.
+Imports no jax (grain, under the data pipeline, loads it where it is installed): the torch backend needs no [jax] extra.
 """
 
 from __future__ import annotations
