@@ -124,19 +124,32 @@ def open_split(data: str, split: str, ck: Checkpoint, test_fraction: float, seed
     return records
 
 
+def recorded_names(ck: Checkpoint, notes: list[str]) -> list[str] | None:
+    """The first class names recorded along the checkpoint's lineage (its provenance, then its source's:
+    converted or pulled), if they fit the head. A run trained on fewer classes than its head records fewer."""
+    from vitctl.hub.card import lineage
+
+    for p in lineage(ck.provenance):
+        names = p.get("class_names")
+        if names is None:
+            continue
+        if isinstance(names, list) and 0 < len(names) <= ck.cfg.num_classes and all(isinstance(n, str) for n in names):
+            return list(names)
+        notes.append(f"the checkpoint's class names are not a list of at most {ck.cfg.num_classes} strings; they are not used")
+        return None
+    return None
+
+
 def class_names(records, ck: Checkpoint, notes: list[str]) -> tuple[list[str], list[str], str]:
     """(names of the data's classes, of the model's outputs, how the two sources compare).
 
-    The data's names win for the rows; the checkpoint's (provenance "class_names") for the columns.
-    A difference goes into `notes`: labels are compared by index, whatever the names say."""
+    The data's names win for the rows; the checkpoint's (recorded_names) for the columns, indices
+    where neither has one. A difference goes into `notes`: labels are compared by index, whatever the names say."""
     data = list(records.class_names) if records.class_names else None
-    model = [str(n) for n in ck.provenance.get("class_names") or []] or None
-    if model is not None and len(model) != ck.cfg.num_classes:
-        notes.append(f"the checkpoint lists {len(model)} class names for {ck.cfg.num_classes} outputs; they are not used")
-        model = None
+    model = recorded_names(ck, notes)
     kd, km = records.num_classes, ck.cfg.num_classes
     if data and model:
-        differ = [i for i in range(kd) if data[i] != model[i]]
+        differ = [i for i in range(min(kd, len(model))) if data[i] != model[i]]
         check = "differ" if differ else "agree"
         if differ:
             shown = ", ".join(f"{i}: data '{data[i]}' vs checkpoint '{model[i]}'" for i in differ[:5])
@@ -144,8 +157,9 @@ def class_names(records, ck: Checkpoint, notes: list[str]) -> tuple[list[str], l
                          f"{', ...' if len(differ) > 5 else ''}); labels are compared by index")  # fmt: skip
     else:
         check = "data only" if data else ("checkpoint only" if model else "none")
-    rows = data or (model[:kd] if model else [str(i) for i in range(kd)])
-    cols = model or [rows[i] if i < kd else str(i) for i in range(km)]
+    known = model or []
+    rows = data or [known[i] if i < len(known) else str(i) for i in range(kd)]
+    cols = [known[i] if i < len(known) else (rows[i] if i < kd else str(i)) for i in range(km)]
     return rows, cols, check
 
 
@@ -221,7 +235,7 @@ def evaluate(
         report = _report(ck, records, data, split, backend, backends, precision, s, (rows, check, notes))
     if confusion is not None:
         first = report["results"][backends[0]]
-        title = f"{Path(str(ckpt)).name} on {data} ({split}, {backends[0]}): top-1 {first['top1']:.2%}"
+        title = f"{Path(str(ckpt)).name} on {Path(str(data)).name or data} ({split}, {backends[0]}): top-1 {first['top1']:.2%}"
         plot_confusion(np.asarray(first["confusion_matrix"]), rows, cols, confusion, title)
         report["confusion_png"] = str(confusion)
     n, total = len(records), time.perf_counter() - t0
@@ -274,10 +288,9 @@ def plot_confusion(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str],
     if not big:
         for i, j in zip(*np.nonzero(matrix), strict=True):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=font, color="white" if share[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.set_layout_engine("tight")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, shrink=max(0.4, min(1.0, kd / km)), label="share of the true class")
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=150 if big else 100, bbox_inches="tight")  # the canvas grows to hold long rotated names
 
 
 def _short(name: str, most: int = 18) -> str:
