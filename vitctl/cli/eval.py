@@ -54,7 +54,7 @@ def eval_(
     ckpt: Annotated[
         str,
         typer.Argument(
-            help="Checkpoint: a vitctl directory (JAX or torch), a timm or Hugging Face dir, a big_vision .npz, or hf://org/name[@rev].",
+            help="Checkpoint: a vitctl directory (JAX or torch), a timm or Hugging Face dir, a big_vision .npz, or hf://org/name (@rev optional).",
             show_default=False,
         ),
     ],
