@@ -1,6 +1,6 @@
 """Drift: the same training run in JAX and in PyTorch, step by step.
 
-    python bench/drift.py [--steps 100] [--batch-size 32] [--optimizer adamw adafactor] [--json]
+    python bench/drift.py [--steps 100] [--batch-size 32] [--optimizer adamw adafactor] [--baseline] [--json]
 
 One model (the vit22b-demo/4 preset: D=64, L=4, F=256, N=4, patch 4, 16 px, 1 channel, 10
 classes, head not zero-initialised) starts from the same random weights (vitctl.params.
@@ -17,7 +17,8 @@ Both in fp32 with full-precision matmuls (no TF32, highest XLA precision). Print
 optimizer: the per-step loss relative difference (max over the run, and at steps 1, 10, 50,
 100) and the final weights' max-abs difference and max-rel (max-abs difference over the
 weights' max-abs, worst tensor). Float32 round-off is the only difference, and training
-amplifies it a little each step: the figures say how much over N steps.
+amplifies it each step: the figures say how much over N steps. --baseline adds JAX against
+JAX started one ulp away, the drift round-off alone causes, to read the figures against.
 """
 
 from __future__ import annotations
@@ -120,18 +121,24 @@ def train_torch(cfg: ViTConfig, tcfg: TrainConfig, params: dict[str, np.ndarray]
     return losses, torch_to_jax({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg)
 
 
-def drift(cfg: ViTConfig, tcfg: TrainConfig, batches: Batches, seed: int = 0) -> dict:
-    """Both runs from random_weights(cfg, seed); the per-step loss difference and the final weights'."""
+def one_ulp(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every weight moved by one float32 ulp (towards +inf): a difference of round-off size."""
+    return {k: np.nextafter(v, np.float32(np.inf)).astype(np.float32) for k, v in params.items()}
+
+
+def drift(cfg: ViTConfig, tcfg: TrainConfig, batches: Batches, seed: int = 0, baseline: bool = False) -> dict:
+    """Both runs from random_weights(cfg, seed); the per-step loss difference and the final weights'.
+    baseline: B is JAX again, from weights one ulp away (what training does to round-off alone)."""
     params = random_weights(cfg, seed)
     loss_a, w_a = train_jax(cfg, tcfg, params, batches)
-    loss_b, w_b = train_torch(cfg, tcfg, params, batches)
+    loss_b, w_b = train_jax(cfg, tcfg, one_ulp(params), batches) if baseline else train_torch(cfg, tcfg, params, batches)
     rel = [abs(b - a) / abs(a) for a, b in zip(loss_a, loss_b)]
     diff = {k: float(np.abs(w_a[k].astype(np.float64) - w_b[k]).max()) for k in w_a}
     max_rel = {k: diff[k] / (float(np.abs(w_a[k]).max()) or 1.0) for k in w_a}
     worst = max(max_rel, key=max_rel.get)
     at = {s: rel[s - 1] for s in (1, 10, 50, 100) if s <= len(rel)}
     return {
-        "optimizer": tcfg.optimizer, "steps": len(batches), "loss_first": loss_a[0], "loss_last": loss_a[-1],
+        "optimizer": tcfg.optimizer, "b": "jax, weights +1 ulp" if baseline else "torch", "steps": len(batches), "loss_first": loss_a[0], "loss_last": loss_a[-1],
         "loss_rel_max": max(rel), "loss_rel_at": at, "loss_rel": rel, "weights_max_abs": max(diff.values()),
         "weights_max_rel": max_rel[worst], "weights_worst": worst,
     }  # fmt: skip
@@ -149,16 +156,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--optimizer", nargs="+", default=["adamw", "adafactor"])
+    p.add_argument("--baseline", action="store_true", help="also JAX against JAX from weights one ulp away: round-off's own drift")
     p.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} on stdout')
     args = p.parse_args(argv)
     batches = digits_batches(args.steps, args.batch_size, DEMO.image_size)
-    rows = [drift(DEMO, settings(o, args.steps, args.batch_size), batches) for o in args.optimizer]
+    runs = [(o, b) for o in args.optimizer for b in ((False, True) if args.baseline else (False,))]
+    rows = [drift(DEMO, settings(o, args.steps, args.batch_size), batches, baseline=b) for o, b in runs]
     if args.json:
         print(json.dumps({"model": "vit22b-demo/4", "data": "digits", "rows": rows}))
         return 0
     for r in rows:
         at = ", ".join(f"step {s}: {v:.1e}" for s, v in r["loss_rel_at"].items())
-        print(f"{r['optimizer']}: {r['steps']} steps, loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
+        print(f"{r['optimizer']}, JAX against {r['b']}: {r['steps']} steps, loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
         print(f"  loss relative difference: max {r['loss_rel_max']:.1e}; {at}")
         print(f"  final weights: max-abs {r['weights_max_abs']:.1e}, max-rel {r['weights_max_rel']:.1e} ({r['weights_worst']})")
     return 0

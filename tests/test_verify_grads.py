@@ -3,13 +3,13 @@ optimizer); every architecture option's backward pass agrees within the bars; a 
 fails and --diagnose names the cause (norm epsilon, GELU form, AdamW epsilon placement, bias
 correction, weight-decay mask).
 
-Measured on the clean pairs here (random tiny weights, batch 2-4): gradient max-rel (max-abs
-difference over max-abs of A's gradient) at most ~1e-6 across the option cases, update relative
-RMS error at most ~1.4e-5 (AdamW's first step, u = g / (|g| + eps), carries the gradient's
-relative error where |g| is small) and ~1e-7 for Adafactor and SGD; loss relative difference
-~1e-7. The bars (GRAD_TOL 1e-5, UPDATE_TOL 1e-3, LOSS_TOL 1e-6) sit above with headroom and far
-below the flips: eps inside the square root moves the AdamW update by ~0.36, no bias correction
-by ~2, a wrong norm epsilon or GELU form the gradients by 1e-3 and more.
+Measured on the clean pairs of the option sweep below (random tiny weights, batch 2, AdamW and
+Adafactor): gradient max-rel (max-abs difference over max-abs of A's gradient) at most 1.7e-6,
+update max-rel (both sides stepping from A's gradients) at most 3.7e-7, loss relative difference
+at most 2e-7. The bars (GRAD_TOL 1e-5, UPDATE_TOL 1e-5, LOSS_TOL 1e-6) sit above with 5-25x
+headroom and far below the flips: eps inside the square root moves the AdamW update by ~0.4
+(max-rel), no bias correction by ~2, a wrong norm epsilon or GELU form the gradients by 1e-4 and
+more.
 """
 
 import json
@@ -34,21 +34,20 @@ def pair(tmp_path_factory):
     return make_pair(tmp_path_factory.mktemp("grads"))
 
 
-def test_clean_pair_passes_for_every_optimizer(pair, capsys):
-    for optimizer in ("adamw", "adafactor"):
-        r = verify_grads(*pair, optimizer=optimizer, batch=2)
-        assert r["passed"], (optimizer, r["grads"]["worst"], r["update"]["worst"])
-        assert r["grads"]["worst"] < GRAD_TOL and r["update"]["worst"] < UPDATE_TOL and r["loss"]["rel"] < 1e-6
-        assert r["a"]["backend"] == "jax" and r["b"]["backend"] == "torch"
-        names = [p["name"] for p in r["grads"]["params"]]
-        assert names == list(jax_param_shapes(tiny(), stacked=False))  # every parameter, in parameter order
-        assert [p["name"] for p in r["update"]["params"]] == names
-    code, out, _ = cli("verify", *pair, "--grads", "--optimizer", "sgd", "--nesterov", "--batch", "2", "--json", capsys=capsys)
+def test_clean_pair_passes(pair, capsys):
+    r = verify_grads(*pair, batch=2)
+    assert r["passed"], (r["grads"]["worst"], r["update"]["worst"])
+    assert r["grads"]["worst"] < GRAD_TOL and r["update"]["worst"] < UPDATE_TOL and r["loss"]["rel"] < 1e-6
+    assert r["a"]["backend"] == "jax" and r["b"]["backend"] == "torch" and r["step"]["optimizer"] == "adamw"
+    names = [p["name"] for p in r["grads"]["params"]]
+    assert names == list(jax_param_shapes(tiny(), stacked=False))  # every parameter, in parameter order
+    assert [p["name"] for p in r["update"]["params"]] == names
+    code, out, _ = cli("verify", *pair, "--grads", "--optimizer", "adafactor", "--batch", "2", "--json", capsys=capsys)
     r = json.loads(out)
-    assert code == 0 and r["passed"] and r["step"]["optimizer"] == "sgd" and r["step"]["nesterov"] is True
+    assert code == 0 and r["passed"] and r["step"]["optimizer"] == "adafactor" and r["update"]["worst"] < UPDATE_TOL
     _show_grads(r)  # the table without --json
     out = capsys.readouterr().out
-    assert "PASS" in out and "head/bias" in out and "sgd update" in out
+    assert "PASS" in out and "head/bias" in out and "adafactor update" in out
 
 
 # Each value of each ViTConfig option at least once: test_parity's forward cases, and a covering
@@ -58,6 +57,7 @@ FAMILY = ["parallel-tok_class_posemb-norm_pre-fc_norm-layer_scale", "sequential-
 OPTION_CASES = {**{k: v for k, v in CASES.items() if k != "none_nohead"}, **{k: FAMILY_CASES[k] for k in FAMILY}}
 
 
+@pytest.mark.slow  # 14 cases, each compiling a JAX gradient and optimizer step (~5-20 s)
 @pytest.mark.parametrize("case", list(OPTION_CASES))
 def test_gradients_agree_for_every_architecture_option(case):
     cfg = tiny(**OPTION_CASES[case])
@@ -98,7 +98,9 @@ def test_a_config_convention_on_b_fails_and_is_named(tmp_path, field, value, cau
     rewrite_config(b, **{field: value})
     r = verify_grads(a, b, batch=2, optimizer="sgd", run_diagnose=True)
     assert not r["passed"] and r["grads"]["first_divergent"] is not None
-    assert named(r) == [cause] and cause in r["diagnosis_note"]
+    assert cause in named(r) and cause in r["diagnosis_note"]
+    # Epsilons 1e-6 and 1e-12 differ by less than the fp32 bar on unit-scale activations: both may be named.
+    assert all(n.startswith(cause.split(" 1e")[0]) for n in named(r)), named(r)
 
 
 @pytest.mark.parametrize(
