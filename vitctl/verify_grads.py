@@ -15,7 +15,7 @@ its torch twin, with the same hyper-parameters and a constant learning rate). Co
   otherwise turn their round-off into lr-sized differences; from the same gradients the two
   optimizers agree to float32 round-off.
 
-Sides: anything vitctl.open opens; side A computes on JAX and side B on torch unless
+Sides: anything vitctl.open opens, computed in float32 (bfloat16 weights upcast); side A computes on JAX and side B on torch unless
 --backend-a / --backend-b say otherwise (each side reads its weights under JAX names and runs
 the chosen twin). Both sides may be the same backend (JAX against JAX checks a conversion's
 weights; the backward pass is then trivially equal).
@@ -48,8 +48,9 @@ from vitctl.train.settings import LOSSES, OPTIMIZERS, TrainConfig
 from vitctl.verify import Side, config_diff, flips, open_side, set_precision
 
 # fp32 bars, measured on clean pairs across every architecture option at tiny size
-# (tests/test_verify_grads.py): gradient max-rel at most 1.7e-6, update max-rel (from the same
-# gradients) 3.7e-7, loss relative difference 2e-7; the bars leave 5-25x headroom.
+# (tests/test_verify_grads.py) and two larger ones (vit22b-demo/4; D=192, L=3, F=768, 100 classes:
+# factored Adafactor): gradient max-rel at most 1.8e-6, update max-rel (from the same gradients)
+# 3.9e-7, loss relative difference 2e-7; the bars leave 5-25x headroom.
 GRAD_TOL = 1e-5
 UPDATE_TOL = 1e-5
 LOSS_TOL = 1e-6
@@ -65,6 +66,15 @@ class Run:
     cfg: ViTConfig
     reduction: str = "mean"  # of the loss over the batch
     switches: tuple[tuple[str, bool], ...] = ()  # torch_optim.make_optimizer's keyword switches
+
+
+def fp32(cfg: ViTConfig) -> ViTConfig:
+    """The config computing and holding its parameters in float32 (a bf16 checkpoint's weights are upcast)."""
+    return dataclasses.replace(cfg, dtype="float32", param_dtype="float32")
+
+
+def as_float32(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float32) for k, v in params.items()}
 
 
 def batch_for(cfg: ViTConfig, batch: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -266,14 +276,14 @@ def verify_grads(
     tcfg = train_settings(**train)
     settings = set_precision("fp32")
     side_a, side_b = open_side(a, "A"), open_side(b, "B")
-    run_a = Run(backend_a, side_a.cfg)
-    run_b = Run(backend_b, side_b.cfg, b_reduction, tuple((b_switches or {}).items()))
+    run_a = Run(backend_a, fp32(side_a.cfg))
+    run_b = Run(backend_b, fp32(side_b.cfg), b_reduction, tuple((b_switches or {}).items()))
     images, labels = batch_for(side_a.cfg, batch, seed)
     report = _header(side_a, side_b, run_a, run_b, tcfg, bars, settings)
     report["inputs"] = {"seeded": batch, "seed": seed, "labels": labels.tolist()}
     try:
-        b_params = side_b.params()
-        out_a = compute(run_a, side_a.params(), images, labels, tcfg)
+        b_params = as_float32(side_b.params())
+        out_a = compute(run_a, as_float32(side_a.params()), images, labels, tcfg)
         out_b = compute(run_b, b_params, images, labels, tcfg, out_a["grads"])
     except CheckpointError as e:  # missing or unexpected tensors: a failed check
         report.update(passed=False, problems=[e.message + (f" ({e.hint})" if e.hint else "")])
