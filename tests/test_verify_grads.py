@@ -130,3 +130,10 @@ def test_bad_options_are_usage_errors(pair, capsys):
         verify_grads(*pair, backend_b="tf")
     code, _, err = cli("verify", *pair, "--grads", "--grad-tol", "nan", capsys=capsys)
     assert code == 2 and "--grad-tol" in err
+
+
+def test_both_sides_on_torch_agree_exactly(pair):
+    """--backend-a torch: the same framework on both sides computes bit for bit the same."""
+    r = verify_grads(*pair, batch=2, backend_a="torch", optimizer="sgd")
+    assert r["passed"] and r["a"]["backend"] == r["b"]["backend"] == "torch"
+    assert r["loss"]["rel"] == 0.0 and r["grads"]["worst"] == 0.0 and r["update"]["worst"] == 0.0
