@@ -76,7 +76,7 @@ import numpy as np
 from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError, DataError, MissingDependencyError
 from vitctl.infer.embed import stream_features
-from vitctl.infer.runner import Features, Outputs, default_backend, make_runner, resolve_features
+from vitctl.infer.runner import Features, Outputs, default_backend, make_runner, one_blas_thread, resolve_features
 from vitctl.open import Checkpoint, open_checkpoint
 
 FEATURES_VERSION = 2  # bump when extraction changes, so old cache entries are not used
@@ -350,7 +350,7 @@ def probe(
 
     t0 = time.perf_counter()
     check_options(mode, shots, seeds, batch_size, l2, workers)
-    with open_checkpoint(ckpt_path, prefix=prefix, label="CKPT") as ck:
+    with open_checkpoint(ckpt_path, prefix=prefix, label="CKPT") as ck, one_blas_thread():
         ck.check_memory("CKPT")  # the parameters are held whole: refused before the data is loaded
         cfg = ck.cfg
         backend, feats = _check_model(ck, backend, layer, pool)

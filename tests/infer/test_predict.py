@@ -144,7 +144,8 @@ def test_images_are_those_eval_feeds_the_model(made):
     """predict's prepared array of a file is eval_batches' array of the same file, bit for bit."""
     from vitctl.data.lazy import open_records
     from vitctl.data.pipeline import eval_batches
-    from vitctl.infer.predict import list_images, one_blas_thread, prepare_file
+    from vitctl.infer.predict import list_images, prepare_file
+    from vitctl.infer.runner import one_blas_thread
 
     cfg = tiny()
     records = open_records(str(made["photos"]), "train", channels=3)

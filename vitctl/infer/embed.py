@@ -47,7 +47,7 @@ import numpy as np
 import vitctl
 from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError, DataError, MissingDependencyError, OutputError
-from vitctl.infer.runner import Features, Outputs, default_backend, make_runner, resolve_features
+from vitctl.infer.runner import Features, Outputs, default_backend, make_runner, one_blas_thread, resolve_features
 
 FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".parquet": "parquet"}
 SPLITS = ("train", "test", "all")
@@ -277,7 +277,12 @@ def embed(
     t0 = time.perf_counter()
     fmt = output_format(out)
     _check_options(split, batch_size, workers)
-    with sigterm_as_interrupt(), atomic_file(out) as tmp, open_checkpoint(ckpt, fetch=backend or "all", label="CKPT") as ck:
+    with (
+        sigterm_as_interrupt(),
+        atomic_file(out) as tmp,
+        open_checkpoint(ckpt, fetch=backend or "all", label="CKPT") as ck,
+        one_blas_thread(),
+    ):
         ck.check_memory("CKPT")  # the parameters are held whole: refused before the data is opened
         cfg = ck.cfg
         backend, feats = default_backend(ck, backend), resolve_features(cfg, layer, pool)

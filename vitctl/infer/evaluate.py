@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from vitctl.errors import ConfigError, DataError, MissingDependencyError, OutputError, OutputExistsError
-from vitctl.infer.runner import default_backend, make_runner
+from vitctl.infer.runner import default_backend, make_runner, one_blas_thread, recorded_class_names
 from vitctl.open import Checkpoint, open_checkpoint
 
 BACKEND_CHOICES = ("jax", "torch", "both")
@@ -124,29 +124,13 @@ def open_split(data: str, split: str, ck: Checkpoint, test_fraction: float, seed
     return records
 
 
-def recorded_names(ck: Checkpoint, notes: list[str]) -> list[str] | None:
-    """The first class names recorded along the checkpoint's lineage (its provenance, then its source's:
-    converted or pulled), if they fit the head. A run trained on fewer classes than its head records fewer."""
-    from vitctl.hub.card import lineage
-
-    for p in lineage(ck.provenance):
-        names = p.get("class_names")
-        if names is None:
-            continue
-        if isinstance(names, list) and 0 < len(names) <= ck.cfg.num_classes and all(isinstance(n, str) for n in names):
-            return list(names)
-        notes.append(f"the checkpoint's class names are not a list of at most {ck.cfg.num_classes} strings; they are not used")
-        return None
-    return None
-
-
 def class_names(records, ck: Checkpoint, notes: list[str]) -> tuple[list[str], list[str], str]:
     """(names of the data's classes, of the model's outputs, how the two sources compare).
 
-    The data's names win for the rows; the checkpoint's (recorded_names) for the columns, indices
+    The data's names win for the rows; the checkpoint's (recorded_class_names) for the columns, indices
     where neither has one. A difference goes into `notes`: labels are compared by index, whatever the names say."""
     data = list(records.class_names) if records.class_names else None
-    model = recorded_names(ck, notes)
+    model = recorded_class_names(ck, notes)
     kd, km = records.num_classes, ck.cfg.num_classes
     if data and model:
         differ = [i for i in range(min(kd, len(model))) if data[i] != model[i]]
@@ -216,7 +200,7 @@ def evaluate(
 
     t0 = time.perf_counter()
     check_options(split, backend, batch_size, workers, confusion)
-    with open_checkpoint(ckpt, prefix=prefix, label="CKPT") as ck:
+    with open_checkpoint(ckpt, prefix=prefix, label="CKPT") as ck, one_blas_thread():
         check_model(ck)
         ck.check_memory("CKPT")  # the parameters are held whole: refused before the data is read
         cfg, notes = ck.cfg, []

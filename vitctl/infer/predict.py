@@ -40,9 +40,9 @@ from vitctl.checkpoint import atomic_file
 from vitctl.config import ViTConfig
 from vitctl.data.augment import transform
 from vitctl.data.preprocess import IMAGE_SUFFIXES
-from vitctl.data.sources.images import _image_files, decode_file
+from vitctl.data.sources.images import decode_file, image_files
 from vitctl.errors import ConfigError, DataError, VitctlError
-from vitctl.infer.runner import default_backend, make_runner
+from vitctl.infer.runner import default_backend, make_runner, one_blas_thread, recorded_class_names
 from vitctl.open import Checkpoint, open_checkpoint
 
 CSV_HEADER = ("file", "rank", "index", "label", "prob")
@@ -62,7 +62,7 @@ def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[str
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            listed = _image_files(path)
+            listed = image_files(path)
             if not listed:
                 raise DataError(
                     f"no image files in {path}", hint=f"a directory is searched recursively for {', '.join(IMAGE_SUFFIXES)} files"
@@ -84,21 +84,6 @@ def list_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[dict[str
 def prepare_file(path: Path, cfg: ViTConfig) -> np.ndarray:
     """One image file -> float32 [S, S, C], the array eval_batches gives for it (augment.transform without ops)."""
     return transform(decode_file(path, cfg.channels), cfg, None, None, channels=cfg.channels)
-
-
-def class_names(provenance: Any, num_classes: int) -> list[str] | None:
-    """The first class names recorded along the lineage (provenance, then its source's), if they fit the head.
-
-    Training on data with fewer classes than the head records fewer names: the rest are labelled by index."""
-    for _ in range(16):  # lineages are short; a hostile config.json may nest deeper
-        if not isinstance(provenance, dict):
-            return None
-        names = provenance.get("class_names")
-        if names is not None:
-            ok = isinstance(names, list) and 0 < len(names) <= num_classes and all(isinstance(n, str) for n in names)
-            return list(names) if ok else None
-        provenance = provenance.get("source_provenance")
-    return None
 
 
 def trained_loss(ck: Checkpoint) -> str:
@@ -201,19 +186,6 @@ def predict(
     return result
 
 
-def one_blas_thread():
-    """numpy's OpenBLAS at one thread while predicting: the resize's GEMMs are small, the decoding
-    threads already run one image each, and OpenBLAS's own threads spin-wait for one another, which
-    on a busy machine cost several times the work. The same numbers either way: OpenBLAS splits a
-    GEMM by output blocks, never along the sum. torch's threads are its own (OpenMP) and keep their
-    count. Without threadpoolctl (the [data] extra), OpenBLAS keeps its threads."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return contextlib.nullcontext()
-    return ThreadpoolController().select(internal_api="openblas").limit(limits=1)
-
-
 def _cpus() -> int:
     """The CPUs this process may run on (a container's share, where the OS says so)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -229,7 +201,7 @@ def _run(ck: Checkpoint, files: list[Path], k: int, backend: str | None, batch_s
     t = time.perf_counter()
     run = make_runner(ck, backend, None, logits=True)  # refuses a model without a head
     timings = {"load_model": time.perf_counter() - t}
-    names, kind, asked, k = class_names(ck.provenance, cfg.num_classes), trained_loss(ck), k, min(k, cfg.num_classes)
+    names, kind, asked, k = recorded_class_names(ck), trained_loss(ck), k, min(k, cfg.num_classes)
     batch_size = min(batch_size, len(files))  # JAX compiles one shape: no larger than the work
     predictions, skipped, done, model_s = [], [], 0, 0.0
     t = time.perf_counter()

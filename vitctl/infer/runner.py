@@ -16,6 +16,7 @@ Features (`--layer`, `--pool`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -178,3 +179,34 @@ def make_runner(
             return Outputs(y.float().numpy() if logits else None, f)
 
     return run_torch
+
+
+def recorded_class_names(ck: Checkpoint, notes: list[str] | None = None) -> list[str] | None:
+    """The first class names recorded along the checkpoint's lineage (its provenance, then its source's:
+    converted or pulled), if they fit the head; None where none is recorded. A run trained on fewer classes
+    than its head records fewer names (the rest are labelled by index). Unusable names are noted and ignored."""
+    from vitctl.hub.card import lineage
+
+    for p in lineage(ck.provenance):
+        names = p.get("class_names")
+        if names is None:
+            continue
+        if isinstance(names, list) and 0 < len(names) <= ck.cfg.num_classes and all(isinstance(n, str) for n in names):
+            return list(names)
+        if notes is not None:
+            notes.append(f"the checkpoint's class names are not a list of at most {ck.cfg.num_classes} strings; they are not used")
+        return None
+    return None
+
+
+def one_blas_thread():
+    """numpy's OpenBLAS at one thread while images are prepared for a model in this process: the resize's
+    GEMMs are small, and OpenBLAS's own threads spin-wait for one another, which on a busy machine costs
+    several times the work (predict: 15-19 vs 50-72 images/s under load). The same numbers either way:
+    OpenBLAS splits a GEMM by output blocks, never along the sum. torch's threads (OpenMP) and XLA's keep
+    their count. Without threadpoolctl (the [data] extra), OpenBLAS keeps its threads."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext()
+    return ThreadpoolController().select(internal_api="openblas").limit(limits=1)

@@ -36,7 +36,7 @@ def folder_files(root: Path) -> tuple[dict[str, Path], dict[str, dict[str, list[
         test = next((root / n for n in TEST_NAMES if (root / n).is_dir()), None)
         if test is not None:
             roots["test"] = test
-    return roots, {s: {c.name: _image_files(c) for c in _subdirs(r)} for s, r in roots.items()}
+    return roots, {s: {c.name: image_files(c) for c in _subdirs(r)} for s, r in roots.items()}
 
 
 def list_image_folder(root: Path, listed: tuple | None = None) -> FolderListing:
@@ -74,7 +74,7 @@ def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(d: Path) -> list[Path]:
+def image_files(d: Path) -> list[Path]:
     return sorted(
         p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not any(q.startswith(".") for q in p.relative_to(d).parts)
     )
