@@ -216,3 +216,18 @@ def test_fsdp2_sharded_parameters_step_like_plain_ones(tmp_path):
     tcfg = settings(optimizer="adafactor", weight_decay=0.1)
     plain = run_torch(WIDE, tcfg, [grads_for(WIDE, s) for s in range(3)])
     assert max_diff(plain, dict(np.load(out))) < OPT_ATOL
+
+
+def test_a_zero_lr_step_moves_nothing():
+    """torch.distributed.checkpoint creates an empty optimizer's state by a step with zero
+    gradients and every group's "lr" set to 0: that step leaves every parameter as it was."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    for optimizer in ("adamw", "adafactor", "sgd"):
+        model = torch_model(WIDE, random_params(WIDE))
+        tcfg = settings(optimizer=optimizer, weight_decay=0.5, warmup=0)
+        opt = torch_optim.make_optimizer(model, WIDE, tcfg, torch_optim.schedule(tcfg.lr, tcfg.steps))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        _init_optim_state(opt)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), optimizer
+        assert opt.param_groups[0]["lr"] == 1.0

@@ -230,12 +230,14 @@ def _global(x):
 
 class Optimizer(torch.optim.Optimizer):
     """vitctl's optax chain for torch parameters (see the module docstring). One param group;
-    its "step" counts the updates done (optax's count: the lr of an update is lr_fn(step))."""
+    its "step" counts the updates done (optax's count: the lr of an update is lr_fn(step)), its
+    "lr" multiplies lr_fn's value (1.0; torch.distributed.checkpoint sets it to 0 for the
+    zero-gradient step with which it creates an empty optimizer's state, which then moves nothing)."""
 
     def __init__(self, slots: list[tuple[torch.Tensor, Slot]], tcfg: TrainConfig, lr_fn: Callable[[int], float], **switches: bool):
         if tcfg.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer '{tcfg.optimizer}'", hint=f"optimizer must be one of: {', '.join(OPTIMIZERS)}")
-        super().__init__([p for p, _ in slots], {"step": 0})
+        super().__init__([p for p, _ in slots], {"step": 0, "lr": 1.0})
         self.slots = {p: s for p, s in slots}
         self.tcfg, self.lr_fn, self.switches = tcfg, lr_fn, switches
 
@@ -257,7 +259,7 @@ class Optimizer(torch.optim.Optimizer):
         count = group["step"]
         live = [p for p in group["params"] if p in self.slots and p.grad is not None]
         grads = self._clip([p.grad for p in live])
-        neg_lr = _f32(-1.0 * _f32(self.lr_fn(count)))
+        neg_lr = _f32(-1.0 * _f32(self.lr_fn(count)) * float(group["lr"]))
         out = []
         for p, g in zip(live, grads):
             slot = self.slots[p]
