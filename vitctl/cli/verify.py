@@ -33,7 +33,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vitctl.cli._options import JsonOpt, out, print_json
+from vitctl.cli._options import JsonOpt, err, out, print_json
 from vitctl.cli._reports import show_verify
 from vitctl.errors import ConfigError
 
@@ -228,6 +228,8 @@ def _show_grads(r: dict[str, Any]) -> None:
     first = r["grads"]["first_divergent"] or r["update"]["first_divergent"]
     verdict = "[green]PASS[/green]" if r["passed"] else "[red]FAIL[/red]" + (f": first past its bar: {first}" if first else "")
     out.print(f"{verdict} ({escape(r['criterion'])})")
+    if r.get("hint"):
+        err.print(f"hint: {escape(r['hint'])}")
 
 
 def _run(a: Path, b: Path, diagnose: bool, **options: Any) -> dict[str, Any]:
