@@ -416,3 +416,20 @@ def test_data_benchmark_script_runs(tmp_path):
     assert rows["train tiny b8 synthetic"]["value"] > 0
     assert rows["train tiny b8 workers for input >= 0.95 of synthetic"]["unit"] == "workers"
     assert not any(tmp_path.iterdir())
+
+
+def test_infer_benchmark_script_runs(tmp_path):
+    """bench/infer.py at its tiny size: predict and eval rows against timm's loops, the forwards alone; nothing left behind."""
+    import subprocess
+
+    pytest.importorskip("timm")
+    script = Path(__file__).resolve().parents[1] / "bench" / "infer.py"
+    p = subprocess.run([sys.executable, str(script), "--tiny", "--json", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = _check_rows(json.loads(p.stdout)["rows"])
+    for part in ("predict", "eval"):
+        ours = rows[f"{part} b8 vitctl"]
+        assert ours["baseline"] == f"{part} b8 timm w2" and ours["value"] > 0 and ours["ratio"] > 0, ours
+    assert rows["forward b8 vitctl-torch"]["baseline"] == "forward b8 timm" and rows["forward b8 timm"]["value"] > 0
+    assert not any(tmp_path.iterdir())
