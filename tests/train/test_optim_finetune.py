@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from vitctl.errors import ConfigError
-from vitctl.train import optim
+from vitctl.train import optim, param_rules
 
 DEPTH = 3
 
@@ -58,8 +58,8 @@ def test_layer_decay_and_head_lr_scale_one_sgd_step():
     np.testing.assert_allclose(updates["norm"]["scale"], -lr, rtol=1e-6)
     np.testing.assert_allclose(updates["head"]["kernel"], -lr * 2.0, rtol=1e-6)
     np.testing.assert_allclose(updates["head"]["bias"], -lr * 2.0, rtol=1e-6)
-    assert optim.layer_id("norm_pre/scale", DEPTH) == 0 and optim.layer_id("blocks/ls_attn/scale", DEPTH) is None
-    assert optim.layer_id("map_head/probe", DEPTH) == DEPTH + 1
+    assert param_rules.layer_id("norm_pre/scale", DEPTH) == 0 and param_rules.layer_id("blocks/ls_attn/scale", DEPTH) is None
+    assert param_rules.layer_id("map_head/probe", DEPTH) == DEPTH + 1
 
 
 def test_frozen_params_get_no_update_no_state_no_decay():
@@ -81,12 +81,12 @@ def test_frozen_params_get_no_update_no_state_no_decay():
 
 def test_freeze_patterns():
     n = names(tree())
-    assert optim.frozen_names(n, "all-but-head") == set(n) - {"head/kernel", "head/bias"}
-    assert optim.frozen_names(n, "blocks/*, pos_embed") == {"blocks/q/kernel", "pos_embed"}
+    assert param_rules.frozen_names(n, "all-but-head") == set(n) - {"head/kernel", "head/bias"}
+    assert param_rules.frozen_names(n, "blocks/*, pos_embed") == {"blocks/q/kernel", "pos_embed"}
     with pytest.raises(ConfigError, match="'blokcs/\\*' matches no parameter"):
-        optim.frozen_names(n, "blokcs/*")
+        param_rules.frozen_names(n, "blokcs/*")
     with pytest.raises(ConfigError, match="freezes every parameter"):
-        optim.frozen_names(n, "all-but-head,head/*")
+        param_rules.frozen_names(n, "all-but-head,head/*")
 
 
 def test_freeze_on_the_sharded_step_keeps_frozen_params_bit_identical():

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 import optax
 
 from vitctl.errors import ConfigError
+from vitctl.train.param_rules import HEAD, frozen_names, layer_id
 from vitctl.train.settings import CHANGES, LOSSES, OPTIMIZERS, SCHEDULES, TRAIN_CONFIG, TrainConfig, read_stored
 
 
@@ -86,44 +86,6 @@ def _decay_mask(head: bool):
         return jax.tree_util.tree_map_with_path(leaf, params)
 
     return mask
-
-
-HEAD = ("head",)  # the classifier: a new head when fine-tuning to other classes
-ALL_BUT_HEAD = "all-but-head"
-EMBEDDINGS = ("patch_embed", "pos_embed", "cls_token", "norm_pre")  # layer id 0 for layer decay
-
-
-def frozen_names(names: list[str], freeze: str) -> set[str]:
-    """The parameter names (JAX paths, `blocks/q/kernel`) that --freeze PATTERNS holds fixed.
-
-    PATTERNS: a comma list of `all-but-head` and globs on the paths (`blocks/*`, `patch_embed/*`;
-    a glob that names a module, `patch_embed`, covers everything under it). A pattern that
-    matches nothing is refused (a typo would otherwise train what it meant to freeze)."""
-    patterns = [p.strip() for p in freeze.split(",") if p.strip()]
-    out: set[str] = set()
-    for pattern in patterns:
-        if pattern == ALL_BUT_HEAD:
-            hit = {n for n in names if n.split("/")[0] not in HEAD}
-        else:
-            hit = {n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern.rstrip("/") + "/*")}
-        if not hit:
-            raise ConfigError(
-                f"--freeze {pattern!r} matches no parameter",
-                hint=f"use {ALL_BUT_HEAD} or globs on parameter paths, e.g. blocks/*, patch_embed/*",
-            )
-        out |= hit
-    if patterns and out == set(names):
-        raise ConfigError(f"--freeze {freeze!r} freezes every parameter: nothing would train", hint=f"e.g. --freeze {ALL_BUT_HEAD}")
-    return out
-
-
-def layer_id(name: str, depth: int) -> int | None:
-    """BEiT / big_vision layer ids: 0 the embeddings, None a stacked block parameter (ids 1..L
-    along its leading axis), L+1 everything after the blocks (final norm, MAP head, head)."""
-    top = name.split("/")[0]
-    if top in EMBEDDINGS:
-        return 0
-    return None if top == "blocks" else depth + 1
 
 
 def lr_scale(name: str, shape: tuple[int, ...], depth: int, layer_decay: float | None, head_lr_mult: float):

@@ -25,8 +25,8 @@ trainings in both frameworks). Every constant is optax's:
 Parameters are matched to the JAX paths the masks and the schedule use through vitctl.params.
 Only elementwise ops, reductions and views are used, so parameters may be FSDP2 DTensors
 (torch.distributed.fsdp.fully_shard); the state is tensors like the parameters. No jax import:
-this module runs with the [torch] extra alone, so the few name rules of vitctl.train.optim
-(masks, layer ids, --freeze globs) are restated here; the tests hold them equal.
+this module runs with the [torch] extra alone; the name rules it shares with vitctl.train.optim
+(the head, layer ids, --freeze globs) live in vitctl.train.param_rules, which imports neither.
 
 Keyword-only switches of make_optimizer reproduce the common porting mistakes (eps inside the
 square root, no bias correction, weight decay on every parameter): `vitctl verify --grads
@@ -36,7 +36,6 @@ square root, no bias correction, weight decay on every parameter): `vitctl verif
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from collections.abc import Callable, Iterable
 
@@ -46,6 +45,7 @@ import torch
 from vitctl.config import ViTConfig
 from vitctl.errors import ConfigError
 from vitctl.params import Layout, jax_param_shapes, rename, split_layer
+from vitctl.train.param_rules import HEAD, frozen_names, layer_id
 from vitctl.train.settings import LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig
 
 REDUCTIONS = ("mean", "sum")
@@ -93,39 +93,15 @@ def schedule(lr: float, steps: int, warmup: int = 0, kind: str = "cosine", coold
     return fn
 
 
-# The name rules of vitctl.train.optim (restated: that module imports jax).
-HEAD = ("head",)
-ALL_BUT_HEAD = "all-but-head"
-EMBEDDINGS = ("patch_embed", "pos_embed", "cls_token", "norm_pre")
-
-
-def frozen_names(names: list[str], freeze: str) -> set[str]:
-    """optim.frozen_names: the JAX paths --freeze PATTERNS holds fixed; a pattern matching nothing is refused."""
-    patterns = [p.strip() for p in freeze.split(",") if p.strip()]
-    out: set[str] = set()
-    for pattern in patterns:
-        if pattern == ALL_BUT_HEAD:
-            hit = {n for n in names if n.split("/")[0] not in HEAD}
-        else:
-            hit = {n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern.rstrip("/") + "/*")}
-        if not hit:
-            raise ConfigError(
-                f"--freeze {pattern!r} matches no parameter",
-                hint=f"use {ALL_BUT_HEAD} or globs on parameter paths, e.g. blocks/*, patch_embed/*",
-            )
-        out |= hit
-    if patterns and out == set(names):
-        raise ConfigError(f"--freeze {freeze!r} freezes every parameter: nothing would train", hint=f"e.g. --freeze {ALL_BUT_HEAD}")
-    return out
-
-
 def lr_scale(name: str, layer: int | None, depth: int, layer_decay: float | None, head_lr_mult: float) -> float:
     """optim.lr_scale of one layer's parameter (float32, as optax multiplies it): decay^(L+1-id)
     (id 0 the embeddings, 1..L the blocks, L+1 the rest), times head_lr_mult for the head."""
     scale = 1.0
     top = name.split("/")[0]
     if layer_decay is not None and layer_decay != 1.0:
-        lid = 0 if top in EMBEDDINGS else (layer + 1 if top == "blocks" and layer is not None else depth + 1)
+        lid = layer_id(name, depth)
+        if lid is None:  # a block parameter: its block's id
+            lid = layer + 1 if layer is not None else depth + 1
         scale = layer_decay ** (depth + 1 - lid)
     if top in HEAD and head_lr_mult != 1.0:
         scale = scale * head_lr_mult
