@@ -36,8 +36,6 @@ import dataclasses
 import json
 import secrets
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,31 +52,11 @@ from vitctl.train.distributed import any_process, mesh_for, process_rows, sync
 from vitctl.train.optim import schedule_change
 from vitctl.train.report import METRICS
 from vitctl.train.settings import TrainConfig, base_model, model_config, public_source, write_train_config
+from vitctl.train.signals import StopFlag
 from vitctl.train.state import STATE
 from vitctl.train.step import evaluate, get_setup
 
 __all__ = ["train"]
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves and stops after the current step."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def train(
@@ -115,7 +93,7 @@ def train(
     from vitctl.model_jax.sharding import parse_mesh
 
     parse_mesh(tcfg.mesh)  # a bad --mesh is refused before the data is loaded
-    with _StopFlag() as stop, _init_source(tcfg, resume) as init:
+    with StopFlag() as stop, _init_source(tcfg, resume) as init:
         hooks = {"on_log": on_log, "notify": notify or (lambda msg: None), "max_steps_this_run": max_steps_this_run, "init": init}
         return _train(tcfg, Path(out), stop, resume, force, dataset, test_dataset, loader_cls, prepare_fn, hooks)
 

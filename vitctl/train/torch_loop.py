@@ -32,8 +32,6 @@ import contextlib
 import json
 import secrets
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,32 +46,12 @@ from vitctl.train import init_from, report, torch_dist, torch_state
 from vitctl.train import state as tstate
 from vitctl.train.report import METRICS
 from vitctl.train.settings import TrainConfig, model_config, public_source, write_train_config
+from vitctl.train.signals import StopFlag
 from vitctl.train.state import STATE
 from vitctl.train.torch_optim import make_optimizer, schedule
 from vitctl.train.torch_step import attention_stats, build_model, evaluate, to_device, train_step
 
 __all__ = ["STATE", "train"]
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves and stops after the current step (as the JAX loop's)."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def train(
@@ -96,7 +74,7 @@ def train(
     each call this with the same arguments; `out` must be one directory all of them see.
     Alone, a world of one is started here and ended on return.
     """
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         _, _, started = torch_dist.init()
         try:
             with _init_source(tcfg, resume) as init:
