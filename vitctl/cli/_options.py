@@ -46,6 +46,37 @@ BackendOpt = Annotated[Backend, typer.Option("--backend", help="jax: params/ (Or
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed of the initialisation.")]
 
 
+class Pool(str, enum.Enum):
+    map = "map"
+    gap = "gap"
+    tok = "tok"
+
+
+# The options of the commands that run a checkpoint on data (eval, predict, embed, probe).
+CkptArg = Annotated[
+    str,
+    typer.Argument(help="Checkpoint: a vitctl directory (JAX or torch), a big_vision .npz, or hf://org/name[@rev].", show_default=False),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option("--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset, packed dir).", show_default=False),
+]
+RunBackendOpt = Annotated[
+    Backend | None, typer.Option("--backend", help="Model to run (default: the checkpoint's own).", show_default=False)
+]
+LayerOpt = Annotated[str, typer.Option("--layer", help="pre_logits, or block:N (0-based; negative from the end).")]
+PoolOpt = Annotated[
+    Pool | None,
+    typer.Option(
+        "--pool",
+        help="map, gap (mean of patch tokens) or tok (class token); default: the model's own, gap or tok for blocks.",
+        show_default=False,
+    ),
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="grain worker processes that read and resize the images (0: in this process).")]
+
+
 def print_json(obj: Any) -> None:
     """The whole stdout of a --json command: one JSON object."""
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")

@@ -1,8 +1,11 @@
-"""What more than one command shows: a verify report (verify, demo) and a probe run with its
-progress bar (probe, demo). Commands import these from here, never from each other."""
+"""What more than one command shows: a verify report (verify, demo), the progress bar of a run
+over data (eval, predict, embed, probe) and a probe run with its bar (probe, demo). Commands
+import these from here, never from each other."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +15,30 @@ from rich.table import Table
 from vitctl.cli._options import err, out
 
 
-def probe_with_progress(ckpt: str | Path, data: str, *, quiet: bool = False, **options: Any) -> dict[str, Any]:
-    """vitctl.probe.probe with a Rich progress bar of the feature extraction on stderr (for the CLI and the demo)."""
+@contextlib.contextmanager
+def batch_progress(label: str, *, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A Rich progress bar named `label` on stderr (removed when done if quiet, as under --json);
+    yields the on_batch(done, total) callback that vitctl's data loops call after each batch."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vitctl.probe import probe as run_probe
-
-    progress = Progress(TextColumn("features"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=err, transient=quiet)
+    progress = Progress(TextColumn(label), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=err, transient=quiet)
     with progress:
         task = None
 
         def on_batch(done: int, total: int) -> None:
             nonlocal task
             if task is None:
-                task = progress.add_task("features", total=total)
+                task = progress.add_task(label, total=total)
             progress.update(task, completed=done)
 
+        yield on_batch
+
+
+def probe_with_progress(ckpt: str | Path, data: str, *, quiet: bool = False, **options: Any) -> dict[str, Any]:
+    """vitctl.probe.probe with a Rich progress bar of the feature extraction on stderr (for the CLI and the demo)."""
+    from vitctl.probe import probe as run_probe
+
+    with batch_progress("features", quiet=quiet) as on_batch:
         return run_probe(ckpt, data, on_batch=on_batch, **options)
 
 

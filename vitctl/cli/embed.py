@@ -17,7 +17,19 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from vitctl.cli._options import Backend, JsonOpt, err, out, print_json
+from vitctl.cli._options import (
+    BatchSizeOpt,
+    CkptArg,
+    DataOpt,
+    JsonOpt,
+    LayerOpt,
+    PoolOpt,
+    RunBackendOpt,
+    WorkersOpt,
+    out,
+    print_json,
+)
+from vitctl.cli._reports import batch_progress
 
 commands = typer.Typer()
 
@@ -37,46 +49,19 @@ class Split(str, enum.Enum):
     all = "all"
 
 
-class Pool(str, enum.Enum):
-    map = "map"
-    gap = "gap"
-    tok = "tok"
-
-
 @commands.command(epilog=EXAMPLES)
 def embed(
-    ckpt: Annotated[
-        str,
-        typer.Argument(
-            help="Checkpoint: a vitctl directory (JAX or torch), a big_vision .npz, or hf://org/name[@rev].", show_default=False
-        ),
-    ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset, packed dir).", show_default=False
-        ),
-    ],
+    ckpt: CkptArg,
+    data: DataOpt,
     out_file: Annotated[
         Path, typer.Option("--out", "-o", help="File to create: .safetensors, .npy or .parquet (never overwritten).", show_default=False)
     ],
     split: Annotated[Split, typer.Option("--split", help="Which examples: train, test, or all (train then test).")] = Split.test,
-    layer: Annotated[str, typer.Option("--layer", help="pre_logits, or block:N (0-based; negative from the end).")] = "pre_logits",
-    pool: Annotated[
-        Pool | None,
-        typer.Option(
-            "--pool",
-            help="map, gap (mean of patch tokens) or tok (class token); default: the model's own, gap or tok for blocks.",
-            show_default=False,
-        ),
-    ] = None,
-    backend: Annotated[
-        Backend | None, typer.Option("--backend", help="Model to run (default: the checkpoint's own).", show_default=False)
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
-    workers: Annotated[
-        int, typer.Option("--workers", help="grain worker processes that read and resize the images (0: in this process).")
-    ] = 0,
+    layer: LayerOpt = "pre_logits",
+    pool: PoolOpt = None,
+    backend: RunBackendOpt = None,
+    batch_size: BatchSizeOpt = 256,
+    workers: WorkersOpt = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Held-out share of a source without a test split.")] = 0.2,
     split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of that train/test split (as vitctl train's).")] = 0,
     json_: JsonOpt = False,
@@ -95,20 +80,9 @@ def embed(
 
 def embed_with_progress(ckpt: str | Path, data: str, out_file: Path, *, quiet: bool, **options: Any) -> dict[str, Any]:
     """vitctl.infer.embed.embed with a Rich progress bar on stderr (removed when done under --json)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from vitctl.infer.embed import embed as run_embed
 
-    progress = Progress(TextColumn("embed"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=err, transient=quiet)
-    with progress:
-        task = None
-
-        def on_batch(done: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                task = progress.add_task("embed", total=total)
-            progress.update(task, completed=done)
-
+    with batch_progress("embed", quiet=quiet) as on_batch:
         return run_embed(ckpt, data, out_file, on_batch=on_batch, **options)
 
 

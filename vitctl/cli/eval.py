@@ -19,7 +19,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl.cli._options import JsonOpt, err, out, print_json
+from vitctl.cli._options import BatchSizeOpt, DataOpt, JsonOpt, WorkersOpt, err, out, print_json
+from vitctl.cli._reports import batch_progress
 
 commands = typer.Typer()
 
@@ -58,12 +59,7 @@ def eval_(
             show_default=False,
         ),
     ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset, packed dir).", show_default=False
-        ),
-    ],
+    data: DataOpt,
     split: Annotated[str, typer.Option("--split", help="train or test (sources without one: the held-out share, as train).")] = "test",
     backend: Annotated[
         EvalBackend | None,
@@ -71,30 +67,17 @@ def eval_(
             "--backend", help="Model to run: jax, torch, or both on the same batches (default: the checkpoint's own).", show_default=False
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
-    workers: Annotated[
-        int, typer.Option("--workers", help="grain worker processes that read and resize the images (0: in this process).")
-    ] = 0,
+    batch_size: BatchSizeOpt = 256,
+    workers: WorkersOpt = 0,
     confusion: Annotated[
         Path | None, typer.Option("--confusion", help="Also draw the confusion matrix into this new .png file.", show_default=False)
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Top-1/top-5 and per-class accuracy of a classifier on a labelled split, on either backend or both."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from vitctl.infer.evaluate import evaluate
 
-    progress = Progress(TextColumn("eval"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=err, transient=json_)
-    with progress:
-        task = None
-
-        def on_batch(done: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                task = progress.add_task("eval", total=total)
-            progress.update(task, completed=done)
-
+    with batch_progress("eval", quiet=json_) as on_batch:
         result = evaluate(
             ckpt, data, split=split, backend=backend.value if backend else None, batch_size=batch_size, workers=workers,
             confusion=confusion, on_batch=on_batch,

@@ -19,7 +19,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl.cli._options import Backend, JsonOpt, err, out, print_json
+from vitctl.cli._options import BatchSizeOpt, JsonOpt, RunBackendOpt, err, out, print_json
+from vitctl.cli._reports import batch_progress
 
 commands = typer.Typer()
 
@@ -47,10 +48,8 @@ def predict(
         typer.Argument(help="Image files and directories (searched recursively for image files).", show_default=False),
     ],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image, most probable first.")] = 5,
-    backend: Annotated[
-        Backend | None, typer.Option("--backend", help="Model to run (default: the checkpoint's own).", show_default=False)
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 64,
+    backend: RunBackendOpt = None,
+    batch_size: BatchSizeOpt = 64,
     csv: Annotated[
         Path | None,
         typer.Option(
@@ -85,23 +84,12 @@ def predict(
 
 def _with_progress(ckpt: Path, images: list[str], *, quiet: bool, **options: Any) -> dict[str, Any]:
     """vitctl.infer.predict.predict with a Rich progress bar on stderr; each skipped image named there as it happens."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from vitctl.infer.predict import predict as run_predict
 
-    progress = Progress(TextColumn("predict"), MofNCompleteColumn(), BarColumn(), TimeRemainingColumn(), console=err, transient=quiet)
-    with progress:
-        task = None
+    def on_skip(file: str, why: str) -> None:
+        err.print(f"[yellow]skipped:[/] {escape(why)}" if file in why else f"[yellow]skipped[/] {escape(file)}: {escape(why)}")
 
-        def on_batch(done: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                task = progress.add_task("predict", total=total)
-            progress.update(task, completed=done)
-
-        def on_skip(file: str, why: str) -> None:
-            err.print(f"[yellow]skipped:[/] {escape(why)}" if file in why else f"[yellow]skipped[/] {escape(file)}: {escape(why)}")
-
+    with batch_progress("predict", quiet=quiet) as on_batch:
         return run_predict(ckpt, images, on_batch=on_batch, on_skip=on_skip, **options)
 
 

@@ -17,7 +17,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl.cli._options import Backend, JsonOpt, err, out, print_json
+from vitctl.cli._options import (
+    BatchSizeOpt,
+    CkptArg,
+    DataOpt,
+    JsonOpt,
+    LayerOpt,
+    PoolOpt,
+    RunBackendOpt,
+    WorkersOpt,
+    err,
+    out,
+    print_json,
+)
 from vitctl.cli._reports import probe_with_progress
 from vitctl.errors import ConfigError
 
@@ -39,12 +51,6 @@ class Mode(str, enum.Enum):
     both = "both"
 
 
-class Pool(str, enum.Enum):
-    map = "map"
-    gap = "gap"
-    tok = "tok"
-
-
 def parse_shots(text: str) -> list[int]:
     try:
         shots = [int(s) for s in text.split(",") if s.strip()]
@@ -55,40 +61,19 @@ def parse_shots(text: str) -> list[int]:
 
 @commands.command(epilog=EXAMPLES)
 def probe(
-    ckpt: Annotated[
-        str,
-        typer.Argument(
-            help="Checkpoint: a vitctl directory (JAX or torch), a big_vision .npz, or hf://org/name[@rev].", show_default=False
-        ),
-    ],
-    data: Annotated[
-        str,
-        typer.Option(
-            "--data", help="digits, fashion-mnist, or a path (ImageFolder, .npz, IDX, HF dataset, packed dir).", show_default=False
-        ),
-    ],
-    backend: Annotated[
-        Backend | None, typer.Option("--backend", help="Model to run (default: the checkpoint's own).", show_default=False)
-    ] = None,
-    layer: Annotated[str, typer.Option("--layer", help="pre_logits, or block:N (0-based; negative from the end).")] = "pre_logits",
-    pool: Annotated[
-        Pool | None,
-        typer.Option(
-            "--pool",
-            help="map, gap (mean of patch tokens) or tok (class token); default: the model's own, gap or tok for blocks.",
-            show_default=False,
-        ),
-    ] = None,
+    ckpt: CkptArg,
+    data: DataOpt,
+    backend: RunBackendOpt = None,
+    layer: LayerOpt = "pre_logits",
+    pool: PoolOpt = None,
     mode: Annotated[
         Mode, typer.Option("--mode", help="linear (logistic regression, C swept), fewshot (big_vision least squares), or both.")
     ] = Mode.both,
     shots: Annotated[str, typer.Option("--shots", help="Few-shot examples per class, comma-separated.")] = "1,5,10,25",
     seeds: Annotated[int, typer.Option("--seeds", help="Few-shot draws per shot count (accuracy averaged).")] = 3,
     l2: Annotated[float, typer.Option("--l2", help="Few-shot ridge L2 (big_vision: 2^10).")] = 2.0**10,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 256,
-    workers: Annotated[
-        int, typer.Option("--workers", help="grain worker processes that read and resize the images (0: in this process).")
-    ] = 0,
+    batch_size: BatchSizeOpt = 256,
+    workers: WorkersOpt = 0,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache ($VITCTL_CACHE or ~/.cache/vitctl).")
     ] = False,
