@@ -34,8 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import secrets
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -153,7 +151,7 @@ def _train(tcfg, out, stop, resume, force, dataset, test_dataset, loader_cls, pr
     if resume:
         hooks["schedule_change"] = change
         return _run(*args)
-    return _fresh(out, cfg, provenance, lambda: _run(*args))
+    return tstate.fresh_run(out, cfg, provenance, primary, lambda: _run(*args))
 
 
 def _data(tcfg, out, resume, dataset, test_dataset, loader_cls, prepare_fn, init=None) -> _Data:
@@ -205,37 +203,6 @@ class _Data:
             return pipeline.array_batches(self.test, cfg, self.prepare_fn, tcfg.batch_size, process_index=index, process_count=count)
         return pipeline.eval_batches(self.test, cfg, tcfg.batch_size, process_index=index, process_count=count,
                                      workers=tcfg.workers, augment=tcfg.eval_augment, skip_bad=tcfg.skip_bad)  # fmt: skip
-
-
-def _fresh(out: Path, cfg, provenance: dict[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Runs a new run in `out`; on failure leaves no partial run directory and gives back the run it replaced.
-
-    --force over an earlier run: it is set aside, not deleted, until this run has saved a state, so a
-    new run that fails or is stopped before its first save gives the earlier run back untouched.
-    """
-    import jax
-
-    primary = jax.process_index() == 0
-    previous = None
-    try:
-        if primary:
-            if out.exists():
-                previous = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-                out.rename(previous)
-            out.mkdir(parents=True)
-            ckpt.write_config(out, cfg, {k: v for k, v in provenance.items() if k != "seed"})
-        return run()
-    except BaseException:
-        # A new run that failed or was stopped before its first saved state leaves no partial run directory.
-        if primary and tstate.latest(out / STATE) is None:
-            shutil.rmtree(out, ignore_errors=True)
-            if previous is not None and not out.exists():
-                previous.rename(out)
-                previous = None
-        raise
-    finally:
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
 
 
 def _run(tcfg, out, stop, resume, data, hooks, cfg, mesh, setup, provenance, start):

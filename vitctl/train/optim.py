@@ -31,8 +31,9 @@ import numpy as np
 import optax
 
 from vitctl.errors import ConfigError
+from vitctl.train import settings
 from vitctl.train.param_rules import HEAD, frozen_names, layer_id
-from vitctl.train.settings import CHANGES, LOSSES, OPTIMIZERS, SCHEDULES, TRAIN_CONFIG, TrainConfig, read_stored
+from vitctl.train.settings import LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig
 
 
 def objective(logits, labels, num_classes: int, loss: str = "softmax", label_smoothing: float = 0.0):
@@ -181,42 +182,7 @@ def optimizer_for(tcfg: TrainConfig, lr_fn, names: list[str], depth: int) -> opt
     )  # fmt: skip
 
 
-# A resumed run's schedule.
-SCHEDULE_FIELDS = ("lr", "steps", "warmup", "schedule", "cooldown")
-
-
-def describe_schedule(t: TrainConfig) -> str:
-    text = f"{t.schedule} over {t.steps} steps, peak lr {t.lr:g}, warmup {t.warmup}"
-    return text + (f", cooldown {t.cooldown}" if t.cooldown else "")
-
-
 def schedule_change(out: str | Path, new: TrainConfig, step: int) -> dict[str, Any] | None:
-    """What resuming the run in `out` at `step` with `new` does to its learning-rate schedule (None: nothing).
-
-    A resumed run follows the schedule of its current settings, laid over all its steps (as if
-    the run had used it from step 0): `--resume --steps N` with a larger N extends the cosine
-    over N steps, so the learning rate at `step` jumps (from near 0 when the run had finished)
-    to the new curve's value there. The change is returned, so it can be printed and recorded
-    (train_config.json, "schedule_changes"); metrics.jsonl logs the lr of every step.
-    """
-    old = TrainConfig.from_dict(read_stored(out))
-    if new.steps < step:
-        raise ConfigError(
-            f"--steps {new.steps} is fewer than the {step} steps the run in {out} has trained",
-            hint=f"pass --steps {step} or more to continue it (the checkpoint in {out} holds step {step} as it is)",
-        )
-    if all(getattr(old, f) == getattr(new, f) for f in SCHEDULE_FIELDS):
-        return None
-
-    def lr_at(t: TrainConfig) -> float:
-        return float(schedule(t.lr, t.steps, t.warmup, t.schedule, t.cooldown)(step))
-
-    before, after = lr_at(old), lr_at(new)
-    message = (
-        f"resuming at step {step} with a new schedule: {describe_schedule(new)} (was: {describe_schedule(old)}); "
-        f"it is laid over all {new.steps} steps, so the learning rate at step {step} goes from {before:.2e} to {after:.2e}"
-        + (" (unchanged)" if before == after else "")
-        + f"; recorded in {TRAIN_CONFIG} under {CHANGES}"
-    )
-    return {"step": step, "before": describe_schedule(old), "after": describe_schedule(new), "lr_before": before, "lr_after": after,
-            "message": message}  # fmt: skip
+    """settings.schedule_change on this module's schedule: what resuming the run in `out` at `step`
+    with `new` does to its learning-rate schedule (None: nothing)."""
+    return settings.schedule_change(out, new, step, schedule)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,45 @@ def public_source(spec: str) -> str:
 
 
 CHANGES = "schedule_changes"  # train_config.json: every schedule change of a resumed run, in order
+SCHEDULE_FIELDS = ("lr", "steps", "warmup", "schedule", "cooldown")  # the settings of a run's learning-rate schedule
+
+
+def describe_schedule(t: TrainConfig) -> str:
+    text = f"{t.schedule} over {t.steps} steps, peak lr {t.lr:g}, warmup {t.warmup}"
+    return text + (f", cooldown {t.cooldown}" if t.cooldown else "")
+
+
+def schedule_change(out: str | Path, new: TrainConfig, step: int, schedule: Callable[..., Any]) -> dict[str, Any] | None:
+    """What resuming the run in `out` at `step` with `new` does to its learning-rate schedule (None: nothing).
+
+    `schedule`: the backend's schedule(lr, steps, warmup, kind, cooldown) -> (step -> lr) (vitctl.train.optim's
+    or vitctl.train.torch_optim's; the same float32 values). A resumed run follows the schedule of its current
+    settings, laid over all its steps (as if the run had used it from step 0): `--resume --steps N` with a larger
+    N extends the cosine over N steps, so the learning rate at `step` jumps (from near 0 when the run had
+    finished) to the new curve's value there. The change is returned, so it can be printed and recorded
+    (train_config.json, "schedule_changes"); metrics.jsonl logs the lr of every step.
+    """
+    old = TrainConfig.from_dict(read_stored(out))
+    if new.steps < step:
+        raise ConfigError(
+            f"--steps {new.steps} is fewer than the {step} steps the run in {out} has trained",
+            hint=f"pass --steps {step} or more to continue it (the checkpoint in {out} holds step {step} as it is)",
+        )
+    if all(getattr(old, f) == getattr(new, f) for f in SCHEDULE_FIELDS):
+        return None
+
+    def lr_at(t: TrainConfig) -> float:
+        return float(schedule(t.lr, t.steps, t.warmup, t.schedule, t.cooldown)(step))
+
+    before, after = lr_at(old), lr_at(new)
+    message = (
+        f"resuming at step {step} with a new schedule: {describe_schedule(new)} (was: {describe_schedule(old)}); "
+        f"it is laid over all {new.steps} steps, so the learning rate at step {step} goes from {before:.2e} to {after:.2e}"
+        + (" (unchanged)" if before == after else "")
+        + f"; recorded in {TRAIN_CONFIG} under {CHANGES}"
+    )
+    return {"step": step, "before": describe_schedule(old), "after": describe_schedule(new), "lr_before": before, "lr_after": after,
+            "message": message}  # fmt: skip
 
 
 INIT_SOURCE = "init_source"  # train_config.json: the resolved --init-from source (public name, revision, sha256, format)

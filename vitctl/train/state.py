@@ -36,6 +36,7 @@ import resource
 import secrets
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -361,3 +362,32 @@ def write_params(out: Path, cfg: ViTConfig, params, provenance: dict[str, Any], 
         if primary:
             shutil.rmtree(tmp, ignore_errors=True)
     sync(f"vitctl-params-done-{tag}")
+
+
+def fresh_run(out: Path, cfg: ViTConfig, provenance: dict[str, Any], primary: bool, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Runs a new run in `out` (either backend's; `primary`: this is process 0, which writes); on failure
+    before its first saved state leaves no partial run directory and gives back the run it replaced.
+
+    --force over an earlier run: it is set aside, not deleted, until this run has saved a state, so a
+    new run that fails or is stopped before its first save gives the earlier run back untouched.
+    """
+    previous = None
+    try:
+        if primary:
+            if out.exists():
+                previous = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+                out.rename(previous)
+            out.mkdir(parents=True)
+            ckpt.write_config(out, cfg, {k: v for k, v in provenance.items() if k != "seed"})
+        return run()
+    except BaseException:
+        # A new run that failed or was stopped before its first saved state leaves no partial run directory.
+        if primary and latest(out / STATE) is None:
+            shutil.rmtree(out, ignore_errors=True)
+            if previous is not None and not out.exists():
+                previous.rename(out)
+                previous = None
+        raise
+    finally:
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)

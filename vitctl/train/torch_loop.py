@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +43,7 @@ from vitctl.errors import ConfigError
 from vitctl.train import init_from, report, torch_dist, torch_state
 from vitctl.train import state as tstate
 from vitctl.train.report import METRICS
-from vitctl.train.settings import TrainConfig, model_config, public_source, write_train_config
+from vitctl.train.settings import TrainConfig, model_config, public_source, schedule_change, write_train_config
 from vitctl.train.signals import StopFlag
 from vitctl.train.state import STATE
 from vitctl.train.torch_optim import make_optimizer, schedule
@@ -123,7 +121,7 @@ def _train(tcfg, out, stop, resume, force, given, hooks):
         raise ConfigError(f"--resume: no training state in {out / STATE}", hint="start the run without --resume")
     if resume:
         cfg = load_config(out)
-        hooks["schedule_change"] = _schedule_change(out, tcfg, start)
+        hooks["schedule_change"] = schedule_change(out, tcfg, start, schedule)
         if hooks["schedule_change"] is not None and primary:
             hooks["notify"](hooks["schedule_change"]["message"])
     else:
@@ -150,61 +148,7 @@ def _train(tcfg, out, stop, resume, force, given, hooks):
         raise KeyboardInterrupt(f"signal {signum}")
     torch_dist.sync()  # every process has checked `out` before process 0 changes it
     args = (tcfg, out, stop, resume, records, hooks, cfg, provenance, start)
-    return _run(*args) if resume else _fresh(out, cfg, provenance, primary, lambda: _run(*args))
-
-
-SCHEDULE_FIELDS = ("lr", "steps", "warmup", "schedule", "cooldown")  # as vitctl.train.optim's (which imports jax)
-
-
-def _schedule_change(out: Path, new: TrainConfig, step: int) -> dict[str, Any] | None:
-    """optim.schedule_change on torch_optim's schedule (the same float32 values): what resuming at `step` with
-    other schedule settings does to the learning rate, for the user and train_config.json; None: nothing."""
-    from vitctl.train.settings import CHANGES, TRAIN_CONFIG, read_stored
-
-    old = TrainConfig.from_dict(read_stored(out))
-    if new.steps < step:
-        raise ConfigError(f"--steps {new.steps} is fewer than the {step} steps the run in {out} has trained",
-                          hint=f"pass --steps {step} or more to continue it (the checkpoint in {out} holds step {step} as it is)")  # fmt: skip
-    if all(getattr(old, f) == getattr(new, f) for f in SCHEDULE_FIELDS):
-        return None
-
-    def describe(t: TrainConfig) -> str:
-        return f"{t.schedule} over {t.steps} steps, peak lr {t.lr:g}, warmup {t.warmup}" + (
-            f", cooldown {t.cooldown}" if t.cooldown else ""
-        )
-
-    before, after = (schedule(t.lr, t.steps, t.warmup, t.schedule, t.cooldown)(step) for t in (old, new))
-    message = (
-        f"resuming at step {step} with a new schedule: {describe(new)} (was: {describe(old)}); it is laid over all "
-        f"{new.steps} steps, so the learning rate at step {step} goes from {before:.2e} to {after:.2e}"
-        + (" (unchanged)" if before == after else "") + f"; recorded in {TRAIN_CONFIG} under {CHANGES}"
-    )  # fmt: skip
-    return {"step": step, "before": describe(old), "after": describe(new), "lr_before": before, "lr_after": after, "message": message}
-
-
-def _fresh(out: Path, cfg, provenance: dict[str, Any], primary: bool, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Runs a new run in `out`; on failure before its first saved state leaves no partial run and gives back the run it replaced.
-
-    --force over an earlier run: it is set aside, not deleted, until this run has saved a state."""
-    previous = None
-    try:
-        if primary:
-            if out.exists():
-                previous = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-                out.rename(previous)
-            out.mkdir(parents=True)
-            ckpt.write_config(out, cfg, {k: v for k, v in provenance.items() if k != "seed"})
-        return run()
-    except BaseException:
-        if primary and tstate.latest(out / STATE) is None:
-            shutil.rmtree(out, ignore_errors=True)
-            if previous is not None and not out.exists():
-                previous.rename(out)
-                previous = None
-        raise
-    finally:
-        if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+    return _run(*args) if resume else tstate.fresh_run(out, cfg, provenance, primary, lambda: _run(*args))
 
 
 def _loader(tcfg: TrainConfig, cfg, records, rank: int, world: int):
