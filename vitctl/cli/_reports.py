@@ -12,7 +12,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl.cli._options import err, out
+from vitctl.cli._options import err, out, print_json
 
 
 @contextlib.contextmanager
@@ -32,6 +32,16 @@ def batch_progress(label: str, *, quiet: bool = False) -> Iterator[Callable[[int
             progress.update(task, completed=done)
 
         yield on_batch
+
+
+def print_result(result: dict[str, Any], json_: bool, show: Callable[[dict[str, Any]], None]) -> None:
+    """A run's notes on stderr, then its result on stdout: one JSON object under --json, else `show`'s text."""
+    for note in result["notes"]:
+        err.print(f"note: {escape(note)}")
+    if json_:
+        print_json(result)
+    else:
+        show(result)
 
 
 def probe_with_progress(ckpt: str | Path, data: str, *, quiet: bool = False, **options: Any) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl.cli._options import BatchSizeOpt, DataOpt, JsonOpt, WorkersOpt, err, out, print_json
-from vitctl.cli._reports import batch_progress
+from vitctl.cli._options import BatchSizeOpt, DataOpt, JsonOpt, WorkersOpt, out
+from vitctl.cli._reports import batch_progress, print_result
 
 commands = typer.Typer()
 
@@ -82,12 +82,7 @@ def eval_(
             ckpt, data, split=split, backend=backend.value if backend else None, batch_size=batch_size, workers=workers,
             confusion=confusion, on_batch=on_batch,
         )  # fmt: skip
-    for note in result["notes"]:
-        err.print(f"note: {escape(note)}")
-    if json_:
-        print_json(result)
-    else:
-        show(result)
+    print_result(result, json_, show)
 
 
 def show(r: dict[str, Any]) -> None:

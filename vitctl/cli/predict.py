@@ -12,6 +12,7 @@ unreadable image with --strict, or an unusable checkpoint; 2 usage.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,8 +20,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vitctl.cli._options import BatchSizeOpt, JsonOpt, RunBackendOpt, err, out, print_json
-from vitctl.cli._reports import batch_progress
+from vitctl.cli._options import BatchSizeOpt, JsonOpt, RunBackendOpt, err, out
+from vitctl.cli._reports import batch_progress, print_result
 
 commands = typer.Typer()
 
@@ -72,14 +73,7 @@ def predict(
     ckpt = locate(ckpt, fetch=backend.value if backend else "all", must_exist=True)
     result = _with_progress(ckpt, images, quiet=json_, top_k=top_k, backend=backend.value if backend else None,
                             batch_size=batch_size, strict=strict, csv=csv)  # fmt: skip
-    for note in result["notes"]:
-        err.print(f"note: {escape(note)}")
-    if json_:
-        print_json(result)
-    elif csv is not None:
-        out.print(f"{result['images']} predictions (top {result['settings']['top_k']}) written to {escape(str(csv))}" + _summary(result))
-    else:
-        show(result)
+    print_result(result, json_, show if csv is None else functools.partial(_written, csv))
 
 
 def _with_progress(ckpt: Path, images: list[str], *, quiet: bool, **options: Any) -> dict[str, Any]:
@@ -91,6 +85,10 @@ def _with_progress(ckpt: Path, images: list[str], *, quiet: bool, **options: Any
 
     with batch_progress("predict", quiet=quiet) as on_batch:
         return run_predict(ckpt, images, on_batch=on_batch, on_skip=on_skip, **options)
+
+
+def _written(csv: Path, r: dict[str, Any]) -> None:
+    out.print(f"{r['images']} predictions (top {r['settings']['top_k']}) written to {escape(str(csv))}" + _summary(r))
 
 
 def _summary(r: dict[str, Any]) -> str:

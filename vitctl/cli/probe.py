@@ -26,11 +26,9 @@ from vitctl.cli._options import (
     PoolOpt,
     RunBackendOpt,
     WorkersOpt,
-    err,
     out,
-    print_json,
 )
-from vitctl.cli._reports import probe_with_progress
+from vitctl.cli._reports import print_result, probe_with_progress
 from vitctl.errors import ConfigError
 
 commands = typer.Typer()
@@ -88,12 +86,7 @@ def probe(
         mode=mode.value, shots=parse_shots(shots), seeds=seeds, l2=l2, batch_size=batch_size, use_cache=not no_cache,
         workers=workers,
     )  # fmt: skip
-    for note in result["notes"]:
-        err.print(f"note: {escape(note)}")
-    if json_:
-        print_json(result)
-    else:
-        show(result)
+    print_result(result, json_, show)
 
 
 def show(r: dict[str, Any]) -> None:
