@@ -6,14 +6,9 @@ result to bf16 once, which is what a bf16 GEMM with fp32 accumulation computes: 
 inputs are the same bf16 numbers, only the accumulation order may differ (same output
 within a few bf16 ulps; tests/model_torch/test_model.py). GPUs and CPUs with bf16 units
 keep torch's native bf16 kernels.
-
-Also here, for the same reason (a CPU kernel slower than the arithmetic needs): the tanh
-GELU of fp32 CPU inference, computed by the same formula in cache-sized chunks.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -44,24 +39,3 @@ def linear(x, weight, bias=None):
     if gemm_in_fp32(x):
         return F.linear(x.float(), weight.to(dt).float(), None if b is None else b.float()).to(dt)
     return F.linear(x, weight.to(dt), b)
-
-
-def gelu_cpu(h, approximate: bool):
-    """F.gelu(h) (tanh form if approximate); fp32 CPU inference's tanh form overwrites h (a fresh tensor)."""
-    if approximate and h.dtype == torch.float32 and h.device.type == "cpu" and h.is_contiguous() and not torch.is_grad_enabled():
-        return gelu_tanh_inplace(h)
-    return F.gelu(h, approximate="tanh" if approximate else "none")
-
-
-def gelu_tanh_inplace(h, chunk=1 << 18):
-    """F.gelu(h, approximate="tanh") in place, within fp32 round-off (h contiguous fp32, no autograd).
-
-    torch's CPU tanh-GELU kernel is compute-bound (~8 ms per ViT-Ti/16 MLP at batch 32, 4x
-    its erf GELU); the same formula as five elementwise passes over 1 MB chunks that stay in
-    the L2 cache takes ~3.5 ms, which makes vitctl-torch's ViT-Ti/16 inference ~1.15x faster."""
-    beta, kappa = math.sqrt(2 / math.pi), 0.044715
-    b = torch.tensor(beta, dtype=h.dtype)
-    for x in h.view(-1).split(chunk):  # 0.5 x (1 + tanh(beta (x + kappa x^3)))
-        t = torch.addcmul(b, x, x, value=beta * kappa).mul_(x).tanh_()
-        x.mul_(0.5).addcmul_(x, t)
-    return h

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitctl.config import ViTConfig
-from vitctl.model_torch.cpu_bf16 import accumulator, gelu_cpu, linear
+from vitctl.model_torch.cpu_bf16 import accumulator, linear
 from vitctl.posemb import posemb_sincos_2d
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -101,7 +101,7 @@ def attention(q, k, v, cfg):
 
 
 def gelu(h, cfg):
-    return gelu_cpu(h, cfg.gelu_approximate)  # F.gelu, its tanh form in L2-sized chunks in CPU inference
+    return F.gelu(h, approximate="tanh" if cfg.gelu_approximate else "none")
 
 
 class PatchEmbed(nn.Module):
