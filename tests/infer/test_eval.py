@@ -8,7 +8,6 @@ The models are random tiny ViTs; the data a small ImageFolder of PNGs of mixed s
 
 import io
 import json
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -52,27 +51,6 @@ def photos(path, classes=CLASSES, per_class=10):
             h, w = (20, 24) if i % 2 else (16, 18)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path / c / f"{i}.png")
     return path
-
-
-class Result(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def cli(capsys):
-    """Runs vitctl's real main() in-process (as tests/cli's fixture): the same error mapping and streams as the console script."""
-    from vitctl.cli import main
-
-    def call(*args):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return Result(e.value.code, out, err)
-
-    return call
 
 
 @pytest.fixture(scope="module")

@@ -255,17 +255,10 @@ def child_env(**extra) -> dict:
 
 
 def run_children(argvs: list[list[str]], envs: list[dict], module: str = "tests.train.torch_child") -> list[subprocess.CompletedProcess]:
-    """Runs `python -m module *argv` for each argv at once; waits for all of them."""
-    procs = [subprocess.Popen([sys.executable, "-m", module, *map(str, a)], cwd=REPO, env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for a, e in zip(argvs, envs)]  # fmt: skip
-    try:
-        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+    """Runs `python -m module *argv` for each argv at once (test_multiprocess.run_pair); waits for all of them."""
+    from tests.train.test_multiprocess import run_pair  # in the function: pytest must not collect its tests here too
+
+    return run_pair([[sys.executable, "-m", module, *map(str, a)] for a in argvs], envs)
 
 
 @pytest.fixture(scope="module")
